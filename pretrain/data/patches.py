@@ -1,0 +1,210 @@
+"""Patches from segments: depth windows, normalisation, tile grids, and the two datasets built on them.
+
+- `RandomPatchDataset`: random crops for pretraining, from one or several segments, only where the mask
+  (and optionally the ink labels) cover enough of the tile. Deterministic per (seed, epoch, index), so a
+  resumed run or another DataLoader worker count draws the same patches.
+- `GridTileDataset`: tiles on a regular grid with a stride (fine-tuning, inference).
+
+Patches are read from the segment's lazy volume (chunk-aligned, LRU-bounded), so memory does not grow
+with the segment. Tile positions are found on the mask at block resolution (a block is gcd(tile,
+stride) pixels), so even a 65 × 8192 × 8192 segment needs only a small table of candidates.
+"""
+import math
+
+import numpy as np
+import torch
+
+from pretrain.data.segment import Segment, SegmentError
+
+NORMALIZATIONS = ("range", "clip", "zscore")
+
+
+def depth_window(num_layers: int, depth: int, offset: int = 0) -> slice:
+    """The `depth` layers centred on the middle layer, shifted by `offset`; error if outside the volume."""
+    start = num_layers // 2 - depth // 2 + offset
+    if depth < 1 or start < 0 or start + depth > num_layers:
+        raise SegmentError(
+            f"depth window of {depth} layers with offset {offset} spans layers {start}..{start + depth - 1}, "
+            f"outside the volume's 0..{num_layers - 1}"
+        )
+    return slice(start, start + depth)
+
+
+def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[float, float] = (50, 200)) -> np.ndarray:
+    """float32 patch from uint8/uint16 voxels.
+
+    "range": divide by the dtype's maximum → [0, 1].
+    "clip": clip to `clip_window` given in 8-bit units (Kaggle-style 50–200; scaled ×257 for uint16) → [0, 1].
+    "zscore": range-scaled, then zero mean and unit variance over the patch.
+    """
+    maximum = float(np.iinfo(patch.dtype).max) if np.issubdtype(patch.dtype, np.integer) else 1.0
+    if mode == "range":
+        return patch.astype(np.float32) / maximum
+    if mode == "clip":
+        scale = maximum / 255.0
+        low, high = clip_window[0] * scale, clip_window[1] * scale
+        return ((np.clip(patch.astype(np.float32), low, high) - low) / (high - low)).astype(np.float32)
+    if mode == "zscore":
+        values = patch.astype(np.float32) / maximum
+        return (values - values.mean()) / (values.std() + 1e-6)
+    raise ValueError(f"normalization {mode!r} is not one of {NORMALIZATIONS}")
+
+
+def _block_fractions(image_yx: np.ndarray, block: int) -> np.ndarray:
+    """Fraction of set pixels in each block × block cell (partial edge blocks count as unset)."""
+    height, width = image_yx.shape[0] // block, image_yx.shape[1] // block
+    trimmed = image_yx[: height * block, : width * block] > 0
+    return trimmed.reshape(height, block, width, block).mean(axis=(1, 3), dtype=np.float64)
+
+
+def _window_means(fractions_by_block: np.ndarray, window_blocks: int, step_blocks: int) -> np.ndarray:
+    """Mean of every window_blocks² window at step_blocks, via an integral image. → (rows, cols)."""
+    integral = np.pad(fractions_by_block, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    starts_y = np.arange(0, fractions_by_block.shape[0] - window_blocks + 1, step_blocks)
+    starts_x = np.arange(0, fractions_by_block.shape[1] - window_blocks + 1, step_blocks)
+    y0, x0 = np.meshgrid(starts_y, starts_x, indexing="ij")
+    y1, x1 = y0 + window_blocks, x0 + window_blocks
+    sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return sums / window_blocks**2
+
+
+def tile_origins(
+    segment: Segment,
+    tile_size: int,
+    stride: int,
+    min_mask_fraction: float = 0.5,
+    min_ink_fraction: float = 0.0,
+    region_yx: np.ndarray | None = None,
+) -> np.ndarray:
+    """(N, 2) int64 (y, x) top-left corners of grid tiles that the mask covers enough. Errors if none.
+
+    `region_yx` (Y, X) bool, optional, further restricts tiles to where it is set (e.g. a training area).
+    """
+    height, width = segment.shape[1:]
+    if tile_size > min(height, width):
+        raise SegmentError(f"tile size {tile_size} is larger than segment {segment.name}'s (Y, X) = {(height, width)}")
+    block = math.gcd(tile_size, stride)
+    coverage = segment.mask if region_yx is None else segment.mask & region_yx
+    keep = _window_means(_block_fractions(coverage, block), tile_size // block, stride // block) >= min_mask_fraction
+    if min_ink_fraction > 0:
+        if segment.inklabels is None:
+            raise SegmentError(f"segment {segment.name} has no ink labels, but min_ink_fraction={min_ink_fraction}")
+        ink = _window_means(_block_fractions(segment.inklabels, block), tile_size // block, stride // block)
+        keep &= ink >= min_ink_fraction
+    rows, cols = np.nonzero(keep)
+    if len(rows) == 0:
+        raise SegmentError(
+            f"no {tile_size}×{tile_size} tile of segment {segment.name} has mask coverage ≥ {min_mask_fraction}"
+            + (f" and ink ≥ {min_ink_fraction}" if min_ink_fraction > 0 else "")
+        )
+    return np.stack([rows * stride, cols * stride], axis=1).astype(np.int64)
+
+
+def read_patch(segment: Segment, layers: slice, y: int, x: int, tile_size: int) -> np.ndarray:
+    """(D, tile, tile) raw voxels."""
+    return segment.volume[layers, y : y + tile_size, x : x + tile_size]
+
+
+class RandomPatchDataset(torch.utils.data.Dataset):
+    """Random (1, D, tile, tile) float32 crops from one or more segments, for pretraining.
+
+    A crop starts at a random grid tile that passes the coverage test, jittered by up to one grid step,
+    so positions are continuous while coverage stays guaranteed to within a step. Segments are drawn
+    in proportion to their number of usable tiles. `samples_per_epoch` sets the epoch length.
+    """
+
+    def __init__(
+        self,
+        segments: list[Segment],
+        depth: int,
+        tile_size: int,
+        samples_per_epoch: int,
+        depth_offset: int = 0,
+        min_mask_fraction: float = 0.5,
+        min_ink_fraction: float = 0.0,
+        normalization: str = "range",
+        clip_window: tuple[float, float] = (50, 200),
+        seed: int = 0,
+    ) -> None:
+        self.segments = list(segments)
+        self.tile_size = tile_size
+        self.samples_per_epoch = samples_per_epoch
+        self.normalization = normalization
+        self.clip_window = clip_window
+        self.seed = seed
+        self.epoch = 0
+        self.jitter = max(1, tile_size // 4)
+        self.layers = [depth_window(segment.shape[0], depth, depth_offset) for segment in self.segments]
+        self.origins = [
+            tile_origins(segment, tile_size, self.jitter, min_mask_fraction, min_ink_fraction) for segment in self.segments
+        ]
+        counts = np.array([len(origins) for origins in self.origins], dtype=np.float64)
+        self.segment_probabilities = counts / counts.sum()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def sample_position(self, index: int) -> tuple[int, int, int]:
+        """(segment index, y, x) of sample `index` in the current epoch."""
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        segment_index = int(rng.choice(len(self.segments), p=self.segment_probabilities))
+        y, x = self.origins[segment_index][rng.integers(len(self.origins[segment_index]))]
+        height, width = self.segments[segment_index].shape[1:]
+        y = min(int(y) + int(rng.integers(self.jitter)), height - self.tile_size)
+        x = min(int(x) + int(rng.integers(self.jitter)), width - self.tile_size)
+        return segment_index, y, x
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        segment_index, y, x = self.sample_position(index)
+        segment = self.segments[segment_index]
+        patch = read_patch(segment, self.layers[segment_index], y, x, self.tile_size)  # (D, T, T)
+        patch = normalize_patch(patch, self.normalization, self.clip_window)
+        return torch.from_numpy(patch).unsqueeze(0)  # (1, D, T, T)
+
+
+class GridTileDataset(torch.utils.data.Dataset):
+    """Tiles on a stride grid of one segment: dicts of `volume` (1, D, T, T) float32, `origin` (y, x)
+    and, when the segment has labels, `label` (T, T) float32. `transform(volume_dtt, label_tt)`, if
+    given, receives numpy arrays (after normalisation) and returns them transformed (augmentation).
+    """
+
+    def __init__(
+        self,
+        segment: Segment,
+        depth: int,
+        tile_size: int,
+        stride: int,
+        depth_offset: int = 0,
+        min_mask_fraction: float = 0.5,
+        min_ink_fraction: float = 0.0,
+        region_yx: np.ndarray | None = None,
+        normalization: str = "range",
+        clip_window: tuple[float, float] = (50, 200),
+        transform=None,
+    ) -> None:
+        self.segment = segment
+        self.tile_size = tile_size
+        self.layers = depth_window(segment.shape[0], depth, depth_offset)
+        self.origins = tile_origins(segment, tile_size, stride, min_mask_fraction, min_ink_fraction, region_yx)
+        self.normalization = normalization
+        self.clip_window = clip_window
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def __getitem__(self, index: int) -> dict:
+        y, x = (int(value) for value in self.origins[index])
+        volume = normalize_patch(read_patch(self.segment, self.layers, y, x, self.tile_size), self.normalization, self.clip_window)
+        label = None
+        if self.segment.inklabels is not None:
+            label = self.segment.inklabels[y : y + self.tile_size, x : x + self.tile_size].astype(np.float32)
+        if self.transform is not None:
+            volume, label = self.transform(volume, label)
+        item = {"volume": torch.from_numpy(np.ascontiguousarray(volume)).unsqueeze(0), "origin": torch.tensor([y, x])}
+        if label is not None:
+            item["label"] = torch.from_numpy(np.ascontiguousarray(label))
+        return item

@@ -1,0 +1,233 @@
+"""Lazy (Z, Y, X) volumes: chunk-aligned reads through a byte-bounded LRU of decompressed chunks.
+
+Every segment source (remote zarr, local zarr, TIFF/JPG/PNG layer folder) ends up as a
+`ChunkCachedVolume`. It never holds the volume: a read decodes only the chunks it touches and keeps
+the most recently used ones, up to `lru_bytes`, so overlapping tiles (inference strides, random crops
+near each other) decode each chunk once while memory stays bounded whatever the segment size.
+
+The backend is opened lazily and again in every process (a DataLoader worker must not reuse its
+parent's HTTP session or file handles), from a picklable `opener` callable.
+"""
+import collections
+import itertools
+import os
+import pathlib
+import threading
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import PIL.Image
+import tifffile
+import zarr
+
+DEFAULT_LRU_BYTES = 512 * 2**20
+
+
+def _normalise_index(key, shape: tuple[int, ...]) -> tuple[list[slice], list[int]]:
+    """Turn an index of ints/slices (step 1) into in-bounds slices; also the axes to squeeze."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(item is Ellipsis for item in key):
+        position = key.index(Ellipsis)
+        key = key[:position] + (slice(None),) * (len(shape) - len(key) + 1) + key[position + 1 :]
+    if len(key) > len(shape):
+        raise IndexError(f"too many indices for a volume of shape {shape}")
+    key = key + (slice(None),) * (len(shape) - len(key))
+    slices, squeeze_axes = [], []
+    for axis, (item, size) in enumerate(zip(key, shape)):
+        if isinstance(item, (int, np.integer)):
+            index = int(item) + size if item < 0 else int(item)
+            if not 0 <= index < size:
+                raise IndexError(f"index {item} is out of bounds for axis {axis} of size {size}")
+            slices.append(slice(index, index + 1))
+            squeeze_axes.append(axis)
+        elif isinstance(item, slice):
+            start, stop, step = item.indices(size)
+            if step != 1:
+                raise IndexError("volumes support only contiguous slices (step 1)")
+            slices.append(slice(start, max(start, stop)))
+        else:
+            raise IndexError(f"unsupported index {item!r}: use ints and slices")
+    return slices, squeeze_axes
+
+
+class ChunkCachedVolume:
+    """A read-only (Z, Y, X) array-like over a chunked backend with an LRU of decoded chunks.
+
+    `opener()` returns the backend: anything with `shape`, `dtype`, `chunks` and numpy slicing.
+    """
+
+    def __init__(self, opener: Callable, lru_bytes: int = DEFAULT_LRU_BYTES) -> None:
+        self.opener = opener
+        self.lru_bytes = lru_bytes
+        backend = opener()
+        self.shape = tuple(int(size) for size in backend.shape)
+        self.dtype = np.dtype(backend.dtype)
+        self.chunks = tuple(int(size) for size in backend.chunks)
+        self.ndim = len(self.shape)
+        self._reset(backend)
+
+    def _reset(self, backend) -> None:
+        self._backend = backend
+        self._pid = os.getpid()
+        self._lru: collections.OrderedDict[tuple[int, ...], np.ndarray] = collections.OrderedDict()
+        self._lru_used = 0
+        self._lock = threading.Lock()
+        self.decoded_chunks = 0  # chunks read from the backend (LRU misses), for tests and benchmarks
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_backend", "_lru", "_lock"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset(None)
+
+    def _get_backend(self):
+        if self._backend is None or self._pid != os.getpid():
+            self._reset(self.opener())
+        return self._backend
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        array = self[...]
+        return array if dtype is None else array.astype(dtype)
+
+    def _chunk_bounds(self, chunk_index: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(
+            slice(index * size, min((index + 1) * size, total))
+            for index, size, total in zip(chunk_index, self.chunks, self.shape)
+        )
+
+    def _read_chunks(self, chunk_indices: list[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
+        """Read missing chunks with one backend call over their bounding box (remote reads overlap)."""
+        backend = self._get_backend()
+        low = [min(index[axis] for index in chunk_indices) for axis in range(self.ndim)]
+        high = [max(index[axis] for index in chunk_indices) for axis in range(self.ndim)]
+        box = self._chunk_bounds(tuple(low))
+        box = tuple(
+            slice(start.start, self._chunk_bounds(tuple(high))[axis].stop) for axis, start in enumerate(box)
+        )
+        block = np.asarray(backend[box])
+        chunks = {}
+        for chunk_index in chunk_indices:
+            bounds = self._chunk_bounds(chunk_index)
+            local = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(bounds, box))
+            chunks[chunk_index] = np.ascontiguousarray(block[local])
+        self.decoded_chunks += len(chunk_indices)
+        return chunks
+
+    def _remember(self, chunk_index: tuple[int, ...], chunk: np.ndarray) -> None:
+        if chunk.nbytes > self.lru_bytes:
+            return
+        self._lru[chunk_index] = chunk
+        self._lru_used += chunk.nbytes
+        while self._lru_used > self.lru_bytes:
+            _, evicted = self._lru.popitem(last=False)
+            self._lru_used -= evicted.nbytes
+
+    def __getitem__(self, key) -> np.ndarray:
+        slices, squeeze_axes = _normalise_index(key, self.shape)
+        output = np.zeros(tuple(s.stop - s.start for s in slices), dtype=self.dtype)
+        if output.size == 0:
+            return output.squeeze(axis=tuple(squeeze_axes))
+        chunk_ranges = [
+            range(s.start // size, (s.stop - 1) // size + 1) for s, size in zip(slices, self.chunks)
+        ]
+        chunk_indices = list(itertools.product(*chunk_ranges))
+        with self._lock:
+            self._get_backend()
+            found = {index: self._lru[index] for index in chunk_indices if index in self._lru}
+            for index in found:
+                self._lru.move_to_end(index)
+            missing = [index for index in chunk_indices if index not in found]
+            if missing:
+                fresh = self._read_chunks(missing)
+                for index, chunk in fresh.items():
+                    self._remember(index, chunk)
+                found.update(fresh)
+        for chunk_index, chunk in found.items():
+            bounds = self._chunk_bounds(chunk_index)
+            overlap = [slice(max(b.start, s.start), min(b.stop, s.stop)) for b, s in zip(bounds, slices)]
+            source = tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(overlap, bounds))
+            target = tuple(slice(o.start - s.start, o.stop - s.start) for o, s in zip(overlap, slices))
+            output[target] = chunk[source]
+        return output.squeeze(axis=tuple(squeeze_axes)) if squeeze_axes else output
+
+
+class LayerStack:
+    """Kaggle / Grand Prize layer folder (`layers/00.tif … 64.tif`) as a (Z, Y, X) backend.
+
+    TIFFs are read per window: uncompressed ones memory-mapped, others through tifffile's zarr view
+    (decoding only the strips/tiles a window touches). JPG/PNG cannot be read by window, so a chunk
+    there is one whole layer (decoded once, then kept by the volume's LRU while it fits).
+    """
+
+    TILE = 256
+
+    def __init__(self, layer_paths: list[pathlib.Path]) -> None:
+        self.layer_paths = [pathlib.Path(path) for path in layer_paths]
+        self._layers: dict[int, object] = {}
+        first = self._open_layer(0)
+        height, width = first.shape[:2]
+        self.dtype = np.dtype(first.dtype)
+        for index, path in enumerate(self.layer_paths[1:], start=1):
+            layer = self._open_layer(index)
+            if tuple(layer.shape[:2]) != (height, width) or np.dtype(layer.dtype) != self.dtype:
+                raise ValueError(
+                    f"layer {path} is {layer.shape[:2]} {layer.dtype}, but {self.layer_paths[0].name} "
+                    f"is {(height, width)} {self.dtype}: all layers must match"
+                )
+        self.shape = (len(self.layer_paths), height, width)
+        whole_layers = self.layer_paths[0].suffix.lower() not in (".tif", ".tiff")
+        self.chunks = (1, height, width) if whole_layers else (1, min(self.TILE, height), min(self.TILE, width))
+
+    def _open_layer(self, index: int):
+        if index in self._layers:
+            return self._layers[index]
+        path = self.layer_paths[index]
+        try:
+            if path.suffix.lower() in (".tif", ".tiff"):
+                try:
+                    layer = tifffile.memmap(path, mode="r")
+                except ValueError:  # compressed or tiled: not memory-mappable
+                    layer = zarr.open_array(tifffile.imread(path, aszarr=True), mode="r")
+            else:
+                layer = _DecodedImage(path)
+        except Exception as error:  # noqa: BLE001 - any decoder failure is the same user-facing problem
+            raise ValueError(f"cannot read layer image {path}: {error}") from error
+        if len(layer.shape) != 2:
+            raise ValueError(f"layer image {path} has shape {tuple(layer.shape)}; expected one grey (Y, X) image")
+        self._layers[index] = layer
+        return layer
+
+    def __getitem__(self, key) -> np.ndarray:
+        z_slice, y_slice, x_slice = key
+        return np.stack([np.asarray(self._open_layer(z)[y_slice, x_slice]) for z in range(*z_slice.indices(self.shape[0]))])
+
+
+class _DecodedImage:
+    """A JPG/PNG layer: shape and dtype from the header, pixels decoded on access."""
+
+    DTYPES = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16}
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        with PIL.Image.open(path) as image:  # reads the header only
+            width, height = image.size
+            if image.mode not in self.DTYPES:
+                raise ValueError(f"image mode {image.mode} is not a grey 8- or 16-bit layer")
+            self.dtype = np.dtype(self.DTYPES[image.mode])
+        self.shape = (height, width)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return cv2.imread(str(self.path), cv2.IMREAD_UNCHANGED)[key]
