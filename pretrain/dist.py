@@ -1,0 +1,67 @@
+"""One code path for CPU, one GPU, and `torchrun --nproc_per_node N` (DDP: gloo on CPU, nccl on GPU).
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op with rank 0 of 1.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed
+
+
+def initialize() -> torch.device:
+    """Join the process group if launched by torchrun; return this process's device."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def is_master() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all processes (a copy; the input is untouched)."""
+    value = value.detach().clone()
+    if is_distributed():
+        torch.distributed.all_reduce(value)
+        value /= world_size()
+    return value
+
+
+def broadcast_object(value):
+    """Rank 0's value of a picklable object, on every process."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def finalize() -> None:
+    if is_distributed():
+        torch.distributed.destroy_process_group()

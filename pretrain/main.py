@@ -1,0 +1,217 @@
+"""SparK-3D pretraining of a 3D ResNet encoder on unlabeled segments.
+
+    python pretrain/main.py                      # the defaults of pretrain/utils/arg_util.py (demo segment)
+    python pretrain/main.py --ep 3 --data_path 20230827161847
+    torchrun --nproc_per_node 4 pretrain/main.py --bs 32
+
+Writes to exp_dir, every epoch and atomically: `<model>_withdecoder_spark_style.pth` (everything needed
+to resume) and `<model>_timm_style.pth` (encoder weights only, dense names, for fine-tuning), plus
+`log.jsonl` and `tensorboard_logs/`. Running the same command again continues where it stopped.
+"""
+import math
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
+
+import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
+import torch  # noqa: E402
+import tqdm  # noqa: E402
+
+from pretrain import dist  # noqa: E402
+from pretrain.data.patches import RandomPatchDataset  # noqa: E402
+from pretrain.data.remote import RemoteReadError  # noqa: E402
+from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
+from pretrain.decoder import LightDecoder3d  # noqa: E402
+from pretrain.encoder import SparseEncoder  # noqa: E402
+from pretrain.models import build_encoder  # noqa: E402
+from pretrain.spark import SparK3d  # noqa: E402
+from pretrain.utils import arg_util, misc, schedule  # noqa: E402
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def build_model(args: arg_util.Args) -> SparK3d:
+    encoder = build_encoder(args.model)
+    sparse_encoder = SparseEncoder(encoder, sync_batchnorm=args.sbn and dist.is_distributed())
+    decoder = LightDecoder3d(args.decoder_width, sparse_encoder.get_downsample_ratio(),
+                             sync_batchnorm=args.sbn and dist.is_distributed())
+    return SparK3d(sparse_encoder, decoder, input_size=args.input_size, depth=args.depth,
+                   mask_ratio=args.mask, mask_mode=args.mask_mode)
+
+
+def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = schedule.parameter_groups(model)
+    if args.opt == "lamb":
+        import timm.optim
+
+        return timm.optim.Lamb(groups, lr=args.lr, weight_decay=args.wd, max_grad_norm=None)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.95))
+
+
+def load_start_state(args: arg_util.Args, model: SparK3d, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """Resume (model, optimizer, epoch, RNG) or load init weights. Returns (start epoch, global step)."""
+    resume_from = args.resume_from or (args.checkpoint_path if os.path.isfile(args.checkpoint_path) else "")
+    if resume_from:
+        checkpoint = misc.load_checkpoint(resume_from)
+        if not {"model", "optimizer", "epoch", "args"} <= set(checkpoint):
+            raise misc.CheckpointError(f"{resume_from} is not a full SparK checkpoint (*_withdecoder_spark_style.pth)")
+        if checkpoint["args"]["model"] != args.model:
+            raise misc.CheckpointError(f"{resume_from} holds a {checkpoint['args']['model']} model; this run builds "
+                                       f"{args.model} (set --model or another resume_from)")
+        mismatch = misc.describe_state_dict_mismatch(model.state_dict(), checkpoint["model"])
+        if mismatch:
+            raise misc.CheckpointError(f"{resume_from} does not fit this model: {mismatch}")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        misc.restore_rng_states(checkpoint["rng"])
+        print(f"resumed from {resume_from}: epoch {checkpoint['epoch'] + 1} of {args.ep} done")
+        return checkpoint["epoch"] + 1, checkpoint["global_step"]
+    if args.init_weight:
+        checkpoint = misc.load_checkpoint(args.init_weight)
+        # A SparK checkpoint initialises everything; an encoder-only one initialises the encoder.
+        target, state = (model, checkpoint["model"]) if "model" in checkpoint else (model.sparse_encoder.encoder, checkpoint)
+        mismatch = misc.describe_state_dict_mismatch(target.state_dict(), state)
+        if mismatch:
+            raise misc.CheckpointError(f"init_weight {args.init_weight} does not fit {args.model}: {mismatch}")
+        target.load_state_dict(state)
+        print(f"initialised from {args.init_weight}")
+    return 0, 0
+
+
+def save_checkpoints(args: arg_util.Args, model: SparK3d, optimizer: torch.optim.Optimizer, epoch: int,
+                     global_step: int) -> None:
+    if not dist.is_master():
+        return
+    misc.save_atomic({"args": args.settings(), "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "rng": misc.rng_states(), "commit": args.commit},
+                     args.checkpoint_path)
+    misc.save_atomic(model.sparse_encoder.encoder.state_dict(), args.encoder_checkpoint_path)
+
+
+def reconstruction_image(visuals) -> torch.Tensor:
+    """(1, H, 3W) grid of the middle layer of sample 0: input | masked input | reconstruction."""
+    middle = visuals.input_bcdhw.shape[2] // 2
+    panels = [tensor[0, 0, middle].float() for tensor in visuals]
+    low, high = panels[0].min(), panels[0].max()
+    return torch.cat([((panel - low) / (high - low + 1e-6)).clamp(0, 1) for panel in panels], dim=1).unsqueeze(0)
+
+
+def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard) -> tuple[dict, int]:
+    model.train()
+    iterations_per_epoch = len(loader)
+    total_iterations = args.ep * iterations_per_epoch
+    warmup_iterations = max(1, args.wp_ep * iterations_per_epoch)
+    device = torch.device(args.device)
+    use_autocast = args.amp and device.type == "cuda"  # bf16 is 20-50× slower than fp32 on CPU
+    loss_sum, wait_seconds, step_seconds = 0.0, 0.0, 0.0
+    progress = tqdm.tqdm(loader, desc=f"epoch {epoch + 1}/{args.ep}", disable=not dist.is_master(), leave=True)
+    tick = time.perf_counter()
+    for iteration, inp_bcdhw in enumerate(progress):
+        wait_seconds += time.perf_counter() - tick
+        lr = schedule.lr_at(global_step, args.lr, warmup_iterations, total_iterations)
+        wd = schedule.wd_at(global_step, args.wd, args.wde, total_iterations)
+        schedule.apply(optimizer, lr, wd)
+        inp_bcdhw = inp_bcdhw.to(device, non_blocking=True)  # (B, 1, D, H, W)
+
+        show = dist.is_master() and (
+            (args.vis_every and global_step % args.vis_every == 0) or iteration == iterations_per_epoch - 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            if show:
+                loss, visuals = ddp_model(inp_bcdhw, return_visuals=True)
+            else:
+                loss = ddp_model(inp_bcdhw)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch + 1}, iteration {iteration}; stopping. The last good "
+                f"checkpoint is {args.checkpoint_path}; try a lower base_lr or a stricter clip")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
+        optimizer.step()
+
+        loss_value = dist.all_reduce_mean(loss).item()
+        loss_sum += loss_value
+        step_seconds_now = time.perf_counter() - tick
+        step_seconds += step_seconds_now
+        samples_per_second = args.bs / max(step_seconds_now, 1e-9)
+        tensorboard.scalars(global_step, train__loss=loss_value, hp__lr=lr, hp__wd=wd, train__grad_norm=float(grad_norm),
+                            perf__samples_per_s=samples_per_second)
+        if show:
+            tensorboard.image("reconstruction/input_masked_reconstruction", reconstruction_image(visuals), global_step)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        global_step += 1
+        tick = time.perf_counter()
+    stats = {"loss": loss_sum / iterations_per_epoch, "data_wait_fraction": wait_seconds / max(step_seconds, 1e-9),
+             "samples_per_s": args.bs * iterations_per_epoch / max(step_seconds, 1e-9)}
+    tensorboard.scalars(global_step, epoch__loss=stats["loss"], perf__data_wait_fraction=stats["data_wait_fraction"])
+    return stats, global_step
+
+
+def main() -> int:
+    args = arg_util.parse_args()
+    device = dist.initialize()
+    args.fill_runtime(str(device), dist.world_size())
+    torch.manual_seed(args.seed + dist.rank())
+    try:
+        os.makedirs(args.exp_dir, exist_ok=True)
+        misc.remove_stale_temporaries(args.exp_dir)
+        probe = pathlib.Path(args.exp_dir, f".write_test_{os.getpid()}")
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise arg_util.ArgumentError(f"exp_dir {args.exp_dir} is not writable: {error.strerror}") from error
+    log = misc.JsonLinesLog(os.path.join(args.exp_dir, "log.jsonl"))
+    log.write(event="start", command=args.command, commit=args.commit, args=args.settings())
+    tensorboard = misc.TensorboardLogger(os.path.join(args.exp_dir, "tensorboard_logs"))
+    tensorboard.text("config", f"```\n{args.to_json()}\n```")
+
+    segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
+    dataset = RandomPatchDataset(segments, depth=args.depth, tile_size=args.input_size, samples_per_epoch=args.samples_per_ep,
+                                 depth_offset=args.depth_offset, min_mask_fraction=args.min_mask_fraction,
+                                 normalization=args.normalization, seed=args.seed)
+    # The dataset draws crops from (seed, epoch, index), so a plain rank-strided split gives each process
+    # its own crops, and a resumed run the same ones.
+    sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False, drop_last=True)
+               if dist.is_distributed() else None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size_per_process, sampler=sampler, num_workers=args.num_workers,
+        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+
+    try:
+        model = build_model(args).to(device)
+    except ValueError as error:  # e.g. a grid too small to mask: a setting the user chose
+        raise arg_util.ArgumentError(str(error)) from error
+    optimizer = build_optimizer(args, model)
+    start_epoch, global_step = load_start_state(args, model, optimizer)
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+                 if dist.is_distributed() else model)
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; {len(segments)} "
+          f"segment(s); grid {model.grid} cells; {len(loader)} iterations per epoch on {dist.world_size()} process(es)")
+
+    last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
+    for epoch in range(start_epoch, last_epoch):
+        dataset.set_epoch(epoch)
+        started = time.time()
+        stats, global_step = train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard)
+        save_checkpoints(args, model, optimizer, epoch, global_step)
+        log.write(event="epoch", epoch=epoch + 1, global_step=global_step, seconds=round(time.time() - started, 1), **stats)
+        tensorboard.flush()
+    tensorboard.close()
+    if dist.is_master():
+        state = "done" if last_epoch == args.ep else f"stopped after epoch {last_epoch} of {args.ep} (run again to continue)"
+        print(f"{state}: encoder weights for fine-tuning in {args.encoder_checkpoint_path}")
+    dist.finalize()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (arg_util.ArgumentError, SegmentError, RemoteReadError, misc.CheckpointError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)

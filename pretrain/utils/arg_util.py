@@ -1,0 +1,119 @@
+"""Pretraining arguments: edit the defaults here, or override any of them on the command line
+(`python pretrain/main.py --ep 3 --data_path 20230827161847`).
+
+The defaults pretrain the 3D ResNet-50 on the generated demo segment in about 15 minutes on a 2-core
+CPU. For real segments on a GPU, see the README (ScrollMAE-like: depth 32, input_size 256, bs 8, ep 500+).
+"""
+import json
+import os
+import sys
+
+from tap import Tap
+
+from pretrain.utils.misc import git_commit
+
+
+class ArgumentError(ValueError):
+    """A setting that cannot work; the message names it."""
+
+
+class Args(Tap):
+    # ---------------------------------------------------------------- experiment
+    exp_name: str = "spark_demo"  # a label for this run (TensorBoard text, logs)
+    exp_dir: str = "experiments/spark_demo"  # checkpoints, log.jsonl and tensorboard_logs/ go here
+    resume_from: str = ""  # a *_withdecoder_spark_style.pth to continue; empty: continue exp_dir's own if it has one
+    init_weight: str = ""  # weights only, no optimizer or epoch: a SparK checkpoint or an encoder-only one
+    method: str = "spark"  # pretraining method: "spark" (masked autoencoder)
+
+    # ---------------------------------------------------------------- data
+    data_path: list[str] = ["demo"]  # segment specs for open_segment: IDs, zarr paths, layer folders, "demo[:seed]"
+    scroll: str = "1"  # scroll of segment IDs in data_path (sets the server folder)
+    depth: int = 16  # layers per input; with the encoder's depth downsample 8, 16 layers give 2 cells in depth
+    depth_offset: int = 0  # shift of the depth window from the middle layer
+    input_size: int = 96  # tile side in pixels (a multiple of 32); 96 gives a 3 × 3 grid of 32-pixel cells
+    normalization: str = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per patch)
+    min_mask_fraction: float = 0.5  # a crop needs at least this much papyrus (mask) under it
+    samples_per_ep: int = 240  # crops per epoch (all processes together)
+    num_workers: int = 2  # DataLoader workers per process (0: load in the main process)
+    lru_mb: int = 512  # in-process cache of decoded chunks, per worker
+
+    # ---------------------------------------------------------------- model
+    model: str = "resnet50_3d"  # encoder: resnet50_3d, resnet34_3d, resnet18_3d, resnet50_3d_narrow, resnet18_3d_tiny
+    mask: float = 0.6  # fraction of cells masked
+    mask_mode: str = "cell"  # "cell": 3D cells (D/d × 32 × 32); "column": ScrollMAE's 2D cells through all depth
+    decoder_width: int = 256  # channels of the decoder's coarsest stage (halved at each finer stage)
+    sbn: bool = False  # SyncBatchNorm across processes (torchrun only)
+
+    # ---------------------------------------------------------------- optimisation
+    ep: int = 5  # epochs
+    stop_after_ep: int = 0  # stop cleanly once this many epochs are done (schedule still spans ep); run again to continue
+    wp_ep: int = 1  # warm-up epochs (linear lr warm-up)
+    bs: int = 2  # global batch size (all processes together)
+    base_lr: float = 2e-4  # lr = base_lr × bs / 256, as SparK
+    wd: float = 0.04  # weight decay at the start ...
+    wde: float = 0.2  # ... and at the end (cosine in between), as SparK
+    opt: str = "lamb"  # "lamb" (SparK's choice, timm's implementation) or "adamw"
+    clip: float = 5.0  # gradient-norm clip (0: off)
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU, where bf16 is many times slower
+    seed: int = 0
+
+    # ---------------------------------------------------------------- logging
+    vis_every: int = 50  # iterations between TensorBoard reconstruction images (0: only at epoch ends)
+
+    # ---------------------------------------------------------------- filled at runtime
+    lr: float = 0.0  # base_lr × bs / 256
+    batch_size_per_process: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    commit: str = ""
+    command: str = ""
+
+    def process_args(self) -> None:
+        problems = []
+        if self.input_size % 32:
+            problems.append(f"input_size {self.input_size} is not a multiple of 32")
+        if self.mask_mode not in ("cell", "column"):
+            problems.append(f"mask_mode {self.mask_mode!r} is not 'cell' or 'column'")
+        if not 0 < self.mask < 1:
+            problems.append(f"mask {self.mask} is not between 0 and 1")
+        if self.method != "spark":
+            problems.append(f"method {self.method!r} is not available (only 'spark')")
+        if self.opt not in ("lamb", "adamw"):
+            problems.append(f"opt {self.opt!r} is not 'lamb' or 'adamw'")
+        if self.ep < 1 or self.bs < 1 or self.samples_per_ep < self.bs:
+            problems.append(f"need ep ≥ 1, bs ≥ 1 and samples_per_ep ≥ bs (got {self.ep}, {self.bs}, {self.samples_per_ep})")
+        if problems:
+            raise ArgumentError("; ".join(problems))
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.exp_dir, f"{self.model}_withdecoder_spark_style.pth")
+
+    @property
+    def encoder_checkpoint_path(self) -> str:
+        return os.path.join(self.exp_dir, f"{self.model}_timm_style.pth")
+
+    def fill_runtime(self, device: str, world_size: int) -> None:
+        if self.bs % world_size:
+            raise ArgumentError(f"bs {self.bs} is not divisible by the number of processes {world_size}")
+        self.world_size = world_size
+        self.batch_size_per_process = self.bs // world_size
+        self.lr = self.base_lr * self.bs / 256
+        self.device = device
+        self.commit = git_commit()
+        self.command = " ".join([sys.executable, *sys.argv])
+
+    def error(self, message: str):
+        # argparse prints the whole usage before its complaint; one line naming the problem is enough.
+        raise ArgumentError(f"{message} (see --help)")
+
+    def settings(self) -> dict:
+        """The settings as plain values (Tap's as_dict also returns this class's methods)."""
+        return {key: value for key, value in self.as_dict().items() if not callable(value)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.settings(), default=str, indent=1)
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    return Args(explicit_bool=True).parse_args(argv)

@@ -1,0 +1,125 @@
+"""Checkpoints (atomic), the JSON-lines log, the master-only TensorBoard writer, RNG state, git commit."""
+import json
+import os
+import pathlib
+import random
+import subprocess
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from pretrain import dist
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or made for another model; the message names which."""
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=pathlib.Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save through a temp file in the same folder and a rename: a kill never leaves half a file."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete temp files a killed run left behind in `folder` (they are never read)."""
+    for temporary in pathlib.Path(folder).glob(".*.tmp"):
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
+
+
+def describe_state_dict_mismatch(model_state: dict, loaded_state: dict) -> str:
+    """A short account of missing / unexpected / differently-shaped keys ('' when they match exactly)."""
+    missing = sorted(set(model_state) - set(loaded_state))
+    unexpected = sorted(set(loaded_state) - set(model_state))
+    shapes = [f"{key} {tuple(loaded_state[key].shape)} vs {tuple(model_state[key].shape)}"
+              for key in sorted(set(model_state) & set(loaded_state))
+              if hasattr(loaded_state[key], "shape") and loaded_state[key].shape != model_state[key].shape]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            parts.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''} ({len(items)})")
+    return "; ".join(parts)
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class JsonLinesLog:
+    """Appends one JSON object per line (rank 0 only): the run's command and commit, then per-epoch metrics."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = pathlib.Path(path)
+
+    def write(self, **record) -> None:
+        if dist.is_master():
+            with open(self.path, "a") as file:
+                file.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}, default=str) + "\n")
+
+
+class TensorboardLogger:
+    """SummaryWriter on rank 0, silent elsewhere; every tag logged against the global step."""
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        self.writer = None
+        if dist.is_master():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag.replace("__", "/"), value, step)
+
+    def image(self, tag: str, image_chw: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image_chw, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

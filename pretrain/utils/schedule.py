@@ -1,0 +1,41 @@
+"""Learning-rate and weight-decay schedules, per iteration (as SparK's lr_control does).
+
+lr: linear warm-up from ~0 to the peak over the warm-up iterations, then half-cosine down to
+`min_lr_ratio` × peak. wd: half-cosine from `wd` to `wd_end` over the whole run (SparK raises weight
+decay as training proceeds). Parameters whose group has `weight_decay_scale = 0` (norms, biases, mask
+tokens) keep zero weight decay.
+"""
+import math
+
+import torch
+
+
+def lr_at(iteration: int, peak_lr: float, warmup_iterations: int, total_iterations: int, min_lr_ratio: float = 0.01) -> float:
+    if iteration < warmup_iterations:
+        return peak_lr * (iteration + 1) / warmup_iterations
+    progress = (iteration - warmup_iterations) / max(1, total_iterations - warmup_iterations)
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def wd_at(iteration: int, wd: float, wd_end: float, total_iterations: int) -> float:
+    progress = iteration / max(1, total_iterations - 1)
+    return wd_end + (wd - wd_end) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def apply(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["weight_decay"] = weight_decay * group.get("weight_decay_scale", 1.0)
+
+
+def parameter_groups(model: torch.nn.Module) -> list[dict]:
+    """Two groups: weights that decay, and 1-D parameters / mask tokens that do not (as SparK and MAE)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.endswith(".bias") or "mask_token" in name:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay_scale": 1.0}, {"params": no_decay, "weight_decay_scale": 0.0}]

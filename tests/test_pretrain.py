@@ -1,0 +1,152 @@
+"""`python pretrain/main.py` end to end on a tiny model and segment: outputs, resume, torchrun, errors."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.models import build_encoder
+from tests.conftest import REPO_ROOT, random_volume, rectangle_mask, write_png, write_zarr_segment
+
+TINY = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--samples_per_ep", "4",
+        "--num_workers", "0", "--vis_every", "1", "--decoder_width", "32", "--base_lr", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def segment_path(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("segment")
+    volume = random_volume((65, 128, 128), seed=11)
+    path = write_zarr_segment(folder / "tiny.zarr", volume, chunks=(32, 64, 64))
+    write_png(path / "mask.png", rectangle_mask((128, 128), margin=4))
+    return str(path)
+
+
+def run_pretrain(arguments: list[str], timeout: float = 300, torchrun_processes: int = 0) -> subprocess.CompletedProcess:
+    if torchrun_processes:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_processes}",
+                   str(REPO_ROOT / "pretrain" / "main.py"), *arguments]
+    else:
+        command = [sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+def test_end_to_end_writes_both_checkpoints_logs_and_tensorboard(segment_path, tmp_path):
+    result = run_pretrain([*TINY, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    full = torch.load(tmp_path / "resnet18_3d_tiny_withdecoder_spark_style.pth", weights_only=False)
+    assert full["epoch"] == 1 and full["global_step"] == 4 and {"model", "optimizer", "rng", "args"} <= set(full)
+    encoder_state = torch.load(tmp_path / "resnet18_3d_tiny_timm_style.pth")
+    build_encoder("resnet18_3d_tiny").load_state_dict(encoder_state, strict=True)  # dense names, strict
+    assert list((tmp_path / "tensorboard_logs").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "start" and "pretrain/main.py" in records[0]["command"]
+    assert [record["epoch"] for record in records if record["event"] == "epoch"] == [1, 2]
+    assert all(np.isfinite(record["loss"]) for record in records if record["event"] == "epoch")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_tensorboard_holds_scalars_and_reconstruction_images(segment_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_pretrain([*TINY, "--ep", "1", "--data_path", segment_path, "--exp_dir", str(tmp_path),
+                           "--mask_mode", "column"])
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "tensorboard_logs")).Reload()
+    assert {"train/loss", "hp/lr", "hp/wd", "train/grad_norm", "perf/samples_per_s"} <= set(events.Tags()["scalars"])
+    assert "reconstruction/input_masked_reconstruction" in events.Tags()["images"]
+
+
+def test_resume_matches_an_uninterrupted_run(segment_path, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert run_pretrain([*TINY, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(straight)]).returncode == 0
+    first = run_pretrain([*TINY, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(interrupted),
+                          "--stop_after_ep", "1"])
+    assert first.returncode == 0, first.stderr
+    second = run_pretrain([*TINY, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(interrupted)])
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout
+    name = "resnet18_3d_tiny_withdecoder_spark_style.pth"
+    expected = torch.load(straight / name, weights_only=False)["model"]
+    resumed = torch.load(interrupted / name, weights_only=False)["model"]
+    for key in expected:
+        assert torch.allclose(expected[key].float(), resumed[key].float(), atol=1e-5), key
+
+
+def test_torchrun_two_processes_gloo(segment_path, tmp_path):
+    result = run_pretrain([*TINY, "--ep", "1", "--data_path", segment_path, "--exp_dir", str(tmp_path)],
+                          torchrun_processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    checkpoint = torch.load(tmp_path / "resnet18_3d_tiny_withdecoder_spark_style.pth", weights_only=False)
+    assert checkpoint["global_step"] == 2  # 4 samples, global batch 2 split over 2 processes
+    assert not any(key.startswith("module.") for key in checkpoint["model"])  # the unwrapped model is saved
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--resume_from", "/nonexistent/checkpoint.pth"], "checkpoint /nonexistent/checkpoint.pth does not exist"),
+        (["--ep", "many"], "argument --ep: invalid int value"),
+        (["--input_size", "70"], "input_size 70 is not a multiple of 32"),
+        (["--depth", "8"], "depth"),
+        (["--data_path", "20990101000000"], "20990101000000"),
+    ],
+    ids=["missing-resume", "non-numeric", "input-size", "grid-too-small", "unknown-segment"],
+)
+def test_bad_settings_give_one_clear_line(segment_path, tmp_path, arguments, message):
+    environment_url = {"VESUVIUS_DATA_URL": "http://127.0.0.1:9"}
+    os.environ.update(environment_url)
+    try:
+        result = run_pretrain([*TINY, "--data_path", segment_path, "--exp_dir", str(tmp_path / "run"), *arguments],
+                              timeout=120)
+    finally:
+        os.environ.pop("VESUVIUS_DATA_URL")
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_from_another_architecture_is_refused(segment_path, tmp_path):
+    assert run_pretrain([*TINY, "--ep", "1", "--data_path", segment_path, "--exp_dir", str(tmp_path / "a")]).returncode == 0
+    checkpoint = tmp_path / "a" / "resnet18_3d_tiny_withdecoder_spark_style.pth"
+    before = checkpoint.read_bytes()
+    result = run_pretrain([*TINY, "--model", "resnet50_3d_narrow", "--data_path", segment_path,
+                           "--exp_dir", str(tmp_path / "b"), "--resume_from", str(checkpoint)])
+    assert result.returncode == 2 and "holds a resnet18_3d_tiny model; this run builds resnet50_3d_narrow" in result.stderr
+    assert checkpoint.read_bytes() == before
+
+
+def test_unwritable_exp_dir(segment_path, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_pretrain([*TINY, "--data_path", segment_path, "--exp_dir", str(blocker / "run")])
+    assert result.returncode == 2 and "is not writable" in result.stderr.splitlines()[-1]
+
+
+def test_non_finite_loss_stops_with_a_clear_message(segment_path, tmp_path):
+    import pretrain.main
+    from pretrain.utils import arg_util, misc
+
+    class NanModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, inp_bcdhw, return_visuals=False):
+            loss = self.weight.sum() * float("nan")
+            return (loss, None) if return_visuals else loss
+
+    args = arg_util.parse_args(["--exp_dir", str(tmp_path), "--vis_every", "0"])
+    args.fill_runtime("cpu", 1)
+    model = NanModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [torch.zeros(2, 1, 16, 96, 96)] * 3
+    with pytest.raises(pretrain.main.NonFiniteLossError, match="loss is nan at epoch 1, iteration 0.*last good checkpoint"):
+        pretrain.main.train_one_epoch(args, model, model, optimizer, loader, 0, 0, misc.TensorboardLogger(tmp_path / "tb"))
+    assert model.weight.item() == 1.0  # no step was taken with the non-finite loss
