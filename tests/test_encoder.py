@@ -180,6 +180,27 @@ def test_sparse_batchnorm_uses_active_voxels_only():
     torch.testing.assert_close(out_bcdhw.permute(0, 2, 3, 4, 1)[active_bdhw], reference_bn(active_nc))
 
 
+def test_sparse_batchnorm_gradients_match_batchnorm_on_gathered_active_voxels():
+    generator = torch.Generator().manual_seed(3)
+    x_bcdhw = torch.randn(2, 3, 4, 8, 8, generator=generator)
+    active_b1dhw = random_active(2, (2, 2, 2), generator)
+    active_bdhw = upsample_active(active_b1dhw, x_bcdhw.shape[2:])[:, 0]
+    upstream_bcdhw = torch.randn(x_bcdhw.shape, generator=generator)
+
+    sparse_bn, reference_bn = SparseBatchNorm3d(3), nn.BatchNorm1d(3)
+    sparse_bn.mask_context = MaskContext()
+    sparse_input = x_bcdhw.clone().requires_grad_()
+    with sparse_bn.mask_context.use(active_b1dhw):
+        (sparse_bn(sparse_input) * upstream_bcdhw).sum().backward()
+    reference_input = x_bcdhw.clone().requires_grad_()
+    active_nc = reference_input.permute(0, 2, 3, 4, 1)[active_bdhw]
+    (reference_bn(active_nc) * upstream_bcdhw.permute(0, 2, 3, 4, 1)[active_bdhw]).sum().backward()
+
+    torch.testing.assert_close(sparse_input.grad, reference_input.grad)
+    torch.testing.assert_close(sparse_bn.weight.grad, reference_bn.weight.grad)
+    torch.testing.assert_close(sparse_bn.bias.grad, reference_bn.bias.grad)
+
+
 def test_sparse_layer_outside_the_encoder_forward_fails_clearly():
     sparse = SparseEncoder(build_encoder(TINY))
     with pytest.raises(RuntimeError, match="no active mask"):
