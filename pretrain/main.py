@@ -1,12 +1,14 @@
-"""SparK-3D pretraining of a 3D ResNet encoder on unlabeled segments.
+"""Self-supervised pretraining of a 3D ResNet encoder on unlabeled segments: SparK-3D (default) or VICReg.
 
     python pretrain/main.py                      # the defaults of pretrain/utils/arg_util.py (demo segment)
     python pretrain/main.py --ep 3 --data_path 20230827161847
+    python pretrain/main.py --method vicreg --exp_dir experiments/vicreg_demo
     torchrun --nproc_per_node 4 pretrain/main.py --bs 32
 
-Writes to exp_dir, every epoch and atomically: `<model>_withdecoder_spark_style.pth` (everything needed
-to resume) and `<model>_timm_style.pth` (encoder weights only, dense names, for fine-tuning), plus
-`log.jsonl` and `tensorboard_logs/`. Running the same command again continues where it stopped.
+Writes to exp_dir, every epoch and atomically: the full checkpoint (`<model>_withdecoder_spark_style.pth`
+or `<model>_withprojector_vicreg_style.pth`: everything needed to resume) and `<model>_timm_style.pth`
+(encoder weights only, dense names, for fine-tuning), plus `log.jsonl` and `tensorboard_logs/`. Running
+the same command again continues where it stopped.
 """
 import math
 import os
@@ -24,24 +26,36 @@ from pretrain import dist  # noqa: E402
 from pretrain.data.patches import RandomPatchDataset  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
+from pretrain.data.views import TwoViewDataset  # noqa: E402
 from pretrain.decoder import LightDecoder3d  # noqa: E402
 from pretrain.encoder import SparseEncoder  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
+from pretrain.models.weights import load_encoder_weights  # noqa: E402
 from pretrain.spark import SparK3d  # noqa: E402
 from pretrain.utils import arg_util, misc, schedule  # noqa: E402
+from pretrain.vicreg import VICReg  # noqa: E402
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_model(args: arg_util.Args) -> SparK3d:
+def build_model(args: arg_util.Args) -> SparK3d | VICReg:
     encoder = build_encoder(args.model)
+    if args.method == "vicreg":
+        if args.sbn and dist.is_distributed():
+            encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+        return VICReg(encoder, [int(width) for width in args.projector.split("-")], *args.vicreg_weights)
     sparse_encoder = SparseEncoder(encoder, sync_batchnorm=args.sbn and dist.is_distributed())
     decoder = LightDecoder3d(args.decoder_width, sparse_encoder.get_downsample_ratio(),
                              sync_batchnorm=args.sbn and dist.is_distributed())
     return SparK3d(sparse_encoder, decoder, input_size=args.input_size, depth=args.depth,
                    mask_ratio=args.mask, mask_mode=args.mask_mode)
+
+
+def dense_encoder(model: SparK3d | VICReg) -> torch.nn.Module:
+    """The encoder inside a pretraining model (SparK's sparse layers keep the dense names)."""
+    return model.sparse_encoder.encoder if isinstance(model, SparK3d) else model.encoder
 
 
 def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -53,13 +67,16 @@ def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.95))
 
 
-def load_start_state(args: arg_util.Args, model: SparK3d, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+def load_start_state(args: arg_util.Args, model: SparK3d | VICReg, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Resume (model, optimizer, epoch, RNG) or load init weights. Returns (start epoch, global step)."""
     resume_from = args.resume_from or (args.checkpoint_path if os.path.isfile(args.checkpoint_path) else "")
     if resume_from:
         checkpoint = misc.load_checkpoint(resume_from)
         if not {"model", "optimizer", "epoch", "args"} <= set(checkpoint):
-            raise misc.CheckpointError(f"{resume_from} is not a full SparK checkpoint (*_withdecoder_spark_style.pth)")
+            raise misc.CheckpointError(f"{resume_from} is not a full pretraining checkpoint (*_with*_style.pth)")
+        if checkpoint["args"].get("method", "spark") != args.method:
+            raise misc.CheckpointError(f"{resume_from} is a {checkpoint['args'].get('method', 'spark')} checkpoint; this "
+                                       f"run pretrains with {args.method} (use init_weight to start from its encoder)")
         if checkpoint["args"]["model"] != args.model:
             raise misc.CheckpointError(f"{resume_from} holds a {checkpoint['args']['model']} model; this run builds "
                                        f"{args.model} (set --model or another resume_from)")
@@ -72,33 +89,40 @@ def load_start_state(args: arg_util.Args, model: SparK3d, optimizer: torch.optim
         print(f"resumed from {resume_from}: epoch {checkpoint['epoch'] + 1} of {args.ep} done")
         return checkpoint["epoch"] + 1, checkpoint["global_step"]
     if args.init_weight:
-        checkpoint = misc.load_checkpoint(args.init_weight)
-        # A SparK checkpoint initialises everything; an encoder-only one initialises the encoder.
-        target, state = (model, checkpoint["model"]) if "model" in checkpoint else (model.sparse_encoder.encoder, checkpoint)
-        mismatch = misc.describe_state_dict_mismatch(target.state_dict(), state)
-        if mismatch:
-            raise misc.CheckpointError(f"init_weight {args.init_weight} does not fit {args.model}: {mismatch}")
-        target.load_state_dict(state)
-        print(f"initialised from {args.init_weight}")
+        print(f"initialised the encoder with {load_encoder_weights(dense_encoder(model), args.init_weight)}")
     return 0, 0
 
 
-def save_checkpoints(args: arg_util.Args, model: SparK3d, optimizer: torch.optim.Optimizer, epoch: int,
+def save_checkpoints(args: arg_util.Args, model: SparK3d | VICReg, optimizer: torch.optim.Optimizer, epoch: int,
                      global_step: int) -> None:
     if not dist.is_master():
         return
     misc.save_atomic({"args": args.settings(), "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
                       "optimizer": optimizer.state_dict(), "rng": misc.rng_states(), "commit": args.commit},
                      args.checkpoint_path)
-    misc.save_atomic(model.sparse_encoder.encoder.state_dict(), args.encoder_checkpoint_path)
+    misc.save_atomic(dense_encoder(model).state_dict(), args.encoder_checkpoint_path)
 
 
-def reconstruction_image(visuals) -> torch.Tensor:
-    """(1, H, 3W) grid of the middle layer of sample 0: input | masked input | reconstruction."""
-    middle = visuals.input_bcdhw.shape[2] // 2
-    panels = [tensor[0, 0, middle].float() for tensor in visuals]
+def middle_layer_image(volumes_bcdhw: list[torch.Tensor]) -> torch.Tensor:
+    """(1, H, n·W) grid of the middle layer of sample 0 of each volume, scaled by the first one's range."""
+    middle = volumes_bcdhw[0].shape[2] // 2
+    panels = [volume[0, 0, middle].detach().float() for volume in volumes_bcdhw]
     low, high = panels[0].min(), panels[0].max()
     return torch.cat([((panel - low) / (high - low + 1e-6)).clamp(0, 1) for panel in panels], dim=1).unsqueeze(0)
+
+
+def training_step(args, ddp_model, batch, device, show: bool) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """One method's forward: (loss, scalars to log, image to log or None)."""
+    if args.method == "vicreg":
+        view1_bcdhw, view2_bcdhw = (view.to(device, non_blocking=True) for view in batch)
+        loss, details = ddp_model(view1_bcdhw, view2_bcdhw)
+        scalars = {f"vicreg__{name}": float(value) for name, value in details.items()}
+        return loss, scalars, middle_layer_image([view1_bcdhw, view2_bcdhw]) if show else None
+    inp_bcdhw = batch.to(device, non_blocking=True)  # (B, 1, D, H, W)
+    if not show:
+        return ddp_model(inp_bcdhw), {}, None
+    loss, visuals = ddp_model(inp_bcdhw, return_visuals=True)
+    return loss, {}, middle_layer_image(list(visuals))
 
 
 def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard) -> tuple[dict, int]:
@@ -111,20 +135,15 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
     loss_sum, wait_seconds, step_seconds = 0.0, 0.0, 0.0
     progress = tqdm.tqdm(loader, desc=f"epoch {epoch + 1}/{args.ep}", disable=not dist.is_master(), leave=True)
     tick = time.perf_counter()
-    for iteration, inp_bcdhw in enumerate(progress):
+    for iteration, batch in enumerate(progress):
         wait_seconds += time.perf_counter() - tick
         lr = schedule.lr_at(global_step, args.lr, warmup_iterations, total_iterations)
         wd = schedule.wd_at(global_step, args.wd, args.wde, total_iterations)
         schedule.apply(optimizer, lr, wd)
-        inp_bcdhw = inp_bcdhw.to(device, non_blocking=True)  # (B, 1, D, H, W)
-
         show = dist.is_master() and (
             (args.vis_every and global_step % args.vis_every == 0) or iteration == iterations_per_epoch - 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            if show:
-                loss, visuals = ddp_model(inp_bcdhw, return_visuals=True)
-            else:
-                loss = ddp_model(inp_bcdhw)
+            loss, method_scalars, image = training_step(args, ddp_model, batch, device, show)
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at epoch {epoch + 1}, iteration {iteration}; stopping. The last good "
@@ -140,9 +159,10 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
         step_seconds += step_seconds_now
         samples_per_second = args.bs / max(step_seconds_now, 1e-9)
         tensorboard.scalars(global_step, train__loss=loss_value, hp__lr=lr, hp__wd=wd, train__grad_norm=float(grad_norm),
-                            perf__samples_per_s=samples_per_second)
-        if show:
-            tensorboard.image("reconstruction/input_masked_reconstruction", reconstruction_image(visuals), global_step)
+                            perf__samples_per_s=samples_per_second, **method_scalars)
+        if image is not None:
+            tag = "views/view1_view2" if args.method == "vicreg" else "reconstruction/input_masked_reconstruction"
+            tensorboard.image(tag, image, global_step)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         global_step += 1
         tick = time.perf_counter()
@@ -171,9 +191,13 @@ def main() -> int:
     tensorboard.text("config", f"```\n{args.to_json()}\n```")
 
     segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
-    dataset = RandomPatchDataset(segments, depth=args.depth, tile_size=args.input_size, samples_per_epoch=args.samples_per_ep,
-                                 depth_offset=args.depth_offset, min_mask_fraction=args.min_mask_fraction,
-                                 normalization=args.normalization, seed=args.seed)
+    dataset_class = TwoViewDataset if args.method == "vicreg" else RandomPatchDataset
+    try:
+        dataset = dataset_class(segments, depth=args.depth, tile_size=args.input_size, samples_per_epoch=args.samples_per_ep,
+                                depth_offset=args.depth_offset, min_mask_fraction=args.min_mask_fraction,
+                                normalization=args.normalization, seed=args.seed)
+    except ValueError as error:  # SegmentError included: a window or tile the segments cannot give
+        raise arg_util.ArgumentError(str(error)) from error
     # The dataset draws crops from (seed, epoch, index), so a plain rank-strided split gives each process
     # its own crops, and a resumed run the same ones.
     sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False, drop_last=True)
@@ -190,8 +214,9 @@ def main() -> int:
     start_epoch, global_step = load_start_state(args, model, optimizer)
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if dist.is_distributed() else model)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; {len(segments)} "
-          f"segment(s); grid {model.grid} cells; {len(loader)} iterations per epoch on {dist.world_size()} process(es)")
+    grid = f"; grid {model.grid} cells" if args.method == "spark" else ""
+    print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
+          f"{len(segments)} segment(s){grid}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)")
 
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
     for epoch in range(start_epoch, last_epoch):

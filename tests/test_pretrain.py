@@ -150,3 +150,26 @@ def test_non_finite_loss_stops_with_a_clear_message(segment_path, tmp_path):
     with pytest.raises(pretrain.main.NonFiniteLossError, match="loss is nan at epoch 1, iteration 0.*last good checkpoint"):
         pretrain.main.train_one_epoch(args, model, model, optimizer, loader, 0, 0, misc.TensorboardLogger(tmp_path / "tb"))
     assert model.weight.item() == 1.0  # no step was taken with the non-finite loss
+
+
+def test_vicreg_run_from_a_kinetics_encoder_logs_its_terms_and_refuses_a_spark_resume(segment_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_vicreg import hara_checkpoint
+
+    torch.save(hara_checkpoint(700, True)[0], tmp_path / "r3d18_KM_200ep.pth")
+    vicreg = [*TINY, "--method", "vicreg", "--bs", "4", "--samples_per_ep", "8", "--projector", "64-64",
+              "--data_path", segment_path, "--exp_dir", str(tmp_path / "vicreg")]
+    result = run_pretrain([*vicreg, "--ep", "1", "--init_weight", str(tmp_path / "r3d18_KM_200ep.pth")])
+    assert result.returncode == 0, result.stderr
+    assert "initialised the encoder with Kinetics (resnet-18)" in result.stdout
+    assert (tmp_path / "vicreg" / "resnet18_3d_tiny_withprojector_vicreg_style.pth").is_file()
+    build_encoder("resnet18_3d_tiny").load_state_dict(torch.load(tmp_path / "vicreg" / "resnet18_3d_tiny_timm_style.pth"))
+    events = EventAccumulator(str(tmp_path / "vicreg" / "tensorboard_logs")).Reload()
+    terms = {"vicreg/invariance", "vicreg/variance", "vicreg/covariance", "vicreg/embedding_std"}
+    assert terms <= set(events.Tags()["scalars"]) and "views/view1_view2" in events.Tags()["images"]
+
+    spark = run_pretrain([*TINY, "--ep", "1", "--data_path", segment_path, "--exp_dir", str(tmp_path / "spark")])
+    assert spark.returncode == 0, spark.stderr
+    refused = run_pretrain([*vicreg, "--resume_from", str(tmp_path / "spark" / "resnet18_3d_tiny_withdecoder_spark_style.pth")])
+    assert refused.returncode == 2 and "is a spark checkpoint; this run pretrains with vicreg" in refused.stderr

@@ -22,8 +22,8 @@ class Args(Tap):
     exp_name: str = "spark_demo"  # a label for this run (TensorBoard text, logs)
     exp_dir: str = "experiments/spark_demo"  # checkpoints, log.jsonl and tensorboard_logs/ go here
     resume_from: str = ""  # a *_withdecoder_spark_style.pth to continue; empty: continue exp_dir's own if it has one
-    init_weight: str = ""  # weights only, no optimizer or epoch: a SparK checkpoint or an encoder-only one
-    method: str = "spark"  # pretraining method: "spark" (masked autoencoder)
+    init_weight: str = ""  # encoder weights only: an encoder-only, SparK, VICReg or Kinetics (Hara r3d50_K*) checkpoint
+    method: str = "spark"  # "spark" (sparse masked autoencoder) or "vicreg" (two views, variance-invariance-covariance)
 
     # ---------------------------------------------------------------- data
     data_path: list[str] = ["demo"]  # segment specs for open_segment: IDs, zarr paths, layer folders, "demo[:seed]"
@@ -43,6 +43,9 @@ class Args(Tap):
     mask_mode: str = "cell"  # "cell": 3D cells (D/d × 32 × 32); "column": ScrollMAE's 2D cells through all depth
     decoder_width: int = 256  # channels of the decoder's coarsest stage (halved at each finer stage)
     sbn: bool = False  # SyncBatchNorm across processes (torchrun only)
+    # VICReg only
+    projector: str = "2048-2048-2048"  # expander MLP widths after the pooled encoder embedding
+    vicreg_weights: list[float] = [25.0, 25.0, 1.0]  # invariance, variance, covariance coefficients (the paper's)
 
     # ---------------------------------------------------------------- optimisation
     ep: int = 5  # epochs
@@ -78,8 +81,12 @@ class Args(Tap):
             problems.append(f"mask_mode {self.mask_mode!r} is not 'cell' or 'column'")
         if not 0 < self.mask < 1:
             problems.append(f"mask {self.mask} is not between 0 and 1")
-        if self.method != "spark":
-            problems.append(f"method {self.method!r} is not available (only 'spark')")
+        if self.method not in ("spark", "vicreg"):
+            problems.append(f"method {self.method!r} is not 'spark' or 'vicreg'")
+        if self.method == "vicreg" and self.bs < 2:
+            problems.append("VICReg needs bs ≥ 2: its variance and covariance are taken over the batch")
+        if len(self.vicreg_weights) != 3:
+            problems.append(f"vicreg_weights needs 3 numbers (invariance, variance, covariance), got {self.vicreg_weights}")
         if self.opt not in ("lamb", "adamw"):
             problems.append(f"opt {self.opt!r} is not 'lamb' or 'adamw'")
         if self.ep < 1 or self.bs < 1 or self.samples_per_ep < self.bs:
@@ -89,7 +96,9 @@ class Args(Tap):
 
     @property
     def checkpoint_path(self) -> str:
-        return os.path.join(self.exp_dir, f"{self.model}_withdecoder_spark_style.pth")
+        """The full checkpoint (resume): the encoder with SparK's decoder or VICReg's projector."""
+        part = "withdecoder_spark" if self.method == "spark" else "withprojector_vicreg"
+        return os.path.join(self.exp_dir, f"{self.model}_{part}_style.pth")
 
     @property
     def encoder_checkpoint_path(self) -> str:
