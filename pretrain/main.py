@@ -101,6 +101,10 @@ def save_checkpoints(args: arg_util.Args, model: SparK3d | VICReg, optimizer: to
                       "optimizer": optimizer.state_dict(), "rng": misc.rng_states(), "commit": args.commit},
                      args.checkpoint_path)
     misc.save_atomic(dense_encoder(model).state_dict(), args.encoder_checkpoint_path)
+    if args.keep_epoch_encoders:
+        os.makedirs(os.path.join(args.exp_dir, "epochs"), exist_ok=True)
+        misc.save_atomic(dense_encoder(model).state_dict(),
+                         os.path.join(args.exp_dir, "epochs", f"{args.model}_timm_style_ep{epoch + 1:03d}.pth"))
 
 
 def middle_layer_image(volumes_bcdhw: list[torch.Tensor]) -> torch.Tensor:

@@ -64,6 +64,7 @@ class Args(Tap):
 
     # ---------------------------------------------------------------- logging
     vis_every: int = 50  # iterations between TensorBoard reconstruction images (0: only at epoch ends)
+    keep_epoch_encoders: bool = False  # also keep each epoch's encoder in exp_dir/epochs/ (for CKA across epochs)
 
     # ---------------------------------------------------------------- filled at runtime
     lr: float = 0.0  # base_lr × bs / 256
