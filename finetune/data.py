@@ -1,0 +1,218 @@
+"""Fine-tuning data: label files, the train / validation split, tile datasets and augmentation.
+
+Tiles come from the segment reader through `pretrain.data.patches.GridTileDataset`; this module only
+decides *which* tiles (the split) and *what happens to them* (augmentation).
+
+The split. Scheme "validation" holds out one contiguous band of the segment that holds both ink
+and no-ink, and no training tile touches it: ScrollMAE's early evaluation leaked because its
+validation crops overlapped training crops. Scheme "iterative" trains on every tile that holds
+labelled ink and has no held-out set: its test is a person looking at the prediction.
+"""
+import dataclasses
+import pathlib
+import random
+
+import albumentations
+import cv2
+import numpy as np
+import torch
+
+from pretrain.data.patches import GridTileDataset, depth_window, tile_origins
+from pretrain.data.segment import Segment, SegmentError, read_label_image
+
+MAX_Z_SHIFT = 2  # layers; the surface of a real segment is flattened to within a layer or two
+MAX_DROPPED_LAYERS = 2  # slice dropout, as the Kaggle 4th place and the Grand Prize winner
+
+
+# ---------------------------------------------------------------- label files
+
+
+def resolve_label_path(path: str, segment: Segment, setting: str) -> pathlib.Path:
+    """`path` as given, or a bare file name looked up in the segment's folder (`inklabels_two_letters.png`)."""
+    given = pathlib.Path(path).expanduser()
+    if given.is_file():
+        return given
+    candidates = []
+    if given.name == path and segment.source in ("zarr", "demo", "layers"):
+        location = pathlib.Path(segment.location)
+        candidates = [location / path, location.parent / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = f" (nor in {', '.join(str(candidate.parent) for candidate in candidates)})" if candidates else ""
+    raise SegmentError(f"{setting} {path} does not exist{looked}")
+
+
+def read_label_file(path: pathlib.Path, segment: Segment, setting: str) -> np.ndarray:
+    """(Y, X) uint8 in {0, 1}; an image of another size than the segment is an error naming both."""
+    return read_label_image(path.read_bytes(), f"{setting} {path}", segment.shape[1:])
+
+
+# ---------------------------------------------------------------- the split
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """A (y0, y1) × (x0, x1) rectangle of the segment, ends excluded."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    def region_yx(self, shape_yx: tuple[int, int]) -> np.ndarray:
+        region = np.zeros(shape_yx, bool)
+        region[self.y0:self.y1, self.x0:self.x1] = True
+        return region
+
+
+def choose_validation_box(mask_yx: np.ndarray, labels_yx: np.ndarray, tile_size: int, fraction: float) -> Box:
+    """A band across the segment's longer side, `fraction` of it wide (whole tiles), holding both ink and
+    no-ink; of the candidate bands, the one whose ink fraction is closest to the whole segment's."""
+    height, width = mask_yx.shape
+    across_x = width >= height  # a band of columns cuts a wide segment into two parts, not two slivers
+    papyrus = (mask_yx if across_x else mask_yx.T).astype(bool)
+    ink = papyrus & (labels_yx if across_x else labels_yx.T).astype(bool)
+    extent = papyrus.shape[1]
+    band = max(tile_size, int(round(fraction * extent / tile_size)) * tile_size)
+    papyrus_before = np.concatenate([[0], np.cumsum(papyrus.sum(axis=0))])  # (extent + 1,) pixels left of each column
+    ink_before = np.concatenate([[0], np.cumsum(ink.sum(axis=0))])
+    overall_ink_fraction = ink_before[-1] / max(1, papyrus_before[-1])
+    best, best_gap = None, np.inf
+    for start in range(0, extent - band + 1, tile_size):
+        band_papyrus = papyrus_before[start + band] - papyrus_before[start]
+        band_ink = ink_before[start + band] - ink_before[start]
+        # Bands on the ragged edge of the papyrus hold too little to measure anything.
+        if band_ink == 0 or band_ink == band_papyrus or band_papyrus < 0.5 * fraction * papyrus_before[-1]:
+            continue
+        gap = abs(band_ink / band_papyrus - overall_ink_fraction)
+        if gap < best_gap:
+            best, best_gap = start, gap
+    if best is None:
+        raise SegmentError(
+            f"no band of {band} pixels across the segment holds both ink and no-ink over enough papyrus; "
+            "label more of the segment or use scheme = 'iterative'")
+    if across_x:
+        return Box(0, height, best, best + band)
+    return Box(best, best + band, 0, width)
+
+
+def drop_tiles_touching(origins: np.ndarray, tile_size: int, box: Box) -> np.ndarray:
+    """The (N, 2) (y, x) tile origins whose tile does not overlap `box` by even one pixel."""
+    y, x = origins[:, 0], origins[:, 1]
+    overlaps = (y < box.y1) & (y + tile_size > box.y0) & (x < box.x1) & (x + tile_size > box.x0)
+    return origins[~overlaps]
+
+
+def tiles_region(origins: np.ndarray, tile_size: int, shape_yx: tuple[int, int]) -> np.ndarray:
+    """(Y, X) bool: the pixels that any of the tiles covers."""
+    region = np.zeros(shape_yx, bool)
+    for y, x in origins:
+        region[y:y + tile_size, x:x + tile_size] = True
+    return region
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def depth_margin(num_layers: int, depth: int, depth_offset: int) -> int:
+    """Extra layers (up to MAX_Z_SHIFT) readable on each side of the depth window, for the z-shift."""
+    for margin in range(MAX_Z_SHIFT, 0, -1):
+        try:
+            depth_window(num_layers, depth + 2 * margin, depth_offset)
+            return margin
+        except SegmentError:
+            continue
+    return 0
+
+
+def tile_dataset(segment: Segment, origins: np.ndarray, depth: int, depth_offset: int, tile_size: int,
+                 normalization: str, transform=None, margin: int = 0) -> GridTileDataset:
+    """GridTileDataset over exactly the given (N, 2) origins, reading `margin` more layers on each side."""
+    dataset = GridTileDataset(segment, depth + 2 * margin, tile_size, stride=tile_size, depth_offset=depth_offset,
+                              min_mask_fraction=0.0, normalization=normalization, transform=transform)
+    # hack: GridTileDataset picks its own stride grid; the split needs an explicit tile list.
+    dataset.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+    return dataset
+
+
+def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Box | None,
+                     min_ink_fraction: float) -> np.ndarray:
+    """Training tiles: mostly papyrus, holding labelled ink if asked, touching no held-out pixel."""
+    region = None if held_out is None else ~held_out.region_yx(segment.shape[1:])
+    origins = tile_origins(segment, tile_size, stride, min_mask_fraction=0.5, min_ink_fraction=min_ink_fraction,
+                           region_yx=region)
+    if held_out is not None:
+        origins = drop_tiles_touching(origins, tile_size, held_out)
+        if len(origins) == 0:
+            raise SegmentError(f"no training tile of {tile_size} pixels fits outside the validation band {held_out}")
+    return origins
+
+
+def validation_origins(segment: Segment, tile_size: int, box: Box) -> np.ndarray:
+    """Non-overlapping tiles on the box wherever it holds papyrus. The box starts and ends on the tile
+    grid, so every held-out pixel is counted once (up to a segment edge that is not a whole tile)."""
+    return tile_origins(segment, tile_size, tile_size, min_mask_fraction=1e-6, region_yx=box.region_yx(segment.shape[1:]))
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+class TileAugmentation:
+    """Random augmentation of a (D + 2·margin, T, T) layer stack and its (T, T) label, as the Kaggle and
+    Grand Prize ink detectors: 2D transforms applied alike to every layer (layers as channels) and to
+    the label, then a random z-shift (a D-layer window within the margin) and slice dropout.
+
+    With `enabled` False it only takes the centre D layers. Randomness is seeded per (seed, epoch,
+    rank, worker) through `reseed`, so DataLoader workers differ and a resumed run repeats itself.
+    """
+
+    def __init__(self, depth: int, margin: int, enabled: bool, seed: int) -> None:
+        self.depth = depth
+        self.margin = margin
+        self.enabled = enabled
+        self.seed = seed
+        self.epoch = 0
+        self.rank = 0
+        self.spatial_and_intensity = albumentations.Compose([
+            albumentations.HorizontalFlip(p=0.5),
+            albumentations.VerticalFlip(p=0.5),
+            albumentations.RandomRotate90(p=0.5),
+            albumentations.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-45, 45),
+                                  border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            # Limits stay small: the ink signal is a few percent of the intensity range.
+            albumentations.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+            albumentations.OneOf([albumentations.GaussNoise(std_range=(0.01, 0.03)),
+                                  albumentations.GaussianBlur(blur_limit=(3, 3)),
+                                  albumentations.MotionBlur(blur_limit=3)], p=0.3),
+            albumentations.CoarseDropout(num_holes_range=(1, 2), hole_height_range=(0.1, 0.25),
+                                         hole_width_range=(0.1, 0.25), fill=0, p=0.3),
+        ])
+        self.reseed(0)
+
+    def set_epoch(self, epoch: int, rank: int) -> None:
+        self.epoch, self.rank = epoch, rank
+        self.reseed(0)
+
+    def reseed(self, worker: int) -> None:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)[0])
+        self.spatial_and_intensity.set_random_seed(seed)
+        self.random = random.Random(seed)
+
+    def __call__(self, volume_dhw: np.ndarray, label_hw: np.ndarray | None):
+        if not self.enabled:
+            return volume_dhw[self.margin:self.margin + self.depth], label_hw
+        augmented = self.spatial_and_intensity(image=volume_dhw.transpose(1, 2, 0), mask=label_hw)
+        volume_dhw = augmented["image"].transpose(2, 0, 1)  # (D + 2·margin, T, T)
+        start = self.random.randint(0, 2 * self.margin)
+        volume_dhw = np.array(volume_dhw[start:start + self.depth])  # (D, T, T), a copy we may write into
+        for layer in self.random.sample(range(self.depth), self.random.randint(0, MAX_DROPPED_LAYERS)):
+            volume_dhw[layer] = 0.0
+        return volume_dhw, augmented["mask"]
+
+
+def reseed_worker(worker: int) -> None:
+    """DataLoader worker_init_fn: forked workers would otherwise share the augmentation's random state."""
+    transform = torch.utils.data.get_worker_info().dataset.transform
+    if isinstance(transform, TileAugmentation):
+        transform.reseed(worker + 1)

@@ -1,0 +1,67 @@
+"""Measuring a model against labels: the held-out band every epoch, and the whole-segment prediction.
+
+Each set of labels is scored only where it is fair: the held-out band (scheme "validation"); in scheme
+"iterative", the tiles trained on (how well the labels are fitted) and, when the segment has full labels
+of its own, everywhere training saw no label (how well it found the letters nobody labelled).
+"""
+import numpy as np
+import torch
+
+from pretrain import dist
+from finetune.data import Box, tiles_region
+from finetune.metrics import ink_metrics
+
+
+def gather(value) -> list:
+    """Every process's `value`, in rank order (a list of one without torchrun)."""
+    if not dist.is_distributed():
+        return [value]
+    values = [None] * dist.world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+@torch.no_grad()
+def validate(model, loader, loss_function, device: torch.device, labels_yx: np.ndarray, mask_yx: np.ndarray,
+             box: Box) -> tuple[dict, np.ndarray]:
+    """Loss over the held-out tiles and F0.5 / AUC / IoU over their papyrus pixels, and the band's (h, w)
+    probability map. Held-out tiles do not overlap, so each pixel is predicted and counted once."""
+    model.eval()
+    loss_sum, tile_count, tiles = 0.0, 0, []
+    for batch in loader:
+        volume_b1dhw = batch["volume"].to(device, non_blocking=True)
+        labels_b1hw = batch["label"].to(device, non_blocking=True).unsqueeze(1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits_b1hw = model(volume_b1dhw).float()
+        loss_sum += loss_function(logits_b1hw, labels_b1hw).item() * len(volume_b1dhw)
+        tile_count += len(volume_b1dhw)
+        tiles += zip(batch["origin"].tolist(), torch.sigmoid(logits_b1hw[:, 0]).cpu().numpy())
+    gathered = gather((loss_sum, tile_count, tiles))
+    band_probabilities_hw = np.zeros((box.y1 - box.y0, box.x1 - box.x0), np.float32)
+    covered_hw = np.zeros(band_probabilities_hw.shape, bool)
+    for _, _, process_tiles in gathered:
+        for (y, x), probabilities_tt in process_tiles:
+            rows = slice(y - box.y0, y - box.y0 + probabilities_tt.shape[0])
+            columns = slice(x - box.x0, x - box.x0 + probabilities_tt.shape[1])
+            band_probabilities_hw[rows, columns] = probabilities_tt
+            covered_hw[rows, columns] = True
+    scored_hw = covered_hw & mask_yx[box.y0:box.y1, box.x0:box.x1]
+    pixel_metrics = ink_metrics(band_probabilities_hw[scored_hw], labels_yx[box.y0:box.y1, box.x0:box.x1][scored_hw])
+    loss = sum(item[0] for item in gathered) / max(1, sum(item[1] for item in gathered))
+    return {"loss": loss, **pixel_metrics.as_dict()}, band_probabilities_hw
+
+
+def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, region_yx: np.ndarray,
+                       held_out: Box | None, train_origins: np.ndarray, tile_size: int,
+                       full_labels_yx: np.ndarray | None) -> dict:
+    """Metrics of a whole-segment prediction, prefixed by where they were measured (see the module doc).
+    `full_labels_yx`: the segment's own labels when training used others (None otherwise)."""
+    if held_out is not None:
+        band_yx = held_out.region_yx(labels_yx.shape) & region_yx
+        return ink_metrics(probabilities_yx[band_yx], labels_yx[band_yx]).as_dict("validation_")
+    seen_yx = tiles_region(train_origins, tile_size, labels_yx.shape) & region_yx
+    report = ink_metrics(probabilities_yx[seen_yx], labels_yx[seen_yx]).as_dict("labelled_tiles_")
+    if full_labels_yx is not None:
+        unseen_yx = region_yx & ~seen_yx
+        report.update(ink_metrics(probabilities_yx[unseen_yx], full_labels_yx[unseen_yx]).as_dict("unlabelled_area_"))
+    return report

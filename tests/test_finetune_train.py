@@ -1,0 +1,159 @@
+"""`python finetune/train.py` end to end on a tiny model and segment: every output file, iterative rounds,
+resume, and one clear error line (overwriting nothing) for each user mistake."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from finetune import train
+from finetune.config import ConfigError
+from pretrain.data.segment import SegmentError
+from pretrain.models import build_encoder
+from pretrain.utils import misc
+from tests.conftest import REPO_ROOT, rectangle_mask, write_png, write_zarr_segment
+
+SHAPE = (24, 128, 192)
+TINY = ["--MODEL", "resnet18_3d_tiny", "--DEPTH", "8", "--TILE_SIZE", "32", "--STRIDE", "32", "--BATCH_SIZE", "4",
+        "--NUM_EPOCHS", "2", "--NUM_WORKERS", "0", "--INFERENCE_STRIDE", "16", "--MIN_TILES_PER_EPOCH", "8",
+        "--MIN_INK_FRACTION", "0.01", "--CPU_THREADS", "1"]
+
+
+@pytest.fixture(scope="module")
+def segment_path(tmp_path_factory):
+    """Ink blocks that brighten the middle layers, labels for all of them, and label files to try."""
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 120, SHAPE, dtype=np.uint8)
+    labels = np.zeros(SHAPE[1:], np.uint8)
+    for y in range(16, 110, 36):
+        for x in range(12, 180, 30):
+            labels[y:y + 16, x:x + 10] = 255
+    volume[10:14][:, labels > 0] += 100
+    path = write_zarr_segment(tmp_path_factory.mktemp("finetune") / "tiny.zarr", volume, chunks=(8, 64, 64))
+    write_png(path / "mask.png", rectangle_mask(SHAPE[1:], margin=4))
+    write_png(path / "inklabels.png", labels)
+    two_letters = np.zeros_like(labels)
+    two_letters[16:32, 12:22] = 255
+    two_letters[16:32, 42:52] = 255
+    write_png(path / "two_letters.png", two_letters)
+    write_png(path / "three_letters.png", np.maximum(two_letters, np.pad(labels[52:68], ((52, 60), (0, 0)))))
+    write_png(path / "empty.png", np.zeros_like(labels))
+    write_png(path / "wrong_size.png", np.zeros((64, 64), np.uint8))
+    return path
+
+
+def run_train(arguments, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "finetune" / "train.py"), *TINY, *arguments], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def finished_run(segment_path, tmp_path_factory):
+    """A straight two-epoch "validation" run; returns (experiment folder, save_path, the process)."""
+    output = tmp_path_factory.mktemp("runs")
+    save_path = output / "elsewhere" / "prediction_for_editing.png"
+    result = run_train(["--segment_id", str(segment_path), "--OUTPUT_DIR", str(output), "--exp_name", "straight",
+                        "--save_path", str(save_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output / "straight", save_path, result
+
+
+def test_validation_run_writes_every_output(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    experiment, save_path, _ = finished_run
+    for name in ("last.pth", "best.pth", "prediction.png", "labels_vs_prediction.png", "log.jsonl"):
+        assert (experiment / name).is_file(), name
+    prediction = cv2.imread(str(save_path), cv2.IMREAD_UNCHANGED)
+    assert prediction.shape == SHAPE[1:] and prediction.dtype == np.uint8
+    assert np.array_equal(prediction, cv2.imread(str(experiment / "prediction.png"), cv2.IMREAD_UNCHANGED))
+    assert cv2.imread(str(experiment / "labels_vs_prediction.png")).shape[:2] == (SHAPE[1], 2 * SHAPE[2] + 4)
+    last = torch.load(experiment / "last.pth", weights_only=False)
+    assert last["config"]["MODEL"] == "resnet18_3d_tiny" and last["config"]["NUM_EPOCHS"] == 2
+    assert last["state"]["epoch"] == 2 and {"model", "optimizer", "rng", "commit"} <= set(last)
+    records = [json.loads(line) for line in (experiment / "log.jsonl").read_text().splitlines()]
+    epochs = [record for record in records if record["event"] == "epoch"]
+    assert [record["epoch"] for record in epochs] == [1, 2]
+    assert all(0 <= record["val_f05"] <= 1 and 0 <= record["val_auc"] <= 1 for record in epochs)
+    # best.pth is the epoch with the lowest validation loss, tracked across epochs.
+    best_epoch = min(epochs, key=lambda record: record["val_loss"])["epoch"]
+    assert torch.load(experiment / "best.pth", weights_only=False)["state"]["epoch"] == best_epoch
+    assert "validation_f05" in records[-1] and records[-1]["event"] == "prediction"
+    events = EventAccumulator(str(experiment / "tensorboard_logs")).Reload()
+    assert {"train/loss", "hp/lr", "val/loss", "val/f05", "val/threshold", "val/auc", "val/iou"} <= set(events.Tags()["scalars"])
+    assert {"prediction/labels_vs_prediction", "validation/labels_vs_prediction"} <= set(events.Tags()["images"])
+    assert any(tag.startswith("config") for tag in events.Tags()["tensors"])
+    assert not list(experiment.glob(".*.tmp"))
+
+
+def test_resume_continues_to_the_same_weights(finished_run, segment_path, tmp_path):
+    arguments = ["--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path), "--exp_name", "straight"]
+    first = run_train([*arguments, "--STOP_AFTER_EPOCHS", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped after epoch 1 of 2" in first.stdout and not (tmp_path / "straight" / "prediction.png").exists()
+    second = run_train(arguments)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "epoch 1 of 2 done" in second.stdout
+    expected = torch.load(finished_run[0] / "last.pth", weights_only=False)["model"]
+    resumed = torch.load(tmp_path / "straight" / "last.pth", weights_only=False)["model"]
+    for key in expected:
+        assert torch.allclose(expected[key].float(), resumed[key].float(), atol=1e-6), key
+
+
+def test_iterative_runs_record_one_round_per_label_file(segment_path, tmp_path):
+    arguments = ["--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path), "--exp_name", "letters",
+                 "--scheme", "iterative"]
+    first = run_train([*arguments, "--inklabel_path", "two_letters.png"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train([*arguments, "--inklabel_path", str(segment_path / "three_letters.png")])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "round 2 starts" in second.stdout
+    for round_number, label_file in ((1, "two_letters.png"), (2, "three_letters.png")):
+        folder = tmp_path / "letters" / f"round_{round_number:02d}"
+        used = cv2.imread(str(folder / "inklabels.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(used, cv2.imread(str(segment_path / label_file), cv2.IMREAD_UNCHANGED))
+        assert cv2.imread(str(folder / "prediction.png"), cv2.IMREAD_UNCHANGED).shape == SHAPE[1:]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["round"] == round_number and label_file in metrics["labels"]
+        # Scored against the segment's full labels where training saw none: the letters nobody labelled.
+        assert 0 <= metrics["unlabelled_area_f05"] <= 1 and metrics["unlabelled_area_pixels"] > 0
+        assert 0 <= metrics["labelled_tiles_f05"] <= 1
+
+
+def in_process_arguments(segment_path, tmp_path, *extra) -> list[str]:
+    return [*TINY, "--CPU_THREADS", "0", "--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path / "runs"),
+            "--save_path", str(tmp_path / "prediction.png"), *extra]
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--inklabel_path", "wrong_size.png"], SegmentError, r"wrong_size.png has shape \(Y, X\) = \(64, 64\).*\(128, 192\)"),
+    (["--scheme", "iterative", "--inklabel_path", "empty.png"], SegmentError, "empty.png holds no ink"),
+    (["--pretrained_path", "/nonexistent/encoder.pth"], misc.CheckpointError, "/nonexistent/encoder.pth does not exist"),
+    (["--pretrained_path", "NARROW"], misc.CheckpointError, "holds a resnet50_3d_narrow encoder: set MODEL"),
+    (["--NUM_EPOCHS", "two"], ConfigError, "--NUM_EPOCHS expects int"),
+    (["--EPOCHS", "2"], ConfigError, "unknown setting --EPOCHS"),
+    (["--scheme", "active"], ConfigError, "scheme 'active' is not one of validation, iterative"),
+    (["--TILE_SIZE", "48"], ConfigError, "TILE_SIZE 48 .* multiples"),
+], ids=["wrong-size-labels", "empty-iterative-labels", "missing-pretrained", "other-architecture", "non-numeric",
+        "unknown-setting", "unknown-scheme", "tile-size"])
+def test_user_errors_name_the_problem_and_overwrite_nothing(segment_path, tmp_path, extra, error, message):
+    if "NARROW" in extra:
+        torch.save(build_encoder("resnet50_3d_narrow").state_dict(), tmp_path / "narrow.pth")
+        extra = [str(tmp_path / "narrow.pth") if item == "NARROW" else item for item in extra]
+    (tmp_path / "prediction.png").write_bytes(b"an earlier prediction")
+    with pytest.raises(error, match=message):
+        train.main(in_process_arguments(segment_path, tmp_path, *extra))
+    assert not (tmp_path / "runs").exists()
+    assert (tmp_path / "prediction.png").read_bytes() == b"an earlier prediction"
+
+
+def test_an_error_is_one_line_on_stderr_with_exit_status_2(segment_path, tmp_path):
+    result = run_train(["--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path), "--inklabel_path",
+                        "wrong_size.png"], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: inklabel_path "), result.stderr
+    assert not list(tmp_path.iterdir())
