@@ -1,0 +1,157 @@
+"""Ink without labels: PCA and k-means maps of a frozen encoder's features over a whole segment.
+
+    python evaluate/ink_map.py --checkpoint experiments/spark_demo/resnet50_3d_timm_style.pth
+    python evaluate/ink_map.py --checkpoint random --output notes/ink_map/random
+
+Tiles cover the segment's mask without overlap and stream from the segment reader. One stage's features
+(`--stage`, 1 = stride 4) are max-pooled over depth, so every pixel of that stage's grid gets a C-vector.
+PCA is fitted on a sample of mask pixels; k-means runs on the leading components. Neither sees a label.
+Only afterwards are the maps scored against the ink labels, at the feature grid's resolution:
+- for each principal component, both signs, F0.5 (best threshold) and AUC;
+- for each k-means cluster, taken as "ink", F0.5 and AUC.
+The best of each is reported: how far "ink without labels" has come for this encoder.
+Writes `pca_rgb.png` (components 1–3 as colours), `pca_best.png`, `kmeans.png` and `ink_map.json`.
+"""
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import sklearn.cluster  # noqa: E402
+import sklearn.decomposition  # noqa: E402
+import torch  # noqa: E402
+import tqdm  # noqa: E402
+
+from finetune.metrics import ink_metrics  # noqa: E402
+from pretrain.data.patches import GridTileDataset  # noqa: E402
+from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
+from pretrain.models import build_encoder  # noqa: E402
+from pretrain.models.weights import load_encoder_weights  # noqa: E402
+from pretrain.utils.misc import CheckpointError  # noqa: E402
+
+FINE_THRESHOLDS = tuple(np.round(np.linspace(0.01, 0.99, 99), 2))
+PCA_FIT_PIXELS = 200_000
+
+
+def load_encoder(model_name: str, checkpoint: str, seed: int) -> tuple[torch.nn.Module, str]:
+    torch.manual_seed(seed)
+    encoder = build_encoder(model_name)
+    description = "random initialisation" if checkpoint == "random" else load_encoder_weights(encoder, checkpoint)
+    return encoder.eval(), description
+
+
+@torch.no_grad()
+def feature_grid(encoder, segment, stage: int, depth: int, tile_size: int, batch_size: int = 4):
+    """Depth-max-pooled features of `stage` on its grid: (C, Y/f, X/f) float32, the grid's mask, and f.
+
+    Features near a tile's border see the zero padding and differ from those inside (PCA then draws the
+    tile grid), so tiles overlap by half and each contributes only its central half.
+    """
+    dataset = GridTileDataset(segment, depth=depth, tile_size=tile_size, stride=tile_size // 2, min_mask_fraction=0.05)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
+    features = factor = None
+    for batch in tqdm.tqdm(loader, desc="encoding tiles", unit="batch"):
+        stage_bcdhw = encoder(batch["volume"], hierarchical=True)[stage - 1]
+        pooled_bchw = stage_bcdhw.amax(dim=2)  # depth collapsed as the fine-tuning UNet does
+        if features is None:
+            factor = tile_size // pooled_bchw.shape[-1]  # the stage's stride
+            height, width = segment.shape[1] // factor, segment.shape[2] // factor
+            features = np.zeros((pooled_bchw.shape[1], height, width), np.float32)
+        margin = pooled_bchw.shape[-1] // 4
+        for tile_features, (y, x) in zip(pooled_bchw.numpy(), batch["origin"].tolist()):
+            grid_y, grid_x = y // factor + margin, x // factor + margin
+            centre = tile_features[:, margin:-margin, margin:-margin]
+            features[:, grid_y : grid_y + centre.shape[1], grid_x : grid_x + centre.shape[2]] = centre
+    grid_mask = cv2.resize(segment.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_AREA) > 0
+    covered = np.abs(features).sum(axis=0) > 0
+    return features, grid_mask & covered, factor
+
+
+def scale_to_unit(values: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(values, [0.5, 99.5])
+    return np.clip((values - low) / (high - low + 1e-12), 0, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="encoder checkpoint (any kind), or 'random'")
+    parser.add_argument("--model", default="resnet50_3d")
+    parser.add_argument("--segment", default="demo")
+    parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--tile_size", type=int, default=96)
+    parser.add_argument("--stage", type=int, default=1, choices=[1, 2, 3, 4], help="1: stride 4 … 4: stride 32")
+    parser.add_argument("--components", type=int, default=8, help="principal components scored (k-means uses them)")
+    parser.add_argument("--clusters", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="notes/ink_map")
+    args = parser.parse_args(argv)
+
+    segment = open_segment(args.segment)
+    if segment.inklabels is None:
+        raise SegmentError(f"segment {segment.name} has no ink labels to score the maps against")
+    encoder, description = load_encoder(args.model, args.checkpoint, args.seed)
+    print(f"encoder: {args.model}, {description}")
+    features_chw, grid_mask_hw, factor = feature_grid(encoder, segment, args.stage, args.depth, args.tile_size)
+    height, width = grid_mask_hw.shape
+    labels_hw = cv2.resize(segment.inklabels.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA) >= 0.5
+    pixels_nc = features_chw[:, grid_mask_hw].T  # (N mask pixels, C)
+    labels_n = labels_hw[grid_mask_hw].astype(np.uint8)
+
+    rng = np.random.default_rng(args.seed)
+    fit_rows = rng.choice(len(pixels_nc), min(len(pixels_nc), PCA_FIT_PIXELS), replace=False)
+    pca = sklearn.decomposition.PCA(n_components=args.components, random_state=args.seed).fit(pixels_nc[fit_rows])
+    components_nk = pca.transform(pixels_nc)
+    component_scores = []
+    for component in range(args.components):
+        for sign in (1, -1):
+            metrics = ink_metrics(scale_to_unit(sign * components_nk[:, component]), labels_n, FINE_THRESHOLDS)
+            component_scores.append({"component": component + 1, "sign": sign, "f05": metrics.f05, "auc": metrics.auc,
+                                     "threshold": metrics.threshold})
+    best_component = max(component_scores, key=lambda score: score["f05"])
+
+    kmeans = sklearn.cluster.KMeans(n_clusters=args.clusters, n_init=4, random_state=args.seed)
+    clusters_n = kmeans.fit_predict(components_nk)
+    cluster_scores = []
+    for cluster in range(args.clusters):
+        members = (clusters_n == cluster).astype(np.float32)
+        metrics = ink_metrics(members, labels_n, (0.5,))
+        cluster_scores.append({"cluster": cluster, "fraction": float(members.mean()), "f05": metrics.f05, "auc": metrics.auc})
+    best_cluster = max(cluster_scores, key=lambda score: score["f05"])
+
+    output = pathlib.Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    def grid_image(values_n: np.ndarray, channels: int = 1) -> np.ndarray:
+        image = np.zeros((height, width, channels), np.uint8)
+        image[grid_mask_hw] = (values_n.reshape(len(values_n), channels) * 255).astype(np.uint8)
+        return cv2.resize(image, (width * factor, height * factor), interpolation=cv2.INTER_NEAREST)
+
+    rgb = np.stack([scale_to_unit(components_nk[:, index]) for index in range(min(3, args.components))], axis=1)
+    cv2.imwrite(str(output / "pca_rgb.png"), grid_image(rgb, rgb.shape[1])[..., ::-1])
+    best = scale_to_unit(best_component["sign"] * components_nk[:, best_component["component"] - 1])
+    cv2.imwrite(str(output / "pca_best.png"), grid_image(best))
+    palette = np.array([[230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66], [0, 114, 178], [213, 94, 0],
+                        [204, 121, 167], [128, 128, 128]], np.float32) / 255
+    cv2.imwrite(str(output / "kmeans.png"), grid_image(palette[clusters_n % len(palette)], 3)[..., ::-1])
+    result = {"checkpoint": args.checkpoint, "encoder": description, "model": args.model, "stage": args.stage,
+              "segment": segment.name, "grid_factor": factor, "ink_fraction": float(labels_n.mean()),
+              "explained_variance": pca.explained_variance_ratio_.tolist(), "best_component": best_component,
+              "best_cluster": best_cluster, "components": component_scores, "clusters": cluster_scores}
+    (output / "ink_map.json").write_text(json.dumps(result, indent=1))
+    print(f"best principal component {best_component['component']} (sign {best_component['sign']:+d}): "
+          f"F0.5 {best_component['f05']:.3f}, AUC {best_component['auc']:.3f}; best k-means cluster "
+          f"{best_cluster['cluster']}: F0.5 {best_cluster['f05']:.3f}, AUC {best_cluster['auc']:.3f}; "
+          f"ink is {labels_n.mean():.1%} of mask pixels. Maps in {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (SegmentError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
