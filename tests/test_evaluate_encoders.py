@@ -1,0 +1,40 @@
+"""The encoder evaluation command runs the probe for each encoder under identical settings and tabulates it."""
+import csv
+import subprocess
+import sys
+
+import torch
+
+from pretrain.models import build_encoder
+from tests.conftest import REPO_ROOT
+from tests.test_finetune_train import TINY, segment_path  # noqa: F401 - the tiny labelled segment fixture
+
+
+def test_evaluation_writes_table_csv_and_one_image_per_encoder(segment_path, tmp_path):  # noqa: F811
+    torch.manual_seed(5)
+    torch.save(build_encoder("resnet18_3d_tiny").state_dict(), tmp_path / "other_encoder.pth")
+    settings = [argument for argument in TINY if argument not in ("--MODEL", "resnet18_3d_tiny")]
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--encoders", "random",
+               str(tmp_path / "other_encoder.pth"), "--names", "random", "other", "--segment", str(segment_path),
+               "--MODEL", "resnet18_3d_tiny", "--output", str(tmp_path / "evaluation"), "--", *settings]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "evaluation" / "encoders.csv")))
+    assert [(row["encoder"], row["mode"]) for row in rows] == [("random", "probe"), ("other", "probe")]
+    assert all(0 <= float(row["val_f05"]) <= 1 and float(row["training_seconds"]) > 0 for row in rows)
+    table = (tmp_path / "evaluation" / "encoders.md").read_text()
+    assert "| random | probe |" in table and "| other | probe |" in table
+    for name in ("random_probe.png", "other_probe.png"):
+        assert (tmp_path / "evaluation" / name).stat().st_size > 0
+    assert list((tmp_path / "evaluation" / "tensorboard_logs").glob("events.out.tfevents.*"))
+    # The probe really froze each encoder: the run's best checkpoint holds the encoder it was given.
+    best = torch.load(tmp_path / "evaluation" / "runs" / "other_probe" / "best.pth", weights_only=False)
+    given = torch.load(tmp_path / "other_encoder.pth")
+    model_state = best["model"] if "model" in best else best
+    assert torch.equal(model_state["encoder.conv1.weight"], given["conv1.weight"])
+
+
+def test_missing_encoder_checkpoint_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--encoders",
+                             str(tmp_path / "nope.pth")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "nope.pth does not exist" in result.stderr
