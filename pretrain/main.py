@@ -181,19 +181,7 @@ def main() -> int:
     device = dist.initialize()
     args.fill_runtime(str(device), dist.world_size())
     torch.manual_seed(args.seed + dist.rank())
-    try:
-        os.makedirs(args.exp_dir, exist_ok=True)
-        misc.remove_stale_temporaries(args.exp_dir)
-        probe = pathlib.Path(args.exp_dir, f".write_test_{os.getpid()}")
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise arg_util.ArgumentError(f"exp_dir {args.exp_dir} is not writable: {error.strerror}") from error
-    log = misc.JsonLinesLog(os.path.join(args.exp_dir, "log.jsonl"))
-    log.write(event="start", command=args.command, commit=args.commit, args=args.settings())
-    tensorboard = misc.TensorboardLogger(os.path.join(args.exp_dir, "tensorboard_logs"))
-    tensorboard.text("config", f"```\n{args.to_json()}\n```")
-
+    # Every user error (data, settings, checkpoints) surfaces before anything is written to exp_dir.
     segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
     dataset_class = TwoViewDataset if args.method == "vicreg" else RandomPatchDataset
     try:
@@ -216,6 +204,18 @@ def main() -> int:
         raise arg_util.ArgumentError(str(error)) from error
     optimizer = build_optimizer(args, model)
     start_epoch, global_step = load_start_state(args, model, optimizer)
+    try:
+        os.makedirs(args.exp_dir, exist_ok=True)
+        misc.remove_stale_temporaries(args.exp_dir)
+        probe = pathlib.Path(args.exp_dir, f".write_test_{os.getpid()}")
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise arg_util.ArgumentError(f"exp_dir {args.exp_dir} is not writable: {error.strerror}") from error
+    log = misc.JsonLinesLog(os.path.join(args.exp_dir, "log.jsonl"))
+    log.write(event="start", command=args.command, commit=args.commit, args=args.settings())
+    tensorboard = misc.TensorboardLogger(os.path.join(args.exp_dir, "tensorboard_logs"))
+    tensorboard.text("config", f"```\n{args.to_json()}\n```")
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if dist.is_distributed() else model)
     grid = f"; grid {model.grid} cells" if args.method == "spark" else ""
@@ -242,5 +242,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (arg_util.ArgumentError, SegmentError, RemoteReadError, misc.CheckpointError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)

@@ -101,8 +101,12 @@ def tile_origins(
 
 
 def read_patch(segment: Segment, layers: slice, y: int, x: int, tile_size: int) -> np.ndarray:
-    """(D, tile, tile) raw voxels."""
-    return segment.volume[layers, y : y + tile_size, x : x + tile_size]
+    """(D, tile, tile) raw voxels. A float volume's NaN or inf would poison training silently: refused here."""
+    patch = segment.volume[layers, y : y + tile_size, x : x + tile_size]
+    if patch.dtype.kind == "f" and not np.isfinite(patch).all():
+        raise SegmentError(f"segment {segment.name} has non-finite voxels (NaN or inf) in layers "
+                           f"{layers.start}..{layers.stop - 1} of the tile at y={y}, x={x}")
+    return patch
 
 
 class RandomPatchDataset(torch.utils.data.Dataset):

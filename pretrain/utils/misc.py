@@ -17,6 +17,15 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or made for another model; the message names which."""
 
 
+def error_line(error: BaseException) -> str:
+    """The one line to show a user. An error raised in a DataLoader worker arrives wrapped, its message
+    holding the worker's whole traceback; its last line is the original message."""
+    message = str(error).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
