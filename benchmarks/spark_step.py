@@ -8,6 +8,10 @@
    Steps alternate between the two so both see the same machine load; the medians are compared.
 2. The real pipeline (demo segment → RandomPatchDataset → DataLoader workers → SparK step): the fraction of
    wall time spent waiting for data, samples/s, and peak RSS (this process and its workers).
+3. Achieved FLOP/s of the SparK step (FLOPs counted by torch's FlopCounterMode, forward + backward, divided
+   by the median step time) against the machine's peak, taken as the throughput of a large fp32 matrix
+   product (4096², or 8192² on GPU) measured here: the best a dense kernel reaches on this machine, since a
+   nominal peak needs a clock frequency the machine does not report.
 Writes benchmarks/results/spark_step.json and prints a Markdown table.
 """
 import argparse
@@ -68,6 +72,31 @@ def timed_step(model, optimizer, batch) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
+def counted_step_flops(model, batch) -> int:
+    """FLOPs of one forward + backward, as torch counts them (convolutions and matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def measured_matmul_flops_per_second(device: torch.device) -> float:
+    size = 8192 if device.type == "cuda" else 4096
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    repeats = 3 if device.type == "cpu" else 20
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * 2 * size**3 / (time.perf_counter() - started)
+
+
 def peak_rss_mib() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -107,6 +136,9 @@ def main() -> None:
     spark_cpu_median, dense_cpu_median = (statistics.median(cpu for _, cpu in spark_seconds),
                                           statistics.median(cpu for _, cpu in dense_seconds))
 
+    step_flops = counted_step_flops(spark, batch)
+    matmul_flops_per_second = measured_matmul_flops_per_second(device)
+
     segment = open_segment(args.data_path)
     dataset = RandomPatchDataset([segment], depth=args.depth, tile_size=args.input_size,
                                  samples_per_epoch=args.bs * args.pipeline_steps, seed=0)
@@ -133,6 +165,10 @@ def main() -> None:
         "dense_step_cpu_seconds_median": dense_cpu_median,
         "spark_over_dense_cpu_time": spark_cpu_median / dense_cpu_median,
         "load_average_before": load_before,
+        "step_gflop": step_flops / 1e9,
+        "achieved_gflop_per_second": step_flops / spark_median / 1e9,
+        "matmul_peak_gflop_per_second": matmul_flops_per_second / 1e9,
+        "fraction_of_matmul_peak": step_flops / spark_median / matmul_flops_per_second,
         "pipeline_data_wait_fraction": wait_seconds / pipeline_seconds,
         "pipeline_samples_per_second": steps * args.bs / pipeline_seconds,
         "peak_rss_mib": peak_rss_mib(),
@@ -144,7 +180,8 @@ def main() -> None:
           f"{dense_median:.3f} s | ratio {result['spark_over_dense']:.2f} (CPU time "
           f"{result['spark_over_dense_cpu_time']:.2f}) | data wait "
           f"{result['pipeline_data_wait_fraction']:.1%} | {result['pipeline_samples_per_second']:.2f} samples/s | "
-          f"peak RSS {result['peak_rss_mib']:.0f} MiB |")
+          f"peak RSS {result['peak_rss_mib']:.0f} MiB | {result['achieved_gflop_per_second']:.0f} GFLOP/s of "
+          f"{result['matmul_peak_gflop_per_second']:.0f} (matmul peak): {result['fraction_of_matmul_peak']:.0%} |")
     print(f"machine: {result['machine']}; load average before {load_before:.2f}; written to {output}")
 
 
