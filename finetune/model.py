@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pretrain.models import ENCODER_NAMES, build_encoder
+from pretrain.models.weights import encoder_state_dict
 from pretrain.utils import misc
 
 DEPTH_POOLS = ("max", "mean")
@@ -99,23 +100,21 @@ def _architecture_of(encoder_state: dict) -> str | None:
     return None
 
 
-def load_pretrained_encoder(model: InkUNet, path: str, model_name: str) -> None:
-    """Load an encoder-only pretraining checkpoint (`<model>_timm_style.pth`) strictly into the encoder.
+def load_pretrained_encoder(model: InkUNet, path: str, model_name: str) -> str:
+    """Load an encoder checkpoint of any kind `pretrain.models.weights` knows (encoder-only, SparK or VICReg
+    pretraining, Kinetics) strictly into the encoder; returns what was loaded.
 
     Raises CheckpointError, naming the file and the architecture it holds, when it does not fit.
     """
-    state = misc.load_checkpoint(path)
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise misc.CheckpointError(
-            f"pretrained_path {path} is not an encoder-only state dict; use the <model>_timm_style.pth that "
-            "pretrain/main.py writes (not the *_withdecoder_spark_style.pth one)")
+    state, kind = encoder_state_dict(misc.load_checkpoint(path), model.encoder.conv1.in_channels, f"pretrained_path {path}")
     mismatch = misc.describe_state_dict_mismatch(model.encoder.state_dict(), state)
     if mismatch:
         holds = _architecture_of(state)
         hint = f"it holds a {holds} encoder: set MODEL = {holds!r}" if holds else f"it fits no known encoder ({mismatch})"
-        raise misc.CheckpointError(f"pretrained_path {path} does not fit MODEL {model_name!r}: {hint}")
+        raise misc.CheckpointError(f"pretrained_path {path} ({kind}) does not fit MODEL {model_name!r}: {hint}")
     missing, unexpected = model.load_state_dict({f"encoder.{key}": value for key, value in state.items()}, strict=False)
     # What the checkpoint leaves untouched must be exactly the new decoder and head, nothing of the encoder.
     # (torch never reports a BatchNorm's num_batches_tracked as missing: it fills in a default.)
     new_keys = {key for key in model.decoder_state_keys() if not key.endswith("num_batches_tracked")}
     assert not unexpected and set(missing) == new_keys, (missing, unexpected)
+    return f"{kind} weights from {path}"

@@ -73,11 +73,24 @@ def test_checkpoint_of_another_architecture_names_it(tmp_path):
         load_pretrained_encoder(build_ink_unet("resnet18_3d_tiny"), str(path), "resnet18_3d_tiny")
 
 
-def test_full_spark_checkpoint_is_refused_with_a_pointer(tmp_path):
-    path = tmp_path / "full.pth"
-    torch.save({"model": build_encoder("resnet18_3d_tiny").state_dict(), "epoch": 3}, path)
-    with pytest.raises(misc.CheckpointError, match="timm_style"):
-        load_pretrained_encoder(build_ink_unet("resnet18_3d_tiny"), str(path), "resnet18_3d_tiny")
+def test_full_spark_and_kinetics_checkpoints_give_their_encoder(tmp_path):
+    from pretrain.decoder import LightDecoder3d
+    from pretrain.encoder import SparseEncoder
+    from pretrain.spark import SparK3d
+    from tests.test_vicreg import hara_checkpoint
+
+    sparse_encoder = SparseEncoder(build_encoder("resnet18_3d_tiny"))
+    spark = SparK3d(sparse_encoder, LightDecoder3d(32, sparse_encoder.get_downsample_ratio()), input_size=64, depth=16)
+    torch.save({"args": {"method": "spark", "model": "resnet18_3d_tiny"}, "epoch": 3, "model": spark.state_dict()},
+               tmp_path / "full.pth")
+    model = build_ink_unet("resnet18_3d_tiny")
+    assert load_pretrained_encoder(model, str(tmp_path / "full.pth"), "resnet18_3d_tiny").startswith("spark pretraining")
+    assert torch.equal(model.encoder.layer3[0].conv1.weight, spark.sparse_encoder.encoder.layer3[0].conv1.weight)
+
+    checkpoint, kinetics_model = hara_checkpoint(1039, module_prefix=True)
+    torch.save(checkpoint, tmp_path / "r3d18_KM_200ep.pth")
+    assert load_pretrained_encoder(model, str(tmp_path / "r3d18_KM_200ep.pth"), "resnet18_3d_tiny").startswith("Kinetics")
+    assert torch.equal(model.encoder.conv1.weight, kinetics_model.conv1.weight.sum(dim=1, keepdim=True))
 
 
 def test_freeze_encoder_keeps_weights_and_batchnorm_statistics():
