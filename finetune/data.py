@@ -174,13 +174,13 @@ class TileAugmentation:
         self.seed = seed
         self.epoch = 0
         self.rank = 0
+        # Kaggle / Grand Prize strengths. On the demo any augmentation delays the onset of learning (notes/finetune.md).
         self.spatial_and_intensity = albumentations.Compose([
             albumentations.HorizontalFlip(p=0.5),
             albumentations.VerticalFlip(p=0.5),
             albumentations.RandomRotate90(p=0.5),
             albumentations.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-45, 45),
                                   border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-            # Limits stay small: the ink signal is a few percent of the intensity range.
             albumentations.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
             albumentations.OneOf([albumentations.GaussNoise(std_range=(0.01, 0.03)),
                                   albumentations.GaussianBlur(blur_limit=(3, 3)),

@@ -104,6 +104,21 @@ def test_resume_continues_to_the_same_weights(finished_run, segment_path, tmp_pa
         assert torch.allclose(expected[key].float(), resumed[key].float(), atol=1e-6), key
 
 
+def test_torchrun_two_processes_share_the_work(segment_path, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO_ROOT / "finetune" / "train.py"), *TINY, "--segment_id", str(segment_path),
+               "--OUTPUT_DIR", str(tmp_path), "--exp_name", "ddp"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout and result.stdout.count("epoch 2:") == 1  # rank 0 reports
+    checkpoint = torch.load(tmp_path / "ddp" / "last.pth", weights_only=False)
+    assert not any(key.startswith("module.") for key in checkpoint["model"])  # the unwrapped model is saved
+    prediction = cv2.imread(str(tmp_path / "ddp" / "prediction.png"), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(segment_path / "mask.png"), cv2.IMREAD_UNCHANGED) > 0
+    assert prediction.shape == SHAPE[1:] and (prediction[mask] > 0).all()  # both processes' tiles were summed
+
+
 def test_iterative_runs_record_one_round_per_label_file(segment_path, tmp_path):
     arguments = ["--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path), "--exp_name", "letters",
                  "--scheme", "iterative"]
