@@ -45,7 +45,7 @@ scheme = "validation"  # "validation": hold out a band and measure; "iterative":
 inklabel_path = None  # ink label PNG (a bare name is looked up in the segment's folder); None: the segment's own
 mask_path = None  # PNG of where to predict (within the segment's mask); None: the whole segment mask
 save_path = None  # the uint8 prediction PNG to open in an image editor; None: OUTPUT_DIR/exp_name/prediction.png
-pretrained_path = None  # encoder checkpoint from pretraining (<MODEL>_timm_style.pth); None: random init
+pretrained_path = None  # encoder weights: <MODEL>_timm_style.pth, a pretraining or a Kinetics checkpoint; None: random
 freeze_encoder = False  # train only the decoder; the encoder's weights and BatchNorm statistics stay fixed
 # model
 MODEL = "resnet50_3d_narrow"  # 3D encoder; a pretrained checkpoint needs its own (e.g. "resnet50_3d")
@@ -146,7 +146,9 @@ def build_model(config) -> InkUNet:
         raise ConfigError(f"DEPTH {config.DEPTH} and TILE_SIZE {config.TILE_SIZE} must be multiples of {config.MODEL}'s "
                           f"downsample ratios {depth_ratio} and {height_ratio}")
     if config.pretrained_path is not None:
-        load_pretrained_encoder(model, config.pretrained_path, config.MODEL)
+        loaded = load_pretrained_encoder(model, config.pretrained_path, config.MODEL)
+        if dist.is_master():
+            print(f"encoder: {loaded}")
     return model
 
 
