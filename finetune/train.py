@@ -365,5 +365,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (ConfigError, SegmentError, RemoteReadError, misc.CheckpointError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)
