@@ -129,11 +129,8 @@ def depth_margin(num_layers: int, depth: int, depth_offset: int) -> int:
 def tile_dataset(segment: Segment, origins: np.ndarray, depth: int, depth_offset: int, tile_size: int,
                  normalization: str, transform=None, margin: int = 0) -> GridTileDataset:
     """GridTileDataset over exactly the given (N, 2) origins, reading `margin` more layers on each side."""
-    dataset = GridTileDataset(segment, depth + 2 * margin, tile_size, stride=tile_size, depth_offset=depth_offset,
-                              min_mask_fraction=0.0, normalization=normalization, transform=transform)
-    # hack: GridTileDataset picks its own stride grid; the split needs an explicit tile list.
-    dataset.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
-    return dataset
+    return GridTileDataset(segment, depth + 2 * margin, tile_size, stride=tile_size, depth_offset=depth_offset,
+                           normalization=normalization, transform=transform, origins=origins)
 
 
 def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Box | None,

@@ -12,15 +12,6 @@ from finetune.data import Box, tiles_region
 from finetune.metrics import ink_metrics
 
 
-def gather(value) -> list:
-    """Every process's `value`, in rank order (a list of one without torchrun)."""
-    if not dist.is_distributed():
-        return [value]
-    values = [None] * dist.world_size()
-    torch.distributed.all_gather_object(values, value)
-    return values
-
-
 @torch.no_grad()
 def validate(model, loader, loss_function, device: torch.device, labels_yx: np.ndarray, mask_yx: np.ndarray,
              box: Box) -> tuple[dict, np.ndarray]:
@@ -36,7 +27,7 @@ def validate(model, loader, loss_function, device: torch.device, labels_yx: np.n
         loss_sum += loss_function(logits_b1hw, labels_b1hw).item() * len(volume_b1dhw)
         tile_count += len(volume_b1dhw)
         tiles += zip(batch["origin"].tolist(), torch.sigmoid(logits_b1hw[:, 0]).cpu().numpy())
-    gathered = gather((loss_sum, tile_count, tiles))
+    gathered = dist.all_gather_object((loss_sum, tile_count, tiles))
     band_probabilities_hw = np.zeros((box.y1 - box.y0, box.x1 - box.x0), np.float32)
     covered_hw = np.zeros(band_probabilities_hw.shape, bool)
     for _, _, process_tiles in gathered:

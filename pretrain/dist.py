@@ -53,13 +53,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def broadcast_object(value):
-    """Rank 0's value of a picklable object, on every process."""
+def all_gather_object(value) -> list:
+    """Every process's picklable `value`, in rank order (a list of one without torchrun)."""
     if not is_distributed():
-        return value
-    holder = [value]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
+        return [value]
+    values = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def finalize() -> None:

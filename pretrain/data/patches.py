@@ -173,6 +173,7 @@ class GridTileDataset(torch.utils.data.Dataset):
     """Tiles on a stride grid of one segment: dicts of `volume` (1, D, T, T) float32, `origin` (y, x)
     and, when the segment has labels, `label` (T, T) float32. `transform(volume_dtt, label_tt)`, if
     given, receives numpy arrays (after normalisation) and returns them transformed (augmentation).
+    `origins` (N, 2), if given, is the exact tile list to use instead of the grid (e.g. a train/val split).
     """
 
     def __init__(
@@ -188,11 +189,14 @@ class GridTileDataset(torch.utils.data.Dataset):
         normalization: str = "range",
         clip_window: tuple[float, float] = (50, 200),
         transform=None,
+        origins: np.ndarray | None = None,
     ) -> None:
         self.segment = segment
         self.tile_size = tile_size
         self.layers = depth_window(segment.shape[0], depth, depth_offset)
-        self.origins = tile_origins(segment, tile_size, stride, min_mask_fraction, min_ink_fraction, region_yx)
+        if origins is None:
+            origins = tile_origins(segment, tile_size, stride, min_mask_fraction, min_ink_fraction, region_yx)
+        self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
         self.normalization = normalization
         self.clip_window = clip_window
         self.transform = transform
