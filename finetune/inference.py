@@ -1,11 +1,12 @@
 """Whole-segment ink prediction: a sliding window with Gaussian-weighted blending and optional TTA.
 
-Tiles stream from the segment reader through a DataLoader; only two (Y, X) float32 accumulators
-(weighted probabilities and weights) live in memory, never the volume. The tile grid is the stride
-grid from 0 plus one edge-aligned row and column, so the right and bottom edges are always covered.
-Tiles are weighted by a Gaussian that peaks at their centre (as the Grand Prize inference), because
-a fully convolutional network sees least context, and so is least reliable, near a tile's border.
-Under torchrun each process predicts every world_size-th tile and the accumulators are summed.
+Tiles stream from the segment reader through a DataLoader in row-major order, and only the band of rows
+the current row of tiles covers is accumulated: two (tile_size, X) float32 sums. Finished rows go to the
+output array, which may be a zarr array on disk, so neither the volume nor the map need be in RAM. The tile
+grid is the stride grid from 0 plus one edge-aligned row and column, so the right and bottom edges are
+always covered. Tiles are weighted by a Gaussian that peaks at their centre (as the Grand Prize inference),
+because a fully convolutional network sees least context, and so is least reliable, near a tile's border.
+Under torchrun each process predicts every world_size-th tile and each finished band is summed over them.
 """
 import numpy as np
 import torch
@@ -61,32 +62,75 @@ def tta_probabilities(model: torch.nn.Module, volume_b1dhw: torch.Tensor, tta: b
     return total / len(views)
 
 
+class RowBand:
+    """The rows the current row of tiles covers: (tile_size, X) float32 weighted-probability and weight sums.
+
+    Tiles arrive in row-major order, so once the tiles move down to row `next_top`, the rows above it get no
+    more contributions: they are final and go to the output. Everything else is never held, so memory is
+    2 × tile_size × X floats however tall the segment."""
+
+    def __init__(self, region_yx: np.ndarray, output_yx, tile_size: int, device: torch.device):
+        self.region_yx, self.output_yx, self.tile_size, self.device = region_yx, output_yx, tile_size, device
+        self.top = 0  # segment row of the band's first row
+        self.weighted_sum_tx = np.zeros((tile_size, region_yx.shape[1]), np.float32)
+        self.weight_sum_tx = np.zeros_like(self.weighted_sum_tx)
+
+    def add(self, y: int, x: int, weighted_tt: np.ndarray, weights_tt: np.ndarray) -> None:
+        rows = slice(y - self.top, y - self.top + self.tile_size)
+        self.weighted_sum_tx[rows, x:x + self.tile_size] += weighted_tt
+        self.weight_sum_tx[rows, x:x + self.tile_size] += weights_tt
+
+    def move_to(self, next_top: int) -> None:
+        """Write rows top … next_top − 1 to the output (summed over processes first) and start the band at next_top."""
+        finished = min(next_top, self.region_yx.shape[0]) - self.top
+        covered = min(finished, self.tile_size)  # rows below the band, if any, no tile touches
+        weighted_sum, weight_sum = self.weighted_sum_tx[:covered], self.weight_sum_tx[:covered]
+        if dist.is_distributed():  # every process calls this for the same rows in the same order
+            for accumulator in (weighted_sum, weight_sum):
+                tensor = torch.from_numpy(np.ascontiguousarray(accumulator)).to(self.device)
+                torch.distributed.all_reduce(tensor)
+                accumulator[:] = tensor.cpu().numpy()
+        rows_yx = np.zeros((finished, self.region_yx.shape[1]), np.float32)  # uncovered pixels stay 0
+        np.divide(weighted_sum, weight_sum, out=rows_yx[:covered], where=weight_sum > 0)
+        rows_yx[~self.region_yx[self.top:self.top + finished]] = 0.0
+        self.output_yx[self.top:self.top + finished] = rows_yx
+        kept = max(self.tile_size - finished, 0)  # rows the next row of tiles also covers
+        for accumulator in (self.weighted_sum_tx, self.weight_sum_tx):
+            accumulator[:kept] = accumulator[self.tile_size - kept:]
+            accumulator[kept:] = 0.0
+        self.top = next_top
+
+
 @torch.no_grad()
 def predict_segment(model: torch.nn.Module, segment: Segment, region_yx: np.ndarray, depth: int, depth_offset: int,
                     tile_size: int, stride: int, normalization: str, batch_size: int, device: torch.device,
-                    tta: bool = False, num_workers: int = 0) -> np.ndarray:
-    """(Y, X) float32 ink probability over the region (zero elsewhere) of the whole segment."""
+                    tta: bool = False, num_workers: int = 0, output_yx=None):
+    """(Y, X) float32 ink probability over the region (zero elsewhere) of the whole segment.
+
+    Written row band by row band into `output_yx`: any (Y, X) array that takes slice assignment, such as a
+    zarr array on disk for a segment whose map should not be held in RAM; by default a new numpy array.
+    Returns `output_yx`."""
     model.eval()
-    origins = covering_origins(region_yx, tile_size, stride)[dist.rank()::dist.world_size()]
+    if output_yx is None:
+        output_yx = np.zeros(region_yx.shape, np.float32)
+    all_origins = covering_origins(region_yx, tile_size, stride)  # (N, 2), row-major
+    origins = all_origins[dist.rank()::dist.world_size()]
     dataset = tile_dataset(segment, origins, depth, depth_offset, tile_size, normalization)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
+    # Every process walks the same tile rows, even those where it has no tile, so the sums stay in step.
+    tile_rows = iter([*np.unique(all_origins[:, 0]).tolist(), region_yx.shape[0]])
+    band = RowBand(region_yx, output_yx, tile_size, device)
+    band.move_to(next(tile_rows))  # rows above the first tile
     weights_tt = gaussian_weights(tile_size)
-    weighted_sum_yx = np.zeros(region_yx.shape, np.float32)
-    weight_sum_yx = np.zeros(region_yx.shape, np.float32)
     use_autocast = device.type == "cuda"  # bf16 is many times slower than fp32 on CPU
     for batch in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
             probabilities_btt = tta_probabilities(model, batch["volume"].to(device, non_blocking=True), tta)
         for (y, x), probabilities_tt in zip(batch["origin"].tolist(), probabilities_btt.cpu().numpy()):
-            weighted_sum_yx[y:y + tile_size, x:x + tile_size] += weights_tt * probabilities_tt
-            weight_sum_yx[y:y + tile_size, x:x + tile_size] += weights_tt
-    if dist.is_distributed():
-        for accumulator in (weighted_sum_yx, weight_sum_yx):
-            tensor = torch.from_numpy(accumulator).to(device)
-            torch.distributed.all_reduce(tensor)
-            accumulator[:] = tensor.cpu().numpy()
-    # In place: a real segment's (Y, X) maps are hundreds of MB each. Uncovered pixels stay 0.
-    probabilities_yx = np.divide(weighted_sum_yx, weight_sum_yx, out=weighted_sum_yx, where=weight_sum_yx > 0)
-    probabilities_yx[~region_yx] = 0.0
-    return probabilities_yx
+            while band.top < y:
+                band.move_to(next(tile_rows))
+            band.add(y, x, weights_tt * probabilities_tt, weights_tt)
+    for next_top in tile_rows:
+        band.move_to(next_top)
+    return output_yx

@@ -3,6 +3,7 @@ one computed on the volume loaded into RAM."""
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from finetune import inference
 from finetune.model import build_ink_unet
@@ -78,3 +79,22 @@ def test_ink_unet_streamed_prediction_equals_in_ram_reference(segment):
     expected = np.where(region, weighted / np.maximum(total, 1e-12), 0)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert not probabilities[~region].any() and probabilities[region].min() > 0
+
+
+def test_rows_stream_into_a_zarr_map_with_gaps_between_tile_rows(segment, tmp_path):
+    """Two strips far apart (rows between them and above the first touch no tile), written to a zarr array on
+    disk band by band: the same map as the pixel-wise whole-image computation."""
+    region = np.zeros(SHAPE[1:], bool)
+    region[40:50, 10:90] = True
+    region[120:130, 60:170] = True
+    output = zarr.create_array(tmp_path / "map.zarr", shape=SHAPE[1:], chunks=(16, 64), dtype="float32",
+                               fill_value=np.nan)  # NaN: a row the prediction forgot would show
+    returned = inference.predict_segment(PixelModel(), segment, region, DEPTH, 0, TILE, STRIDE, "range", batch_size=3,
+                                         device=torch.device("cpu"), output_yx=output)
+    assert returned is output
+    volume_dyx = torch.from_numpy(in_ram_volume(segment))[None, None]
+    expected = torch.sigmoid(PixelModel()(volume_dyx))[0, 0].numpy() * region
+    np.testing.assert_allclose(output[:], expected, atol=1e-5)
+    in_memory = inference.predict_segment(PixelModel(), segment, region, DEPTH, 0, TILE, STRIDE, "range",
+                                          batch_size=3, device=torch.device("cpu"))
+    np.testing.assert_array_equal(output[:], in_memory)
