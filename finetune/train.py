@@ -340,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         state.best_loss = current_loss if is_best else state.best_loss
         state.epoch = epoch + 1
         state.training_seconds += time.time() - started
-        save_checkpoint(experiment_dir / "last.pth", config, model, state, optimizer)
+        # last.pth goes last because it commits the epoch: a kill before its rename trains the epoch again and
+        # rewrites best.pth and the log record. Written first, a kill after it lost them, as resuming skips the epoch.
         if is_best:
             save_checkpoint(experiment_dir / "best.pth", config, model, state)
         log.write(event="epoch", epoch=state.epoch, seconds=round(time.time() - started, 1),
                   training_seconds=round(state.training_seconds, 1), best=is_best, **statistics)
+        save_checkpoint(experiment_dir / "last.pth", config, model, state, optimizer)
         if dist.is_master():
             print(f"epoch {state.epoch}: " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                                                         for key, value in statistics.items())
