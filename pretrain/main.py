@@ -93,18 +93,23 @@ def load_start_state(args: arg_util.Args, model: SparK3d | VICReg, optimizer: to
     return 0, 0
 
 
-def save_checkpoints(args: arg_util.Args, model: SparK3d | VICReg, optimizer: torch.optim.Optimizer, epoch: int,
-                     global_step: int) -> None:
+def save_encoders(args: arg_util.Args, model: SparK3d | VICReg, epoch: int) -> None:
     if not dist.is_master():
         return
-    misc.save_atomic({"args": args.settings(), "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "rng": misc.rng_states(), "commit": args.commit},
-                     args.checkpoint_path)
     misc.save_atomic(dense_encoder(model).state_dict(), args.encoder_checkpoint_path)
     if args.keep_epoch_encoders:
         os.makedirs(os.path.join(args.exp_dir, "epochs"), exist_ok=True)
         misc.save_atomic(dense_encoder(model).state_dict(),
                          os.path.join(args.exp_dir, "epochs", f"{args.model}_timm_style_ep{epoch + 1:03d}.pth"))
+
+
+def save_full_checkpoint(args: arg_util.Args, model: SparK3d | VICReg, optimizer: torch.optim.Optimizer, epoch: int,
+                         global_step: int) -> None:
+    if not dist.is_master():
+        return
+    misc.save_atomic({"args": args.settings(), "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "rng": misc.rng_states(), "commit": args.commit},
+                     args.checkpoint_path)
 
 
 def middle_layer_image(volumes_bcdhw: list[torch.Tensor]) -> torch.Tensor:
@@ -227,8 +232,11 @@ def main() -> int:
         dataset.set_epoch(epoch)
         started = time.time()
         stats, global_step = train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard)
-        save_checkpoints(args, model, optimizer, epoch, global_step)
+        # The full checkpoint goes last: it is what marks the epoch done for a resume, so a kill before it
+        # trains the epoch again instead of leaving its encoders or its log record behind.
+        save_encoders(args, model, epoch)
         log.write(event="epoch", epoch=epoch + 1, global_step=global_step, seconds=round(time.time() - started, 1), **stats)
+        save_full_checkpoint(args, model, optimizer, epoch, global_step)
         tensorboard.flush()
     tensorboard.close()
     if dist.is_master():

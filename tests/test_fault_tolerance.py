@@ -1,4 +1,5 @@
 """Surviving faults: kill -9 at random points of a pretraining run, and a server that misbehaves on 20% of chunks."""
+import json
 import os
 import pathlib
 import random
@@ -20,7 +21,8 @@ from tests.test_remote import assert_cache_holds_only_whole_chunks
 
 EPOCHS = 4
 PRETRAIN = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--samples_per_ep", "6",
-            "--num_workers", "0", "--vis_every", "0", "--decoder_width", "32", "--ep", str(EPOCHS)]
+            "--num_workers", "0", "--vis_every", "0", "--decoder_width", "32", "--ep", str(EPOCHS),
+            "--keep_epoch_encoders", "True"]
 
 
 def temporary_files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -71,8 +73,11 @@ def test_pretraining_survives_kill_9_at_random_points(tmp_path):
     full = torch.load(exp_dir / "resnet18_3d_tiny_withdecoder_spark_style.pth", weights_only=False)
     assert full["epoch"] == EPOCHS - 1 and full["global_step"] == EPOCHS * 3
     assert not temporary_files(exp_dir)
-    epochs_logged = [line for line in (exp_dir / "log.jsonl").read_text().splitlines() if '"event": "epoch"' in line]
-    assert len(epochs_logged) >= EPOCHS  # an epoch killed before its checkpoint is trained again
+    records = [json.loads(line) for line in (exp_dir / "log.jsonl").read_text().splitlines()]
+    # Every epoch is logged and keeps its encoder (one killed before its full checkpoint is trained again).
+    assert {record["epoch"] for record in records if record["event"] == "epoch"} == set(range(1, EPOCHS + 1))
+    assert sorted(path.name for path in (exp_dir / "epochs").iterdir()) == [
+        f"resnet18_3d_tiny_timm_style_ep{epoch:03d}.pth" for epoch in range(1, EPOCHS + 1)]
 
 
 @pytest.fixture
