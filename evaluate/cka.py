@@ -23,10 +23,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from evaluate.ink_map import load_encoder  # noqa: E402
 from pretrain.data.patches import GridTileDataset  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.models import build_encoder  # noqa: E402
-from pretrain.models.weights import load_encoder_weights  # noqa: E402
 from pretrain.utils.misc import CheckpointError  # noqa: E402
 
 
@@ -99,7 +98,8 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: pathlib.Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="encoder checkpoints to compare")
+    parser.add_argument("--checkpoints", nargs="+", required=True,
+                        help="encoder checkpoints to compare (any kind), or 'random' (seed 0)")
     parser.add_argument("--labels", nargs="*", help="names for the checkpoints (default: file names)")
     parser.add_argument("--model", default="resnet50_3d")
     parser.add_argument("--segment", default="demo")
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     tiles = fixed_tiles(args.segment, args.depth, args.tile_size, args.tiles)
     representations = []
     for path in args.checkpoints:
-        encoder = build_encoder(args.model)
-        print(f"{labels[len(representations)]}: {load_encoder_weights(encoder, path)}")
+        encoder, description = load_encoder(args.model, path, seed=0)
+        print(f"{labels[len(representations)]}: {description}")
         representations.append(stage_representations(encoder, tiles))
     stages = range(len(representations[0])) if args.stages == "all" else [len(representations[0]) - 1]
 

@@ -82,12 +82,15 @@ def test_cka_script_writes_heatmaps_and_csv(tmp_path):
         torch.save(build_encoder("resnet18_3d_tiny").state_dict(), paths[-1])
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "evaluate" / "cka.py"), "--checkpoints", *map(str, paths), str(paths[0]),
-         "--labels", "a", "b", "a_again", "--model", "resnet18_3d_tiny", "--segment", str(segment), "--depth", "16",
+         "random", "--labels", "a", "b", "a_again", "random", "--model", "resnet18_3d_tiny", "--segment", str(segment), "--depth", "16",
          "--tile_size", "32", "--tiles", "12", "--stages", "all", "--output", str(tmp_path / "out")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "out").glob("cka_*_stage*.png"))) == 8  # 2 kernels × 4 stages
     rows = list(csv.DictReader(open(tmp_path / "out" / "cka.csv")))
-    assert len(rows) == 8 * 3  # 3 pairs per heatmap
+    assert len(rows) == 8 * 6  # 6 pairs per heatmap
     same = [float(row["cka"]) for row in rows if {row["a"], row["b"]} == {"a", "a_again"}]
     assert same == pytest.approx([1.0] * 8)
+    # "random" is the seed-0 initialisation, which is what encoder0.pth holds.
+    random_is_a = [float(row["cka"]) for row in rows if {row["a"], row["b"]} == {"a", "random"}]
+    assert random_is_a == pytest.approx([1.0] * 8)
