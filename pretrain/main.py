@@ -142,6 +142,7 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
     device = torch.device(args.device)
     use_autocast = args.amp and device.type == "cuda"  # bf16 is 20-50× slower than fp32 on CPU
     loss_sum, wait_seconds, step_seconds = 0.0, 0.0, 0.0
+    method_sums = {}  # epoch sums of the method's own scalars (VICReg's terms and embedding std) for log.jsonl
     progress = tqdm.tqdm(loader, desc=f"epoch {epoch + 1}/{args.ep}", disable=not dist.is_master(), leave=True)
     tick = time.perf_counter()
     for iteration, batch in enumerate(progress):
@@ -164,6 +165,8 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
 
         loss_value = dist.all_reduce_mean(loss).item()
         loss_sum += loss_value
+        for name, value in method_scalars.items():
+            method_sums[name] = method_sums.get(name, 0.0) + float(value)
         step_seconds_now = time.perf_counter() - tick
         step_seconds += step_seconds_now
         samples_per_second = args.bs / max(step_seconds_now, 1e-9)
@@ -176,7 +179,8 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
         global_step += 1
         tick = time.perf_counter()
     stats = {"loss": loss_sum / iterations_per_epoch, "data_wait_fraction": wait_seconds / max(step_seconds, 1e-9),
-             "samples_per_s": args.bs * iterations_per_epoch / max(step_seconds, 1e-9)}
+             "samples_per_s": args.bs * iterations_per_epoch / max(step_seconds, 1e-9),
+             **{name: total / iterations_per_epoch for name, total in method_sums.items()}}
     tensorboard.scalars(global_step, epoch__loss=stats["loss"], perf__data_wait_fraction=stats["data_wait_fraction"])
     return stats, global_step
 

@@ -168,6 +168,10 @@ def test_vicreg_run_from_a_kinetics_encoder_logs_its_terms_and_refuses_a_spark_r
     events = EventAccumulator(str(tmp_path / "vicreg" / "tensorboard_logs")).Reload()
     terms = {"vicreg/invariance", "vicreg/variance", "vicreg/covariance", "vicreg/embedding_std"}
     assert terms <= set(events.Tags()["scalars"]) and "views/view1_view2" in events.Tags()["images"]
+    epoch_record = [json.loads(line) for line in (tmp_path / "vicreg" / "log.jsonl").read_text().splitlines()][-1]
+    invariance = events.Scalars("vicreg/invariance")
+    assert epoch_record["vicreg__invariance"] == pytest.approx(sum(event.value for event in invariance) / len(invariance))
+    assert epoch_record["vicreg__embedding_std"] > 0
 
     spark = run_pretrain([*TINY, "--ep", "1", "--data_path", segment_path, "--exp_dir", str(tmp_path / "spark")])
     assert spark.returncode == 0, spark.stderr
