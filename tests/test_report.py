@@ -1,0 +1,38 @@
+"""The report command runs every step on a tiny configuration and writes a report that links its figures."""
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+from tests.test_finetune_train import TINY, segment_path  # noqa: F401 - the tiny labelled segment fixture
+
+
+def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tmp_path):  # noqa: F811
+    finetune_settings = [argument for argument in TINY if argument not in ("--MODEL", "resnet18_3d_tiny")]
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "report.py"), "--segment", str(segment_path),
+               "--model", "resnet18_3d_tiny", "--spark_epochs", "2", "--vicreg_epochs", "1", "--vicreg_bs", "4",
+               "--cka_every", "1",
+               "--pretrain_args", "--depth 16 --input_size 64 --samples_per_ep 8 --decoder_width 32 --projector 64-64 "
+                                  "--num_workers 0 --vis_every 0",
+               "--finetune_args", " ".join(finetune_settings), "--feature_args", "--depth 16 --tile_size 32",
+               "--work", str(tmp_path / "work"), "--notes", str(tmp_path / "notes" / "report.md"),
+               "--images", str(tmp_path / "images")]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "notes" / "report.md").read_text()
+    for heading in ("## Frozen-encoder probe", "## Kinetics-700", "## CKA", "## Unsupervised ink map"):
+        assert heading in report
+    for encoder in ("random", "spark", "vicreg"):
+        assert f"| {encoder} | probe |" in report
+    assert re.search(r"\*\*The frozen SparK encoder (beats|does not beat) the frozen random encoder", report)
+    assert "| random and spark ep2 |" in report and "| spark ep1 and spark ep2 |" in report
+    assert "2 epochs" in report and "embedding std" in report  # both pretraining runs summarised
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(figures) == 7  # 3 probes, the CKA heatmap, 3 ink maps
+    for figure in figures:
+        assert (tmp_path / "notes" / figure).resolve().stat().st_size > 0
+
+    # A second run reuses every finished run: no pretraining epoch and no probe epoch is trained again.
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 1/" not in again.stderr
