@@ -126,5 +126,19 @@ def test_pretraining_checkpoints_of_both_methods_give_their_encoder(tmp_path):
     assert load_encoder_weights(encoder, tmp_path / "full.pth").startswith("vicreg pretraining (resnet18_3d_tiny, epoch 4)")
     torch.testing.assert_close(encoder.conv1.weight, vicreg.encoder.conv1.weight)
     torch.save({"optimizer": {}}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="is not an encoder, pretraining or Kinetics checkpoint"):
+    with pytest.raises(CheckpointError, match="is not an encoder, pretraining, fine-tuning or Kinetics checkpoint"):
         load_encoder_weights(encoder, tmp_path / "other.pth")
+
+
+def test_fine_tuning_checkpoint_gives_its_unet_encoder(tmp_path):
+    from finetune.model import build_ink_unet
+
+    torch.manual_seed(3)
+    unet = build_ink_unet("resnet18_3d_tiny")
+    # The layout finetune/train.py's save_checkpoint writes.
+    torch.save({"config": {"MODEL": "resnet18_3d_tiny"}, "state": {"epoch": 7}, "model": unet.state_dict(), "commit": ""},
+               tmp_path / "best.pth")
+    encoder = build_encoder("resnet18_3d_tiny")
+    assert load_encoder_weights(encoder, tmp_path / "best.pth").startswith("fine-tuning (resnet18_3d_tiny, epoch 7)")
+    for name, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, unet.encoder.state_dict()[name])

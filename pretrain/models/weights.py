@@ -1,9 +1,11 @@
 """Encoder weights from any checkpoint this project meets, loaded strictly.
 
-Three kinds are recognised automatically:
+Four kinds are recognised automatically:
 - an encoder-only state_dict (`<model>_timm_style.pth`, written by pretraining);
 - a full pretraining checkpoint (`<model>_withdecoder_spark_style.pth`, `<model>_withprojector_vicreg_style.pth`):
   the encoder's part is taken out of it;
+- a fine-tuning checkpoint (`best.pth`, `last.pth` of `finetune/train.py`): the ink UNet's encoder, to start
+  another segment from it or to probe what supervised training put into it;
 - a Kinetics checkpoint from Kensho Hara's 3D-ResNets-PyTorch (`r3d50_K_200ep.pth`, `r3d50_KM_200ep.pth`): a dict
   with `arch` and `state_dict`, keys perhaps prefixed `module.`, a 3-channel `conv1` and an `fc` head for 700
   or 1039 classes. `conv1` is reduced to the encoder's channels by summing over RGB (as the Kaggle 4th-place
@@ -35,9 +37,13 @@ def encoder_state_dict(checkpoint: dict, in_channels: int, source: str) -> tuple
             raise CheckpointError(f"{source}: a pretraining checkpoint of unknown method {method!r}")
         state = {key[len(prefix):]: value for key, value in checkpoint["model"].items() if key.startswith(prefix)}
         return state, f"{method} pretraining ({checkpoint['args'].get('model')}, epoch {checkpoint.get('epoch', -1) + 1})"
+    if "model" in checkpoint and "config" in checkpoint:
+        state = {key.removeprefix("encoder."): value for key, value in checkpoint["model"].items()
+                 if key.startswith("encoder.")}
+        return state, f"fine-tuning ({checkpoint['config'].get('MODEL')}, epoch {checkpoint.get('state', {}).get('epoch')})"
     if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
         return checkpoint, "encoder-only"
-    raise CheckpointError(f"{source} is not an encoder, pretraining or Kinetics checkpoint (keys: {sorted(checkpoint)[:5]})")
+    raise CheckpointError(f"{source} is not an encoder, pretraining, fine-tuning or Kinetics checkpoint (keys: {sorted(checkpoint)[:5]})")
 
 
 def load_encoder_weights(encoder: torch.nn.Module, path: str) -> str:
