@@ -11,7 +11,7 @@ ink over its whole mask with the same seeded InkUNet, tile, stride, batch and Ga
 - in RAM, the Grand Prize approach: the model's depth window read into one (D, Y, X) uint8 array, (Y, X)
   float32 sums of weighted predictions and of weights, tiles sliced from RAM, the map divided at the end.
 Each reports tiles/s (the in-RAM time includes loading the volume: both decode every chunk once). Memory is
-the proportional set size (PSS) of the probe's whole process tree, polled every 10 ms: its peak, and its
+the proportional set size (PSS) of the probe's whole process tree, polled every 100 ms: its peak, and its
 value after imports and model build (the baseline, before any data), so the table gives both the total and
 the part that grows with the segment. PSS counts pages a DataLoader worker shares with its parent once. The two maps are then
 compared pixel by pixel. Writes benchmarks/results/inference_memory.json and prints a Markdown table.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.sampling_memory import generate_segment  # noqa: E402
 
-MEMORY_POLL_SECONDS = 0.01
+MEMORY_POLL_SECONDS = 0.1  # reading smaps_rollup walks the page tables: polling faster costs a core
 
 COMMON = r"""
 import json, sys, time

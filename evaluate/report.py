@@ -86,7 +86,11 @@ def main() -> int:
     parser.add_argument("--spark_epochs", type=int, default=40)
     parser.add_argument("--vicreg_epochs", type=int, default=20)
     parser.add_argument("--vicreg_bs", type=int, default=8, help="VICReg's variance and covariance need a batch")
-    parser.add_argument("--cka_every", type=int, default=8, help="SparK epochs between the checkpoints CKA compares")
+    parser.add_argument("--cka_every", type=int, default=8,
+                        help="SparK epochs between the checkpoints CKA compares; the first is also probed")
+    parser.add_argument("--variants", nargs="*", default=["mask0.4=--mask 0.4"],
+                        help="more SparK runs to probe, as name=settings (what else was tried)")
+    parser.add_argument("--variant_epochs", type=int, default=20)
     parser.add_argument("--kinetics", default="", help="a Hara r3d50_K*/KM* checkpoint: adds a full-width probe table")
     parser.add_argument("--pretrain_args", default="", help="more pretrain/main.py settings for both methods")
     parser.add_argument("--finetune_args", default="", help="more finetune/train.py settings for every probe")
@@ -114,11 +118,22 @@ def main() -> int:
         "--exp_name", "report_vicreg", "--exp_dir", str(runs["vicreg"]), "--ep", str(args.vicreg_epochs),
         "--bs", str(args.vicreg_bs), "--keep_epoch_encoders", "True", *pretrain_args])
     encoders = {"random": "random", **{name: str(folder / f"{args.model}_timm_style.pth") for name, folder in runs.items()}}
+    # What else was tried: SparK stopped early, and other SparK settings.
+    variants = {f"spark_ep{args.cka_every}": str(runs["spark"] / "epochs" / f"{args.model}_timm_style_ep{args.cka_every:03d}.pth")}
+    for variant in args.variants:
+        name, settings = variant.split("=", 1)
+        folder = args.work / "variants" / name
+        run_step(f"SparK pretraining, variant {name}", [
+            "pretrain/main.py", "--method", "spark", "--model", args.model, "--data_path", args.segment,
+            "--exp_name", f"report_spark_{name}", "--exp_dir", str(folder), "--ep", str(args.variant_epochs),
+            *pretrain_args, *shlex.split(settings)])
+        variants[f"spark_{name}"] = str(folder / f"{args.model}_timm_style.pth")
 
     # 2. Frozen-encoder probes
     probes = args.work / "probes"
+    probed = {**encoders, **variants}
     run_step("frozen-encoder probes", [
-        "evaluate/encoders.py", "--encoders", *encoders.values(), "--names", *encoders, "--segment", args.segment,
+        "evaluate/encoders.py", "--encoders", *probed.values(), "--names", *probed, "--segment", args.segment,
         "--MODEL", args.model, "--output", str(probes), "--", *finetune_args])
     probe_rows = {row["encoder"]: row for row in csv.DictReader(open(probes / "encoders.csv"))}
     kinetics_table = ""
@@ -159,14 +174,14 @@ def main() -> int:
                                            args.images / f"report_ink_map_{name}.png") for name in encoders},
     }
     pretraining = {name: epoch_records(folder) for name, folder in runs.items()}
-    report = render(args, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, pretraining, figures,
+    report = render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, pretraining, figures,
                     os.path.relpath(args.images, args.notes.parent), time.time() - started)
     write_text_atomic(args.notes, report)
     print(f"\nreport written to {args.notes}, figures to {args.images}/report_*.png")
     return 0
 
 
-def render(args, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, pretraining, figures, image_folder,
+def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, pretraining, figures, image_folder,
            seconds) -> str:
     random_f05, random_auc = float(probe_rows["random"]["val_f05"]), float(probe_rows["random"]["val_auc"])
     ink_fraction = ink_maps["random"]["ink_fraction"]
@@ -201,6 +216,11 @@ def render(args, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, p
         lines.append(f"- **{'SparK' if name == 'spark' else 'VICReg'} pretraining**: {len(records)} epochs, "
                      f"{sum(record['seconds'] for record in records) / 60:.0f} min; loss {records[0]['loss']:.3f} "
                      f"after epoch 1, {records[-1]['loss']:.3f} after the last{extra}.")
+    tried = [f"`spark_ep{args.cka_every}`, the SparK run's encoder after {args.cka_every} of its {args.spark_epochs} epochs"]
+    for variant in args.variants:
+        name, settings = variant.split("=", 1)
+        tried.append(f"`spark_{name}`, SparK for {args.variant_epochs} epochs with `{settings}`")
+    lines.append(f"- **Also probed**, to see what changes the result: {'; '.join(tried)}.")
     lines += [
         "- **Probe**: `finetune/train.py` with `freeze_encoder=True` and its default settings (scheme "
         "\"validation\": a held-out band, the same split, seed and schedule for every encoder). Only the UNet "
@@ -227,7 +247,7 @@ def render(args, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, p
         "Each probe's labels (left: ink white, papyrus grey) and its whole-segment prediction (right), the "
         "held-out band outlined in red; random, SparK, VICReg:",
         "",
-        *[f"![probe {name}]({image_folder}/{figures[f'probe_{name}']})" for name in probe_rows],
+        *[f"![probe {name}]({image_folder}/{figures[f'probe_{name}']})" for name in encoders],
         "",
         "## Kinetics-700",
         "",
