@@ -129,6 +129,13 @@ def main() -> int:
             *pretrain_args, *shlex.split(settings)])
         variants[f"spark_{name}"] = str(folder / f"{args.model}_timm_style.pth")
 
+    # The control: an encoder that has seen labels (full fine-tuning, same split, so never the held-out band's),
+    # probed frozen like the others. If the probe reads ink from it, the probe is not what fails.
+    run_step("supervised control: full fine-tuning", [
+        "finetune/train.py", "--exp_name", "supervised", "--OUTPUT_DIR", str(args.work / "control"), "--scheme",
+        "validation", "--segment_id", args.segment, "--MODEL", args.model, "--SEED", "0", *finetune_args])
+    variants["supervised"] = str(args.work / "control" / "supervised" / "best.pth")
+
     # 2. Frozen-encoder probes
     probes = args.work / "probes"
     probed = {**encoders, **variants}
@@ -221,6 +228,9 @@ def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, i
         name, settings = variant.split("=", 1)
         tried.append(f"`spark_{name}`, SparK for {args.variant_epochs} epochs with `{settings}`")
     lines.append(f"- **Also probed**, to see what changes the result: {'; '.join(tried)}.")
+    lines.append("- **Control**: `supervised` is the encoder of a full fine-tuning run (`finetune/train.py`, default "
+                 "settings, the same split: it never saw the held-out band), probed frozen like the others. It says "
+                 "what the probe reads from an encoder that does carry ink features.")
     lines += [
         "- **Probe**: `finetune/train.py` with `freeze_encoder=True` and its default settings (scheme "
         "\"validation\": a held-out band, the same split, seed and schedule for every encoder). Only the UNet "

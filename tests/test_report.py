@@ -22,7 +22,8 @@ def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tm
     report = (tmp_path / "notes" / "report.md").read_text()
     for heading in ("## Frozen-encoder probe", "## Kinetics-700", "## CKA", "## Unsupervised ink map"):
         assert heading in report
-    for encoder in ("random", "spark", "vicreg", "spark_ep1", "spark_mask0.3"):  # the last two: what else was tried
+    # spark_ep1 and spark_mask0.3: what else was tried; supervised: the control
+    for encoder in ("random", "spark", "vicreg", "spark_ep1", "spark_mask0.3", "supervised"):
         assert f"| {encoder} | probe |" in report
     assert re.search(r"\*\*The frozen SparK encoder (beats|does not beat) the frozen random encoder", report)
     assert "| random and spark ep2 |" in report and "| spark ep1 and spark ep2 |" in report
