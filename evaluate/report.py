@@ -143,6 +143,8 @@ def main() -> int:
         "evaluate/encoders.py", "--encoders", *probed.values(), "--names", *probed, "--segment", args.segment,
         "--MODEL", args.model, "--output", str(probes), "--", *finetune_args])
     probe_rows = {row["encoder"]: row for row in csv.DictReader(open(probes / "encoders.csv"))}
+    for name, row in probe_rows.items():  # every epoch's F0.5: how much one run moves about
+        row["epoch_f05"] = [record["val_f05"] for record in epoch_records(probes / "runs" / f"{name}_probe")]
     kinetics_table = ""
     if args.kinetics:
         run_step("full-width probes, random vs Kinetics-700", [
@@ -241,12 +243,13 @@ def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, i
         "",
         (args.work / "probes" / "encoders.md").read_text().split("\n\n", 1)[1].strip(),
         "",
-        "| encoder | F0.5 − random | AUC − random |",
-        "|---|---|---|",
+        "| encoder | F0.5 − random | AUC − random | F0.5 over the run's epochs (min – max) |",
+        "|---|---|---|---|",
     ]
     for name, row in probe_rows.items():
-        if name != "random":
-            lines.append(f"| {name} | {float(row['val_f05']) - random_f05:+.3f} | {float(row['val_auc']) - random_auc:+.3f} |")
+        difference = ("" if name == "random" else
+                      f"{float(row['val_f05']) - random_f05:+.3f} | {float(row['val_auc']) - random_auc:+.3f}")
+        lines.append(f"| {name} | {difference or '– | –'} | {min(row['epoch_f05']):.3f} – {max(row['epoch_f05']):.3f} |")
     spark_f05 = float(probe_rows["spark"]["val_f05"])
     verdict = "beats" if spark_f05 > random_f05 else "does not beat"
     lines += [
@@ -307,8 +310,54 @@ def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, i
         "",
         *[f"![ink map {name}]({image_folder}/{figures[f'ink_map_{name}']})" for name in ink_maps],
         "",
+        "## What it means",
+        "",
+        *what_it_means(probe_rows, ink_maps, all_ink_f05(ink_fraction), cka_value("random", final)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_final_cka: float) -> list[str]:
+    """The reading of the numbers, worded from the numbers, so a rerun cannot leave stale claims behind."""
+    def f05(name: str) -> float:
+        return float(probe_rows[name]["val_f05"])
+
+    def auc(name: str) -> float:
+        return float(probe_rows[name]["val_auc"])
+
+    random_spread = max(probe_rows["random"]["epoch_f05"]) - min(probe_rows["random"]["epoch_f05"])
+    pretrained = [name for name in probe_rows if name not in ("random", "supervised")]
+    best = max(pretrained, key=f05)
+    at_chance = [name for name in ["random", *pretrained] if auc(name) < 0.6 and f05(name) < chance_f05 + 0.05]
+    lines = []
+    if len(at_chance) == len(pretrained) + 1:
+        lines.append(f"- **No frozen encoder here lets the probe find ink.** Random and every pretrained encoder "
+                     f"score F0.5 {min(map(f05, at_chance)):.3f}–{max(map(f05, at_chance)):.3f} and AUC "
+                     f"{min(map(auc, at_chance)):.3f}–{max(map(auc, at_chance)):.3f}, where calling everything ink "
+                     f"scores {chance_f05:.3f} and AUC 0.5 is a coin.")
+    gap = f05(best) - f05("random")
+    if abs(gap) <= random_spread:
+        lines.append(f"- The best pretrained probe ({best}, {f05(best):.3f}) differs from random by {gap:+.3f}, less "
+                     f"than the {random_spread:.3f} that the random probe's own F0.5 moves between epochs. That is "
+                     "noise, not a ranking.")
+    else:
+        lines.append(f"- The best pretrained probe ({best}) differs from random by {gap:+.3f} F0.5, more than the "
+                     f"{random_spread:.3f} the random probe moves between epochs.")
+    if "supervised" in probe_rows:
+        works = f05("supervised") > chance_f05 + 0.1
+        lines.append(f"- **The control** (the encoder of a supervised run, frozen) scores F0.5 {f05('supervised'):.3f}, "
+                     f"AUC {auc('supervised'):.3f}. " + (
+                         "The probe does read ink from a frozen encoder whose features hold it, so the probe is not "
+                         "what fails: pretraining, as run here, did not put ink into the features."
+                         if works else "Even that stays near chance, so the probe itself cannot read ink from frozen "
+                         "features: the comparison above says nothing about the encoders."))
+    best_map = max(ink_maps, key=lambda name: ink_maps[name]["best_component"]["f05"])
+    lines.append(f"- **Without labels**, the best principal component of any encoder ({best_map}) scores F0.5 "
+                 f"{ink_maps[best_map]['best_component']['f05']:.3f} (AUC {ink_maps[best_map]['best_component']['auc']:.3f}) "
+                 f"against chance {chance_f05:.3f}.")
+    lines.append(f"- **CKA**: the final SparK encoder's stage-4 representation has linear CKA {random_final_cka:.2f} "
+                 "with its random starting point; the table shows how fast it settles over the epochs.")
+    return lines
 
 
 if __name__ == "__main__":
