@@ -88,7 +88,7 @@ def main() -> int:
     parser.add_argument("--vicreg_bs", type=int, default=8, help="VICReg's variance and covariance need a batch")
     parser.add_argument("--cka_every", type=int, default=8,
                         help="SparK epochs between the checkpoints CKA compares; the first is also probed")
-    parser.add_argument("--variants", nargs="*", default=["mask0.4=--mask 0.4"],
+    parser.add_argument("--variants", nargs="*", default=["mask0.4=--mask 0.4", "column=--mask_mode column"],
                         help="more SparK runs to probe, as name=settings (what else was tried)")
     parser.add_argument("--variant_epochs", type=int, default=20)
     parser.add_argument("--kinetics", default="", help="a Hara r3d50_K*/KM* checkpoint: adds a full-width probe table")
@@ -222,13 +222,13 @@ def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, i
             extra = (f"; last epoch's terms: invariance {last['vicreg__invariance']:.3f}, variance "
                      f"{last['vicreg__variance']:.3f}, covariance {last['vicreg__covariance']:.3f}, per-dimension "
                      f"embedding std {last['vicreg__embedding_std']:.3f} (collapse would drive it to 0)")
-        lines.append(f"- **{'SparK' if name == 'spark' else 'VICReg'} pretraining**: {len(records)} epochs, "
+        lines.append(f"- **{'SparK' if name == 'spark' else 'VICReg'} pretraining**: {len(records)} epoch(s), "
                      f"{sum(record['seconds'] for record in records) / 60:.0f} min; loss {records[0]['loss']:.3f} "
                      f"after epoch 1, {records[-1]['loss']:.3f} after the last{extra}.")
     tried = [f"`spark_ep{args.cka_every}`, the SparK run's encoder after {args.cka_every} of its {args.spark_epochs} epochs"]
     for variant in args.variants:
         name, settings = variant.split("=", 1)
-        tried.append(f"`spark_{name}`, SparK for {args.variant_epochs} epochs with `{settings}`")
+        tried.append(f"`spark_{name}`, SparK for {args.variant_epochs} epoch(s) with `{settings}`")
     lines.append(f"- **Also probed**, to see what changes the result: {'; '.join(tried)}.")
     lines.append("- **Control**: `supervised` is the encoder of a full fine-tuning run (`finetune/train.py`, default "
                  "settings, the same split: it never saw the held-out band), probed frozen like the others. It says "
@@ -341,8 +341,9 @@ def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_fi
                      f"than the {random_spread:.3f} that the random probe's own F0.5 moves between epochs. That is "
                      "noise, not a ranking.")
     else:
-        lines.append(f"- The best pretrained probe ({best}) differs from random by {gap:+.3f} F0.5, more than the "
-                     f"{random_spread:.3f} the random probe moves between epochs.")
+        lines.append(f"- The best pretrained probe ({best}) is {'above' if gap > 0 else 'below'} random by "
+                     f"{abs(gap):.3f} F0.5, more than the {random_spread:.3f} that the random probe's own F0.5 moves "
+                     "between epochs.")
     if "supervised" in probe_rows:
         works = f05("supervised") > chance_f05 + 0.1
         lines.append(f"- **The control** (the encoder of a supervised run, frozen) scores F0.5 {f05('supervised'):.3f}, "

@@ -27,7 +27,7 @@ def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tm
         assert f"| {encoder} | probe |" in report
     assert re.search(r"\*\*The frozen SparK encoder (beats|does not beat) the frozen random encoder", report)
     assert "| random and spark ep2 |" in report and "| spark ep1 and spark ep2 |" in report
-    assert "2 epochs" in report and "embedding std" in report  # both pretraining runs summarised
+    assert "2 epoch(s)" in report and "embedding std" in report  # both pretraining runs summarised
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(figures) == 7  # 3 probes, the CKA heatmap, 3 ink maps
     for figure in figures:
