@@ -46,7 +46,8 @@ segment_path, output_path, model_name, depth, tile, stride, batch_size, threads 
 depth, tile, stride, batch_size = int(depth), int(tile), int(stride), int(batch_size)
 torch.set_num_threads(int(threads))
 torch.manual_seed(0)
-model = build_ink_unet(model_name).eval()
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+model = build_ink_unet(model_name).eval().to(device)
 """
 
 STREAMED = COMMON + r"""
@@ -58,7 +59,7 @@ output = zarr.create_array(output_path, shape=segment.mask.shape, chunks=(tile, 
 tiles = len(inference.covering_origins(segment.mask, tile, stride))
 started = time.perf_counter()
 inference.predict_segment(model, segment, segment.mask, depth, 0, tile, stride, "range", batch_size,
-                          torch.device("cpu"), num_workers=int(sys.argv[10]), output_yx=output)
+                          device, num_workers=int(sys.argv[10]), output_yx=output)
 seconds = time.perf_counter() - started
 print(json.dumps({"tiles": tiles, "seconds": seconds, "tiles_per_second": tiles / seconds}))
 """
@@ -79,8 +80,9 @@ with torch.no_grad():
     for first in range(0, len(origins), batch_size):
         batch = origins[first:first + batch_size]
         tiles_b1dtt = torch.from_numpy(np.stack([normalize_patch(volume_dyx[:, y:y + tile, x:x + tile], "range")
-                                                  for y, x in batch]))[:, None]
-        probabilities_btt = torch.sigmoid(model(tiles_b1dtt).float())[:, 0].numpy()
+                                                  for y, x in batch]))[:, None].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as predict_segment
+            probabilities_btt = torch.sigmoid(model(tiles_b1dtt).float())[:, 0].cpu().numpy()
         for (y, x), probabilities_tt in zip(batch, probabilities_btt):
             weighted_sum_yx[y:y + tile, x:x + tile] += weights_tt * probabilities_tt
             weight_sum_yx[y:y + tile, x:x + tile] += weights_tt
