@@ -358,6 +358,18 @@ def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_fi
                  f"against chance {chance_f05:.3f}.")
     lines.append(f"- **CKA**: the final SparK encoder's stage-4 representation has linear CKA {random_final_cka:.2f} "
                  "with its random starting point; the table shows how fast it settles over the epochs.")
+    if f05("spark") <= f05("random") + random_spread:
+        lines += [
+            "",
+            "Not yet tried, and why each might help:",
+            "- A depth window that follows the recto surface instead of the middle layers: ink touches only one or "
+            "two layers, so a flat window spends most of its voxels on layers without ink.",
+            "- Smaller masked cells: a masked 8 × 32 × 32 cell is larger than a letter's stroke is wide, so the "
+            "reconstruction can ignore ink and still be right almost everywhere.",
+            "- Views for VICReg that differ in what is not ink (gain/offset drift, warp), so that invariance removes "
+            "them and the embedding's variance has to come from the rest.",
+            "- Far longer pretraining, on a GPU: these runs saw a few thousand crops.",
+        ]
     return lines
 
 
