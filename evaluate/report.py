@@ -359,6 +359,9 @@ def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_fi
     lines.append(f"- **CKA**: the final SparK encoder's stage-4 representation has linear CKA {random_final_cka:.2f} "
                  "with its random starting point; the table shows how fast it settles over the epochs.")
     if f05("spark") <= f05("random") + random_spread:
+        if best != "spark" and gap > random_spread:
+            lines.append(f"- **The lead**: {best} does what the default SparK run does not, in one run with one seed. "
+                         "It needs more seeds and longer runs before it becomes the default.")
         lines += [
             "",
             "Not yet tried, and why each might help:",
