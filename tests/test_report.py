@@ -25,7 +25,7 @@ def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tm
     # spark_ep1 and spark_mask0.3: what else was tried; supervised: the control
     for encoder in ("random", "spark", "vicreg", "spark_ep1", "spark_mask0.3", "supervised"):
         assert f"| {encoder} | probe |" in report
-    assert re.search(r"\*\*The frozen SparK encoder (beats|does not beat) the frozen random encoder", report)
+    assert re.search(r"\*\*On validation F0.5, the frozen SparK encoder \(default settings\) (beats|does not)", report)
     assert "| random and spark ep2 |" in report and "| spark ep1 and spark ep2 |" in report
     assert "2 epoch(s)" in report and "embedding std" in report  # both pretraining runs summarised
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
