@@ -359,13 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         predict_and_write(config, model, segment, labels_yx, label_source, region_yx, held_out, train_origins, state,
                           experiment_dir, device, log, tensorboard)
     tensorboard.close()
-    dist.finalize()
     return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        exit_code = main()
     except (ConfigError, SegmentError, RemoteReadError, misc.CheckpointError, NonFiniteLossError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)
+    dist.finalize()  # main() has returned, so its DDP model is gone before the process group
+    sys.exit(exit_code)

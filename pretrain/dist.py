@@ -63,5 +63,9 @@ def all_gather_object(value) -> list:
 
 
 def finalize() -> None:
+    """Wait for every process, then close the group. Call it once the DDP model is gone (after the entry
+    script's main() has returned): a process whose DDP model outlived the group, or whose peer had already
+    closed its side, could block at exit, holding the job open after all its outputs were written."""
     if is_distributed():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()

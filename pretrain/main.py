@@ -246,13 +246,14 @@ def main() -> int:
     if dist.is_master():
         state = "done" if last_epoch == args.ep else f"stopped after epoch {last_epoch} of {args.ep} (run again to continue)"
         print(f"{state}: encoder weights for fine-tuning in {args.encoder_checkpoint_path}")
-    dist.finalize()
     return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        exit_code = main()
     except (arg_util.ArgumentError, SegmentError, RemoteReadError, misc.CheckpointError, NonFiniteLossError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)
+    dist.finalize()  # main() has returned, so its DDP model is gone before the process group
+    sys.exit(exit_code)
