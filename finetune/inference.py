@@ -28,14 +28,17 @@ def grid_starts(length: int, tile_size: int, stride: int) -> list[int]:
 
 
 def covering_origins(region_yx: np.ndarray, tile_size: int, stride: int) -> np.ndarray:
-    """(N, 2) (y, x) origins of the tiles that hold at least one pixel of the region, edges included."""
-    height, width = region_yx.shape
-    integral = np.pad(region_yx.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)  # (Y + 1, X + 1)
-    y0, x0 = np.meshgrid(grid_starts(height, tile_size, stride), grid_starts(width, tile_size, stride), indexing="ij")
-    y1, x1 = y0 + tile_size, x0 + tile_size
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    keep = inside > 0
-    return np.stack([y0[keep], x0[keep]], axis=1).astype(np.int64)
+    """(N, 2) (y, x) origins of the tiles that hold at least one pixel of the region, edges included, row-major.
+
+    One row of tiles at a time: a whole-segment integral image would take 8 bytes per pixel (1 GiB at 8192²)."""
+    x_starts = np.array(grid_starts(region_yx.shape[1], tile_size, stride))
+    origins = []
+    for y in grid_starts(region_yx.shape[0], tile_size, stride):
+        columns_x = region_yx[y:y + tile_size].any(axis=0)  # (X,): does the tile row hold region in this column
+        counts = np.concatenate([[0], np.cumsum(columns_x)])  # (X + 1,)
+        inside = counts[x_starts + tile_size] > counts[x_starts]
+        origins += [(y, x) for x in x_starts[inside]]
+    return np.array(origins, np.int64).reshape(-1, 2)
 
 
 def gaussian_weights(tile_size: int) -> np.ndarray:

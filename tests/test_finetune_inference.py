@@ -98,3 +98,11 @@ def test_rows_stream_into_a_zarr_map_with_gaps_between_tile_rows(segment, tmp_pa
     in_memory = inference.predict_segment(PixelModel(), segment, region, DEPTH, 0, TILE, STRIDE, "range",
                                           batch_size=3, device=torch.device("cpu"))
     np.testing.assert_array_equal(output[:], in_memory)
+
+
+def test_covering_origins_are_exactly_the_grid_tiles_holding_region():
+    region = np.random.default_rng(2).random((150, 173)) > 0.997  # scattered single pixels
+    expected = [(y, x) for y in inference.grid_starts(150, TILE, STRIDE) for x in inference.grid_starts(173, TILE, STRIDE)
+                if region[y:y + TILE, x:x + TILE].any()]
+    assert inference.covering_origins(region, TILE, STRIDE).tolist() == [list(origin) for origin in expected]
+    assert inference.covering_origins(np.zeros((150, 173), bool), TILE, STRIDE).shape == (0, 2)
