@@ -369,8 +369,16 @@ def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_fi
                  "with its random starting point; the table shows how fast it settles over the epochs.")
     if f05("spark") <= f05("random") + random_spread:
         if best != "spark" and gap > random_spread:
-            lines.append(f"- **The lead**: {best} does what the default SparK run does not. Each row is one run: read "
-                         "the rows of the same settings with other seeds before making it the default.")
+            replicas = [name for name in probe_rows if name.startswith(f"{best}_seed")]
+            replicated = [name for name in replicas if f05(name) - f05("random") > random_spread]
+            if not replicas:
+                lines.append(f"- **The lead**: {best} does what the default SparK run does not, in one run. Other seeds "
+                             "of the same settings come before making it the default.")
+            else:
+                lines.append(f"- {best} does what the default SparK run does not, but the same settings with another seed "
+                             f"({', '.join(f'{name}: {f05(name):.3f}' for name in replicas)}) "
+                             + ("do too: a lead to follow." if len(replicated) == len(replicas) else
+                                "do not: the difference does not replicate, so it is not a lead yet."))
         lines += [
             "",
             "Not yet tried, and why each might help:",
