@@ -33,7 +33,7 @@ import cv2  # noqa: E402
 import torch  # noqa: E402
 
 from finetune.outputs import write_png_atomic  # noqa: E402
-from pretrain.utils.misc import git_commit  # noqa: E402
+from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
 
 FIGURE_WIDTH = 512  # pixels: figures stay small PNGs in the repository
 
@@ -66,12 +66,6 @@ def write_figure(source: pathlib.Path, destination: pathlib.Path) -> str:
         image = cv2.resize(image, (FIGURE_WIDTH, height), interpolation=cv2.INTER_AREA)
     write_png_atomic(destination, image)
     return destination.name
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def all_ink_f05(ink_fraction: float) -> float:
@@ -186,7 +180,7 @@ def main() -> int:
     pretraining = {name: epoch_records(folder) for name, folder in runs.items()}
     report = render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, pretraining, figures,
                     os.path.relpath(args.images, args.notes.parent), time.time() - started)
-    write_text_atomic(args.notes, report)
+    write_bytes_atomic(args.notes, report.encode())
     print(f"\nreport written to {args.notes}, figures to {args.images}/report_*.png")
     return 0
 

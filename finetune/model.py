@@ -112,9 +112,5 @@ def load_pretrained_encoder(model: InkUNet, path: str, model_name: str) -> str:
         holds = _architecture_of(state)
         hint = f"it holds a {holds} encoder: set MODEL = {holds!r}" if holds else f"it fits no known encoder ({mismatch})"
         raise misc.CheckpointError(f"pretrained_path {path} ({kind}) does not fit MODEL {model_name!r}: {hint}")
-    missing, unexpected = model.load_state_dict({f"encoder.{key}": value for key, value in state.items()}, strict=False)
-    # What the checkpoint leaves untouched must be exactly the new decoder and head, nothing of the encoder.
-    # (torch never reports a BatchNorm's num_batches_tracked as missing: it fills in a default.)
-    new_keys = {key for key in model.decoder_state_keys() if not key.endswith("num_batches_tracked")}
-    assert not unexpected and set(missing) == new_keys, (missing, unexpected)
+    model.encoder.load_state_dict(state)  # strict: every encoder key, nothing else
     return f"{kind} weights from {path}"

@@ -9,13 +9,13 @@ be compared side by side.
 import json
 import os
 import pathlib
-import uuid
 
 import cv2
 import numpy as np
 import torch
 
 from finetune.data import Box
+from pretrain.utils import misc
 
 PREVIEW_SIDE = 1024  # longest side of TensorBoard images
 VALIDATION_BOX_BGR = (0, 0, 255)
@@ -28,12 +28,7 @@ def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
     encoded_ok, encoded = cv2.imencode(".png", image)
     if not encoded_ok:
         raise OSError(f"could not encode {path} as PNG")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        temporary.write_bytes(encoded.tobytes())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    misc.write_bytes_atomic(path, encoded.tobytes())
 
 
 def probability_image(probabilities_yx: np.ndarray) -> np.ndarray:
@@ -78,7 +73,6 @@ def record_round(experiment_dir: pathlib.Path, round_number: int, labels_yx: np.
     folder.mkdir(parents=True, exist_ok=True)
     write_png_atomic(folder / "inklabels.png", (labels_yx > 0).astype(np.uint8) * 255)
     write_png_atomic(folder / "prediction.png", prediction_png)
-    temporary = folder / f".metrics.json.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps({"round": round_number, "labels": label_source, **metrics}, indent=1))
-    os.replace(temporary, folder / "metrics.json")
+    misc.write_bytes_atomic(folder / "metrics.json",
+                            json.dumps({"round": round_number, "labels": label_source, **metrics}, indent=1).encode())
     return folder

@@ -34,15 +34,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save through a temp file in the same folder and a rename: a kill never leaves half a file."""
+def _write_atomic(path: str | os.PathLike, write) -> None:
+    """`write(temporary_path)`, then a rename onto `path`: a kill or a reader never sees half a file. The temp
+    file sits beside `path`, named `.<name>.<pid>-<random>.tmp`, which remove_stale_temporaries sweeps."""
     path = pathlib.Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        torch.save(obj, temporary)
+        write(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save, atomically."""
+    _write_atomic(path, lambda temporary: torch.save(obj, temporary))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Bytes (an encoded PNG, JSON, Markdown) to a file, atomically."""
+    _write_atomic(path, lambda temporary: temporary.write_bytes(data))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
