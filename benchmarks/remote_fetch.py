@@ -46,7 +46,7 @@ def build_mirror(root: pathlib.Path, side: int, chunks: tuple[int, int, int]) ->
 
 
 def needed_chunk_keys(dataset: RandomPatchDataset, samples: int, chunks: tuple[int, int, int]) -> set[str]:
-    layers = dataset.layers[0]
+    layers = dataset.windows[0].layers
     keys = set()
     for index in range(samples):
         _, y, x = dataset.sample_position(index)

@@ -67,9 +67,11 @@ def stage_representations(encoder: torch.nn.Module, tiles_bcdhw: torch.Tensor, b
     return [torch.cat(stage_features) for stage_features in pooled]
 
 
-def fixed_tiles(segment_spec: str, depth: int, tile_size: int, count: int, seed: int = 0) -> torch.Tensor:
+def fixed_tiles(segment_spec: str, depth: int, tile_size: int, count: int, seed: int = 0,
+                follow_surface: bool = False) -> torch.Tensor:
     """`count` tiles (N, 1, D, T, T) spread over the segment's mask, the same on every call."""
-    dataset = GridTileDataset(open_segment(segment_spec), depth=depth, tile_size=tile_size, stride=tile_size)
+    dataset = GridTileDataset(open_segment(segment_spec), depth=depth, tile_size=tile_size, stride=tile_size,
+                              follow_surface=follow_surface)
     chosen = np.random.default_rng(seed).permutation(len(dataset))[:count]
     return torch.stack([dataset[int(index)]["volume"] for index in sorted(chosen)])
 
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment", default="demo")
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--tile_size", type=int, default=96)
+    parser.add_argument("--follow_surface", action="store_true", help="depth window along the recto surface (as pretraining)")
     parser.add_argument("--tiles", type=int, default=128, help="number of fixed tiles the representations are taken on")
     parser.add_argument("--stages", default="4", help="'4' (last stage) or 'all'")
     parser.add_argument("--sigma_ratio", type=float, default=0.5)
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) != len(args.checkpoints):
         raise SegmentError(f"{len(labels)} labels for {len(args.checkpoints)} checkpoints")
 
-    tiles = fixed_tiles(args.segment, args.depth, args.tile_size, args.tiles)
+    tiles = fixed_tiles(args.segment, args.depth, args.tile_size, args.tiles, follow_surface=args.follow_surface)
     representations = []
     for path in args.checkpoints:
         encoder, description = load_encoder(args.model, path, seed=0)

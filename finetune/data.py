@@ -127,10 +127,10 @@ def depth_margin(num_layers: int, depth: int, depth_offset: int) -> int:
 
 
 def tile_dataset(segment: Segment, origins: np.ndarray, depth: int, depth_offset: int, tile_size: int,
-                 normalization: str, transform=None, margin: int = 0) -> GridTileDataset:
+                 normalization: str, transform=None, margin: int = 0, follow_surface: bool = False) -> GridTileDataset:
     """GridTileDataset over exactly the given (N, 2) origins, reading `margin` more layers on each side."""
     return GridTileDataset(segment, depth + 2 * margin, tile_size, stride=tile_size, depth_offset=depth_offset,
-                           normalization=normalization, transform=transform, origins=origins)
+                           normalization=normalization, transform=transform, origins=origins, follow_surface=follow_surface)
 
 
 def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Box | None,

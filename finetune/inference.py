@@ -107,7 +107,7 @@ class RowBand:
 @torch.no_grad()
 def predict_segment(model: torch.nn.Module, segment: Segment, region_yx: np.ndarray, depth: int, depth_offset: int,
                     tile_size: int, stride: int, normalization: str, batch_size: int, device: torch.device,
-                    tta: bool = False, num_workers: int = 0, output_yx=None):
+                    tta: bool = False, num_workers: int = 0, output_yx=None, follow_surface: bool = False):
     """(Y, X) float32 ink probability over the region (zero elsewhere) of the whole segment.
 
     Written row band by row band into `output_yx`: any (Y, X) array that takes slice assignment, such as a
@@ -118,7 +118,7 @@ def predict_segment(model: torch.nn.Module, segment: Segment, region_yx: np.ndar
         output_yx = np.zeros(region_yx.shape, np.float32)
     all_origins = covering_origins(region_yx, tile_size, stride)  # (N, 2), row-major
     origins = all_origins[dist.rank()::dist.world_size()]
-    dataset = tile_dataset(segment, origins, depth, depth_offset, tile_size, normalization)
+    dataset = tile_dataset(segment, origins, depth, depth_offset, tile_size, normalization, follow_surface=follow_surface)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     # Every process walks the same tile rows, even those where it has no tile, so the sums stay in step.

@@ -53,7 +53,8 @@ DEPTH_POOL = "max"  # how each stage's 3D features are collapsed over depth: "ma
 OUTPUT_STRIDE = 4  # 4: decode to 1/4 resolution and upsample the logits (cheaper); 1: decode to full resolution
 # data
 DEPTH = 16  # layers per tile, centred on the middle layer (a multiple of the encoder's depth downsample, 8)
-DEPTH_OFFSET = 0  # shift of the depth window from the middle layer
+DEPTH_OFFSET = 0  # shift of the depth window from the middle layer (or from the surface, below)
+FOLLOW_SURFACE = False  # the depth window follows the recto surface found in each tile; as the encoder was pretrained
 TILE_SIZE = 64  # tile side in pixels (a multiple of 32)
 STRIDE = 32  # training tile stride
 NORMALIZATION = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per tile)
@@ -232,7 +233,8 @@ def predict_and_write(config, model, segment, labels_yx, label_source, region_yx
     started = time.time()
     probabilities_yx = inference.predict_segment(
         model, segment, region_yx, config.DEPTH, config.DEPTH_OFFSET, config.TILE_SIZE, config.INFERENCE_STRIDE,
-        config.NORMALIZATION, config.BATCH_SIZE // dist.world_size(), device, config.TTA, config.NUM_WORKERS)
+        config.NORMALIZATION, config.BATCH_SIZE // dist.world_size(), device, config.TTA, config.NUM_WORKERS,
+        follow_surface=config.FOLLOW_SURFACE)
     full_labels_yx = segment.inklabels if config.inklabel_path is not None else None
     metrics = evaluation.prediction_metrics(probabilities_yx, labels_yx, region_yx, held_out, train_origins,
                                             config.TILE_SIZE, full_labels_yx)
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     augmentation = data.TileAugmentation(config.DEPTH, margin, config.data_augmentation, config.SEED)
     repeats = max(1, math.ceil(config.MIN_TILES_PER_EPOCH / len(train_origins)))
     train_set = data.tile_dataset(labelled, np.tile(train_origins, (repeats, 1)), config.DEPTH, config.DEPTH_OFFSET,
-                                  config.TILE_SIZE, config.NORMALIZATION, augmentation, margin)
+                                  config.TILE_SIZE, config.NORMALIZATION, augmentation, margin, config.FOLLOW_SURFACE)
     # One sampler for 1 or N processes: each process takes its share, reshuffled per (SEED, epoch).
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank(),
                                                   shuffle=True, seed=config.SEED, drop_last=True)
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if held_out is not None:
         validation_origins = data.validation_origins(labelled, config.TILE_SIZE, held_out)[dist.rank()::dist.world_size()]
         validation_set = data.tile_dataset(labelled, validation_origins, config.DEPTH, config.DEPTH_OFFSET,
-                                           config.TILE_SIZE, config.NORMALIZATION)
+                                           config.TILE_SIZE, config.NORMALIZATION, follow_surface=config.FOLLOW_SURFACE)
         validation_loader = torch.utils.data.DataLoader(validation_set, batch_size=batch_per_process,
                                                         num_workers=config.NUM_WORKERS)
 

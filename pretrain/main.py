@@ -50,7 +50,7 @@ def build_model(args: arg_util.Args) -> SparK3d | VICReg:
     decoder = LightDecoder3d(args.decoder_width, sparse_encoder.get_downsample_ratio(),
                              sync_batchnorm=args.sbn and dist.is_distributed())
     return SparK3d(sparse_encoder, decoder, input_size=args.input_size, depth=args.depth,
-                   mask_ratio=args.mask, mask_mode=args.mask_mode)
+                   mask_ratio=args.mask, mask_mode=args.mask_mode, target=args.target)
 
 
 def dense_encoder(model: SparK3d | VICReg) -> torch.nn.Module:
@@ -113,11 +113,11 @@ def save_full_checkpoint(args: arg_util.Args, model: SparK3d | VICReg, optimizer
 
 
 def middle_layer_image(volumes_bcdhw: list[torch.Tensor]) -> torch.Tensor:
-    """(1, H, n·W) grid of the middle layer of sample 0 of each volume, scaled by the first one's range."""
+    """(1, H, n·W) grid of the middle layer of sample 0 of each volume, each scaled by its own range
+    (a texture target and the masked input have different units)."""
     middle = volumes_bcdhw[0].shape[2] // 2
     panels = [volume[0, 0, middle].detach().float() for volume in volumes_bcdhw]
-    low, high = panels[0].min(), panels[0].max()
-    return torch.cat([((panel - low) / (high - low + 1e-6)).clamp(0, 1) for panel in panels], dim=1).unsqueeze(0)
+    return torch.cat([(panel - panel.min()) / (panel.max() - panel.min() + 1e-6) for panel in panels], dim=1).unsqueeze(0)
 
 
 def training_step(args, ddp_model, batch, device, show: bool) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
@@ -196,7 +196,7 @@ def main() -> int:
     try:
         dataset = dataset_class(segments, depth=args.depth, tile_size=args.input_size, samples_per_epoch=args.samples_per_ep,
                                 depth_offset=args.depth_offset, min_mask_fraction=args.min_mask_fraction,
-                                normalization=args.normalization, seed=args.seed)
+                                normalization=args.normalization, seed=args.seed, follow_surface=args.follow_surface)
     except ValueError as error:  # SegmentError included: a window or tile the segments cannot give
         raise arg_util.ArgumentError(str(error)) from error
     # The dataset draws crops from (seed, epoch, index), so a plain rank-strided split gives each process

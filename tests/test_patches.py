@@ -144,3 +144,72 @@ def test_sampling_memory_is_bounded_by_the_lru_not_the_segment(tmp_path):
     assert decoded_chunks > 100  # it really read all over the segment
     assert growth < 200 * 2**20, f"sampling grew RSS by {growth / 2**20:.0f} MiB"
     assert growth < volume_bytes / 5
+
+
+def sheet_volume(shape, surface_yx, seed=0):
+    """uint8 (Z, Y, X): air (40) above a papyrus sheet (140) whose top lies at the fractional layer
+    surface_yx (partial-volume edge), a thin bright layer (+60) one layer below it, and mild noise."""
+    layers = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    depth_in_sheet = layers - surface_yx[None]
+    sheet = 1 / (1 + np.exp(-depth_in_sheet / 0.5))
+    marker = 60 * np.exp(-0.5 * ((depth_in_sheet - 1.0) / 0.4) ** 2)
+    noise = np.random.default_rng(seed).normal(0, 3, shape)
+    return np.clip(40 + 100 * sheet + marker + noise, 0, 255).astype(np.uint8)
+
+
+def test_surface_depth_finds_a_tilted_surface():
+    from pretrain.data.patches import surface_depth
+
+    y_yx, x_yx = np.mgrid[0:64, 0:64].astype(np.float32)
+    true_surface = 10.0 + 0.06 * x_yx + 0.03 * y_yx  # 10 to 15.7 layers
+    slab = sheet_volume((32, 64, 64), true_surface).astype(np.float32) / 255
+    found = surface_depth(slab)
+    inside = (slice(8, -8), slice(8, -8))  # away from the in-plane smoothing's border
+    assert np.abs(found - true_surface)[inside].max() < 0.5
+    # No contrast at all: the middle layer, not an error.
+    assert np.allclose(surface_depth(np.full((20, 16, 16), 0.5, np.float32)), 9.5)
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_surface_window_keeps_the_layer_under_the_surface_at_one_input_layer(tmp_path, offset):
+    height = width = 96
+    y_yx, x_yx = np.mgrid[0:height, 0:width].astype(np.float32)
+    true_surface = 32 + 4.5 * np.sin(x_yx / 15) * np.cos(y_yx / 20)  # wanders ±4.5 layers
+    volume = sheet_volume((65, height, width), true_surface)
+    path = write_zarr_segment(tmp_path / "warped.zarr", volume)
+    write_png(path / "mask.png", np.full((height, width), 255, np.uint8))
+    segment = open_segment(path)
+    depth = 16
+    following = GridTileDataset(segment, depth=depth, tile_size=32, stride=32, depth_offset=offset, follow_surface=True)
+    fixed = GridTileDataset(segment, depth=depth, tile_size=32, stride=32, depth_offset=offset)
+    assert len(following) == len(fixed) == 9
+    marker_layer = depth // 2 - offset + 1  # the bright layer lies one layer below the surface
+    for index in range(len(following)):
+        tile_dhw = following[index]["volume"][0].numpy()
+        assert tile_dhw.shape == (depth, 32, 32)
+        # In (nearly) every column, the brightest layer is the marker's, to within the one layer that
+        # interpolating the marker between two input layers allows: the window follows the surface.
+        assert np.mean(np.abs(tile_dhw.argmax(axis=0) - marker_layer) <= 1) > 0.95
+    # The fixed window sees the marker at whatever layer the warp puts it.
+    brightest_fixed = np.concatenate([fixed[index]["volume"][0].numpy().argmax(axis=0).ravel() for index in range(9)])
+    assert np.mean(np.abs(brightest_fixed - marker_layer) <= 1) < 0.6
+
+
+def test_surface_window_views_and_random_patches_take_the_same_layers(tmp_path):
+    from pretrain.data.views import TwoViewDataset
+
+    height = width = 96
+    y_yx, x_yx = np.mgrid[0:height, 0:width].astype(np.float32)
+    volume = sheet_volume((65, height, width), 30 + 3 * np.sin(x_yx / 25))
+    path = write_zarr_segment(tmp_path / "warped.zarr", volume)
+    write_png(path / "mask.png", np.full((height, width), 255, np.uint8))
+    segment = open_segment(path)
+    patches = RandomPatchDataset([segment], depth=16, tile_size=32, samples_per_epoch=4, follow_surface=True)
+    views = TwoViewDataset([segment], depth=16, tile_size=32, samples_per_epoch=4, follow_surface=True, augment=False)
+    for index in range(4):
+        assert patches[index].shape == (1, 16, 32, 32)
+        for view in views[index]:
+            assert view.shape == (1, 16, 32, 32)
+            # The marker is at input layer 9 (10 where interpolation splits it) without a depth offset;
+            # offsets of 0-2 layers move it up by as much.
+            assert 7 <= np.median(view[0].numpy().argmax(axis=0)) <= 10

@@ -5,16 +5,16 @@ import torch
 from pretrain.decoder import LightDecoder3d
 from pretrain.encoder import SparseEncoder
 from pretrain.models import build_encoder
-from pretrain.spark import SparK3d, cell_statistics, masked_cell_loss, merge_cells, split_into_cells
+from pretrain.spark import SparK3d, cell_statistics, local_contrast, masked_cell_loss, merge_cells, split_into_cells
 
 TINY = "resnet18_3d_tiny"
 CELL_SIZE = (8, 32, 32)
 
 
-def build_spark(input_size=64, depth=16, mask_ratio=0.6, mask_mode="cell"):
+def build_spark(input_size=64, depth=16, mask_ratio=0.6, mask_mode="cell", target="pixels"):
     sparse_encoder = SparseEncoder(build_encoder(TINY))
     decoder = LightDecoder3d(width=32, downsample_ratio=sparse_encoder.get_downsample_ratio())
-    return SparK3d(sparse_encoder, decoder, input_size, depth, mask_ratio=mask_ratio, mask_mode=mask_mode)
+    return SparK3d(sparse_encoder, decoder, input_size, depth, mask_ratio=mask_ratio, mask_mode=mask_mode, target=target)
 
 
 def test_cell_mask_keeps_the_intended_count_and_varies_across_depth():
@@ -125,7 +125,48 @@ def test_visuals_have_input_shape_and_paste_visible_cells():
         assert tensor.shape == x_bcdhw.shape and not tensor.requires_grad
     visible = active_b1dhw.repeat_interleave(8, 2).repeat_interleave(32, 3).repeat_interleave(32, 4)
     assert torch.equal(visuals.reconstruction_bcdhw[visible.expand_as(x_bcdhw)], x_bcdhw[visible.expand_as(x_bcdhw)])
+    assert torch.equal(visuals.target_bcdhw, x_bcdhw)
     assert torch.all(visuals.masked_bcdhw[~visible.expand_as(x_bcdhw)] == 0)
+
+
+def test_local_contrast_matches_a_direct_computation():
+    torch.manual_seed(0)
+    volume_bcdhw = torch.rand(1, 1, 3, 12, 12, dtype=torch.float64)
+    contrast = local_contrast(volume_bcdhw, window=5)
+    assert contrast.shape == volume_bcdhw.shape
+    for z, y, x in [(0, 6, 6), (1, 2, 9), (2, 0, 0), (2, 11, 5)]:  # inside, and at corners and edges
+        def window(yy, xx):  # the in-plane neighbours that exist, as the pooling without padding counts them
+            return volume_bcdhw[0, 0, z, max(yy - 2, 0):yy + 3, max(xx - 2, 0):xx + 3]
+        neighbours = [(yy, xx) for yy in range(max(y - 2, 0), min(y + 3, 12)) for xx in range(max(x - 2, 0), min(x + 3, 12))]
+        squared = [(volume_bcdhw[0, 0, z, yy, xx] - window(yy, xx).mean()) ** 2 for yy, xx in neighbours]
+        assert contrast[0, 0, z, y, x].item() == pytest.approx(torch.stack(squared).mean().sqrt().item(), rel=1e-9)
+
+
+def test_local_contrast_is_zero_on_flat_layers_and_ignores_brightness():
+    flat_bcdhw = torch.arange(4, dtype=torch.float64).reshape(1, 1, 4, 1, 1).expand(1, 1, 4, 9, 9)  # each layer constant
+    assert torch.allclose(local_contrast(flat_bcdhw), torch.zeros_like(flat_bcdhw))
+    textured_bcdhw = torch.rand(1, 1, 2, 16, 16, dtype=torch.float64)
+    assert torch.allclose(local_contrast(textured_bcdhw + 0.3), local_contrast(textured_bcdhw))
+    assert torch.allclose(local_contrast(2 * textured_bcdhw), 2 * local_contrast(textured_bcdhw))
+
+
+def test_texture_target_trains_and_its_visuals_show_the_target():
+    torch.manual_seed(0)
+    spark = build_spark(target="texture")
+    x_bcdhw = torch.rand(2, 1, 16, 64, 64)
+    active_b1dhw = spark.mask(2, "cpu", torch.Generator().manual_seed(5))
+    loss, visuals = spark(x_bcdhw, active_b1dhw, return_visuals=True)
+    loss.backward()
+    assert torch.isfinite(loss) and spark.sparse_encoder.encoder.conv1.weight.grad.abs().sum() > 0
+    visible = active_b1dhw.repeat_interleave(8, 2).repeat_interleave(32, 3).repeat_interleave(32, 4).expand_as(x_bcdhw)
+    assert torch.equal(visuals.target_bcdhw, local_contrast(x_bcdhw))
+    assert torch.equal(visuals.reconstruction_bcdhw[visible], visuals.target_bcdhw[visible])
+    # The pixel target is a different loss on the same input, mask and weights.
+    pixels = build_spark(target="pixels")
+    pixels.load_state_dict(spark.state_dict())
+    assert not torch.isclose(pixels(x_bcdhw, active_b1dhw), loss)
+    with pytest.raises(ValueError, match="target"):
+        build_spark(target="hog")
 
 
 def test_wrong_input_size_is_refused():

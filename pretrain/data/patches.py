@@ -12,11 +12,15 @@ stride) pixels), so even a 65 × 8192 × 8192 segment needs only a small table o
 import math
 
 import numpy as np
+import scipy.ndimage
 import torch
 
 from pretrain.data.segment import Segment, SegmentError
 
 NORMALIZATIONS = ("range", "clip", "zscore")
+# A surface-following window searches this many layers above and below the centred window for the surface.
+SURFACE_SEARCH_LAYERS = 8
+SURFACE_SMOOTHING_PX = 4.0  # in-plane smoothing of the found surface: noise moves single columns, not the sheet
 
 
 def depth_window(num_layers: int, depth: int, offset: int = 0) -> slice:
@@ -48,6 +52,72 @@ def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[f
         values = patch.astype(np.float32) / maximum
         return (values - values.mean()) / (values.std() + 1e-6)
     raise ValueError(f"normalization {mode!r} is not one of {NORMALIZATIONS}")
+
+
+def surface_depth(slab_dtt: np.ndarray) -> np.ndarray:
+    """(T, T) float32: per pixel, the fractional layer of `slab_dtt` where the recto surface lies, i.e.
+    where the (lightly smoothed) intensity first rises, going down from layer 0, above the midpoint
+    between the slab's air and papyrus levels (its 5th and 95th percentiles).
+
+    Columns without such a rise (air or papyrus throughout) take the median of the others, and the map
+    is smoothed in-plane. A slab without contrast gives its middle layer everywhere.
+    """
+    layers = slab_dtt.shape[0]
+    smoothed = scipy.ndimage.gaussian_filter(slab_dtt.astype(np.float32), (0.7, 2.0, 2.0))
+    air, papyrus = np.percentile(smoothed, [5, 95])
+    if papyrus - air < 1e-3 * max(abs(papyrus), 1e-6):
+        return np.full(slab_dtt.shape[1:], (layers - 1) / 2, np.float32)
+    midpoint = (air + papyrus) / 2
+    above = smoothed > midpoint  # (D, T, T)
+    first = above.argmax(axis=0)  # (T, T): the first layer above the midpoint, 0 where none is
+    found = above.any(axis=0) & (first > 0)  # a column bright from layer 0 on shows no rise from air
+    before = np.take_along_axis(smoothed, np.maximum(first - 1, 0)[None], 0)[0]
+    after = np.take_along_axis(smoothed, first[None], 0)[0]
+    # Where between the two layers the midpoint is crossed (linear interpolation).
+    depth_tt = first - 1 + (midpoint - before) / np.maximum(after - before, 1e-6)
+    fill = float(np.median(depth_tt[found])) if found.any() else (layers - 1) / 2
+    depth_tt = np.where(found, depth_tt, fill).astype(np.float32)
+    return scipy.ndimage.gaussian_filter(depth_tt, SURFACE_SMOOTHING_PX, mode="nearest")
+
+
+def resample_along_surface(slab_dtt: np.ndarray, surface_tt: np.ndarray, first_layer: int, count: int) -> np.ndarray:
+    """(count, T, T): layers `surface + first_layer + k` (k = 0 … count - 1) of the slab, linearly
+    interpolated in depth; positions beyond the slab repeat its first or last layer."""
+    positions = surface_tt[None] + first_layer + np.arange(count, dtype=np.float32)[:, None, None]  # (count, T, T)
+    positions = np.clip(positions, 0, slab_dtt.shape[0] - 1)
+    below = np.floor(positions).astype(np.int64)
+    above = np.minimum(below + 1, slab_dtt.shape[0] - 1)
+    weight = (positions - below).astype(np.float32)
+    return ((1 - weight) * np.take_along_axis(slab_dtt, below, 0) + weight * np.take_along_axis(slab_dtt, above, 0))
+
+
+class DepthWindow:
+    """The layers a tile's input takes: `depth` layers centred on the middle layer (shifted by `offset`),
+    or, with `follow_surface`, `depth` layers that follow the recto surface, which then lies at input
+    layer `depth // 2 - offset` everywhere, as it does in the centred window of a perfectly flat segment.
+
+    Segments are flattened along a fitted surface, but not perfectly: the demo's surface wanders ±5
+    layers, real ones a few. Ink touches only the first layer or two below the surface, so a fixed
+    window puts it at a different input layer in every place; following the surface keeps it at one.
+    The surface is found per tile (`surface_depth`) in the window widened by SURFACE_SEARCH_LAYERS
+    on each side (as far as the volume allows).
+    """
+
+    def __init__(self, num_layers: int, depth: int, offset: int = 0, follow_surface: bool = False) -> None:
+        self.depth, self.offset, self.follow_surface = depth, offset, follow_surface
+        self.layers = depth_window(num_layers, depth, offset)  # checks the window fits the volume
+        if follow_surface:
+            self.layers = slice(max(self.layers.start - SURFACE_SEARCH_LAYERS, 0),
+                                min(self.layers.stop + SURFACE_SEARCH_LAYERS, num_layers))
+
+    def read(self, segment: Segment, y: int, x: int, tile_size: int, normalization: str = "range",
+             clip_window: tuple[float, float] = (50, 200), extra_layers: int = 0) -> np.ndarray:
+        """(depth + extra_layers, tile, tile) float32, normalised; the extra layers continue below the window."""
+        if not self.follow_surface:
+            layers = slice(self.layers.start, self.layers.stop + extra_layers)
+            return normalize_patch(read_patch(segment, layers, y, x, tile_size), normalization, clip_window)
+        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), normalization, clip_window)
+        return resample_along_surface(slab, surface_depth(slab), self.offset - self.depth // 2, self.depth + extra_layers)
 
 
 def _block_fractions(image_yx: np.ndarray, block: int) -> np.ndarray:
@@ -129,6 +199,7 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         normalization: str = "range",
         clip_window: tuple[float, float] = (50, 200),
         seed: int = 0,
+        follow_surface: bool = False,
     ) -> None:
         self.segments = list(segments)
         self.tile_size = tile_size
@@ -138,7 +209,7 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.jitter = max(1, tile_size // 4)
-        self.layers = [depth_window(segment.shape[0], depth, depth_offset) for segment in self.segments]
+        self.windows = [DepthWindow(segment.shape[0], depth, depth_offset, follow_surface) for segment in self.segments]
         self.origins = [
             tile_origins(segment, tile_size, self.jitter, min_mask_fraction, min_ink_fraction) for segment in self.segments
         ]
@@ -163,9 +234,8 @@ class RandomPatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         segment_index, y, x = self.sample_position(index)
-        segment = self.segments[segment_index]
-        patch = read_patch(segment, self.layers[segment_index], y, x, self.tile_size)  # (D, T, T)
-        patch = normalize_patch(patch, self.normalization, self.clip_window)
+        window = self.windows[segment_index]
+        patch = window.read(self.segments[segment_index], y, x, self.tile_size, self.normalization, self.clip_window)
         return torch.from_numpy(patch).unsqueeze(0)  # (1, D, T, T)
 
 
@@ -190,10 +260,11 @@ class GridTileDataset(torch.utils.data.Dataset):
         clip_window: tuple[float, float] = (50, 200),
         transform=None,
         origins: np.ndarray | None = None,
+        follow_surface: bool = False,
     ) -> None:
         self.segment = segment
         self.tile_size = tile_size
-        self.layers = depth_window(segment.shape[0], depth, depth_offset)
+        self.window = DepthWindow(segment.shape[0], depth, depth_offset, follow_surface)
         if origins is None:
             origins = tile_origins(segment, tile_size, stride, min_mask_fraction, min_ink_fraction, region_yx)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
@@ -206,7 +277,7 @@ class GridTileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         y, x = (int(value) for value in self.origins[index])
-        volume = normalize_patch(read_patch(self.segment, self.layers, y, x, self.tile_size), self.normalization, self.clip_window)
+        volume = self.window.read(self.segment, y, x, self.tile_size, self.normalization, self.clip_window)
         label = None
         if self.segment.inklabels is not None:
             label = self.segment.inklabels[y : y + self.tile_size, x : x + self.tile_size].astype(np.float32)

@@ -9,7 +9,7 @@ import albumentations
 import numpy as np
 import torch
 
-from pretrain.data.patches import RandomPatchDataset, normalize_patch, read_patch
+from pretrain.data.patches import RandomPatchDataset
 
 DEPTH_OFFSETS = (0, 1, 1, 2)
 PIXEL_OFFSETS = (0, 0, 0, 5, 10)
@@ -44,11 +44,12 @@ class TwoViewDataset(RandomPatchDataset):
         self.augment = view_augmentations() if augment else None
         self.max_depth_offset = max(DEPTH_OFFSETS)
         self.max_pixel_offset = max(PIXEL_OFFSETS)
-        for segment, layers in zip(self.segments, self.layers):
+        for segment, window in zip(self.segments, self.windows):
             if min(segment.shape[1:]) < self.tile_size + self.max_pixel_offset:
                 raise ValueError(f"segment {segment.name} (Y, X) = {segment.shape[1:]} is too small for tiles of "
                                  f"{self.tile_size} plus pixel offsets of up to {self.max_pixel_offset}")
-            if layers.stop + self.max_depth_offset > segment.shape[0]:
+            layers = window.layers
+            if not window.follow_surface and layers.stop + self.max_depth_offset > segment.shape[0]:
                 raise ValueError(f"the depth window {layers.start}..{layers.stop - 1} leaves no room for z-offsets of up "
                                  f"to {self.max_depth_offset} layers in segment {segment.name} ({segment.shape[0]} layers)")
 
@@ -70,13 +71,12 @@ class TwoViewDataset(RandomPatchDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         segment_index, y, x = self.base_position(index)
-        layers = self.layers[segment_index]
-        block_layers = slice(layers.start, layers.stop + self.max_depth_offset)
-        block = read_patch(self.segments[segment_index], block_layers, y, x, self.tile_size + self.max_pixel_offset)
-        block = normalize_patch(block, self.normalization, self.clip_window)  # (D + 2, T + 10, T + 10)
+        window = self.windows[segment_index]
+        block = window.read(self.segments[segment_index], y, x, self.tile_size + self.max_pixel_offset, self.normalization,
+                            self.clip_window, extra_layers=self.max_depth_offset)  # (D + 2, T + 10, T + 10)
         views = []
         for view_number, (dz, dy, dx) in enumerate(self.view_offsets(index)):
-            view_dhw = block[dz : dz + layers.stop - layers.start, dy : dy + self.tile_size, dx : dx + self.tile_size]
+            view_dhw = block[dz : dz + window.depth, dy : dy + self.tile_size, dx : dx + self.tile_size]
             if self.augment is not None:
                 seed = np.random.default_rng((self.seed, self.epoch, index, 2 + view_number)).integers(2**32)
                 self.augment.set_random_seed(int(seed))  # the same views after a resume or with other workers

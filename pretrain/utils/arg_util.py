@@ -29,7 +29,8 @@ class Args(Tap):
     data_path: list[str] = ["demo"]  # segment specs for open_segment: IDs, zarr paths, layer folders, "demo[:seed]"
     scroll: str = "1"  # scroll of segment IDs in data_path (sets the server folder)
     depth: int = 16  # layers per input; with the encoder's depth downsample 8, 16 layers give 2 cells in depth
-    depth_offset: int = 0  # shift of the depth window from the middle layer
+    depth_offset: int = 0  # shift of the depth window from the middle layer (or from the surface, below)
+    follow_surface: bool = False  # depth window follows the recto surface found in each tile (fine-tune with the same)
     input_size: int = 96  # tile side in pixels (a multiple of 32); 96 gives a 3 × 3 grid of 32-pixel cells
     normalization: str = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per patch)
     min_mask_fraction: float = 0.5  # a crop needs at least this much papyrus (mask) under it
@@ -41,6 +42,7 @@ class Args(Tap):
     model: str = "resnet50_3d"  # encoder: resnet50_3d, resnet34_3d, resnet18_3d, resnet50_3d_narrow, resnet18_3d_tiny
     mask: float = 0.6  # fraction of cells masked
     mask_mode: str = "cell"  # "cell": 3D cells (D/d × 32 × 32); "column": ScrollMAE's 2D cells through all depth
+    target: str = "pixels"  # what masked cells reconstruct: "pixels" (SparK) or "texture" (local texture energy)
     decoder_width: int = 256  # channels of the decoder's coarsest stage (halved at each finer stage)
     sbn: bool = False  # SyncBatchNorm across processes (torchrun only)
     # VICReg only
@@ -80,6 +82,8 @@ class Args(Tap):
             problems.append(f"input_size {self.input_size} is not a multiple of 32")
         if self.mask_mode not in ("cell", "column"):
             problems.append(f"mask_mode {self.mask_mode!r} is not 'cell' or 'column'")
+        if self.target not in ("pixels", "texture"):
+            problems.append(f"target {self.target!r} is not 'pixels' or 'texture'")
         if not 0 < self.mask < 1:
             problems.append(f"mask {self.mask} is not between 0 and 1")
         if self.method not in ("spark", "vicreg"):
