@@ -27,6 +27,13 @@ def test_ink_map_finds_obvious_ink_without_labels_and_scores_it(tmp_path):
     assert scores["grid_factor"] == 4 and abs(scores["ink_fraction"] - 1 / 3) < 0.05
     assert scores["best_component"]["f05"] > 0.8 and scores["best_component"]["auc"] > 0.9
     assert scores["best_cluster"]["f05"] > 0.8
+    # The linear probe learns outside the held-out band (64 columns holding ink and papyrus) and is scored inside.
+    probe = scores["linear_probe"]
+    box = probe["held_out_box"]
+    assert box["x1"] - box["x0"] == 64 and (box["y0"], box["y1"]) == (0, 128)
+    assert 0.7 * (128 // 4) * (64 // 4) < probe["held_out_pixels"] <= (128 // 4) * (64 // 4)  # grid pixels of the band
+    assert probe["fit_pixels"] > 2 * probe["held_out_pixels"]
+    assert probe["f05"] > 0.8 and probe["auc"] > 0.9
     for name in ("pca_rgb.png", "pca_best.png", "kmeans.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
