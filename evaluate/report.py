@@ -36,6 +36,7 @@ from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
 
 FIGURE_WIDTH = 512  # pixels: figures stay small PNGs in the repository
+PROBE_SEPARATOR = "::"  # in a variant, between its pretraining settings and its probe settings
 
 
 class StepError(RuntimeError):
@@ -56,6 +57,21 @@ def epoch_records(exp_dir: pathlib.Path) -> list[dict]:
         if record["event"] == "epoch":
             by_epoch[record["epoch"]] = record
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def parse_variant(variant: str) -> tuple[str, str, str]:
+    """'name=pretraining settings[ :: probe settings]' → (name, pretraining settings, probe settings)."""
+    name, settings = variant.split("=", 1)
+    pretraining, _, probe = settings.partition(PROBE_SEPARATOR)
+    return name, pretraining.strip(), probe.strip()
+
+
+def read_probe_rows(folder: pathlib.Path) -> dict:
+    """encoders.py's CSV rows by encoder, each with every epoch's F0.5 (how much one run moves about)."""
+    rows = {row["encoder"]: row for row in csv.DictReader(open(folder / "encoders.csv"))}
+    for name, row in rows.items():
+        row["epoch_f05"] = [record["val_f05"] for record in epoch_records(folder / "runs" / f"{name}_probe")]
+    return rows
 
 
 def write_figure(source: pathlib.Path, destination: pathlib.Path) -> str:
@@ -83,8 +99,12 @@ def main() -> int:
     parser.add_argument("--cka_every", type=int, default=8,
                         help="SparK epochs between the checkpoints CKA compares; the first is also probed")
     parser.add_argument("--variants", nargs="*",
-                        default=["mask0.4=--mask 0.4", "mask0.4_seed1=--mask 0.4 --seed 1", "column=--mask_mode column"],
-                        help="more SparK runs to probe, as name=settings (what else was tried)")
+                        default=["mask0.4=--mask 0.4", "mask0.4_seed1=--mask 0.4 --seed 1", "column=--mask_mode column",
+                                 "texture=--target texture",
+                                 f"surface=--follow_surface True {PROBE_SEPARATOR} --FOLLOW_SURFACE True",
+                                 f"zscore=--normalization zscore {PROBE_SEPARATOR} --NORMALIZATION zscore"],
+                        help="more SparK runs to probe, as name=settings (what else was tried); settings after "
+                             f"'{PROBE_SEPARATOR}' go to the probe, which then also probes a random encoder with them")
     parser.add_argument("--variant_epochs", type=int, default=20)
     parser.add_argument("--kinetics", default="", help="a Hara r3d50_K*/KM* checkpoint: adds a full-width probe table")
     parser.add_argument("--pretrain_args", default="", help="more pretrain/main.py settings for both methods")
@@ -115,14 +135,18 @@ def main() -> int:
     encoders = {"random": "random", **{name: str(folder / f"{args.model}_timm_style.pth") for name, folder in runs.items()}}
     # What else was tried: SparK stopped early, and other SparK settings.
     variants = {f"spark_ep{args.cka_every}": str(runs["spark"] / "epochs" / f"{args.model}_timm_style_ep{args.cka_every:03d}.pth")}
+    own_probes = {}  # variant → its probe settings, for variants that need the probe to read input their way
     for variant in args.variants:
-        name, settings = variant.split("=", 1)
+        name, settings, probe_settings = parse_variant(variant)
         folder = args.work / "variants" / name
         run_step(f"SparK pretraining, variant {name}", [
             "pretrain/main.py", "--method", "spark", "--model", args.model, "--data_path", args.segment,
             "--exp_name", f"report_spark_{name}", "--exp_dir", str(folder), "--ep", str(args.variant_epochs),
             *pretrain_args, *shlex.split(settings)])
-        variants[f"spark_{name}"] = str(folder / f"{args.model}_timm_style.pth")
+        if probe_settings:
+            own_probes[name] = probe_settings
+        else:
+            variants[f"spark_{name}"] = str(folder / f"{args.model}_timm_style.pth")
 
     # The control: an encoder that has seen labels (full fine-tuning, same split, so never the held-out band's),
     # probed frozen like the others. If the probe reads ink from it, the probe is not what fails.
@@ -137,9 +161,20 @@ def main() -> int:
     run_step("frozen-encoder probes", [
         "evaluate/encoders.py", "--encoders", *probed.values(), "--names", *probed, "--segment", args.segment,
         "--MODEL", args.model, "--output", str(probes), "--", *finetune_args])
-    probe_rows = {row["encoder"]: row for row in csv.DictReader(open(probes / "encoders.csv"))}
-    for name, row in probe_rows.items():  # every epoch's F0.5: how much one run moves about
-        row["epoch_f05"] = [record["val_f05"] for record in epoch_records(probes / "runs" / f"{name}_probe")]
+    probe_rows = read_probe_rows(probes)
+    baselines = {name: "random" for name in probe_rows}  # the random encoder each row is compared with
+    probe_tables = [probes / "encoders.md"]
+    # Variants that read their input another way are probed that way, next to a random encoder probed alike.
+    for name, probe_settings in own_probes.items():
+        folder = args.work / f"probes_{name}"
+        run_step(f"frozen-encoder probes, variant {name}", [
+            "evaluate/encoders.py", "--encoders", "random", str(args.work / "variants" / name / f"{args.model}_timm_style.pth"),
+            "--names", f"random_{name}", f"spark_{name}", "--segment", args.segment, "--MODEL", args.model,
+            "--output", str(folder), "--", *finetune_args, *shlex.split(probe_settings)])
+        rows = read_probe_rows(folder)
+        probe_rows.update(rows)
+        baselines.update({row_name: f"random_{name}" for row_name in rows})
+        probe_tables.append(folder / "encoders.md")
     kinetics_table = ""
     if args.kinetics:
         run_step("full-width probes, random vs Kinetics-700", [
@@ -178,16 +213,17 @@ def main() -> int:
                                            args.images / f"report_ink_map_{name}.png") for name in encoders},
     }
     pretraining = {name: epoch_records(folder) for name, folder in runs.items()}
-    report = render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, pretraining, figures,
+    report = render(args, encoders, probe_rows, baselines, probe_tables, kinetics_table, cka_rows, spark_epochs, ink_maps,
+                    pretraining, figures,
                     os.path.relpath(args.images, args.notes.parent), time.time() - started)
     write_bytes_atomic(args.notes, report.encode())
     print(f"\nreport written to {args.notes}, figures to {args.images}/report_*.png")
     return 0
 
 
-def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, ink_maps, pretraining, figures, image_folder,
-           seconds) -> str:
-    random_f05, random_auc = float(probe_rows["random"]["val_f05"]), float(probe_rows["random"]["val_auc"])
+def render(args, encoders, probe_rows, baselines, probe_tables, kinetics_table, cka_rows, spark_epochs, ink_maps,
+           pretraining, figures, image_folder, seconds) -> str:
+    random_f05 = float(probe_rows["random"]["val_f05"])
     ink_fraction = ink_maps["random"]["ink_fraction"]
     lines = [
         "# Which encoder sees ink? The encoder evaluation report",
@@ -222,8 +258,10 @@ def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, i
                      f"after epoch 1, {records[-1]['loss']:.3f} after the last{extra}.")
     tried = [f"`spark_ep{args.cka_every}`, the SparK run's encoder after {args.cka_every} of its {args.spark_epochs} epochs"]
     for variant in args.variants:
-        name, settings = variant.split("=", 1)
-        tried.append(f"`spark_{name}`, SparK for {args.variant_epochs} epoch(s) with `{settings}`")
+        name, settings, probe_settings = parse_variant(variant)
+        tried.append(f"`spark_{name}`, SparK for {args.variant_epochs} epoch(s) with `{settings}`" + (
+            f", probed with `{probe_settings}` next to `random_{name}`, the random encoder probed with them too"
+            if probe_settings else ""))
     lines.append(f"- **Also probed**, to see what changes the result: {'; '.join(tried)}.")
     lines.append("- **Control**: `supervised` is the encoder of a full fine-tuning run (`finetune/train.py`, default "
                  "settings, the same split: it never saw the held-out band), probed frozen like the others. It says "
@@ -236,15 +274,19 @@ def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, i
         "",
         "## Frozen-encoder probe",
         "",
-        (args.work / "probes" / "encoders.md").read_text().split("\n\n", 1)[1].strip(),
+        probe_tables[0].read_text().split("\n\n", 1)[1].strip(),
+        # The other probes' rows, without their header.
+        *[line for table in probe_tables[1:] for line in table.read_text().split("\n\n", 1)[1].strip().splitlines()[2:]],
         "",
-        "| encoder | F0.5 − random | AUC − random | F0.5 over the run's epochs (min – max) |",
-        "|---|---|---|---|",
+        "| encoder | compared with | F0.5 − random | AUC − random | F0.5 over the run's epochs (min – max) |",
+        "|---|---|---|---|---|",
     ]
     for name, row in probe_rows.items():
-        difference = ("" if name == "random" else
-                      f"{float(row['val_f05']) - random_f05:+.3f} | {float(row['val_auc']) - random_auc:+.3f}")
-        lines.append(f"| {name} | {difference or '– | –'} | {min(row['epoch_f05']):.3f} – {max(row['epoch_f05']):.3f} |")
+        baseline = probe_rows[baselines[name]]
+        difference = ("– | – | –" if name.startswith("random") else
+                      f"{baselines[name]} | {float(row['val_f05']) - float(baseline['val_f05']):+.3f} | "
+                      f"{float(row['val_auc']) - float(baseline['val_auc']):+.3f}")
+        lines.append(f"| {name} | {difference} | {min(row['epoch_f05']):.3f} – {max(row['epoch_f05']):.3f} |")
     spark_f05 = float(probe_rows["spark"]["val_f05"])
     random_spread = max(probe_rows["random"]["epoch_f05"]) - min(probe_rows["random"]["epoch_f05"])
     if spark_f05 - random_f05 > random_spread:
@@ -301,12 +343,15 @@ def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, i
         "",
         f"Stage-1 features of the frozen encoder over the whole segment, PCA fitted on papyrus pixels, k-means on "
         f"the leading components; only then scored against the labels. Chance (all ink) is F0.5 "
-        f"{all_ink_f05(ink_fraction):.3f}.",
+        f"{all_ink_f05(ink_fraction):.3f}. For comparison, a linear probe on the same features (logistic "
+        "regression per pixel, fitted outside the probe's held-out band, scored inside) says what a few labels "
+        "read from them linearly.",
         "",
-        "| encoder | best component: F0.5 | its AUC | best k-means cluster: F0.5 | its AUC |",
-        "|---|---|---|---|---|",
+        "| encoder | best component: F0.5 | its AUC | best k-means cluster: F0.5 | its AUC | linear probe: F0.5 | its AUC |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {name} | {result['best_component']['f05']:.3f} | {result['best_component']['auc']:.3f} | "
-          f"{result['best_cluster']['f05']:.3f} | {result['best_cluster']['auc']:.3f} |" for name, result in ink_maps.items()],
+          f"{result['best_cluster']['f05']:.3f} | {result['best_cluster']['auc']:.3f} | "
+          f"{result['linear_probe']['f05']:.3f} | {result['linear_probe']['auc']:.3f} |" for name, result in ink_maps.items()],
         "",
         "The best principal component of each encoder (random, SparK, VICReg):",
         "",
@@ -314,12 +359,12 @@ def render(args, encoders, probe_rows, kinetics_table, cka_rows, spark_epochs, i
         "",
         "## What it means",
         "",
-        *what_it_means(probe_rows, ink_maps, all_ink_f05(ink_fraction), cka_value("random", final)),
+        *what_it_means(probe_rows, baselines, ink_maps, all_ink_f05(ink_fraction), cka_value("random", final)),
     ]
     return "\n".join(lines) + "\n"
 
 
-def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_final_cka: float) -> list[str]:
+def what_it_means(probe_rows: dict, baselines: dict, ink_maps: dict, chance_f05: float, random_final_cka: float) -> list[str]:
     """The reading of the numbers, worded from the numbers, so a rerun cannot leave stale claims behind."""
     def f05(name: str) -> float:
         return float(probe_rows[name]["val_f05"])
@@ -327,23 +372,27 @@ def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_fi
     def auc(name: str) -> float:
         return float(probe_rows[name]["val_auc"])
 
+    def gain(name: str) -> float:  # over the random encoder probed the same way
+        return f05(name) - f05(baselines[name])
+
     random_spread = max(probe_rows["random"]["epoch_f05"]) - min(probe_rows["random"]["epoch_f05"])
-    pretrained = [name for name in probe_rows if name not in ("random", "supervised")]
-    best = max(pretrained, key=f05)
-    at_chance = [name for name in ["random", *pretrained] if auc(name) < 0.6 and f05(name) < chance_f05 + 0.05]
+    randoms = [name for name in probe_rows if name.startswith("random")]
+    pretrained = [name for name in probe_rows if name not in randoms and name != "supervised"]
+    best = max(pretrained, key=gain)
+    at_chance = [name for name in [*randoms, *pretrained] if auc(name) < 0.6 and f05(name) < chance_f05 + 0.05]
     lines = []
-    if len(at_chance) == len(pretrained) + 1:
+    if len(at_chance) == len(randoms) + len(pretrained):
         lines.append(f"- **No frozen encoder here lets the probe find ink.** Random and every pretrained encoder "
                      f"score F0.5 {min(map(f05, at_chance)):.3f}–{max(map(f05, at_chance)):.3f} and AUC "
                      f"{min(map(auc, at_chance)):.3f}–{max(map(auc, at_chance)):.3f}, where calling everything ink "
                      f"scores {chance_f05:.3f} and AUC 0.5 is a coin.")
-    gap = f05(best) - f05("random")
+    gap = gain(best)
     if abs(gap) <= random_spread:
-        lines.append(f"- The best pretrained probe ({best}, {f05(best):.3f}) differs from random by {gap:+.3f}, less "
-                     f"than the {random_spread:.3f} that the random probe's own F0.5 moves between epochs. That is "
+        lines.append(f"- The best pretrained probe ({best}, {f05(best):.3f}) differs from {baselines[best]} by {gap:+.3f}, "
+                     f"less than the {random_spread:.3f} that the random probe's own F0.5 moves between epochs. That is "
                      "noise, not a ranking.")
     else:
-        lines.append(f"- The best pretrained probe ({best}) is {'above' if gap > 0 else 'below'} random by "
+        lines.append(f"- The best pretrained probe ({best}) is {'above' if gap > 0 else 'below'} {baselines[best]} by "
                      f"{abs(gap):.3f} F0.5, more than the {random_spread:.3f} that the random probe's own F0.5 moves "
                      "between epochs.")
     if "supervised" in probe_rows:
@@ -364,7 +413,7 @@ def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_fi
     if f05("spark") <= f05("random") + random_spread:
         if best != "spark" and gap > random_spread:
             replicas = [name for name in probe_rows if name.startswith(f"{best}_seed")]
-            replicated = [name for name in replicas if f05(name) - f05("random") > random_spread]
+            replicated = [name for name in replicas if gain(name) > random_spread]
             if not replicas:
                 lines.append(f"- **The lead**: {best} does what the default SparK run does not, in one run. Other seeds "
                              "of the same settings come before making it the default.")
@@ -375,11 +424,13 @@ def what_it_means(probe_rows: dict, ink_maps: dict, chance_f05: float, random_fi
                                 "do not: the difference does not replicate, so it is not a lead yet."))
         lines += [
             "",
+            "Why reconstruction pretraining misses this ink is measured in `notes/ink_signal.md`: ink is a fraction "
+            "of a percent of the voxels SparK reconstructs, and a few percent of their local contrast.",
+            "",
             "Not yet tried, and why each might help:",
-            "- A depth window that follows the recto surface instead of the middle layers: ink touches only one or "
-            "two layers, so a flat window spends most of its voxels on layers without ink.",
-            "- Smaller masked cells: a masked 8 × 32 × 32 cell is larger than a letter's stroke is wide, so the "
-            "reconstruction can ignore ink and still be right almost everywhere.",
+            "- Masked cells smaller than a stroke is wide (8 pixels on the demo): a masked 8 × 32 × 32 cell lets the "
+            "reconstruction ignore ink and still be right almost everywhere. SparK's cell is the encoder's 32-pixel "
+            "downsample, so this needs a finer mask than SparK's sparse convolutions allow.",
             "- Views for VICReg that differ in what is not ink (gain/offset drift, warp), so that invariance removes "
             "them and the embedding's variance has to come from the rest.",
             "- Far longer pretraining, on a GPU: these runs saw a few thousand crops.",

@@ -11,7 +11,8 @@ def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tm
     finetune_settings = [argument for argument in TINY if argument not in ("--MODEL", "resnet18_3d_tiny")]
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "report.py"), "--segment", str(segment_path),
                "--model", "resnet18_3d_tiny", "--spark_epochs", "2", "--vicreg_epochs", "1", "--vicreg_bs", "4",
-               "--cka_every", "1", "--variants", "mask0.3=--mask 0.3", "--variant_epochs", "1",
+               "--cka_every", "1", "--variant_epochs", "1",
+               "--variants", "mask0.3=--mask 0.3", "zscore=--normalization zscore :: --NORMALIZATION zscore",
                "--pretrain_args", "--depth 16 --input_size 64 --samples_per_ep 8 --decoder_width 32 --projector 64-64 "
                                   "--num_workers 0 --vis_every 0",
                "--finetune_args", " ".join(finetune_settings), "--feature_args", "--depth 16 --tile_size 32",
@@ -22,9 +23,13 @@ def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tm
     report = (tmp_path / "notes" / "report.md").read_text()
     for heading in ("## Frozen-encoder probe", "## Kinetics-700", "## CKA", "## Unsupervised ink map"):
         assert heading in report
-    # spark_ep1 and spark_mask0.3: what else was tried; supervised: the control
-    for encoder in ("random", "spark", "vicreg", "spark_ep1", "spark_mask0.3", "supervised"):
+    # spark_ep1, spark_mask0.3 and spark_zscore: what else was tried; supervised: the control
+    for encoder in ("random", "spark", "vicreg", "spark_ep1", "spark_mask0.3", "supervised", "random_zscore",
+                    "spark_zscore"):
         assert f"| {encoder} | probe |" in report
+    # A variant probed its own way is compared with the random encoder probed that way, the others with random.
+    assert "| spark_zscore | random_zscore |" in report and "| spark_mask0.3 | random |" in report
+    assert "| encoder | best component: F0.5 | its AUC | best k-means cluster: F0.5 | its AUC | linear probe: F0.5 |" in report
     assert re.search(r"\*\*On validation F0.5, the frozen SparK encoder \(default settings\) (beats|does not)", report)
     assert "| random and spark ep2 |" in report and "| spark ep1 and spark ep2 |" in report
     assert "2 epoch(s)" in report and "embedding std" in report  # both pretraining runs summarised
