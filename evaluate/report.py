@@ -102,7 +102,8 @@ def main() -> int:
                         default=["mask0.4=--mask 0.4", "mask0.4_seed1=--mask 0.4 --seed 1", "column=--mask_mode column",
                                  "texture=--target texture",
                                  f"surface=--follow_surface True {PROBE_SEPARATOR} --FOLLOW_SURFACE True",
-                                 f"zscore=--normalization zscore {PROBE_SEPARATOR} --NORMALIZATION zscore"],
+                                 f"zscore=--normalization zscore {PROBE_SEPARATOR} --NORMALIZATION zscore",
+                                 f"zscore_seed1=--normalization zscore --seed 1 {PROBE_SEPARATOR} --NORMALIZATION zscore"],
                         help="more SparK runs to probe, as name=settings (what else was tried); settings after "
                              f"'{PROBE_SEPARATOR}' go to the probe, which then also probes a random encoder with them")
     parser.add_argument("--variant_epochs", type=int, default=20)
@@ -164,16 +165,21 @@ def main() -> int:
     probe_rows = read_probe_rows(probes)
     baselines = {name: "random" for name in probe_rows}  # the random encoder each row is compared with
     probe_tables = [probes / "encoders.md"]
-    # Variants that read their input another way are probed that way, next to a random encoder probed alike.
+    # Variants that read their input another way are probed that way, next to a random encoder probed alike
+    # (once per distinct probe setting: another seed of the same variant shares its random encoder's probe).
+    random_for_settings = {}
     for name, probe_settings in own_probes.items():
         folder = args.work / f"probes_{name}"
+        probed_here = {f"spark_{name}": str(args.work / "variants" / name / f"{args.model}_timm_style.pth")}
+        if probe_settings not in random_for_settings:
+            random_for_settings[probe_settings] = f"random_{name}"
+            probed_here = {f"random_{name}": "random", **probed_here}
         run_step(f"frozen-encoder probes, variant {name}", [
-            "evaluate/encoders.py", "--encoders", "random", str(args.work / "variants" / name / f"{args.model}_timm_style.pth"),
-            "--names", f"random_{name}", f"spark_{name}", "--segment", args.segment, "--MODEL", args.model,
-            "--output", str(folder), "--", *finetune_args, *shlex.split(probe_settings)])
+            "evaluate/encoders.py", "--encoders", *probed_here.values(), "--names", *probed_here, "--segment",
+            args.segment, "--MODEL", args.model, "--output", str(folder), "--", *finetune_args, *shlex.split(probe_settings)])
         rows = read_probe_rows(folder)
         probe_rows.update(rows)
-        baselines.update({row_name: f"random_{name}" for row_name in rows})
+        baselines.update({row_name: random_for_settings[probe_settings] for row_name in rows})
         probe_tables.append(folder / "encoders.md")
     kinetics_table = ""
     if args.kinetics:
@@ -260,7 +266,7 @@ def render(args, encoders, probe_rows, baselines, probe_tables, kinetics_table, 
     for variant in args.variants:
         name, settings, probe_settings = parse_variant(variant)
         tried.append(f"`spark_{name}`, SparK for {args.variant_epochs} epoch(s) with `{settings}`" + (
-            f", probed with `{probe_settings}` next to `random_{name}`, the random encoder probed with them too"
+            f", probed with `{probe_settings}` next to a random encoder probed with them too"
             if probe_settings else ""))
     lines.append(f"- **Also probed**, to see what changes the result: {'; '.join(tried)}.")
     lines.append("- **Control**: `supervised` is the encoder of a full fine-tuning run (`finetune/train.py`, default "
@@ -411,15 +417,19 @@ def what_it_means(probe_rows: dict, baselines: dict, ink_maps: dict, chance_f05:
     lines.append(f"- **CKA**: the final SparK encoder's stage-4 representation has linear CKA {random_final_cka:.2f} "
                  "with its random starting point; the table shows how fast it settles over the epochs.")
     if f05("spark") <= f05("random") + random_spread:
-        if best != "spark" and gap > random_spread:
-            replicas = [name for name in probe_rows if name.startswith(f"{best}_seed")]
+        # Every variant above its random baseline by more than the noise, and whether its other seeds agree.
+        leads = [name for name in pretrained if "_seed" not in name and name != "spark" and gain(name) > random_spread]
+        for lead in sorted(leads, key=gain, reverse=True):
+            replicas = [name for name in probe_rows if name.startswith(f"{lead}_seed")]
             replicated = [name for name in replicas if gain(name) > random_spread]
             if not replicas:
-                lines.append(f"- **The lead**: {best} does what the default SparK run does not, in one run. Other seeds "
-                             "of the same settings come before making it the default.")
+                lines.append(f"- **A lead**: {lead} does what the default SparK run does not ({gain(lead):+.3f} over "
+                             f"{baselines[lead]}), in one run. Other seeds of the same settings come before making it "
+                             "the default.")
             else:
-                lines.append(f"- {best} does what the default SparK run does not, but the same settings with another seed "
-                             f"({', '.join(f'{name}: {f05(name):.3f}' for name in replicas)}) "
+                lines.append(f"- {lead} does what the default SparK run does not ({gain(lead):+.3f} over {baselines[lead]}), "
+                             "and the same settings with another seed "
+                             f"({', '.join(f'{name}: {gain(name):+.3f}' for name in replicas)}) "
                              + ("do too: a lead to follow." if len(replicated) == len(replicas) else
                                 "do not: the difference does not replicate, so it is not a lead yet."))
         lines += [

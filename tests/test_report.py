@@ -13,6 +13,7 @@ def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tm
                "--model", "resnet18_3d_tiny", "--spark_epochs", "2", "--vicreg_epochs", "1", "--vicreg_bs", "4",
                "--cka_every", "1", "--variant_epochs", "1",
                "--variants", "mask0.3=--mask 0.3", "zscore=--normalization zscore :: --NORMALIZATION zscore",
+               "zscore_seed1=--normalization zscore --seed 1 :: --NORMALIZATION zscore",
                "--pretrain_args", "--depth 16 --input_size 64 --samples_per_ep 8 --decoder_width 32 --projector 64-64 "
                                   "--num_workers 0 --vis_every 0",
                "--finetune_args", " ".join(finetune_settings), "--feature_args", "--depth 16 --tile_size 32",
@@ -29,6 +30,8 @@ def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tm
         assert f"| {encoder} | probe |" in report
     # A variant probed its own way is compared with the random encoder probed that way, the others with random.
     assert "| spark_zscore | random_zscore |" in report and "| spark_mask0.3 | random |" in report
+    # Another seed with the same probe settings shares that random probe instead of training it again.
+    assert "| spark_zscore_seed1 | random_zscore |" in report and "random_zscore_seed1" not in report
     assert "| encoder | best component: F0.5 | its AUC | best k-means cluster: F0.5 | its AUC | linear probe: F0.5 |" in report
     assert re.search(r"\*\*On validation F0.5, the frozen SparK encoder \(default settings\) (beats|does not)", report)
     assert "| random and spark ep2 |" in report and "| spark ep1 and spark ep2 |" in report
