@@ -116,6 +116,7 @@ class DepthWindow:
         if not self.follow_surface:
             layers = slice(self.layers.start, self.layers.stop + extra_layers)
             return normalize_patch(read_patch(segment, layers, y, x, tile_size), normalization, clip_window)
+        # Normalised before resampling: "zscore" takes its statistics over the searched slab, not the output.
         slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), normalization, clip_window)
         return resample_along_surface(slab, surface_depth(slab), self.offset - self.depth // 2, self.depth + extra_layers)
 
