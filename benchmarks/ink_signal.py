@@ -28,6 +28,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from evaluate.ink_map import FINE_THRESHOLDS, scale_to_unit  # noqa: E402
 from finetune.metrics import ink_metrics  # noqa: E402
 from pretrain.data.demo import build_demo_segment  # noqa: E402
 from pretrain.data.patches import GridTileDataset, RandomPatchDataset  # noqa: E402
@@ -76,10 +77,8 @@ def surface_contrast_map(segment, depth: int = 16, tile_size: int = 64, smoothin
         contrast_yx[y : y + tile_size, x : x + tile_size] = local_contrast(surface_layers)[0, 0].mean(dim=0).numpy()
     contrast_yx = cv2.GaussianBlur(contrast_yx, (0, 0), smoothing_px)
     inside = segment.mask & (contrast_yx > 0)
-    values = contrast_yx[inside]
-    low, high = np.percentile(values, [0.5, 99.5])  # the mask's rim and the blur's edge make a few outliers
-    scaled = np.clip((values - low) / (high - low), 0, 1)
-    metrics = ink_metrics(scaled, segment.inklabels[inside] > 0, tuple(np.linspace(0.01, 0.99, 99)))
+    # Scaled by percentiles: the mask's rim and the blur's edge make a few outliers.
+    metrics = ink_metrics(scale_to_unit(contrast_yx[inside]), segment.inklabels[inside] > 0, FINE_THRESHOLDS)
     return {"f05": metrics.f05, "auc": metrics.auc}
 
 
