@@ -10,6 +10,7 @@ import sys
 
 from tap import Tap
 
+from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.utils.misc import git_commit
 
 
@@ -80,10 +81,10 @@ class Args(Tap):
         problems = []
         if self.input_size % 32:
             problems.append(f"input_size {self.input_size} is not a multiple of 32")
-        if self.mask_mode not in ("cell", "column"):
-            problems.append(f"mask_mode {self.mask_mode!r} is not 'cell' or 'column'")
-        if self.target not in ("pixels", "texture"):
-            problems.append(f"target {self.target!r} is not 'pixels' or 'texture'")
+        if self.mask_mode not in MASK_MODES:
+            problems.append(f"mask_mode {self.mask_mode!r} is not {' or '.join(map(repr, MASK_MODES))}")
+        if self.target not in TARGETS:
+            problems.append(f"target {self.target!r} is not {' or '.join(map(repr, TARGETS))}")
         if not 0 < self.mask < 1:
             problems.append(f"mask {self.mask} is not between 0 and 1")
         if self.method not in ("spark", "vicreg"):
