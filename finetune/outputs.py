@@ -19,6 +19,11 @@ from pretrain.utils import misc
 
 PREVIEW_SIDE = 1024  # longest side of TensorBoard images
 VALIDATION_BOX_BGR = (0, 0, 255)
+CAPTION_BGR = (255, 255, 255)
+CAPTION_FONT = cv2.FONT_HERSHEY_SIMPLEX
+LABELS_TITLE = "labels (ink white, papyrus grey)"
+PREDICTION_TITLE = "prediction (ink probability)"
+HELD_OUT_NOTE = "red box: held-out validation band"
 
 
 def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
@@ -36,10 +41,40 @@ def probability_image(probabilities_yx: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(probabilities_yx * 255.0), 0, 255).astype(np.uint8)
 
 
+def caption_strip(panel_width: int, gap: int, held_out: bool) -> np.ndarray:
+    """(H, 2 * panel_width + gap, 3) uint8 BGR: each panel's title above it and, with a held-out band, what
+    the red box is; its last `gap` rows are a white line. The font scales with the panel width, so the caption reads alike at every segment size
+    and in TensorBoard's downscaled preview."""
+    lines = [[(0, LABELS_TITLE, CAPTION_BGR), (panel_width + gap, PREDICTION_TITLE, CAPTION_BGR)]]
+    if held_out:
+        lines.append([(0, HELD_OUT_NOTE, VALIDATION_BOX_BGR)])
+    texts = [text for line in lines for _, text, _ in line]
+    margin = max(2, panel_width // 60)
+    # The widest text spans two thirds of a panel: small, yet readable; a narrow panel (a validation band, a
+    # test segment) gives it its whole width, as two thirds of it would be too small to read.
+    available = min(panel_width - 2 * margin, max(2 * panel_width // 3, 300))
+    scale = available / max(cv2.getTextSize(text, CAPTION_FONT, 1.0, 1)[0][0] for text in texts)
+    thickness = max(1, round(scale * 1.5))
+    # A thicker stroke widens the text a little past the thin-stroke estimate: shrink to fit once more.
+    scale *= min(1.0, available / max(cv2.getTextSize(text, CAPTION_FONT, scale, thickness)[0][0] for text in texts))
+    (_, text_height), baseline = cv2.getTextSize(LABELS_TITLE, CAPTION_FONT, scale, thickness)
+    line_height = text_height + baseline + margin
+    strip = np.zeros((margin + len(lines) * line_height + gap, 2 * panel_width + gap, 3), np.uint8)
+    # The panels' separator runs on through the caption, and one as wide divides the caption from the panels,
+    # whose unmasked background is as black as the caption's.
+    strip[:, panel_width:panel_width + gap] = 255
+    strip[-gap:] = 255
+    for index, line in enumerate(lines):
+        for x0, text, colour in line:
+            cv2.putText(strip, text, (x0 + margin, margin + index * line_height + text_height), CAPTION_FONT, scale,
+                        colour, thickness, cv2.LINE_AA)
+    return strip
+
+
 def labels_vs_prediction(labels_yx: np.ndarray, probabilities_yx: np.ndarray, mask_yx: np.ndarray,
                          held_out: Box | None = None) -> np.ndarray:
-    """(Y, 2X + gap, 3) uint8 BGR: labels (ink white, papyrus grey) | prediction, with the validation
-    band outlined in red on both."""
+    """(caption + Y, 2X + gap, 3) uint8 BGR: labels (ink white, papyrus grey) | prediction, with the
+    validation band outlined in red on both, under a caption that says so (`caption_strip`)."""
     labels_grey = np.where(labels_yx > 0, 255, np.where(mask_yx, 60, 0)).astype(np.uint8)
     gap = max(4, labels_yx.shape[1] // 100)
     panels = []
@@ -51,7 +86,8 @@ def labels_vs_prediction(labels_yx: np.ndarray, probabilities_yx: np.ndarray, ma
                           thickness)
         panels.append(panel)
     separator = np.full((labels_yx.shape[0], gap, 3), 255, np.uint8)
-    return np.concatenate([panels[0], separator, panels[1]], axis=1)
+    caption = caption_strip(labels_yx.shape[1], gap, held_out is not None)
+    return np.concatenate([caption, np.concatenate([panels[0], separator, panels[1]], axis=1)], axis=0)
 
 
 def preview_chw(image: np.ndarray) -> torch.Tensor:

@@ -71,7 +71,8 @@ def test_validation_run_writes_every_output(finished_run):
     prediction = cv2.imread(str(save_path), cv2.IMREAD_UNCHANGED)
     assert prediction.shape == SHAPE[1:] and prediction.dtype == np.uint8
     assert np.array_equal(prediction, cv2.imread(str(experiment / "prediction.png"), cv2.IMREAD_UNCHANGED))
-    assert cv2.imread(str(experiment / "labels_vs_prediction.png")).shape[:2] == (SHAPE[1], 2 * SHAPE[2] + 4)
+    comparison = cv2.imread(str(experiment / "labels_vs_prediction.png"))
+    assert comparison.shape[1] == 2 * SHAPE[2] + 4 and comparison.shape[0] > SHAPE[1]  # a caption above the panels
     last = torch.load(experiment / "last.pth", weights_only=False)
     assert last["config"]["MODEL"] == "resnet18_3d_tiny" and last["config"]["NUM_EPOCHS"] == 2
     assert last["state"]["epoch"] == 2 and {"model", "optimizer", "rng", "commit"} <= set(last)
