@@ -1,10 +1,16 @@
-"""A loopback (127.0.0.1 only) HTTP server laid out like the Vesuvius data server, for tests and benchmarks.
+"""A loopback (127.0.0.1 only) HTTP server for tests and benchmarks; the folder it serves is laid out like
+the Vesuvius data server by `tests.conftest` (`write_server_segment`, `write_server_layers`).
 
-It serves a folder, counts every request by path, and can misbehave on purpose: `faults` maps a fault
-kind to the fraction of chunk requests that get it ("429", "500", "truncate", "drop", "delay"),
-drawn from a seeded generator so a run is reproducible. Metadata keys (.zarray, zarr.json, ...) and
-PNGs are served cleanly unless `fault_everything` is set, so tests can aim faults at chunks.
+It serves a folder, counts every request by path (and the 404s), and can misbehave on purpose:
+- `faults` maps a fault kind to the fraction of chunk requests that get it ("429", "500", "truncate",
+  "drop", "delay"), drawn from a seeded generator so a run is reproducible. Metadata keys (.zarray,
+  zarr.json, ...) and images are served cleanly unless `fault_everything` is set, so tests can aim faults
+  at chunks;
+- `scripted_status` maps a path to the statuses its next requests get (`[404]`: a 404 once, then the file);
+- `permanent_status` maps a path to a status it always gets;
+- `basic_auth=(login, password)` demands HTTP Basic auth, as the data server has in the past (401 without it).
 """
+import base64
 import collections
 import contextlib
 import http.server
@@ -16,11 +22,13 @@ import threading
 import time
 
 METADATA_NAMES = (".zarray", ".zgroup", ".zattrs", ".zmetadata", "zarr.json")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg")
 
 
 class LoopbackServer:
     def __init__(self, root: pathlib.Path, faults: dict[str, float] | None = None, seed: int = 0,
-                 fault_everything: bool = False, delay_seconds: float = 0.2, chunk_delay_seconds: float = 0.0):
+                 fault_everything: bool = False, delay_seconds: float = 0.2, chunk_delay_seconds: float = 0.0,
+                 basic_auth: tuple[str, str] | None = None):
         self.root = pathlib.Path(root)
         self.faults = dict(faults or {})
         self.fault_everything = fault_everything
@@ -29,11 +37,19 @@ class LoopbackServer:
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.requests: collections.Counter[str] = collections.Counter()
+        self.not_found: collections.Counter[str] = collections.Counter()  # path → 404s answered
+        self.unauthorized = 0  # 401s answered
+        self.authorizations: set[str] = set()  # Authorization headers received
         self.fault_counts: collections.Counter[str] = collections.Counter()
         self.bytes_sent = 0
         self.active = 0
         self.max_active = 0
         self.permanent_status: dict[str, int] = {}  # path → status, e.g. a 500 that never heals
+        self.scripted_status: dict[str, list[int]] = {}  # path → statuses of its next requests, in order
+        self.expected_authorization = None
+        if basic_auth is not None:
+            token = base64.b64encode(":".join(basic_auth).encode()).decode()
+            self.expected_authorization = f"Basic {token}"
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -91,10 +107,28 @@ class LoopbackServer:
     def chunk_requests(self) -> int:
         return sum(count for path, count in self.requests.items() if self._is_chunk(path))
 
+    def requests_by_kind(self) -> dict[str, int]:
+        """Requests so far as {"metadata", "image", "chunk", "not_found"} counts."""
+        counts = collections.Counter(self.kind(path) for path in self.requests.elements())
+        return {"metadata": counts["metadata"], "image": counts["image"], "chunk": counts["chunk"],
+                "not_found": sum(self.not_found.values())}
+
+    def reset_counts(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.not_found.clear()
+            self.bytes_sent = 0
+
     @staticmethod
-    def _is_chunk(path: str) -> bool:
+    def kind(path: str) -> str:
         name = path.rsplit("/", 1)[-1]
-        return name not in METADATA_NAMES and not name.endswith(".png")
+        if name in METADATA_NAMES:
+            return "metadata"
+        return "image" if name.lower().endswith(IMAGE_SUFFIXES) else "chunk"
+
+    @classmethod
+    def _is_chunk(cls, path: str) -> bool:
+        return cls.kind(path) == "chunk"
 
     def _draw_fault(self, path: str) -> str | None:
         if not self.faults or not (self.fault_everything or self._is_chunk(path)):
@@ -113,8 +147,30 @@ class LoopbackServer:
         if self.root.resolve() not in file_path.parents and file_path != self.root.resolve():
             handler.send_error(403)
             return
+        if self.expected_authorization is not None:
+            received = handler.headers.get("Authorization")
+            if received:
+                with self.lock:
+                    self.authorizations.add(received)
+            if received != self.expected_authorization:
+                with self.lock:
+                    self.unauthorized += 1
+                handler.send_response(401)
+                handler.send_header("WWW-Authenticate", 'Basic realm="data"')
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
         if path in self.permanent_status:
             handler.send_error(self.permanent_status[path])
+            return
+        with self.lock:
+            scripted = self.scripted_status.get(path)
+            status = scripted.pop(0) if scripted else None
+        if status is not None:
+            if status == 404:
+                with self.lock:
+                    self.not_found[path] += 1
+            handler.send_error(status)
             return
         fault = self._draw_fault(path)
         if fault in ("429", "500"):
@@ -123,6 +179,8 @@ class LoopbackServer:
             handler.end_headers()
             return
         if not file_path.is_file():
+            with self.lock:
+                self.not_found[path] += 1
             handler.send_error(404)
             return
         if self.chunk_delay_seconds and self._is_chunk(path):

@@ -5,13 +5,20 @@ truncated response aborts the read (the complaints against the `vesuvius` librar
 #1666). Here each key (chunk or metadata) is fetched at most once, ever:
 
     zarr  --get(key)-->  CachedHTTPStore  --hit-->  {cache_dir}/{host}/{path}/{key}
-                                         --miss-->  fsspec HTTP GET (bounded concurrency, retries)
+                                         --miss-->  aiohttp GET (bounded concurrency, retries)
                                                     --> written atomically into the cache
 
-A key the server does not have (404) is remembered as `{key}.absent`: for zarr a missing chunk means
-"fill value", so a warm run never asks again. Files are first written under `{cache_dir}/.incomplete/`
-and then renamed into place, so a killed run leaves no partial file where the cache looks; leftovers of
-dead processes are swept when a store opens.
+A key the server does not have is remembered as `{key}.absent`: for zarr a missing chunk means "fill
+value", so a warm run never asks again. A 404 is believed only when a second request repeats it, so
+one 404 from a flaky proxy does not stick; and `fetch_url(..., recheck_absent=True)` (what
+`download_segment.sh` uses) asks again for a remembered absence and repairs the cache if the file is
+there after all. Files are first written under `{cache_dir}/.incomplete/` and then renamed into place,
+so a killed run leaves no partial file where the cache looks; leftovers of dead processes are swept
+when a store opens.
+
+Credentials (HTTP Basic auth) come from the URL (`https://user:password@host`) or, through aiohttp's
+`trust_env`, from `~/.netrc`. They are split off the URL at once: cache paths, messages and logs only
+ever see the URL without them.
 """
 import asyncio
 import atexit
@@ -22,10 +29,9 @@ import pathlib
 import random
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import aiohttp
-import fsspec
 import zarr.core.sync
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
@@ -36,10 +42,54 @@ INCOMPLETE_DIR = ".incomplete"
 ABSENT_SUFFIX = ".absent"
 # Server answers worth trying again: throttling and server-side failures.
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+STREAM_BLOCK_BYTES = 2**20
 
 
 class RemoteReadError(OSError):
     """A URL could not be read after all retries (or was refused outright)."""
+
+
+class RemoteAuthError(RemoteReadError):
+    """The server answered 401: it wants credentials, or refused the ones given."""
+
+
+class Credentials:
+    """HTTP Basic credentials that never show themselves: repr, str and messages print no part of them."""
+
+    def __init__(self, login: str, password: str) -> None:
+        self._auth = aiohttp.BasicAuth(login, password)
+
+    @property
+    def auth(self) -> aiohttp.BasicAuth:
+        return self._auth
+
+    def __repr__(self) -> str:
+        return "Credentials(<hidden>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Credentials) and other._auth == self._auth
+
+    def __getstate__(self) -> tuple[str, str]:  # pickled to DataLoader workers (in memory), never to disk
+        return self._auth.login, self._auth.password
+
+    def __setstate__(self, state: tuple[str, str]) -> None:
+        self._auth = aiohttp.BasicAuth(*state)
+
+
+def split_credentials(url: str) -> tuple[str, Credentials | None]:
+    """`https://user:password@host/path` → (`https://host/path`, their Credentials); a URL without any → (url, None)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.username is None and parsed.password is None:
+        return url, None
+    netloc = parsed.hostname or ""
+    if parsed.port is not None:
+        netloc += f":{parsed.port}"
+    clean = urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, parsed.query, parsed.fragment))
+    login = urllib.parse.unquote(parsed.username or "")
+    password = urllib.parse.unquote(parsed.password or "")
+    return clean, Credentials(login, password)
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -47,21 +97,24 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def cache_path_for_url(cache_dir: pathlib.Path, url: str) -> pathlib.Path:
-    """Where a URL's bytes live in the cache: a mirror of host and path."""
+    """Where a URL's bytes live in the cache: a mirror of host, port and path (never of credentials)."""
     parsed = urllib.parse.urlsplit(url)
-    host = parsed.netloc.replace(":", "_")  # a port must not make an invalid folder name
+    host = (parsed.hostname or "") + (f"_{parsed.port}" if parsed.port is not None else "")
     return pathlib.Path(cache_dir) / host / parsed.path.strip("/")
+
+
+def _incomplete_path(cache_dir: pathlib.Path) -> pathlib.Path:
+    incomplete_dir = pathlib.Path(cache_dir) / INCOMPLETE_DIR
+    incomplete_dir.mkdir(parents=True, exist_ok=True)
+    return incomplete_dir / f"{os.getpid()}-{uuid.uuid4().hex}"
 
 
 def write_atomic(destination: pathlib.Path, data: bytes, cache_dir: pathlib.Path) -> None:
     """Write `data` to `destination` through a temp file in `cache_dir/.incomplete` and a rename."""
-    incomplete_dir = pathlib.Path(cache_dir) / INCOMPLETE_DIR
-    incomplete_dir.mkdir(parents=True, exist_ok=True)
+    temporary = _incomplete_path(cache_dir)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = incomplete_dir / f"{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        with open(temporary, "wb") as file:
-            file.write(data)
+        temporary.write_bytes(data)
         os.replace(temporary, destination)
     finally:
         temporary.unlink(missing_ok=True)
@@ -91,46 +144,49 @@ def sweep_incomplete(cache_dir: pathlib.Path) -> int:
     return removed
 
 
-_process_filesystem: tuple[int, object] | None = None
+_process_session: tuple[int, aiohttp.ClientSession] | None = None
 
 
-def _http_filesystem(timeout_seconds: float):
-    """One fsspec HTTP filesystem (one aiohttp session on zarr's event loop) per process, closed at exit."""
-    global _process_filesystem
-    if _process_filesystem is None or _process_filesystem[0] != os.getpid():
-        filesystem = fsspec.filesystem(
-            "http",
-            asynchronous=True,
-            skip_instance_cache=True,  # a forked worker must not reuse its parent's session
-            client_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_seconds)},
+def _http_session(timeout_seconds: float) -> aiohttp.ClientSession:
+    """One aiohttp session (on zarr's event loop) per process, closed at exit. A forked DataLoader worker
+    makes its own: a session must not cross processes."""
+    global _process_session
+    if _process_session is None or _process_session[0] != os.getpid() or _process_session[1].closed:
+        session = aiohttp.ClientSession(
+            # A stall detector, not a limit on the whole transfer: layer images take minutes to stream.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_seconds, sock_read=timeout_seconds),
+            trust_env=True,  # ~/.netrc credentials and proxy settings, as curl and wget honour them
         )
-        _process_filesystem = (os.getpid(), filesystem)
-    return _process_filesystem[1]
+        _process_session = (os.getpid(), session)
+    return _process_session[1]
 
 
 @atexit.register
 def _close_http_session() -> None:
-    if _process_filesystem is None or _process_filesystem[0] != os.getpid():
+    if _process_session is None or _process_session[0] != os.getpid() or _process_session[1].closed:
         return
-    session = getattr(_process_filesystem[1], "_session", None)
-    if session is not None and not session.closed:
-        with contextlib.suppress(Exception):
-            zarr.core.sync.sync(session.close())
+    with contextlib.suppress(Exception):
+        zarr.core.sync.sync(_process_session[1].close())
+
+
+class _RetryableStatus(Exception):
+    def __init__(self, status: int, reason: str | None) -> None:
+        super().__init__(f"HTTP {status} {reason or ''}".strip())
 
 
 def _is_retryable(error: BaseException) -> bool:
-    if isinstance(error, aiohttp.ClientResponseError):
-        return error.status in RETRY_STATUS
-    # Dropped connections, truncated bodies (ClientPayloadError), timeouts, refused connections.
-    return isinstance(error, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
+    # Throttling and server errors, dropped connections, truncated bodies (ClientPayloadError), timeouts.
+    return isinstance(error, (_RetryableStatus, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
 
 
 class CachedHTTPStore(Store):
     """Read-only zarr 3 store for `base_url`, caching every fetched key under `cache_dir`.
 
-    `max_concurrency` bounds simultaneous HTTP requests of this store; `retries` and `backoff_seconds`
-    set the exponential backoff (backoff_seconds · 2^attempt, with jitter) on transient failures.
-    `counters` counts what happened ("fetched", "hits", "absent", "retries") for tests and benchmarks.
+    `base_url` may carry credentials (`https://user:password@host/...`); they are split off into
+    `credentials` and sent as HTTP Basic auth. `max_concurrency` bounds simultaneous HTTP requests of this
+    store; `retries` and `backoff_seconds` set the exponential backoff (backoff_seconds · 2^attempt, with
+    jitter) on transient failures. `counters` counts what happened ("requests", "fetched", "hits",
+    "absent", "retries", "recovered") for tests and benchmarks.
     """
 
     supports_writes = False
@@ -146,16 +202,20 @@ class CachedHTTPStore(Store):
         retries: int = 5,
         backoff_seconds: float = 0.5,
         timeout_seconds: float = 60.0,
+        credentials: Credentials | None = None,
     ) -> None:
         super().__init__(read_only=True)
-        self.base_url = base_url.rstrip("/")
+        base_url, from_url = split_credentials(base_url.rstrip("/"))
+        self.base_url = base_url
+        self.credentials = credentials or from_url
         self.cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_root = cache_path_for_url(self.cache_dir, self.base_url)
         self.max_concurrency = max_concurrency
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.timeout_seconds = timeout_seconds
-        self.counters = {"fetched": 0, "fetched_bytes": 0, "hits": 0, "absent": 0, "retries": 0}
+        self.counters = {"requests": 0, "fetched": 0, "fetched_bytes": 0, "hits": 0, "absent": 0, "retries": 0,
+                         "recovered": 0}
         self._semaphore = None
         sweep_incomplete(self.cache_dir)
 
@@ -164,6 +224,9 @@ class CachedHTTPStore(Store):
             self.base_url,
             self.cache_dir,
         )
+
+    def __repr__(self) -> str:
+        return f"CachedHTTPStore({self.base_url!r}, cache_dir={str(self.cache_dir)!r})"
 
     def __getstate__(self) -> dict:
         # A DataLoader worker gets its own semaphore (it belongs to one event loop).
@@ -174,64 +237,127 @@ class CachedHTTPStore(Store):
     def url_for(self, key: str) -> str:
         return f"{self.base_url}/{key}"
 
+    def absent_marker(self, url: str) -> pathlib.Path:
+        path = cache_path_for_url(self.cache_dir, url)
+        return path.with_name(path.name + ABSENT_SUFFIX)
+
     def is_cached(self, key: str) -> bool:
+        """Is `key` in the cache, as bytes or as a remembered absence?"""
         path = self.cache_root / key
         return path.is_file() or path.with_name(path.name + ABSENT_SUFFIX).is_file()
 
-    async def _fetch(self, url: str) -> bytes | None:
-        """GET a URL with retries; None when the server says it does not exist (404)."""
+    def _auth_error(self, url: str) -> RemoteAuthError:
+        host = urllib.parse.urlsplit(url).netloc
+        if self.credentials is not None:
+            return RemoteAuthError(f"{url} answered 401 Unauthorized: the data server refused the credentials "
+                                   "given in the URL (VESUVIUS_DATA_URL)")
+        return RemoteAuthError(f"{url} answered 401 Unauthorized: the data server needs credentials; give them as "
+                               f"VESUVIUS_DATA_URL=https://USER:PASSWORD@{host} or in ~/.netrc")
+
+    async def _get(self, url: str, destination: pathlib.Path | None = None,
+                   on_bytes: Callable[[int], None] | None = None) -> bytes | bool | None:
+        """GET a URL with retries. Returns its bytes, or with `destination` streams it there atomically
+        (memory stays one block) and returns True; None when the server says it does not exist (404)."""
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        filesystem = _http_filesystem(self.timeout_seconds)
+        session = _http_session(self.timeout_seconds)
+        auth = self.credentials.auth if self.credentials is not None else None
         last_error: BaseException | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 self.counters["retries"] += 1
                 delay = self.backoff_seconds * 2 ** (attempt - 1)
                 await asyncio.sleep(delay * (0.5 + random.random()))
+            temporary = None
             try:
                 async with self._semaphore:
-                    data = await filesystem._cat_file(url)
+                    self.counters["requests"] += 1
+                    async with session.get(url, auth=auth) as response:
+                        if response.status == 404:
+                            return None
+                        if response.status == 401:
+                            raise self._auth_error(url)
+                        if response.status in RETRY_STATUS:
+                            raise _RetryableStatus(response.status, response.reason)
+                        if response.status >= 400:
+                            raise RemoteReadError(f"cannot read {url}: HTTP {response.status} {response.reason}")
+                        if destination is None:
+                            data = await response.read()
+                            self.counters["fetched"] += 1
+                            self.counters["fetched_bytes"] += len(data)
+                            return data
+                        temporary = _incomplete_path(self.cache_dir)
+                        received = 0
+                        with open(temporary, "wb") as file:
+                            async for block in response.content.iter_chunked(STREAM_BLOCK_BYTES):
+                                file.write(block)
+                                received += len(block)
+                                if on_bytes is not None:
+                                    on_bytes(len(block))
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temporary, destination)
                 self.counters["fetched"] += 1
-                self.counters["fetched_bytes"] += len(data)
-                return data
-            except FileNotFoundError:
-                return None
+                self.counters["fetched_bytes"] += received
+                return True
+            except RemoteReadError:
+                raise
             except Exception as error:  # noqa: BLE001 - classified right below
                 if not _is_retryable(error):
-                    raise RemoteReadError(f"cannot read {url}: {error}") from error
+                    raise RemoteReadError(f"cannot read {url}: {type(error).__name__}: {error}") from error
                 last_error = error
-                logger.debug("retrying %s after %r", url, error)
+                # str, never repr: an aiohttp error's repr holds the request headers, Authorization included.
+                logger.debug("retrying %s after %s: %s", url, type(error).__name__, error)
+            finally:
+                if temporary is not None:
+                    temporary.unlink(missing_ok=True)
         raise RemoteReadError(
             f"cannot read {url} after {self.retries + 1} attempts "
             f"({type(last_error).__name__}: {last_error}); is the data server reachable?"
         ) from last_error
 
-    async def fetch_url(self, url: str, remember_absent: bool = True) -> bytes | None:
+    async def fetch_url(self, url: str, remember_absent: bool = True, recheck_absent: bool = False) -> bytes | None:
         """The bytes at `url`, from the cache or else fetched once and cached (None if the server has none).
 
-        `remember_absent=False` is for files that may appear on the server later (label PNGs).
+        `remember_absent=False` is for probes (is this segment a zarr?) whose answer must not stick.
+        `recheck_absent=True` asks the server again about a remembered absence, and caches the file if it
+        is there now.
         """
         path = cache_path_for_url(self.cache_dir, url)
         absent_marker = path.with_name(path.name + ABSENT_SUFFIX)
         if path.is_file():
             self.counters["hits"] += 1
             return path.read_bytes()
-        if absent_marker.is_file():
+        remembered_absent = absent_marker.is_file()
+        if remembered_absent and not recheck_absent:
             self.counters["hits"] += 1
             return None
-        data = await self._fetch(url)
+        data = await self._get(url)
+        if data is None and remember_absent and not remembered_absent:
+            # A 404 is believed when it repeats: one from a flaky proxy must not read as zeros for good.
+            data = await self._get(url)
         if data is None:
             self.counters["absent"] += 1
             if remember_absent:
                 write_atomic(absent_marker, b"", self.cache_dir)
             return None
         write_atomic(path, data, self.cache_dir)
+        if remembered_absent:
+            absent_marker.unlink(missing_ok=True)
+            self.counters["recovered"] += 1
         return data
 
-    async def fetch_to_cache(self, key: str) -> bytes | None:
+    async def download_url(self, url: str, on_bytes: Callable[[int], None] | None = None) -> pathlib.Path | None:
+        """Stream a large file (a layer image) into the cache once; its cache path, or None on a 404."""
+        path = cache_path_for_url(self.cache_dir, url)
+        if path.is_file():
+            self.counters["hits"] += 1
+            return path
+        found = await self._get(url, destination=path, on_bytes=on_bytes)
+        return path if found else None
+
+    async def fetch_to_cache(self, key: str, recheck_absent: bool = False) -> bytes | None:
         """The bytes of zarr key `key` (None if absent: a missing chunk means fill value)."""
-        return await self.fetch_url(self.url_for(key))
+        return await self.fetch_url(self.url_for(key), recheck_absent=recheck_absent)
 
     async def get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
