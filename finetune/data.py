@@ -44,7 +44,8 @@ def resolve_label_path(path: str, segment: Segment, setting: str) -> pathlib.Pat
 
 
 def read_label_file(path: pathlib.Path, segment: Segment, setting: str) -> np.ndarray:
-    """(Y, X) uint8 in {0, 1}; an image of another size than the segment is an error naming both."""
+    """(Y, X) uint8 in {0, 1}. Bottom/right padding to whole tiles is cropped, a slightly smaller image padded
+    (each with a warning); any other size than the segment's is an error naming both (`read_label_image`)."""
     return read_label_image(path.read_bytes(), f"{setting} {path}", segment.shape[1:])
 
 

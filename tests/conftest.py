@@ -1,4 +1,5 @@
 """Shared fixtures. Also puts the repository root on sys.path so tests import `pretrain.*` package-qualified."""
+import dataclasses
 import pathlib
 import sys
 
@@ -10,8 +11,6 @@ import zarr
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-SERVER_SEGMENTS = "other/dev/scrolls/1/segments/54keV_7.91um"
 
 
 def random_volume(shape=(65, 200, 170), seed=0, dtype=np.uint8) -> np.ndarray:
@@ -46,16 +45,100 @@ def rectangle_mask(shape_yx, margin=10) -> np.ndarray:
     return mask
 
 
-@pytest.fixture
-def server_mirror(tmp_path):
-    """A folder laid out like the data server holding one v2 OME-Zarr segment (slash chunk keys, as the
-    server's) with `{id}_mask.png` and `{id}_inklabels.png` inside the zarr. Returns (root, id, volume)."""
-    segment_id = "20230827161847"
-    volume = random_volume((65, 200, 170), seed=1)
-    zarr_path = tmp_path / "mirror" / SERVER_SEGMENTS / f"{segment_id}.zarr"
-    write_zarr_segment(zarr_path, volume, zarr_format=2, slash_keys=True)
-    write_png(zarr_path / f"{segment_id}_mask.png", rectangle_mask(volume.shape[1:]))
+# ---------------------------------------------------------------- the data server's layout (REFERENCES.md f)
+
+SERVER_SEGMENTS = "other/dev/scrolls/1/segments/54keV_7.91um"  # scroll 1's segment zarrs and their labels
+SERVER_PATHS = {  # each scroll's volume package `paths/`: masks and layer images
+    "1": "full-scrolls/Scroll1/PHercParis4.volpkg/paths",
+    "2": "full-scrolls/Scroll2/PHercParis3.volpkg/paths",
+    "4": "full-scrolls/Scroll4/PHerc1667.volpkg/paths",
+}
+SERVER_CHUNKS = (4, 512, 512)  # the chunks of a real segment zarr
+SERVER_SEGMENT_ID = "20230827161847"  # scroll 1, a segment zarr
+SERVER_LAYER_SEGMENT_ID = "20231107190228"  # scroll 4, layer images only
+
+
+def pad_to_tiles(image: np.ndarray, tile: int = 256) -> np.ndarray:
+    """Zeros at the bottom and right up to whole tiles, as the villa / Grand Prize label tools pad."""
+    height, width = image.shape[:2]
+    return np.pad(image, ((0, -height % tile), (0, -width % tile)))
+
+
+def write_server_zarr(path: pathlib.Path, volume: np.ndarray, chunks=SERVER_CHUNKS) -> pathlib.Path:
+    """A segment zarr as the server has them: an OME-Zarr v2 group, level "0", Blosc zstd bit-shuffled
+    chunks, '/' chunk keys. All-zero chunks are not written: they are absent, as on the server."""
+    import numcodecs
+
+    group = zarr.open_group(path, mode="w", zarr_format=2)
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": axis, "type": "space"} for axis in "zyx"],
+                                   "datasets": [{"path": "0"}]}]
+    array = group.create_array("0", shape=volume.shape, chunks=chunks, dtype=volume.dtype,
+                               compressors=numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE),
+                               chunk_key_encoding={"name": "v2", "separator": "/"})
+    array[:] = volume
+    return path
+
+
+def server_folder(root: pathlib.Path, segment_id: str, scroll: str = "1") -> pathlib.Path:
+    """The segment's folder in its scroll's volume package, `paths/{id}/`."""
+    folder = root / SERVER_PATHS[scroll] / segment_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_server_segment(root: pathlib.Path, segment_id: str, volume: np.ndarray, mask: np.ndarray | None,
+                         labels: np.ndarray | None = None, chunks=SERVER_CHUNKS) -> pathlib.Path:
+    """A scroll 1 segment laid out as on the server: the zarr, its ink labels beside it (padded to whole
+    tiles), its mask only in the volume package. Returns the zarr's path."""
+    zarr_path = write_server_zarr(root / SERVER_SEGMENTS / f"{segment_id}.zarr", volume, chunks)
+    if labels is not None:
+        write_png(zarr_path.parent / f"{segment_id}_inklabels.png", pad_to_tiles(labels))
+    if mask is not None:
+        write_png(server_folder(root, segment_id) / f"{segment_id}_mask.png", mask)
+    return zarr_path
+
+
+def write_server_layers(root: pathlib.Path, segment_id: str, volume: np.ndarray, mask: np.ndarray | None,
+                        scroll: str = "4", suffix: str = ".tif") -> pathlib.Path:
+    """A segment that exists only as layer images in the volume package (scrolls 2–4): `paths/{id}/layers/00.tif
+    … 64.tif` and `paths/{id}/{id}_mask.png`. Returns the layers folder."""
+    import tifffile
+
+    folder = server_folder(root, segment_id, scroll)
+    layers = folder / "layers"
+    layers.mkdir()
+    for index, layer in enumerate(volume):
+        if suffix == ".tif":
+            tifffile.imwrite(layers / f"{index:02d}.tif", layer)
+        else:
+            assert cv2.imwrite(str(layers / f"{index:02d}{suffix}"), layer, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    if mask is not None:
+        write_png(folder / f"{segment_id}_mask.png", mask)
+    return layers
+
+
+@dataclasses.dataclass
+class ServerLayout:
+    root: pathlib.Path
+    volume: np.ndarray  # (65, 600, 530) uint8 of SERVER_SEGMENT_ID; its chunk column (1, 1) is all zero
+    mask: np.ndarray  # (600, 530) uint8 0/255
+    labels: np.ndarray  # (600, 530) uint8 0/255; served padded to (768, 768)
+    layer_volume: np.ndarray  # (65, 300, 260) uint16 of SERVER_LAYER_SEGMENT_ID, served as TIFF layers
+    layer_mask: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def server_layout(tmp_path_factory) -> ServerLayout:
+    """A folder laid out like the data server (built once; tests must not change it): a scroll 1 segment zarr
+    with padded labels beside it and its mask in the volume package, and a scroll 4 segment of TIFF layers."""
+    root = tmp_path_factory.mktemp("server")
+    volume = random_volume((65, 600, 530), seed=1)
+    volume[:, 512:, 512:] = 0  # chunks the server does not have: read as zeros
+    mask = rectangle_mask(volume.shape[1:], margin=20)
     labels = np.zeros(volume.shape[1:], np.uint8)
-    labels[50:80, 40:120] = 255
-    write_png(zarr_path / f"{segment_id}_inklabels.png", labels)
-    return tmp_path / "mirror", segment_id, volume
+    labels[300:360, 100:400] = 255
+    write_server_segment(root, SERVER_SEGMENT_ID, volume, mask, labels)
+    layer_volume = random_volume((65, 300, 260), seed=2, dtype=np.uint16)
+    layer_mask = rectangle_mask(layer_volume.shape[1:], margin=5)
+    write_server_layers(root, SERVER_LAYER_SEGMENT_ID, layer_volume, layer_mask)
+    return ServerLayout(root, volume, mask, labels, layer_volume, layer_mask)

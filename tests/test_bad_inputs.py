@@ -29,7 +29,7 @@ def inputs(tmp_path_factory):
     labels[40:80, 30:90] = 255
     write_png(good / "inklabels.png", labels)
     write_png(good / "empty.png", np.zeros((128, 128), np.uint8))
-    write_png(good / "wrong_size.png", np.zeros((100, 128), np.uint8))
+    write_png(good / "wrong_size.png", np.zeros((100, 140), np.uint8))  # shorter and wider: not padding
 
     malformed = folder / "malformed.zarr"
     malformed.mkdir()
@@ -71,7 +71,7 @@ CASES = [
     ("pretrain", ["--data_path", "{good}", "--init_weight", "{narrow}"], "does not fit this encoder"),
     ("pretrain", ["--data_path", "{good}", "--exp_dir", "{blocker}/run"], "is not writable"),
     ("pretrain", ["--data_path", "{good}", "--ep", "many"], "argument --ep: invalid int value: 'many'"),
-    ("finetune", ["--segment_id", "{good}", "--inklabel_path", "wrong_size.png"], "(100, 128)"),
+    ("finetune", ["--segment_id", "{good}", "--inklabel_path", "wrong_size.png"], "(100, 140)"),
     ("finetune", ["--segment_id", "{good}", "--scheme", "iterative", "--inklabel_path", "empty.png"], "empty.png holds no ink"),
     ("finetune", ["--segment_id", "{good}", "--pretrained_path", "{narrow}"], "holds a resnet50_3d_narrow encoder"),
     ("finetune", ["--segment_id", "{good}", "--NUM_EPOCHS", "two"], "--NUM_EPOCHS expects int"),

@@ -15,7 +15,8 @@ import torch
 from pretrain.data.patches import RandomPatchDataset
 from pretrain.data.remote import INCOMPLETE_DIR
 from pretrain.data.segment import open_segment
-from tests.conftest import REPO_ROOT, SERVER_SEGMENTS, random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.conftest import (REPO_ROOT, SERVER_SEGMENTS, random_volume, rectangle_mask, server_folder, write_png,
+                            write_zarr_segment)
 from tests.loopback_server import LoopbackServer
 from tests.test_remote import assert_cache_holds_only_whole_chunks
 
@@ -86,7 +87,8 @@ def served_segment(tmp_path):
     volume = random_volume((65, 192, 192), seed=43)
     zarr_path = tmp_path / "mirror" / SERVER_SEGMENTS / f"{segment_id}.zarr"
     write_zarr_segment(zarr_path, volume, zarr_format=2, slash_keys=True, chunks=(16, 32, 32))
-    write_png(zarr_path / f"{segment_id}_mask.png", rectangle_mask((192, 192), margin=8))
+    mask_path = server_folder(tmp_path / "mirror", segment_id) / f"{segment_id}_mask.png"  # in the volume package
+    write_png(mask_path, rectangle_mask((192, 192), margin=8))
     return tmp_path / "mirror", segment_id
 
 

@@ -54,7 +54,7 @@ def segment(tmp_path_factory):
         for x in range(15, 280, 35):
             labels[y:y + 14, x:x + 9] = 255
     write_png(path / "inklabels.png", labels)
-    write_png(path / "wrong_size.png", np.zeros((100, 100), np.uint8))
+    write_png(path / "wrong_size.png", np.zeros((100, 300), np.uint8))  # shorter and wider: not padding
     return open_segment(str(path))
 
 
@@ -89,7 +89,7 @@ def test_label_files_are_found_beside_the_segment_and_checked(segment):
     path = data.resolve_label_path("inklabels.png", segment, "inklabel_path")
     assert np.array_equal(data.read_label_file(path, segment, "inklabel_path"), segment.inklabels)
     wrong = data.resolve_label_path("wrong_size.png", segment, "inklabel_path")
-    with pytest.raises(SegmentError, match=r"inklabel_path .*wrong_size.png has shape \(Y, X\) = \(100, 100\).*\(200, 296\)"):
+    with pytest.raises(SegmentError, match=r"inklabel_path .*wrong_size.png has shape \(Y, X\) = \(100, 300\).*\(200, 296\)"):
         data.read_label_file(wrong, segment, "inklabel_path")
     with pytest.raises(SegmentError, match="inklabel_path nothing.png does not exist"):
         data.resolve_label_path("nothing.png", segment, "inklabel_path")

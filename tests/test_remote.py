@@ -1,4 +1,8 @@
-"""Segments by ID from a loopback server laid out like the data server: cache, retries, faults, errors."""
+"""Segments by ID from a loopback server laid out like the data server: cache, retries, faults, errors.
+
+The server layout (tests/conftest.py `server_layout`): a scroll 1 OME-Zarr v2 segment with (4, 512, 512)
+Blosc-zstd chunks and '/' keys, its labels beside it padded to whole tiles, its mask in the volume package.
+"""
 import os
 import pathlib
 import signal
@@ -11,10 +15,17 @@ import pytest
 
 from pretrain.data.remote import INCOMPLETE_DIR, RemoteReadError
 from pretrain.data.segment import SegmentError, open_segment
-from tests.conftest import REPO_ROOT, SERVER_SEGMENTS, random_volume, write_zarr_segment
+from tests.conftest import (REPO_ROOT, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS, random_volume,
+                            rectangle_mask, server_folder, write_png, write_zarr_segment)
 from tests.loopback_server import LoopbackServer
 
 FAST_RETRY = {"http_retries": 6, "http_backoff_seconds": 0.01}
+CHUNKS_PRESENT = 17 * 2 * 2 - 17  # (65, 600, 530) in (4, 512, 512) chunks, less the all-zero column (1, 1)
+pytestmark = pytest.mark.filterwarnings("ignore:.*cropped its bottom/right padding")
+
+
+def cache_host(server: LoopbackServer) -> str:
+    return server.url.split("//")[1].replace(":", "_")
 
 
 def cached_chunk_files(cache_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -37,54 +48,64 @@ def run_python(code: str, env: dict, timeout: float = 120) -> subprocess.Complet
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_first_read_fetches_and_a_second_process_fetches_no_chunk(server_mirror, tmp_path):
-    mirror, segment_id, volume = server_mirror
+def test_first_open_fetches_each_file_once_and_a_second_process_fetches_nothing(server_layout, tmp_path):
     cache = tmp_path / "cache"
-    with LoopbackServer(mirror) as server:
-        segment = open_segment(segment_id, cache_dir=cache, data_url=server.url)
-        assert segment.source == "remote" and segment.shape == volume.shape
-        assert segment.mask.sum() == (200 - 20) * (170 - 20) and segment.inklabels.sum() == 30 * 80
-        assert np.array_equal(segment.volume[:, :, :], volume)
-        first_run_chunks = server.chunk_requests()
-        assert first_run_chunks == 3 * 4 * 3  # every chunk of (65, 200, 170) in (32, 64, 64) chunks, once
+    with LoopbackServer(server_layout.root) as server:
+        with pytest.warns(UserWarning, match=r"\(768, 768\).*\(600, 530\): cropped its bottom/right padding"):
+            segment = open_segment(SERVER_SEGMENT_ID, cache_dir=cache, data_url=server.url)
+        assert segment.source == "remote" and segment.shape == server_layout.volume.shape
+        assert segment.voxel_size_um == 7.91
+        # The official mask (from the volume package), not one derived from the voxels; no chunk read to open.
+        assert np.array_equal(segment.mask, server_layout.mask > 0)
+        assert np.array_equal(segment.inklabels, server_layout.labels // 255)
+        mask_url = f"/{SERVER_PATHS['1']}/{SERVER_SEGMENT_ID}/{SERVER_SEGMENT_ID}_mask.png"
+        labels_url = f"/{SERVER_SEGMENTS}/{SERVER_SEGMENT_ID}_inklabels.png"
+        assert server.requests_by_kind() == {"metadata": 2, "image": 2, "chunk": 0, "not_found": 0}
+        assert server.requests[mask_url] == 1 and server.requests[labels_url] == 1
+        assert np.array_equal(segment.volume[:, :, :], server_layout.volume)
+        # Each present chunk once; each absent one twice (a 404 is believed when it repeats), then never again.
+        assert server.chunk_requests() == CHUNKS_PRESENT + 2 * 17 and server.requests_by_kind()["not_found"] == 2 * 17
+        requests_before = sum(server.requests.values())
         code = (
             "import numpy as np; from pretrain.data.segment import open_segment; "
-            f"s = open_segment('{segment_id}'); print(int(s.volume[:, :, :].astype(np.int64).sum()))"
+            f"s = open_segment('{SERVER_SEGMENT_ID}'); print(int(s.volume[:, :, :].astype(np.int64).sum()))"
         )
         result = run_python(code, {"VESUVIUS_DATA_URL": server.url, "SEGMENT_CACHE_DIR": str(cache)})
         assert result.returncode == 0, result.stderr
-        assert int(result.stdout.strip()) == int(volume.astype(np.int64).sum())
-        assert server.chunk_requests() == first_run_chunks  # the second process fetched zero chunks
+        assert int(result.stdout.strip()) == int(server_layout.volume.astype(np.int64).sum())
+        assert sum(server.requests.values()) == requests_before  # the second process asked the server nothing
 
 
-def test_injected_faults_are_recovered_and_data_is_identical(server_mirror, tmp_path):
-    mirror, segment_id, volume = server_mirror
+def test_injected_faults_are_recovered_and_data_is_identical(server_layout, tmp_path):
     faults = {"429": 0.1, "500": 0.1, "truncate": 0.1, "drop": 0.1}
-    with LoopbackServer(mirror, faults=faults, seed=3) as server:
-        segment = open_segment(segment_id, cache_dir=tmp_path / "cache", data_url=server.url, **FAST_RETRY)
-        assert np.array_equal(segment.volume[:, :, :], volume)
+    with LoopbackServer(server_layout.root, faults=faults, seed=3) as server:
+        segment = open_segment(SERVER_SEGMENT_ID, cache_dir=tmp_path / "cache", data_url=server.url, **FAST_RETRY)
+        assert np.array_equal(segment.volume[:, :, :], server_layout.volume)
         assert set(server.fault_counts) == set(faults), server.fault_counts  # every fault kind happened
-        host = server.url.split("//")[1].replace(":", "_")
-    assert_cache_holds_only_whole_chunks(tmp_path / "cache", mirror, host)
+    assert_cache_holds_only_whole_chunks(tmp_path / "cache", server_layout.root, cache_host(server))
 
 
-def test_concurrency_is_bounded(server_mirror, tmp_path):
-    mirror, segment_id, volume = server_mirror
-    with LoopbackServer(mirror, chunk_delay_seconds=0.05) as server:
-        segment = open_segment(segment_id, cache_dir=tmp_path / "cache", data_url=server.url, http_concurrency=3)
+def test_concurrency_is_bounded(server_layout, tmp_path):
+    with LoopbackServer(server_layout.root, chunk_delay_seconds=0.05) as server:
+        segment = open_segment(SERVER_SEGMENT_ID, cache_dir=tmp_path / "cache", data_url=server.url,
+                               http_concurrency=3)
         segment.volume[:, :, :]
         assert 1 < server.max_active <= 3
 
 
-def test_unknown_segment_id_names_url_and_scroll(server_mirror, tmp_path):
-    mirror, _, _ = server_mirror
-    with LoopbackServer(mirror) as server:
+def test_unknown_segment_id_lists_every_url_tried_and_leaves_no_file(server_layout, tmp_path):
+    with LoopbackServer(server_layout.root) as server:
         with pytest.raises(SegmentError) as error:
             open_segment("20990101000000", cache_dir=tmp_path / "cache", data_url=server.url)
     message = str(error.value)
-    assert f"{server.url}/{SERVER_SEGMENTS}/20990101000000.zarr" in message and "scroll=1" in message
+    zarr_url = f"{server.url}/{SERVER_SEGMENTS}/20990101000000.zarr"
+    folder_url = f"{server.url}/{SERVER_PATHS['1']}/20990101000000"
+    tried = [f"{zarr_url}/0/.zarray", f"{zarr_url}/0/zarr.json"] + [
+        f"{folder}/layers/00{suffix}" for folder in (folder_url, folder_url + "_superseded") for suffix in (".tif", ".jpg")]
+    assert message.startswith("segment 20990101000000 not found at ") and "scroll=1" in message
+    assert all(url in message for url in tried), message
     assert "\n" not in message
-    assert not cached_chunk_files(tmp_path / "cache")
+    assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]
 
 
 def test_unreachable_server_fails_after_retries(tmp_path):
@@ -93,26 +114,26 @@ def test_unreachable_server_fails_after_retries(tmp_path):
                      http_retries=2, http_backoff_seconds=0.01)
 
 
-def test_chunk_that_keeps_failing_names_its_url(server_mirror, tmp_path):
-    mirror, segment_id, _ = server_mirror
-    with LoopbackServer(mirror) as server:
-        segment = open_segment(segment_id, cache_dir=tmp_path / "cache", data_url=server.url, http_retries=2,
-                               http_backoff_seconds=0.01)
-        bad_chunk = f"/{SERVER_SEGMENTS}/{segment_id}.zarr/0/1/1/1"
+def test_chunk_that_keeps_failing_names_its_url(server_layout, tmp_path):
+    with LoopbackServer(server_layout.root) as server:
+        segment = open_segment(SERVER_SEGMENT_ID, cache_dir=tmp_path / "cache", data_url=server.url,
+                               http_retries=2, http_backoff_seconds=0.01)
+        bad_chunk = f"/{SERVER_SEGMENTS}/{SERVER_SEGMENT_ID}.zarr/0/1/0/1"
         server.permanent_status[bad_chunk] = 503
         with pytest.raises(RemoteReadError, match=f"cannot read {server.url}{bad_chunk} after 3 attempts"):
-            segment.volume[32:64, 64:128, 64:128]
+            segment.volume[4:8, 0:64, 512:530]
         assert server.requests[bad_chunk] == 3
-    assert not (tmp_path / "cache" / server.url.split("//")[1].replace(":", "_") / bad_chunk.lstrip("/")).exists()
+    assert not (tmp_path / "cache" / cache_host(server) / bad_chunk.lstrip("/")).exists()
 
 
-@pytest.mark.filterwarnings("ignore:.*no mask found")
 def test_download_killed_midway_leaves_no_partial_chunk_and_resumes(tmp_path):
     segment_id = "20230827161847"
     volume = random_volume((65, 256, 256), seed=5)
     mirror = tmp_path / "mirror"
+    # Small chunks here: enough of them to kill the download in the middle.
     write_zarr_segment(mirror / SERVER_SEGMENTS / f"{segment_id}.zarr", volume, zarr_format=2, slash_keys=True,
                        chunks=(16, 32, 32))
+    write_png(server_folder(mirror, segment_id) / f"{segment_id}_mask.png", rectangle_mask((256, 256)))
     total_chunks = 5 * 8 * 8
     cache = tmp_path / "cache"
     env = {**os.environ, "SEGMENT_CACHE_DIR": str(cache)}
@@ -125,10 +146,9 @@ def test_download_killed_midway_leaves_no_partial_chunk_and_resumes(tmp_path):
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        host = server.url.split("//")[1].replace(":", "_")
         cached_after_kill = len(cached_chunk_files(cache))
         assert 0 < cached_after_kill < total_chunks
-        assert_cache_holds_only_whole_chunks(cache, mirror, host)
+        assert_cache_holds_only_whole_chunks(cache, mirror, cache_host(server))
 
         requests_before = server.chunk_requests()
         resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -138,19 +158,19 @@ def test_download_killed_midway_leaves_no_partial_chunk_and_resumes(tmp_path):
         assert len(cached_chunk_files(cache)) == total_chunks
         assert not any((cache / INCOMPLETE_DIR).iterdir())  # the killed run's temp files were swept
 
-        requests_before = server.chunk_requests()
+        requests_before = server.requests.copy()
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        assert again.returncode == 0 and server.chunk_requests() == requests_before  # complete: fetches nothing
-    assert_cache_holds_only_whole_chunks(cache, mirror, host)
-    # The server is stopped now: a fully cached segment opens and reads offline.
-    with pytest.warns(UserWarning, match="server did not answer"):  # it has no label PNGs to fetch
-        offline = open_segment(segment_id, cache_dir=cache, data_url=env["VESUVIUS_DATA_URL"], http_retries=0)
-    assert np.array_equal(offline.volume[:, :, :], volume)
+        assert again.returncode == 0
+        # Complete: nothing is fetched; only the labels, remembered as absent, are asked about again.
+        assert server.requests - requests_before == {f"/{SERVER_SEGMENTS}/{segment_id}_inklabels.png": 1}
+    assert_cache_holds_only_whole_chunks(cache, mirror, cache_host(server))
+    # The server is stopped now: a fully cached segment opens and reads offline, without a warning.
+    offline = open_segment(segment_id, cache_dir=cache, data_url=env["VESUVIUS_DATA_URL"], http_retries=0)
+    assert np.array_equal(offline.volume[:, :, :], volume) and offline.inklabels is None
 
 
-def test_download_of_unknown_segment_is_one_clear_line(tmp_path, server_mirror):
-    mirror, _, _ = server_mirror
-    with LoopbackServer(mirror) as server:
+def test_download_of_unknown_segment_is_one_clear_line(tmp_path, server_layout):
+    with LoopbackServer(server_layout.root) as server:
         env = {**os.environ, "SEGMENT_CACHE_DIR": str(tmp_path / "cache"), "VESUVIUS_DATA_URL": server.url}
         result = subprocess.run(["bash", str(REPO_ROOT / "download_segment.sh"), "20990101000000"], env=env,
                                 capture_output=True, text=True, timeout=60)

@@ -116,8 +116,8 @@ def test_label_conversion(image, expected):
 def test_label_of_wrong_shape_names_both_shapes(tmp_path):
     volume = random_volume((65, 40, 30))
     path = write_zarr_segment(tmp_path / "s.zarr", volume)
-    write_png(path / "mask.png", rectangle_mask((41, 30), margin=2))
-    with pytest.raises(SegmentError, match=r"\(41, 30\).*\(40, 30\)"):
+    write_png(path / "mask.png", rectangle_mask((30, 40), margin=2))  # transposed: no padding explains it
+    with pytest.raises(SegmentError, match=r"\(30, 40\).*\(40, 30\)"):
         open_segment(path)
 
 

@@ -3,20 +3,33 @@
 A segment is a flattened papyrus surface volume (Z ≈ 65 layers of Y × X images) with a mask of where
 the papyrus is and, sometimes, ink labels. `spec` may be:
 
-1. a segment ID (`20230827161847`): the zarr on the Vesuvius data server,
-   `{root}/other/dev/scrolls/{scroll}/segments/{energy}keV_{res}um/{id}.zarr/`, read through a
-   persistent chunk cache (`pretrain.data.remote`); `root` is `VESUVIUS_DATA_URL` or the public server;
+1. a segment ID (`20230827161847`) on the Vesuvius data server (`root` is `VESUVIUS_DATA_URL` or the
+   public server), laid out per scroll as `SCROLLS` says (shared/REFERENCES.md, "The data server as it is"):
+   - the volume: the segment zarr `{root}/other/dev/scrolls/{scroll}/segments/{scan}/{id}.zarr/` (scrolls
+     1 and 5), read chunk by chunk through a persistent cache (`pretrain.data.remote`); else the layer
+     images of the volume package, `{root}/full-scrolls/{volpkg}/paths/{id}/layers/00.tif … 64.tif`
+     (every scroll; `.jpg` too), downloaded once and converted into a chunked zarr in the cache;
+   - the mask: `paths/{id}/{id}_mask.png` in the volume package (older segments: `paths/{id}_superseded/`),
+     else beside the zarr, else derived from the voxels with a warning;
+   - the ink labels: `{id}_inklabels.png` beside the zarr (or in the volume package folder the layers came from);
 2. a local zarr path (v2 or v3; a group with level "0", or a bare array);
 3. a layer folder in the Kaggle / Grand Prize layout (`layers/00.tif …`, `mask.png`, `inklabels.png`);
 4. `demo` or `demo:<seed>`: the generated demo segment, built once and cached as a local zarr;
 5. a list of any of these (returns a list of segments).
 
+Label and mask images may be padded at the bottom and right, as the villa and Grand Prize tools pad
+them to whole tiles: `read_label_image` crops or pads them to the volume, with a warning.
+
 Why not the `vesuvius` package: it pins zarr<3 and numcodecs<0.16, its `Volume` keeps no chunk cache on
 disk, and `Volume(...)` without `domain=`/`path=` probes the cloud metadata address 169.254.169.254.
 The URL layout above is the server's own, so no package is needed to find a segment.
 """
+import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import hashlib
 import os
 import pathlib
 import re
@@ -26,21 +39,53 @@ import warnings
 
 import cv2
 import numpy as np
+import tqdm
 import zarr
 import zarr.core.sync
 
-from pretrain.data.remote import CachedHTTPStore, RemoteReadError, default_cache_dir
-from pretrain.data.volume import DEFAULT_LRU_BYTES, ChunkCachedVolume, LayerStack
+from pretrain.data.remote import (
+    CachedHTTPStore,
+    RemoteAuthError,
+    RemoteReadError,
+    cache_path_for_url,
+    default_cache_dir,
+    split_credentials,
+)
+from pretrain.data.volume import DEFAULT_LRU_BYTES, ChunkCachedVolume, LayerStack, convert_layers_to_zarr
 
 DEFAULT_DATA_URL = "https://dl.ash2txt.org"
-# Scan setting of each scroll's segments on the server: the `{energy}keV_{res}um` folder.
-SCROLL_SCANS = {
-    "1": "54keV_7.91um",
-    "5": "53keV_7.91um",
+
+
+@dataclasses.dataclass(frozen=True)
+class ScrollOnServer:
+    """Where one scroll's segments are on the data server."""
+
+    volume_package: str  # under `{root}/full-scrolls/`; its `paths/{id}/` holds each segment's mask and layer images
+    segment_scan: str | None  # `{energy}keV_{res}um` folder of its segment zarrs; None: the server has none
+
+    @property
+    def voxel_size_um(self) -> float | None:
+        return float(self.segment_scan.split("_")[1].removesuffix("um")) if self.segment_scan else None
+
+
+# Every scroll's place on the data server, in one table (edit it when the server changes). Only scrolls 1
+# and 5 have segment zarrs; the segments of 2, 3 and 4 exist as layer images in their volume package.
+SCROLLS = {
+    "1": ScrollOnServer("Scroll1/PHercParis4.volpkg", "54keV_7.91um"),
+    "2": ScrollOnServer("Scroll2/PHercParis3.volpkg", None),
+    "3": ScrollOnServer("Scroll3/PHerc332.volpkg", None),
+    "4": ScrollOnServer("Scroll4/PHerc1667.volpkg", None),
+    "5": ScrollOnServer("Scroll5/PHerc172.volpkg", "53keV_7.91um"),
 }
+SEGMENT_LAYERS = 65  # a server segment's layer images: 00 … 64
+SERVER_LAYER_SUFFIXES = (".tif", ".jpg")
+# Chunks of the zarr that server layer images are converted into: those of the server's segment zarrs.
+CONVERTED_CHUNKS = (4, 512, 512)
 LAYER_FOLDER_NAMES = ("layers", "surface_volume")
 LAYER_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 SEGMENT_ID_PATTERN = re.compile(r"\d{8,}(_[\w-]+)?")
+# Label tools and the villa / Grand Prize loaders pad images at the bottom and right to whole tiles of this size.
+LABEL_PADDING_TILE = 256
 
 
 class SegmentError(ValueError):
@@ -54,7 +99,7 @@ class Segment:
     inklabels: np.ndarray | None  # (Y, X) uint8 in {0, 1}, or None when the segment has no labels
     name: str
     source: str  # "remote", "zarr", "layers" or "demo"
-    location: str  # URL or path the volume is read from
+    location: str  # URL (never with credentials) or path the volume is read from
     voxel_size_um: float | None = None
 
     @property
@@ -79,15 +124,20 @@ def open_segment(
     http_retries: int = 5,
     http_backoff_seconds: float = 0.5,
     http_concurrency: int = 8,
+    recheck_absent: bool = False,
 ):
-    """Open a segment (or a list of segments) from any source; see the module docstring for `spec`."""
+    """Open a segment (or a list of segments) from any source; see the module docstring for `spec`.
+
+    `recheck_absent` (what `download_segment.sh` sets) asks the server again about every file the cache
+    remembers as absent (mask, labels), in case an earlier answer was wrong or the file was added since.
+    """
+    options = dict(scroll=scroll, cache_dir=cache_dir, lru_bytes=lru_bytes, data_url=data_url,
+                   http_retries=http_retries, http_backoff_seconds=http_backoff_seconds,
+                   http_concurrency=http_concurrency, recheck_absent=recheck_absent)
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise SegmentError("the list of segments is empty")
-        return [
-            open_segment(item, scroll, cache_dir, lru_bytes, data_url, http_retries, http_backoff_seconds, http_concurrency)
-            for item in spec
-        ]
+        return [open_segment(item, **options) for item in spec]
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec = str(spec).strip()
     if spec == "demo" or spec.startswith("demo:"):
@@ -102,7 +152,7 @@ def open_segment(
         return _open_local_zarr(path, lru_bytes)
     if SEGMENT_ID_PATTERN.fullmatch(spec):
         store_options = dict(max_concurrency=http_concurrency, retries=http_retries, backoff_seconds=http_backoff_seconds)
-        return _open_remote(spec, str(scroll), cache_dir, lru_bytes, data_url, store_options)
+        return _open_remote(spec, str(scroll), cache_dir, lru_bytes, data_url, store_options, recheck_absent)
     raise SegmentError(
         f"segment {spec!r} is neither an existing path, a segment ID (digits such as 20230827161847), nor 'demo'"
     )
@@ -111,20 +161,39 @@ def open_segment(
 # ---------------------------------------------------------------- labels and mask
 
 
+def _fit_to_volume(image_yx: np.ndarray, description: str, expected_yx: tuple[int, int]) -> np.ndarray:
+    """Crop bottom/right padding that holds nothing, or pad a slightly smaller image; refuse anything else."""
+    if image_yx.shape == expected_yx:
+        return image_yx
+    (height, width), (expected_height, expected_width) = image_yx.shape, expected_yx
+    both_shapes = f"{description} has shape (Y, X) = {image_yx.shape}, but the volume's (Y, X) is {expected_yx}"
+    extra_height, extra_width = height - expected_height, width - expected_width
+    if 0 <= extra_height < LABEL_PADDING_TILE and 0 <= extra_width < LABEL_PADDING_TILE:
+        if image_yx[expected_height:].any() or image_yx[:, expected_width:].any():
+            raise SegmentError(f"{both_shapes}; its extra rows or columns are not empty, so they are not padding")
+        warnings.warn(f"{both_shapes}: cropped its bottom/right padding (which holds nothing)")
+        return image_yx[:expected_height, :expected_width]
+    if -LABEL_PADDING_TILE < extra_height <= 0 and -LABEL_PADDING_TILE < extra_width <= 0:
+        warnings.warn(f"{both_shapes}: padded it with zeros at the bottom/right")
+        return np.pad(image_yx, ((0, -extra_height), (0, -extra_width)))
+    raise SegmentError(both_shapes)
+
+
 def read_label_image(data: bytes, description: str, expected_shape: tuple[int, int]) -> np.ndarray:
-    """Decode a mask / ink-label PNG into (Y, X) uint8 in {0, 1}: RGB(A) → grey, 0/255 → 0/1."""
+    """Decode a mask / ink-label PNG into (Y, X) uint8 in {0, 1}: RGB(A) → grey, 0/255 → 0/1.
+
+    An image larger than the volume by less than a tile (`LABEL_PADDING_TILE`) at the bottom/right, with
+    nothing in the extra rows and columns, is cropped; one smaller by less than a tile is padded with
+    zeros (each with a warning naming both shapes). Any other shape is an error naming both.
+    """
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise SegmentError(f"{description} is not a readable image")
     if image.ndim == 3:
         # Painted labels come as RGB(A): ink is wherever any colour channel is lit.
         image = image[..., :3].max(axis=-1)
-    if image.shape != tuple(expected_shape):
-        raise SegmentError(
-            f"{description} has shape (Y, X) = {image.shape}, but the volume's (Y, X) is {tuple(expected_shape)}"
-        )
     threshold = 1 if image.max() <= 1 else (np.iinfo(image.dtype).max + 1) // 2
-    return (image >= threshold).astype(np.uint8)
+    return _fit_to_volume((image >= threshold).astype(np.uint8), description, tuple(expected_shape))
 
 
 def _mask_from_voxels(volume: ChunkCachedVolume, description: str) -> np.ndarray:
@@ -159,7 +228,7 @@ def _label_candidates(folders: list[pathlib.Path], segment_id: str, kind: str) -
     return [folder / name for folder in folders for name in (f"{kind}.png", f"{segment_id}_{kind}.png")]
 
 
-# ---------------------------------------------------------------- zarr sources
+# ---------------------------------------------------------------- local zarr
 
 
 def _level_zero(node, location: str):
@@ -187,56 +256,217 @@ def _open_local_zarr(path: pathlib.Path, lru_bytes: int, name: str | None = None
     except Exception as error:  # noqa: BLE001 - zarr raises many kinds for a malformed store
         raise SegmentError(f"{path} is not a readable zarr array or group: {type(error).__name__}: {error}") from error
     segment_id = name or path.name.removesuffix(".zarr")
+    # Local conventions: ScrollMAE keeps `{id}_mask.png` inside its `.zarr`, Kaggle folders `mask.png` beside.
     folders = [path, path.parent]
     mask = _first_existing(_label_candidates(folders, segment_id, "mask"))
     labels = _first_existing(_label_candidates(folders, segment_id, "inklabels"))
     return _finish_segment(volume, mask, labels, segment_id, source, str(path))
 
 
-def _open_remote_array(zarr_url: str, cache_dir: str, store_options: dict):
+# ---------------------------------------------------------------- the data server
+
+
+def scroll_on_server(scroll: str) -> ScrollOnServer:
+    if scroll not in SCROLLS:
+        raise SegmentError(f"scroll {scroll!r} is unknown; known scrolls: {', '.join(sorted(SCROLLS))}")
+    return SCROLLS[scroll]
+
+
+def _server_root(data_url: str | None):
+    """(root URL without credentials, Credentials or None) of the data server."""
+    root, credentials = split_credentials((data_url or os.environ.get("VESUVIUS_DATA_URL") or DEFAULT_DATA_URL))
+    return root.rstrip("/"), credentials
+
+
+def segment_zarr_url(segment_id: str, scroll: str, data_url: str | None = None) -> str | None:
+    """The segment zarr's URL (without credentials), or None for a scroll whose segments have no zarrs."""
+    scan = scroll_on_server(scroll).segment_scan
+    if scan is None:
+        return None
+    return f"{_server_root(data_url)[0]}/other/dev/scrolls/{scroll}/segments/{scan}/{segment_id}.zarr"
+
+
+def segment_folder_urls(segment_id: str, scroll: str, data_url: str | None = None) -> list[str]:
+    """The segment's folders in its scroll's volume package: `paths/{id}`, then the older `paths/{id}_superseded`."""
+    paths_url = f"{_server_root(data_url)[0]}/full-scrolls/{scroll_on_server(scroll).volume_package}/paths"
+    return [f"{paths_url}/{segment_id}", f"{paths_url}/{segment_id}_superseded"]
+
+
+def _open_remote_array(zarr_url: str, cache_dir: str, store_options: dict, zarr_format: int):
     store = CachedHTTPStore(zarr_url, pathlib.Path(cache_dir), **store_options)
-    return _level_zero(zarr.open(store=store, mode="r"), zarr_url)
+    return zarr.open_array(store=store, path="0", mode="r", zarr_format=zarr_format)
 
 
-def segment_zarr_url(segment_id: str, scroll: str, data_url: str | None = None) -> str:
-    if scroll not in SCROLL_SCANS:
-        raise SegmentError(f"scroll {scroll!r} is unknown; known scrolls: {', '.join(sorted(SCROLL_SCANS))}")
-    root = (data_url or os.environ.get("VESUVIUS_DATA_URL") or DEFAULT_DATA_URL).rstrip("/")
-    return f"{root}/other/dev/scrolls/{scroll}/segments/{SCROLL_SCANS[scroll]}/{segment_id}.zarr"
+def _level_zero_metadata(zarr_format: int) -> str:
+    return "0/.zarray" if zarr_format == 2 else "0/zarr.json"
 
 
-def _open_remote(segment_id, scroll, cache_dir, lru_bytes, data_url, store_options) -> Segment:
-    zarr_url = segment_zarr_url(segment_id, scroll, data_url)
-    opener = functools.partial(_open_remote_array, zarr_url, str(cache_dir), store_options)
+def _find_remote_zarr(fetcher: CachedHTTPStore, zarr_url: str, tried: list[str], cached_only: bool) -> int | None:
+    """The zarr format (2, the server's, or 3) of the segment zarr's level 0, or None where there is none.
+
+    Whether it exists is never remembered as absent: a wrong answer must not hide a segment for good.
+    """
+    for zarr_format in (2, 3):
+        url = f"{zarr_url}/{_level_zero_metadata(zarr_format)}"
+        if cached_only:
+            if cache_path_for_url(fetcher.cache_dir, url).is_file():
+                return zarr_format
+            continue
+        tried.append(url)
+        if zarr.core.sync.sync(fetcher.fetch_url(url, remember_absent=False)) is not None:
+            return zarr_format
+    return None
+
+
+def _converted_zarr_path(cache_dir: pathlib.Path, layers_url: str) -> pathlib.Path:
+    """Where a server layer folder lives in the cache once converted: `…/paths/{id}/layers.zarr`."""
+    return cache_path_for_url(cache_dir, layers_url + ".zarr")
+
+
+@contextlib.contextmanager
+def _exclusive_lock(cache_dir: pathlib.Path, url: str):
+    """Hold a lock named after `url` (another process fetching the same segment, e.g. a second torchrun rank,
+    waits for this one). The lock files live in `{cache_dir}/.locks`, away from the cached data."""
+    lock_dir = pathlib.Path(cache_dir) / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / hashlib.sha1(url.encode()).hexdigest(), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _download_layers(fetcher: CachedHTTPStore, segment_id: str, layers_url: str, suffix: str) -> list[pathlib.Path]:
+    """Every layer image of a server layer folder into the cache (those already there are kept: resumable)."""
+    urls = [f"{layers_url}/{index:02d}{suffix}" for index in range(SEGMENT_LAYERS)]
+    cached = sum(cache_path_for_url(fetcher.cache_dir, url).is_file() for url in urls)
+    with tqdm.tqdm(total=len(urls), initial=cached, unit="layer", desc=f"downloading {segment_id}") as progress:
+
+        async def download(url: str) -> pathlib.Path | None:
+            if cache_path_for_url(fetcher.cache_dir, url).is_file():
+                return cache_path_for_url(fetcher.cache_dir, url)
+            path = await fetcher.download_url(url)
+            if path is None:  # believed when it repeats, as for chunks
+                path = await fetcher.download_url(url)
+            progress.update(1)
+            return path
+
+        async def download_all() -> list:
+            return await asyncio.gather(*(download(url) for url in urls), return_exceptions=True)
+
+        results = zarr.core.sync.sync(download_all())
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    missing = [url.rsplit("/", 1)[1] for url, path in zip(urls, results) if path is None]
+    if missing:
+        raise SegmentError(
+            f"segment {segment_id}: layer folder {layers_url}/ lacks {', '.join(missing)} "
+            f"(a segment has {SEGMENT_LAYERS} layers, 00{suffix} … {SEGMENT_LAYERS - 1}{suffix})"
+        )
+    return results
+
+
+def _fetch_layer_segment(fetcher: CachedHTTPStore, segment_id: str, layers_url: str, suffix: str) -> pathlib.Path:
+    """Download a server layer folder and convert it into a chunked zarr in the cache; its path.
+
+    Both steps resume where a killed run stopped, and the zarr gets its final name only when complete.
+    Once converted, the downloaded layer images are deleted: the zarr holds the same voxels. On a bad
+    folder (missing layers, layers of different sizes) nothing of it is left in the cache.
+    """
+    converted = _converted_zarr_path(fetcher.cache_dir, layers_url)
+    raw_folder = cache_path_for_url(fetcher.cache_dir, layers_url)
+    with _exclusive_lock(fetcher.cache_dir, layers_url):
+        if converted.is_dir():  # another process finished it while this one waited
+            return converted
+        try:
+            layer_paths = _download_layers(fetcher, segment_id, layers_url, suffix)
+            with tqdm.tqdm(total=SEGMENT_LAYERS, unit="layer", desc=f"converting {segment_id}") as progress:
+                convert_layers_to_zarr(layer_paths, converted, CONVERTED_CHUNKS, on_layers=progress.update)
+        except (SegmentError, ValueError) as error:
+            shutil.rmtree(raw_folder, ignore_errors=True)
+            shutil.rmtree(converted.with_name(converted.name + ".partial"), ignore_errors=True)
+            if isinstance(error, SegmentError):
+                raise
+            raise SegmentError(f"segment {segment_id} ({layers_url}/): {error}") from error
+    shutil.rmtree(raw_folder, ignore_errors=True)
+    return converted
+
+
+def _cached_layer_zarr(cache_dir: pathlib.Path, folder_urls: list[str]):
+    """(converted zarr path, layers URL) of a server layer folder converted by an earlier run, or (None, None)."""
+    for folder_url in folder_urls:
+        converted = _converted_zarr_path(cache_dir, f"{folder_url}/layers")
+        if converted.is_dir():
+            return converted, f"{folder_url}/layers"
+    return None, None
+
+
+def _find_remote_layers(fetcher: CachedHTTPStore, segment_id: str, folder_urls: list[str], tried: list[str]):
+    """(converted zarr path, layers URL) of the segment's layer images in the volume package, or (None, None)."""
+    for folder_url in folder_urls:
+        layers_url = f"{folder_url}/layers"
+        for suffix in SERVER_LAYER_SUFFIXES:
+            first_url = f"{layers_url}/00{suffix}"
+            tried.append(first_url)
+            # The first layer is the probe: it is needed anyway, and a 404 leaves nothing in the cache.
+            if zarr.core.sync.sync(fetcher.download_url(first_url)) is not None:
+                return _fetch_layer_segment(fetcher, segment_id, layers_url, suffix), layers_url
+    return None, None
+
+
+def _open_remote(segment_id, scroll, cache_dir, lru_bytes, data_url, store_options, recheck_absent) -> Segment:
+    layout = scroll_on_server(scroll)
+    root, credentials = _server_root(data_url)
+    store_options = {**store_options, "credentials": credentials}
+    fetcher = CachedHTTPStore(root, cache_dir, **store_options)  # for whole files: probes, PNGs, layer images
+    zarr_url = segment_zarr_url(segment_id, scroll, root)
+    folder_urls = segment_folder_urls(segment_id, scroll, root)
+    tried: list[str] = []
+    try:
+        # What the cache holds decides first, so that a cached segment opens offline; the zarr wins.
+        zarr_format = _find_remote_zarr(fetcher, zarr_url, tried, cached_only=True) if zarr_url else None
+        converted, layers_url = _cached_layer_zarr(cache_dir, folder_urls) if zarr_format is None else (None, None)
+        if zarr_format is None and converted is None:
+            if zarr_url:
+                zarr_format = _find_remote_zarr(fetcher, zarr_url, tried, cached_only=False)
+            if zarr_format is None:
+                converted, layers_url = _find_remote_layers(fetcher, segment_id, folder_urls, tried)
+    except RemoteReadError as error:
+        raise SegmentError(str(error)) from error
+    if zarr_format is not None:
+        opener = functools.partial(_open_remote_array, zarr_url, str(cache_dir), store_options, zarr_format)
+        location = zarr_url
+    elif converted is not None:
+        opener = functools.partial(_open_local_array, str(converted))
+        location = layers_url
+    else:
+        raise SegmentError(
+            f"segment {segment_id} not found at {', '.join(tried)} (scroll={scroll}); "
+            "check the segment ID and the scroll setting"
+        )
     try:
         volume = ChunkCachedVolume(opener, lru_bytes)
     except RemoteReadError as error:
         raise SegmentError(str(error)) from error
-    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError) as error:
-        raise SegmentError(
-            f"segment {segment_id} not found at {zarr_url}/ (scroll={scroll}, scan {SCROLL_SCANS[scroll]}); "
-            "check the segment ID and the scroll setting"
-        ) from error
-    # Labels sit inside the zarr folder or beside it. Their absence is not remembered (labels get added
-    # to the server later), so a cached segment without them asks again, and works offline with a warning.
-    store = CachedHTTPStore(zarr_url, cache_dir, **store_options)
-    segments_url = zarr_url.rsplit("/", 1)[0]
 
-    def fetch_first(kind: str) -> tuple[str, bytes] | None:
-        for url in (f"{zarr_url}/{segment_id}_{kind}.png", f"{segments_url}/{segment_id}_{kind}.png"):
+    def fetch_first(urls: list[str], kind: str) -> tuple[str, bytes] | None:
+        for url in urls:
             try:
-                data = zarr.core.sync.sync(store.fetch_url(url, remember_absent=False))
+                data = zarr.core.sync.sync(fetcher.fetch_url(url, recheck_absent=recheck_absent))
+            except RemoteAuthError as error:
+                raise SegmentError(str(error)) from error
             except RemoteReadError as error:
-                warnings.warn(f"segment {segment_id}: no {kind} PNG in the cache and the server did not answer ({error})")
+                warnings.warn(f"segment {segment_id}: no {kind} in the cache and the server did not answer ({error})")
                 return None
             if data is not None:
                 return url, data
         return None
 
-    return _finish_segment(
-        volume, fetch_first("mask"), fetch_first("inklabels"), segment_id, "remote", zarr_url,
-        voxel_size_um=float(SCROLL_SCANS[scroll].split("_")[1].removesuffix("um")),
-    )
+    # Absences are remembered too (a warm open asks nothing); download_segment.sh asks again.
+    beside_zarr = [zarr_url.rsplit("/", 1)[0]] if zarr_format is not None else []
+    mask = fetch_first([f"{url}/{segment_id}_mask.png" for url in folder_urls + beside_zarr], "mask")
+    label_folders = beside_zarr if zarr_format is not None else [layers_url.rsplit("/", 1)[0]]
+    labels = fetch_first([f"{url}/{segment_id}_inklabels.png" for url in label_folders], "ink labels")
+    return _finish_segment(volume, mask, labels, segment_id, "remote", location, voxel_size_um=layout.voxel_size_um)
 
 
 # ---------------------------------------------------------------- layer folders

@@ -12,6 +12,7 @@ import collections
 import itertools
 import os
 import pathlib
+import shutil
 import threading
 from collections.abc import Callable
 
@@ -90,6 +91,12 @@ class ChunkCachedVolume:
         if self._backend is None or self._pid != os.getpid():
             self._reset(self.opener())
         return self._backend
+
+    @property
+    def backend(self):
+        """What the volume reads from (a zarr array, a LayerStack), opened in this process."""
+        with self._lock:
+            return self._get_backend()
 
     @property
     def nbytes(self) -> int:
@@ -231,3 +238,46 @@ class _DecodedImage:
 
     def __getitem__(self, key) -> np.ndarray:
         return cv2.imread(str(self.path), cv2.IMREAD_UNCHANGED)[key]
+
+
+PROGRESS_FILE = "layers_done"
+
+
+def convert_layers_to_zarr(layer_paths: list[pathlib.Path], target: pathlib.Path, chunks: tuple[int, int, int],
+                           on_layers: Callable[[int], None] | None = None) -> None:
+    """Write a layer stack (TIFF/JPG/PNG files, all of one shape and dtype) into a zarr group with level "0"
+    at `target`, `chunks[0]` layers at a time, so memory holds a band of those layers, never the volume.
+
+    Built as `{target}.partial`, renamed to `target` only when complete; a killed conversion resumes
+    from the last finished band of layers (recorded in the partial zarr's `layers_done`). Raises
+    ValueError when the layers do not match. The caller keeps one process per target at a time.
+    """
+    stack = LayerStack(layer_paths)  # opens every layer: shapes and dtypes are checked before anything is written
+    depth, height, width = stack.shape
+    partial = target.with_name(target.name + ".partial")
+    progress_file = partial / PROGRESS_FILE
+    if progress_file.is_file():
+        layers_done = int(progress_file.read_text())
+        array = zarr.open_array(partial, path="0", mode="r+")
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        group = zarr.open_group(partial, mode="w")
+        array = group.create_array("0", shape=stack.shape, chunks=chunks, dtype=stack.dtype)
+        layers_done = 0
+    if on_layers is not None:
+        on_layers(layers_done)
+    # A JPG/PNG layer decodes whole, so it is read once per band of layers; a TIFF by rows of chunks.
+    rows = height if stack.chunks[1:] == (height, width) else chunks[1]
+    for z_start in range(layers_done, depth, chunks[0]):
+        z_stop = min(z_start + chunks[0], depth)
+        for y_start in range(0, height, rows):
+            y_stop = min(y_start + rows, height)
+            array[z_start:z_stop, y_start:y_stop] = stack[z_start:z_stop, y_start:y_stop, 0:width]
+        # Bands start on chunk boundaries, so a band cut short by a kill is rewritten whole on resume.
+        temporary = partial / f".{PROGRESS_FILE}.tmp"
+        temporary.write_text(str(z_stop))
+        os.replace(temporary, progress_file)
+        if on_layers is not None:
+            on_layers(z_stop - z_start)
+    progress_file.unlink()
+    os.rename(partial, target)
