@@ -1,7 +1,10 @@
-"""Does random sampling through the chunk cache fetch each chunk once, and a warm rerun nothing?
+"""How many requests does the chunk cache make: random sampling (each chunk once, a warm rerun nothing), and
+opening a segment laid out as on the real data server (cold and warm)?
 
     python benchmarks/remote_fetch.py                       # 400 random 32 × 128² crops from a 65 × 2048² segment
     python benchmarks/remote_fetch.py --side 4096 --samples 1000
+    python benchmarks/remote_fetch.py --open                # requests to open a real-layout segment, cold and warm
+    python benchmarks/remote_fetch.py --open --exact_labels --code /tmp/before   # another checkout's pretrain/
 
 A loopback HTTP server (127.0.0.1) serves a generated segment in the data server's layout (v2 OME-Zarr,
 slash-separated chunk keys). Pretraining-style random crops are drawn through `open_segment`; the
@@ -9,6 +12,14 @@ server counts requests and bytes. Over-fetch = bytes sent ÷ bytes of the unique
 (computed from the crop positions). A second pass through a fresh segment handle (empty in-process LRU)
 on the warm disk cache must fetch nothing; tests/test_remote.py checks the same from a second process.
 Writes benchmarks/results/remote_fetch.json and prints a Markdown table.
+
+`--open` lays the segment out as the real server does (tests/conftest.py `write_server_segment`:
+(4, 512, 512) Blosc-zstd chunks, ink labels beside the zarr padded to whole 256-px tiles, the mask only in
+the volume package), opens it three times on one cache (cold, then warm twice) and counts the requests
+of each open by kind (zarr metadata, images, chunks; 404s among them). `--exact_labels` serves labels of
+the volume's own size (code from before the padding rule refuses padded ones); `--code DIR` imports
+`pretrain` from DIR (e.g. `git archive 99e9138 pretrain | tar -x -C /tmp/before`). Writes
+benchmarks/results/remote_open.json.
 """
 import argparse
 import itertools
@@ -17,15 +28,19 @@ import pathlib
 import sys
 import tempfile
 import time
+import warnings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# `--code DIR` takes `pretrain` from another checkout; `tests` (the server and its layout) always come from here.
+CODE_ROOT = pathlib.Path(sys.argv[sys.argv.index("--code") + 1]) if "--code" in sys.argv else REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(CODE_ROOT))
 
 import numpy as np  # noqa: E402
 
 from pretrain.data.patches import RandomPatchDataset  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
-from tests.conftest import SERVER_SEGMENTS, rectangle_mask, write_png  # noqa: E402
+from tests.conftest import SERVER_SEGMENTS, rectangle_mask, write_png, write_server_segment  # noqa: E402
 from tests.loopback_server import LoopbackServer  # noqa: E402
 
 SEGMENT_ID = "20230827161847"
@@ -67,6 +82,52 @@ def sample(server_url: str, cache: pathlib.Path, args) -> tuple[RandomPatchDatas
     return dataset, time.perf_counter() - started
 
 
+def build_real_layout(root: pathlib.Path, side: int, exact_labels: bool) -> tuple[int, int]:
+    """A segment as the real server lays it out; returns its (Y, X). Not a multiple of the 256-px tile, so the
+    served labels are padded, as label tools pad them. The voxels are constant: request counts do not depend
+    on them, and constant chunks compress to almost nothing, so building is quick."""
+    shape_yx = (side - 100, side - 60)
+    volume = np.full((65, *shape_yx), 100, np.uint8)
+    labels = np.zeros(shape_yx, np.uint8)
+    labels[side // 3 : side // 2, side // 4 : side // 2] = 255
+    zarr_path = write_server_segment(root, SEGMENT_ID, volume, rectangle_mask(shape_yx, margin=side // 16), labels)
+    if exact_labels:
+        write_png(zarr_path.parent / f"{SEGMENT_ID}_inklabels.png", labels)
+    return shape_yx
+
+
+def measure_open(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        folder = pathlib.Path(folder)
+        shape_yx = build_real_layout(folder / "mirror", args.side, args.exact_labels)
+        with LoopbackServer(folder / "mirror") as server:
+            for run in ("cold", "warm", "warm"):
+                server.reset_counts()
+                started = time.perf_counter()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        segment = open_segment(SEGMENT_ID, cache_dir=folder / "cache", data_url=server.url)
+                        outcome = "mask derived from the voxels" if any(
+                            "no mask found" in str(warning.message) for warning in caught) else "official mask"
+                        outcome += ", labels" if segment.inklabels is not None else ", no labels"
+                    except ValueError as error:
+                        outcome = f"error: {error}"
+                rows.append({"run": run, **server.requests_by_kind(), "requests": sum(server.requests.values()),
+                             "bytes": server.bytes_sent, "seconds": time.perf_counter() - started, "outcome": outcome,
+                             "paths": dict(server.requests)})
+    result = {"settings": {key: str(value) for key, value in vars(args).items()}, "opens": rows}
+    output = REPO_ROOT / "benchmarks" / "results" / "remote_open.json"
+    output.parent.mkdir(exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    shape = f"65 × {shape_yx[0]} × {shape_yx[1]}"
+    print("| code | segment | open | requests | zarr metadata | images | chunks | of them 404 | bytes | outcome |")
+    for row in rows:
+        print(f"| {CODE_ROOT} | {shape} | {row['run']} | {row['requests']} | {row['metadata']} | {row['image']} | "
+              f"{row['chunk']} | {row['not_found']} | {row['bytes']} | {row['outcome']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--side", type=int, default=2048)
@@ -75,7 +136,13 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--lru_mb", type=int, default=64, help="small on purpose: evicted chunks must come from disk")
+    parser.add_argument("--open", action="store_true", help="count the requests of opening a real-layout segment")
+    parser.add_argument("--exact_labels", action="store_true", help="with --open: labels of the volume's size")
+    parser.add_argument("--code", type=pathlib.Path, default=REPO_ROOT, help="import pretrain from this checkout")
     args = parser.parse_args()
+    if args.open:
+        measure_open(args)
+        return
     chunks = (16, 128, 128)
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
