@@ -101,7 +101,8 @@ def test_unknown_segment_id_lists_every_url_tried_and_leaves_no_file(server_layo
     zarr_url = f"{server.url}/{SERVER_SEGMENTS}/20990101000000.zarr"
     folder_url = f"{server.url}/{SERVER_PATHS['1']}/20990101000000"
     tried = [f"{zarr_url}/0/.zarray", f"{zarr_url}/0/zarr.json"] + [
-        f"{folder}/layers/00{suffix}" for folder in (folder_url, folder_url + "_superseded") for suffix in (".tif", ".jpg")]
+        f"{folder}/layers/00{suffix}" for folder in (folder_url, folder_url + "_superseded")
+        for suffix in (".tif", ".jpg")]
     assert message.startswith("segment 20990101000000 not found at ") and "scroll=1" in message
     assert all(url in message for url in tried), message
     assert "\n" not in message

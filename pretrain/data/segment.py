@@ -274,7 +274,7 @@ def scroll_on_server(scroll: str) -> ScrollOnServer:
 
 def _server_root(data_url: str | None):
     """(root URL without credentials, Credentials or None) of the data server."""
-    root, credentials = split_credentials((data_url or os.environ.get("VESUVIUS_DATA_URL") or DEFAULT_DATA_URL))
+    root, credentials = split_credentials(data_url or os.environ.get("VESUVIUS_DATA_URL") or DEFAULT_DATA_URL)
     return root.rstrip("/"), credentials
 
 
