@@ -1,10 +1,11 @@
 """How similar are two encoders' representations? Linear and RBF CKA across checkpoints.
 
     python evaluate/cka.py --checkpoints experiments/spark_demo/epochs/*.pth experiments/vicreg_demo/resnet50_3d_timm_style.pth
-    python evaluate/cka.py --checkpoints a.pth b.pth --stages all --output notes/cka
+    python evaluate/cka.py --checkpoints a.pth b.pth --stages all --output experiments/cka
 
-Every checkpoint (any kind `pretrain.models.weights` reads: encoder-only, SparK, VICReg, Kinetics) goes into
-the same encoder (`--model`) and sees one fixed set of tiles of one segment; the representation of a stage
+Every checkpoint (any kind `pretrain.checkpoint` reads: encoder-only, SparK, VICReg, fine-tuning, Kinetics) goes into
+the same encoder and sees one fixed set of tiles of one segment, cut and scaled as the checkpoints record they were
+trained (they must agree; `--help` lists the options for files that do not record it); the representation of a stage
 is its feature map averaged over (D, H, W) → (N tiles, C). CKA (Kornblith et al. 2019) compares two
 such (N, C) matrices X, Y through their centred Gram matrices:
 
@@ -15,6 +16,7 @@ Writes `cka_<kernel>_stage<k>.png` heatmaps and `cka.csv` (one row per pair, ker
 """
 import argparse
 import csv
+import io
 import pathlib
 import sys
 
@@ -23,10 +25,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evaluate.ink_map import load_encoder  # noqa: E402
-from pretrain.data.patches import GridTileDataset  # noqa: E402
-from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.utils.misc import CheckpointError  # noqa: E402
+from evaluate import encoder_input  # noqa: E402
+from pretrain import dist  # noqa: E402
+from pretrain.data.patches import GridTileDataset, InputSettings  # noqa: E402
+from pretrain.data.segment import open_segment  # noqa: E402
+from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
 
 
 def centred_gram(gram_nn: torch.Tensor) -> torch.Tensor:
@@ -58,20 +61,21 @@ def cka(features_a_nc: torch.Tensor, features_b_nc: torch.Tensor, kernel: str = 
 
 @torch.no_grad()
 def stage_representations(encoder: torch.nn.Module, tiles_bcdhw: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
-    """Pooled features of every stage: a list of (N, C_k) tensors."""
+    """Pooled features of every stage: a list of (N, C_k) float32 CPU tensors; runs where the encoder is."""
     encoder.eval()
+    device = next(encoder.parameters()).device
     pooled = [[] for _ in encoder.get_feature_map_channels()]
     for start in range(0, len(tiles_bcdhw), batch_size):
-        for stage, feature_bcdhw in enumerate(encoder(tiles_bcdhw[start : start + batch_size], hierarchical=True)):
-            pooled[stage].append(feature_bcdhw.mean(dim=(2, 3, 4)))
+        with dist.autocast(device):
+            stage_maps = encoder(tiles_bcdhw[start : start + batch_size].to(device), hierarchical=True)
+        for stage, feature_bcdhw in enumerate(stage_maps):
+            pooled[stage].append(feature_bcdhw.float().mean(dim=(2, 3, 4)).cpu())
     return [torch.cat(stage_features) for stage_features in pooled]
 
 
-def fixed_tiles(segment_spec: str, depth: int, tile_size: int, count: int, seed: int = 0,
-                follow_surface: bool = False) -> torch.Tensor:
+def fixed_tiles(segment_spec: str, settings: InputSettings, count: int, seed: int = 0) -> torch.Tensor:
     """`count` tiles (N, 1, D, T, T) spread over the segment's mask, the same on every call."""
-    dataset = GridTileDataset(open_segment(segment_spec), depth=depth, tile_size=tile_size, stride=tile_size,
-                              follow_surface=follow_surface)
+    dataset = GridTileDataset(open_segment(segment_spec), settings, stride=settings.tile_size)
     chosen = np.random.default_rng(seed).permutation(len(dataset))[:count]
     return torch.stack([dataset[int(index)]["volume"] for index in sorted(chosen)])
 
@@ -94,33 +98,36 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: pathlib.Pat
     axes.set_title(title)
     figure.colorbar(image, ax=axes, fraction=0.046)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    write_bytes_atomic(path, image.getvalue())
     plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True,
                         help="encoder checkpoints to compare (any kind), or 'random' (seed 0)")
     parser.add_argument("--labels", nargs="*", help="names for the checkpoints (default: file names)")
-    parser.add_argument("--model", default="resnet50_3d")
-    parser.add_argument("--segment", default="demo")
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--tile_size", type=int, default=96)
-    parser.add_argument("--follow_surface", action="store_true", help="depth window along the recto surface (as pretraining)")
+    parser.add_argument("--segment", default="demo", help="segment spec (ID, zarr, layer folder, demo[:seed])")
+    encoder_input.add_input_arguments(parser)
     parser.add_argument("--tiles", type=int, default=128, help="number of fixed tiles the representations are taken on")
-    parser.add_argument("--stages", default="4", help="'4' (last stage) or 'all'")
-    parser.add_argument("--sigma_ratio", type=float, default=0.5)
-    parser.add_argument("--output", default="notes/cka")
+    parser.add_argument("--stages", default="4", choices=["4", "all"], help="the last stage, or all")
+    parser.add_argument("--sigma_ratio", type=float, default=0.5, help="RBF width, as a fraction of the median distance")
+    parser.add_argument("--output", default="experiments/cka", help="folder for the heatmaps and cka.csv")
     args = parser.parse_args(argv)
     labels = args.labels or [pathlib.Path(path).stem for path in args.checkpoints]
     if len(labels) != len(args.checkpoints):
-        raise SegmentError(f"{len(labels)} labels for {len(args.checkpoints)} checkpoints")
+        raise encoder_input.EvaluationError(f"{len(labels)} labels for {len(args.checkpoints)} checkpoints")
 
-    tiles = fixed_tiles(args.segment, args.depth, args.tile_size, args.tiles, follow_surface=args.follow_surface)
+    settings = encoder_input.common_settings(args.checkpoints, args)
+    device = encoder_input.device()
+    print(f"input: {settings.describe()}; on {device}")
+    tiles = fixed_tiles(args.segment, settings, args.tiles)
     representations = []
     for path in args.checkpoints:
-        encoder, description = load_encoder(args.model, path, seed=0)
+        encoder, description = encoder_input.load_encoder(path, settings, device, seed=0)
         print(f"{labels[len(representations)]}: {description}")
         representations.append(stage_representations(encoder, tiles))
     stages = range(len(representations[0])) if args.stages == "all" else [len(representations[0]) - 1]
@@ -138,17 +145,14 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"stage": stage + 1, "kernel": kernel, "a": labels[i], "b": labels[j], "cka": matrix[i, j]})
             heatmap(matrix, labels, f"{kernel} CKA, stage {stage + 1} ({len(tiles)} tiles)",
                     output / f"cka_{kernel}_stage{stage + 1}.png")
-    with open(output / "cka.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["stage", "kernel", "a", "b", "cka"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["stage", "kernel", "a", "b", "cka"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(output / "cka.csv", table.getvalue().encode())
     print(f"wrote {len(rows)} pairs to {output / 'cka.csv'} and heatmaps beside it")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (SegmentError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    encoder_input.exit_on_user_error(main)

@@ -1,7 +1,10 @@
 """Ink without labels: PCA and k-means maps of a frozen encoder's features over a whole segment.
 
     python evaluate/ink_map.py --checkpoint experiments/spark_demo/resnet50_3d_timm_style.pth
-    python evaluate/ink_map.py --checkpoint random --output notes/ink_map/random
+    python evaluate/ink_map.py --checkpoint random --model resnet50_3d_narrow --output experiments/ink_map/random
+
+The encoder reads tiles as its checkpoint records it was trained (model, depth window, normalisation, tile size);
+`--help` lists the options that override them. It runs on the GPU where there is one.
 
 Tiles cover the segment's mask without overlap and stream from the segment reader. One stage's features
 (`--stage`, 1 = stride 4) are max-pooled over depth, so every pixel of that stage's grid gets a C-vector.
@@ -31,46 +34,45 @@ import sklearn.linear_model  # noqa: E402
 import torch  # noqa: E402
 import tqdm  # noqa: E402
 
+from evaluate import encoder_input  # noqa: E402
 from finetune.data import choose_validation_box  # noqa: E402
 from finetune.metrics import ink_metrics  # noqa: E402
-from pretrain.data.patches import GridTileDataset  # noqa: E402
+from finetune.outputs import write_png_atomic  # noqa: E402
+from pretrain import dist  # noqa: E402
+from pretrain.data.patches import GridTileDataset, InputSettings  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.models import build_encoder  # noqa: E402
-from pretrain.models.weights import load_encoder_weights  # noqa: E402
-from pretrain.utils.misc import CheckpointError  # noqa: E402
+from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
 
 FINE_THRESHOLDS = tuple(np.round(np.linspace(0.01, 0.99, 99), 2))
 PCA_FIT_PIXELS = 200_000
 PROBE_FIT_PIXELS = 60_000
 
 
-def load_encoder(model_name: str, checkpoint: str, seed: int) -> tuple[torch.nn.Module, str]:
-    torch.manual_seed(seed)
-    encoder = build_encoder(model_name)
-    description = "random initialisation" if checkpoint == "random" else load_encoder_weights(encoder, checkpoint)
-    return encoder.eval(), description
+def stage_stride(encoder: torch.nn.Module, stage: int) -> int:
+    """Pixels per feature of `stage` (1 … number of stages), from the encoder's contract."""
+    stages = len(encoder.get_feature_map_channels())
+    return encoder.get_downsample_ratio()[1] // 2 ** (stages - stage)
 
 
 @torch.no_grad()
-def feature_grid(encoder, segment, stage: int, depth: int, tile_size: int, batch_size: int = 4,
-                 follow_surface: bool = False):
+def feature_grid(encoder, segment, stage: int, settings: InputSettings, device: torch.device, batch_size: int = 4):
     """Depth-max-pooled features of `stage` on its grid: (C, Y/f, X/f) float32, the grid's mask, and f.
 
     Features near a tile's border see the zero padding and differ from those inside (PCA then draws the
     tile grid), so tiles overlap by half and each contributes only its central half.
     """
-    dataset = GridTileDataset(segment, depth=depth, tile_size=tile_size, stride=tile_size // 2, min_mask_fraction=0.05,
-                              follow_surface=follow_surface)
+    tile_size, factor = settings.tile_size, stage_stride(encoder, stage)
+    dataset = GridTileDataset(segment, settings, stride=tile_size // 2, min_mask_fraction=0.05)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
-    features = factor = None
+    height, width = segment.shape[1] // factor, segment.shape[2] // factor
+    features = None
+    margin = tile_size // factor // 4
     for batch in tqdm.tqdm(loader, desc="encoding tiles", unit="batch"):
-        stage_bcdhw = encoder(batch["volume"], hierarchical=True)[stage - 1]
-        pooled_bchw = stage_bcdhw.amax(dim=2)  # depth collapsed as the fine-tuning UNet does
+        with dist.autocast(device):
+            stage_bcdhw = encoder(batch["volume"].to(device), hierarchical=True)[stage - 1]
+        pooled_bchw = stage_bcdhw.amax(dim=2).float().cpu()  # depth collapsed as the fine-tuning UNet does
         if features is None:
-            factor = tile_size // pooled_bchw.shape[-1]  # the stage's stride
-            height, width = segment.shape[1] // factor, segment.shape[2] // factor
             features = np.zeros((pooled_bchw.shape[1], height, width), np.float32)
-        margin = pooled_bchw.shape[-1] // 4
         for tile_features, (y, x) in zip(pooled_bchw.numpy(), batch["origin"].tolist()):
             grid_y, grid_x = y // factor + margin, x // factor + margin
             centre = tile_features[:, margin:-margin, margin:-margin]
@@ -103,56 +105,85 @@ def scale_to_unit(values: np.ndarray) -> np.ndarray:
     return np.clip((values - low) / (high - low + 1e-12), 0, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="encoder checkpoint (any kind), or 'random'")
-    parser.add_argument("--model", default="resnet50_3d")
-    parser.add_argument("--segment", default="demo")
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--tile_size", type=int, default=96)
-    parser.add_argument("--follow_surface", action="store_true", help="depth window along the recto surface (as pretraining)")
+    parser.add_argument("--segment", default="demo", help="segment spec (ID, zarr, layer folder, demo[:seed])")
+    encoder_input.add_input_arguments(parser)
     parser.add_argument("--stage", type=int, default=1, choices=[1, 2, 3, 4], help="1: stride 4 … 4: stride 32")
     parser.add_argument("--components", type=int, default=8, help="principal components scored (k-means uses them)")
-    parser.add_argument("--clusters", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clusters", type=int, default=4, help="k of k-means")
+    parser.add_argument("--seed", type=int, default=0, help="random encoder, PCA, k-means and probe sampling")
     parser.add_argument("--probe_tile_size", type=int, default=64,
                         help="with --probe_fraction, the held-out band as finetune/train.py chooses it (its TILE_SIZE)")
     parser.add_argument("--probe_fraction", type=float, default=0.2, help="finetune/train.py's VALIDATION_FRACTION")
-    parser.add_argument("--output", default="notes/ink_map")
-    args = parser.parse_args(argv)
+    parser.add_argument("--output", default="experiments/ink_map", help="folder for the maps and ink_map.json")
+    return parser.parse_args(argv)
 
-    segment = open_segment(args.segment)
-    if segment.inklabels is None:
-        raise SegmentError(f"segment {segment.name} has no ink labels to score the maps against")
-    encoder, description = load_encoder(args.model, args.checkpoint, args.seed)
-    print(f"encoder: {args.model}, {description}")
-    features_chw, grid_mask_hw, factor = feature_grid(encoder, segment, args.stage, args.depth, args.tile_size,
-                                                            follow_surface=args.follow_surface)
-    height, width = grid_mask_hw.shape
-    labels_hw = cv2.resize(segment.inklabels.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA) >= 0.5
-    pixels_nc = features_chw[:, grid_mask_hw].T  # (N mask pixels, C)
-    labels_n = labels_hw[grid_mask_hw].astype(np.uint8)
 
-    rng = np.random.default_rng(args.seed)
+def unsupervised_maps(pixels_nc: np.ndarray, labels_n: np.ndarray, components: int, clusters: int, seed: int) -> dict:
+    """PCA of the features and k-means on its components, fitted without labels, then scored against them:
+    every component (both signs) and every cluster taken as "ink"."""
+    rng = np.random.default_rng(seed)
     fit_rows = rng.choice(len(pixels_nc), min(len(pixels_nc), PCA_FIT_PIXELS), replace=False)
-    pca = sklearn.decomposition.PCA(n_components=args.components, random_state=args.seed).fit(pixels_nc[fit_rows])
+    pca = sklearn.decomposition.PCA(n_components=components, random_state=seed).fit(pixels_nc[fit_rows])
     components_nk = pca.transform(pixels_nc)
     component_scores = []
-    for component in range(args.components):
+    for component in range(components):
         for sign in (1, -1):
             metrics = ink_metrics(scale_to_unit(sign * components_nk[:, component]), labels_n, FINE_THRESHOLDS)
             component_scores.append({"component": component + 1, "sign": sign, "f05": metrics.f05, "auc": metrics.auc,
                                      "threshold": metrics.threshold})
-    best_component = max(component_scores, key=lambda score: score["f05"])
-
-    kmeans = sklearn.cluster.KMeans(n_clusters=args.clusters, n_init=4, random_state=args.seed)
-    clusters_n = kmeans.fit_predict(components_nk)
+    clusters_n = sklearn.cluster.KMeans(n_clusters=clusters, n_init=4, random_state=seed).fit_predict(components_nk)
     cluster_scores = []
-    for cluster in range(args.clusters):
+    for cluster in range(clusters):
         members = (clusters_n == cluster).astype(np.float32)
         metrics = ink_metrics(members, labels_n, (0.5,))
         cluster_scores.append({"cluster": cluster, "fraction": float(members.mean()), "f05": metrics.f05, "auc": metrics.auc})
-    best_cluster = max(cluster_scores, key=lambda score: score["f05"])
+    return {"components_nk": components_nk, "clusters_n": clusters_n,
+            "explained_variance": pca.explained_variance_ratio_.tolist(), "components": component_scores,
+            "clusters": cluster_scores, "best_component": max(component_scores, key=lambda score: score["f05"]),
+            "best_cluster": max(cluster_scores, key=lambda score: score["f05"])}
+
+
+def write_maps(output: pathlib.Path, maps: dict, grid_mask_hw: np.ndarray, factor: int) -> None:
+    """pca_rgb.png (components 1-3 as colours), pca_best.png and kmeans.png, at the segment's resolution."""
+    height, width = grid_mask_hw.shape
+    components_nk = maps["components_nk"]
+
+    def grid_image(values_n: np.ndarray, channels: int = 1) -> np.ndarray:
+        image = np.zeros((height, width, channels), np.uint8)
+        image[grid_mask_hw] = (values_n.reshape(len(values_n), channels) * 255).astype(np.uint8)
+        return cv2.resize(image, (width * factor, height * factor), interpolation=cv2.INTER_NEAREST)
+
+    rgb = np.stack([scale_to_unit(components_nk[:, index]) for index in range(min(3, components_nk.shape[1]))], axis=1)
+    write_png_atomic(output / "pca_rgb.png", grid_image(rgb, rgb.shape[1])[..., ::-1])
+    best = maps["best_component"]
+    write_png_atomic(output / "pca_best.png", grid_image(scale_to_unit(best["sign"] * components_nk[:, best["component"] - 1])))
+    palette = np.array([[230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66], [0, 114, 178], [213, 94, 0],
+                        [204, 121, 167], [128, 128, 128]], np.float32) / 255
+    write_png_atomic(output / "kmeans.png", grid_image(palette[maps["clusters_n"] % len(palette)], 3)[..., ::-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = encoder_input.common_settings([args.checkpoint], args)
+    device = encoder_input.device()
+    encoder, description = encoder_input.load_encoder(args.checkpoint, settings, device, args.seed)
+    stride = stage_stride(encoder, args.stage)
+    if settings.tile_size // stride < 4:
+        raise encoder_input.EvaluationError(
+            f"--stage {args.stage} has one feature per {stride} pixels: a {settings.tile_size}-pixel tile gives too few "
+            f"to keep the central half of each; use --tile_size {4 * stride} or more, or a finer stage")
+    segment = open_segment(args.segment)
+    if segment.inklabels is None:
+        raise SegmentError(f"segment {segment.name} has no ink labels to score the maps against")
+    print(f"encoder: {description}; input {settings.describe()}; on {device}")
+    features_chw, grid_mask_hw, factor = feature_grid(encoder, segment, args.stage, settings, device)
+    height, width = grid_mask_hw.shape
+    labels_hw = cv2.resize(segment.inklabels.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA) >= 0.5
+    labels_n = labels_hw[grid_mask_hw].astype(np.uint8)
+    maps = unsupervised_maps(features_chw[:, grid_mask_hw].T, labels_n, args.components, args.clusters, args.seed)
 
     box = choose_validation_box(segment.mask, segment.inklabels, args.probe_tile_size, args.probe_fraction)
     held_out_hw = np.zeros_like(grid_mask_hw)
@@ -161,25 +192,13 @@ def main(argv: list[str] | None = None) -> int:
 
     output = pathlib.Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-
-    def grid_image(values_n: np.ndarray, channels: int = 1) -> np.ndarray:
-        image = np.zeros((height, width, channels), np.uint8)
-        image[grid_mask_hw] = (values_n.reshape(len(values_n), channels) * 255).astype(np.uint8)
-        return cv2.resize(image, (width * factor, height * factor), interpolation=cv2.INTER_NEAREST)
-
-    rgb = np.stack([scale_to_unit(components_nk[:, index]) for index in range(min(3, args.components))], axis=1)
-    cv2.imwrite(str(output / "pca_rgb.png"), grid_image(rgb, rgb.shape[1])[..., ::-1])
-    best = scale_to_unit(best_component["sign"] * components_nk[:, best_component["component"] - 1])
-    cv2.imwrite(str(output / "pca_best.png"), grid_image(best))
-    palette = np.array([[230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66], [0, 114, 178], [213, 94, 0],
-                        [204, 121, 167], [128, 128, 128]], np.float32) / 255
-    cv2.imwrite(str(output / "kmeans.png"), grid_image(palette[clusters_n % len(palette)], 3)[..., ::-1])
-    result = {"checkpoint": args.checkpoint, "encoder": description, "model": args.model, "stage": args.stage,
+    write_maps(output, maps, grid_mask_hw, factor)
+    best_component, best_cluster = maps["best_component"], maps["best_cluster"]
+    result = {"checkpoint": args.checkpoint, "encoder": description, "input": settings.as_dict(), "stage": args.stage,
               "segment": segment.name, "grid_factor": factor, "ink_fraction": float(labels_n.mean()),
-              "explained_variance": pca.explained_variance_ratio_.tolist(), "best_component": best_component,
-              "best_cluster": best_cluster, "linear_probe": {**probe, "held_out_box": dataclasses.asdict(box)},
-              "components": component_scores, "clusters": cluster_scores}
-    (output / "ink_map.json").write_text(json.dumps(result, indent=1))
+              **{key: maps[key] for key in ("explained_variance", "best_component", "best_cluster", "components", "clusters")},
+              "linear_probe": {**probe, "held_out_box": dataclasses.asdict(box)}}
+    write_bytes_atomic(output / "ink_map.json", json.dumps(result, indent=1).encode())
     print(f"best principal component {best_component['component']} (sign {best_component['sign']:+d}): "
           f"F0.5 {best_component['f05']:.3f}, AUC {best_component['auc']:.3f}; best k-means cluster "
           f"{best_cluster['cluster']}: F0.5 {best_cluster['f05']:.3f}, AUC {best_cluster['auc']:.3f}; "
@@ -189,8 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (SegmentError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    encoder_input.exit_on_user_error(main)

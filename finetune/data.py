@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from pretrain.data.patches import GridTileDataset, depth_window, tile_origins
+from pretrain.data.patches import GridTileDataset, InputSettings, depth_window, tile_origins
 from pretrain.data.segment import Segment, SegmentError, read_label_image
 
 MAX_Z_SHIFT = 2  # layers; the surface of a real segment is flattened to within a layer or two
@@ -116,22 +116,22 @@ def tiles_region(origins: np.ndarray, tile_size: int, shape_yx: tuple[int, int])
 # ---------------------------------------------------------------- datasets
 
 
-def depth_margin(num_layers: int, depth: int, depth_offset: int) -> int:
+def depth_margin(num_layers: int, settings: InputSettings) -> int:
     """Extra layers (up to MAX_Z_SHIFT) readable on each side of the depth window, for the z-shift."""
     for margin in range(MAX_Z_SHIFT, 0, -1):
         try:
-            depth_window(num_layers, depth + 2 * margin, depth_offset)
+            depth_window(num_layers, settings.depth + 2 * margin, settings.depth_offset)
             return margin
         except SegmentError:
             continue
     return 0
 
 
-def tile_dataset(segment: Segment, origins: np.ndarray, depth: int, depth_offset: int, tile_size: int,
-                 normalization: str, transform=None, margin: int = 0, follow_surface: bool = False) -> GridTileDataset:
+def tile_dataset(segment: Segment, origins: np.ndarray, settings: InputSettings, transform=None,
+                 margin: int = 0) -> GridTileDataset:
     """GridTileDataset over exactly the given (N, 2) origins, reading `margin` more layers on each side."""
-    return GridTileDataset(segment, depth + 2 * margin, tile_size, stride=tile_size, depth_offset=depth_offset,
-                           normalization=normalization, transform=transform, origins=origins, follow_surface=follow_surface)
+    widened = dataclasses.replace(settings, depth=settings.depth + 2 * margin)
+    return GridTileDataset(segment, widened, stride=settings.tile_size, transform=transform, origins=origins)
 
 
 def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Box | None,

@@ -22,7 +22,7 @@ def validate(model, loader, loss_function, device: torch.device, labels_yx: np.n
     for batch in loader:
         volume_b1dhw = batch["volume"].to(device, non_blocking=True)
         labels_b1hw = batch["label"].to(device, non_blocking=True).unsqueeze(1)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with dist.autocast(device):
             logits_b1hw = model(volume_b1dhw).float()
         loss_sum += loss_function(logits_b1hw, labels_b1hw).item() * len(volume_b1dhw)
         tile_count += len(volume_b1dhw)
@@ -56,3 +56,12 @@ def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, regi
         unseen_yx = region_yx & ~seen_yx
         report.update(ink_metrics(probabilities_yx[unseen_yx], full_labels_yx[unseen_yx]).as_dict("unlabelled_area_"))
     return report
+
+
+def describe(metrics: dict) -> str:
+    """F0.5 (its threshold) and AUC of metrics as `validate` or `prediction_metrics` return them, for a person."""
+    groups = {"": "", "validation_": "held-out band ", "labelled_tiles_": "labelled tiles ",
+              "unlabelled_area_": "where nothing was labelled "}
+    parts = [f"{label}F0.5 {metrics[prefix + 'f05']:.3f} (threshold {metrics[prefix + 'threshold']:.2f}), "
+             f"AUC {metrics[prefix + 'auc']:.3f}" for prefix, label in groups.items() if prefix + "f05" in metrics]
+    return "; ".join(parts)

@@ -11,9 +11,10 @@ Under torchrun each process predicts every world_size-th tile and each finished 
 import numpy as np
 import torch
 
-from pretrain import dist
-from pretrain.data.segment import Segment
 from finetune.data import tile_dataset
+from pretrain import dist
+from pretrain.data.patches import InputSettings
+from pretrain.data.segment import Segment
 
 GAUSSIAN_SIGMA_FRACTION = 0.125  # of the tile side, as nnU-Net; flat enough that overlaps blend smoothly
 MIN_WEIGHT = 1e-3  # of the centre weight: a pixel that only a tile's border covers still gets predicted
@@ -105,10 +106,11 @@ class RowBand:
 
 
 @torch.no_grad()
-def predict_segment(model: torch.nn.Module, segment: Segment, region_yx: np.ndarray, depth: int, depth_offset: int,
-                    tile_size: int, stride: int, normalization: str, batch_size: int, device: torch.device,
-                    tta: bool = False, num_workers: int = 0, output_yx=None, follow_surface: bool = False):
-    """(Y, X) float32 ink probability over the region (zero elsewhere) of the whole segment.
+def predict_segment(model: torch.nn.Module, segment: Segment, region_yx: np.ndarray, settings: InputSettings,
+                    stride: int, batch_size: int, device: torch.device, tta: bool = False, num_workers: int = 0,
+                    output_yx=None):
+    """(Y, X) float32 ink probability over the region (zero elsewhere) of the whole segment, from tiles cut and
+    scaled as `settings` says.
 
     Written row band by row band into `output_yx`: any (Y, X) array that takes slice assignment, such as a
     zarr array on disk for a segment whose map should not be held in RAM; by default a new numpy array.
@@ -116,9 +118,10 @@ def predict_segment(model: torch.nn.Module, segment: Segment, region_yx: np.ndar
     model.eval()
     if output_yx is None:
         output_yx = np.zeros(region_yx.shape, np.float32)
+    tile_size = settings.tile_size
     all_origins = covering_origins(region_yx, tile_size, stride)  # (N, 2), row-major
     origins = all_origins[dist.rank()::dist.world_size()]
-    dataset = tile_dataset(segment, origins, depth, depth_offset, tile_size, normalization, follow_surface=follow_surface)
+    dataset = tile_dataset(segment, origins, settings)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     # Every process walks the same tile rows, even those where it has no tile, so the sums stay in step.
@@ -126,9 +129,8 @@ def predict_segment(model: torch.nn.Module, segment: Segment, region_yx: np.ndar
     band = RowBand(region_yx, output_yx, tile_size, device)
     band.move_to(next(tile_rows))  # rows above the first tile
     weights_tt = gaussian_weights(tile_size)
-    use_autocast = device.type == "cuda"  # bf16 is many times slower than fp32 on CPU
     for batch in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        with dist.autocast(device):
             probabilities_btt = tta_probabilities(model, batch["volume"].to(device, non_blocking=True), tta)
         for (y, x), probabilities_tt in zip(batch["origin"].tolist(), probabilities_btt.cpu().numpy()):
             while band.top < y:

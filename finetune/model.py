@@ -15,9 +15,7 @@ import segmentation_models_pytorch.decoders.unet.decoder
 import torch
 from torch import nn
 
-from pretrain.models import ENCODER_NAMES, build_encoder
-from pretrain.models.weights import encoder_state_dict
-from pretrain.utils import misc
+from pretrain.models import build_encoder
 
 DEPTH_POOLS = ("max", "mean")
 OUTPUT_STRIDES = (1, 4)
@@ -62,6 +60,12 @@ class InkUNet(nn.Module):
         if freeze_encoder:
             self.encoder.requires_grad_(False)
 
+    def set_encoder_frozen(self, frozen: bool) -> None:
+        """Freeze or unfreeze the encoder's weights and BatchNorm statistics (LP-FT unfreezes after a few epochs)."""
+        self.freeze_encoder = frozen
+        self.encoder.requires_grad_(not frozen)
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "InkUNet":
         super().train(mode)
         if self.freeze_encoder:
@@ -88,29 +92,3 @@ class InkUNet(nn.Module):
 def build_ink_unet(model_name: str, depth_pool: str = "max", output_stride: int = 4,
                    freeze_encoder: bool = False) -> InkUNet:
     return InkUNet(build_encoder(model_name), depth_pool, output_stride, freeze_encoder)
-
-
-def _architecture_of(encoder_state: dict) -> str | None:
-    """The registered encoder whose state dict the given one fits exactly, if any."""
-    for name in ENCODER_NAMES:
-        with torch.device("meta"):  # names and shapes only: no memory, no initialisation time
-            candidate = build_encoder(name)
-        if not misc.describe_state_dict_mismatch(candidate.state_dict(), encoder_state):
-            return name
-    return None
-
-
-def load_pretrained_encoder(model: InkUNet, path: str, model_name: str) -> str:
-    """Load an encoder checkpoint of any kind `pretrain.models.weights` knows (encoder-only, SparK or VICReg
-    pretraining, Kinetics) strictly into the encoder; returns what was loaded.
-
-    Raises CheckpointError, naming the file and the architecture it holds, when it does not fit.
-    """
-    state, kind = encoder_state_dict(misc.load_checkpoint(path), model.encoder.conv1.in_channels, f"pretrained_path {path}")
-    mismatch = misc.describe_state_dict_mismatch(model.encoder.state_dict(), state)
-    if mismatch:
-        holds = _architecture_of(state)
-        hint = f"it holds a {holds} encoder: set MODEL = {holds!r}" if holds else f"it fits no known encoder ({mismatch})"
-        raise misc.CheckpointError(f"pretrained_path {path} ({kind}) does not fit MODEL {model_name!r}: {hint}")
-    model.encoder.load_state_dict(state)  # strict: every encoder key, nothing else
-    return f"{kind} weights from {path}"

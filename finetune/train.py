@@ -2,14 +2,19 @@
 
     python finetune/train.py                                       # the settings below: the demo segment
     python finetune/train.py --scheme iterative --inklabel_path inklabels_two_letters.png --data_augmentation True
-    python finetune/train.py --MODEL resnet50_3d --pretrained_path experiments/spark_demo/resnet50_3d_timm_style.pth
+    python finetune/train.py --pretrained_path experiments/spark_demo/resnet50_3d_timm_style.pth
     torchrun --nproc_per_node 4 finetune/train.py --segment_id 20230827161847 --BATCH_SIZE 32
+    python finetune/train.py --help                                # every setting, its value and what it means
 
-Writes to OUTPUT_DIR/exp_name/: last.pth (every epoch, atomically; running the same command again
-continues), best.pth (lowest validation loss), prediction.png, labels_vs_prediction.png, log.jsonl and
-tensorboard_logs/; the prediction also goes to save_path. Iterative labeling: open save_path in an image
-editor, paint better labels, run again with them as inklabel_path. Each label file makes one round_NN/
-(labels, prediction, metrics); new labels start the next round, trained afresh.
+With `pretrained_path`, the model and the way tiles are cut and scaled (MODEL, DEPTH, DEPTH_OFFSET,
+FOLLOW_SURFACE, NORMALIZATION, TILE_SIZE) are the encoder's own, as its checkpoint records them; a value set
+here that contradicts it is an error (TILE_SIZE only warns). Writes to OUTPUT_DIR/exp_name/: last.pth (every
+epoch, atomically; running the same command again continues), best.pth (scheme "validation": the epoch of
+lowest validation loss; scheme "iterative", which holds nothing out to choose by: the last epoch),
+prediction.png, labels_vs_prediction.png, log.jsonl and tensorboard_logs/; the prediction also goes to
+save_path. Iterative labeling: open save_path in an image editor, paint better labels, run again with them as
+inklabel_path. Each label file makes one round_NN/ (labels, prediction, metrics); new labels start the next
+round, trained afresh.
 """
 import dataclasses
 import hashlib
@@ -28,9 +33,9 @@ import tqdm  # noqa: E402
 
 from finetune import data, evaluation, inference, outputs  # noqa: E402
 from finetune.config import ConfigError, apply_overrides, settings_in  # noqa: E402
-from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet, load_pretrained_encoder  # noqa: E402
-from pretrain import dist  # noqa: E402
-from pretrain.data.patches import NORMALIZATIONS  # noqa: E402
+from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet  # noqa: E402
+from pretrain import checkpoint, dist  # noqa: E402
+from pretrain.data.patches import NORMALIZATIONS, InputSettings  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import Segment, SegmentError, open_segment  # noqa: E402
 from pretrain.models import ENCODER_NAMES  # noqa: E402
@@ -45,19 +50,21 @@ scheme = "validation"  # "validation": hold out a band and measure; "iterative":
 inklabel_path = None  # ink label PNG (a bare name is looked up in the segment's folder); None: the segment's own
 mask_path = None  # PNG of where to predict (within the segment's mask); None: the whole segment mask
 save_path = None  # the uint8 prediction PNG to open in an image editor; None: OUTPUT_DIR/exp_name/prediction.png
-pretrained_path = None  # encoder weights: <MODEL>_timm_style.pth, a pretraining or a Kinetics checkpoint; None: random
+pretrained_path = None  # encoder weights: <model>_timm_style.pth, any pretraining, fine-tuning or Kinetics checkpoint; None: random
 freeze_encoder = False  # train only the decoder; the encoder's weights and BatchNorm statistics stay fixed
-# model
-MODEL = "resnet50_3d_narrow"  # 3D encoder; a pretrained checkpoint needs its own (e.g. "resnet50_3d")
+FREEZE_ENCODER_EPOCHS = 0  # LP-FT: train only the decoder for this many epochs first, then everything
+# model and input: None takes the pretrained encoder's own (its checkpoint records them), or, without one, the
+# default after "else"
+MODEL: str | None = None  # 3D encoder; else "resnet50_3d_narrow" (a full-width resnet50_3d step takes 2.5 s on 2 CPU cores)
+DEPTH: int | None = None  # layers per tile (a multiple of the encoder's depth downsample, 8); else 16
+DEPTH_OFFSET: int | None = None  # shift of the depth window from the middle layer (or from the surface); else 0
+FOLLOW_SURFACE: bool | None = None  # the depth window follows the recto surface found in each tile; else False
+NORMALIZATION: str | None = None  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per tile); else "range"
+TILE_SIZE: int | None = None  # tile side in pixels (a multiple of 32); else 64
 DEPTH_POOL = "max"  # how each stage's 3D features are collapsed over depth: "max" or "mean"
 OUTPUT_STRIDE = 4  # 4: decode to 1/4 resolution and upsample the logits (cheaper); 1: decode to full resolution
 # data
-DEPTH = 16  # layers per tile, centred on the middle layer (a multiple of the encoder's depth downsample, 8)
-DEPTH_OFFSET = 0  # shift of the depth window from the middle layer (or from the surface, below)
-FOLLOW_SURFACE = False  # the depth window follows the recto surface found in each tile; as the encoder was pretrained
-TILE_SIZE = 64  # tile side in pixels (a multiple of 32)
 STRIDE = 32  # training tile stride
-NORMALIZATION = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per tile)
 VALIDATION_FRACTION = 0.2  # width of the held-out band, as a fraction of the segment's longer side
 MIN_INK_FRACTION = 0.05  # "iterative": a training tile must hold this much labelled ink
 # An epoch repeats the (augmented) training tiles until it holds at least this many: a few labelled letters
@@ -87,6 +94,11 @@ INFERENCE_STRIDE = 32  # sliding-window stride for the whole-segment prediction
 TTA = False  # average over flips and a rot90 (4× the inference time)
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = settings_in(globals())
+# The input settings without a pretrained encoder, and the setting that names each field.
+INPUT_DEFAULTS = InputSettings(model="resnet50_3d_narrow", depth=16, depth_offset=0, follow_surface=False,
+                               normalization="range", tile_size=64)
+INPUT_SETTING_NAMES = {"model": "MODEL", "depth": "DEPTH", "depth_offset": "DEPTH_OFFSET",
+                       "follow_surface": "FOLLOW_SURFACE", "normalization": "NORMALIZATION", "tile_size": "TILE_SIZE"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,15 +117,24 @@ class RunState:
     training_seconds: float = 0.0
 
 
-def check_settings(config) -> None:
+def encoder_and_input(config) -> tuple[checkpoint.EncoderWeights | None, InputSettings]:
+    """The pretrained encoder's weights (None without one) and the input settings to use: the encoder's own,
+    except where the config gives a value (a contradiction is an error, see checkpoint.resolve_input_settings)."""
+    weights = checkpoint.encoder_weights(config.pretrained_path) if config.pretrained_path is not None else None
+    given = {field: getattr(config, name) for field, name in INPUT_SETTING_NAMES.items() if getattr(config, name) is not None}
+    return weights, checkpoint.resolve_input_settings(weights, given, INPUT_DEFAULTS, INPUT_SETTING_NAMES)
+
+
+def check_settings(config, settings: InputSettings) -> None:
     problems = []
+    chosen = {**vars(config), **{name: getattr(settings, field) for field, name in INPUT_SETTING_NAMES.items()}}
     for name, allowed in (("scheme", ("validation", "iterative")), ("MODEL", ENCODER_NAMES),
                           ("DEPTH_POOL", DEPTH_POOLS), ("OUTPUT_STRIDE", OUTPUT_STRIDES),
                           ("NORMALIZATION", NORMALIZATIONS)):
-        if getattr(config, name) not in allowed:
-            problems.append(f"{name} {getattr(config, name)!r} is not one of {', '.join(map(str, allowed))}")
+        if chosen[name] not in allowed:
+            problems.append(f"{name} {chosen[name]!r} is not one of {', '.join(map(str, allowed))}")
     for name in ("NUM_EPOCHS", "BATCH_SIZE", "TILE_SIZE", "STRIDE", "INFERENCE_STRIDE", "DEPTH"):
-        if getattr(config, name) < 1:
+        if chosen[name] < 1:
             problems.append(f"{name} must be at least 1")
     if not 0 < config.VALIDATION_FRACTION < 1:
         problems.append(f"VALIDATION_FRACTION {config.VALIDATION_FRACTION} is not between 0 and 1")
@@ -132,7 +153,7 @@ def load_labels(config, segment: Segment) -> tuple[np.ndarray, str, np.ndarray]:
     if config.inklabel_path is None:
         if segment.inklabels is None:
             raise SegmentError(f"segment {segment.name} has no ink labels of its own; set inklabel_path")
-        return segment.inklabels, f"{segment.name} ink labels", region_yx
+        return segment.inklabels, f"{segment.name}'s own ink labels (with the segment, {segment.location})", region_yx
     path = data.resolve_label_path(config.inklabel_path, segment, "inklabel_path")
     labels_yx = data.read_label_file(path, segment, "inklabel_path")
     if config.scheme == "iterative" and not labels_yx.any():
@@ -140,50 +161,48 @@ def load_labels(config, segment: Segment) -> tuple[np.ndarray, str, np.ndarray]:
     return labels_yx, str(path), region_yx
 
 
-def build_model(config) -> InkUNet:
-    model = build_ink_unet(config.MODEL, config.DEPTH_POOL, config.OUTPUT_STRIDE, config.freeze_encoder)
+def build_model(config, settings: InputSettings, weights: checkpoint.EncoderWeights | None) -> InkUNet:
+    model = build_ink_unet(settings.model, config.DEPTH_POOL, config.OUTPUT_STRIDE, config.freeze_encoder)
     depth_ratio, height_ratio, _ = model.encoder.get_downsample_ratio()
-    if config.DEPTH % depth_ratio or config.TILE_SIZE % height_ratio:
-        raise ConfigError(f"DEPTH {config.DEPTH} and TILE_SIZE {config.TILE_SIZE} must be multiples of {config.MODEL}'s "
-                          f"downsample ratios {depth_ratio} and {height_ratio}")
-    if config.pretrained_path is not None:
-        loaded = load_pretrained_encoder(model, config.pretrained_path, config.MODEL)
+    if settings.depth % depth_ratio or settings.tile_size % height_ratio:
+        raise ConfigError(f"DEPTH {settings.depth} and TILE_SIZE {settings.tile_size} must be multiples of "
+                          f"{settings.model}'s downsample ratios {depth_ratio} and {height_ratio}")
+    if weights is not None:
+        checkpoint.load_encoder(model.encoder, weights, settings.model, "MODEL")
         if dist.is_master():
-            print(f"encoder: {loaded}")
+            print(f"encoder: {weights.description}")
     return model
 
 
-def resume(config, model, optimizer, checkpoint_path: pathlib.Path, labels_digest: str) -> RunState:
+def resume(config, settings: InputSettings, model, optimizer, checkpoint_path: pathlib.Path, labels_digest: str) -> RunState:
     """Continue from last.pth when it exists. In scheme "iterative", other labels start the next round afresh."""
     fresh = RunState(round=1 if config.scheme == "iterative" else 0, labels_digest=labels_digest)
     if not checkpoint_path.is_file():
         return fresh
-    checkpoint = misc.load_checkpoint(checkpoint_path)
-    previous = checkpoint["config"]
-    mismatch = misc.describe_state_dict_mismatch(model.state_dict(), checkpoint["model"])
-    if mismatch or previous["scheme"] != config.scheme:
-        raise misc.CheckpointError(
-            f"{checkpoint_path} is a {previous['scheme']} run of {previous['MODEL']} that this run ({config.scheme}, "
-            f"{config.MODEL}) cannot continue{': ' + mismatch if mismatch else ''}; set another exp_name")
-    state = RunState(**checkpoint["state"])
+    saved = checkpoint.read(checkpoint_path)
+    previous = saved["config"]
+    mismatch = checkpoint.describe_state_dict_mismatch(model.state_dict(), saved["model"])
+    if mismatch or previous["scheme"] != config.scheme or checkpoint.input_settings(saved) != settings:
+        raise checkpoint.CheckpointError(
+            f"{checkpoint_path} is a {previous['scheme']} run on {checkpoint.input_settings(saved).describe()} that this "
+            f"run ({config.scheme}, {settings.describe()}) cannot continue{': ' + mismatch if mismatch else ''}; "
+            "set another exp_name")
+    state = RunState(**saved["state"])
     if config.scheme == "iterative" and state.labels_digest != labels_digest:
         print(f"new labels: round {state.round + 1} starts from {config.pretrained_path or 'random init'}")
         return dataclasses.replace(fresh, round=state.round + 1)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    misc.restore_rng_states(checkpoint["rng"])
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
     print(f"resumed from {checkpoint_path}: epoch {state.epoch} of {config.NUM_EPOCHS} done")
     return state
 
 
-def save_checkpoint(path: pathlib.Path, config, model, state: RunState, optimizer=None) -> None:
-    """Weights, settings and state; with the optimizer and RNG states too when it is for resuming."""
+def save_checkpoint(path: pathlib.Path, config, settings: InputSettings, model, state: RunState, optimizer=None) -> None:
+    """Weights, settings and state; with the optimizer too when it is for resuming."""
     if dist.is_master():
-        checkpoint = {"config": config.as_dict(), "state": dataclasses.asdict(state), "model": model.state_dict(),
-                      "commit": misc.git_commit()}
-        if optimizer is not None:
-            checkpoint.update(optimizer=optimizer.state_dict(), rng=misc.rng_states())
-        misc.save_atomic(checkpoint, path)
+        entries = {"optimizer": optimizer.state_dict()} if optimizer is not None else {}
+        checkpoint.save(path, "finetune", model.state_dict(), settings, config=config.as_dict(),
+                        state=dataclasses.asdict(state), **entries)
 
 
 def ink_loss(label_smoothing: float):
@@ -198,7 +217,6 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, loss_function, 
     iterations_per_epoch = len(loader)
     total_iterations = config.NUM_EPOCHS * iterations_per_epoch
     warmup_iterations = max(1, config.WARMUP_EPOCHS * iterations_per_epoch)
-    use_autocast = device.type == "cuda"  # bf16 is 20-50× slower than fp32 on CPU
     loss_sum = 0.0
     progress = tqdm.tqdm(loader, desc=f"epoch {state.epoch + 1}/{config.NUM_EPOCHS}", disable=not dist.is_master())
     for batch in progress:
@@ -206,18 +224,18 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, loss_function, 
         schedule.apply(optimizer, lr, config.WEIGHT_DECAY)
         volume_b1dhw = batch["volume"].to(device, non_blocking=True)
         labels_b1hw = batch["label"].to(device, non_blocking=True).unsqueeze(1)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        with dist.autocast(device):
             logits_b1hw = ddp_model(volume_b1dhw)
         loss = loss_function(logits_b1hw.float(), labels_b1hw)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {state.epoch + 1}, step {state.global_step}; "
+        loss_value = dist.all_reduce_mean(loss).item()  # the mean over processes: every rank stops together
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"loss is {loss_value} at epoch {state.epoch + 1}, step {state.global_step}; "
                                      "stopping (last.pth holds the last good epoch); try a lower LR")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], config.CLIP if config.CLIP > 0 else math.inf)
         optimizer.step()
-        loss_value = dist.all_reduce_mean(loss).item()
         loss_sum += loss_value
         tensorboard.scalars(state.global_step, train__loss=loss_value, train__grad_norm=float(grad_norm), hp__lr=lr)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
@@ -225,19 +243,52 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, loss_function, 
     return loss_sum / iterations_per_epoch
 
 
-def predict_and_write(config, model, segment, labels_yx, label_source, region_yx, held_out, train_origins, state,
-                      experiment_dir, device, log, tensorboard) -> None:
+def split(config, settings: InputSettings, labelled: Segment) -> tuple[data.Box | None, np.ndarray]:
+    """The held-out band (scheme "validation"; None in "iterative") and the (N, 2) training tile origins."""
+    held_out = None
+    if config.scheme == "validation":
+        held_out = data.choose_validation_box(labelled.mask, labelled.inklabels, settings.tile_size,
+                                              config.VALIDATION_FRACTION)
+    train_origins = data.training_origins(labelled, settings.tile_size, config.STRIDE, held_out,
+                                          config.MIN_INK_FRACTION if config.scheme == "iterative" else 0.0)
+    return held_out, train_origins
+
+
+def build_loaders(config, settings: InputSettings, labelled: Segment, train_origins: np.ndarray, held_out, device):
+    """(training loader, its augmentation, validation loader or None). An epoch repeats the training tiles up to
+    MIN_TILES_PER_EPOCH; each process takes its share, reshuffled per (SEED, epoch), from one sampler."""
+    margin = data.depth_margin(labelled.shape[0], settings) if config.data_augmentation else 0
+    augmentation = data.TileAugmentation(settings.depth, margin, config.data_augmentation, config.SEED)
+    repeats = max(1, math.ceil(config.MIN_TILES_PER_EPOCH / len(train_origins)))
+    train_set = data.tile_dataset(labelled, np.tile(train_origins, (repeats, 1)), settings, augmentation, margin)
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank(),
+                                                  shuffle=True, seed=config.SEED, drop_last=True)
+    batch_per_process = config.BATCH_SIZE // dist.world_size()
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=batch_per_process, sampler=sampler, num_workers=config.NUM_WORKERS, drop_last=True,
+        worker_init_fn=data.reseed_worker, pin_memory=device.type == "cuda")
+    if len(train_loader) == 0:
+        raise ConfigError(f"{len(train_set)} training tiles make no batch of {config.BATCH_SIZE}; lower BATCH_SIZE")
+    if held_out is None:
+        return train_loader, augmentation, None
+    validation_origins = data.validation_origins(labelled, settings.tile_size, held_out)[dist.rank()::dist.world_size()]
+    validation_set = data.tile_dataset(labelled, validation_origins, settings)
+    return train_loader, augmentation, torch.utils.data.DataLoader(validation_set, batch_size=batch_per_process,
+                                                                   num_workers=config.NUM_WORKERS)
+
+
+def predict_and_write(config, settings, model, segment, labels_yx, label_source, region_yx, held_out, train_origins,
+                      state, experiment_dir, device, log, tensorboard) -> None:
     """The whole-segment prediction with the best weights, its metrics, and every output file."""
     dist.barrier()  # rank 0 wrote best.pth
-    model.load_state_dict(misc.load_checkpoint(experiment_dir / "best.pth")["model"])
+    model.load_state_dict(checkpoint.read(experiment_dir / "best.pth")["model"])
     started = time.time()
     probabilities_yx = inference.predict_segment(
-        model, segment, region_yx, config.DEPTH, config.DEPTH_OFFSET, config.TILE_SIZE, config.INFERENCE_STRIDE,
-        config.NORMALIZATION, config.BATCH_SIZE // dist.world_size(), device, config.TTA, config.NUM_WORKERS,
-        follow_surface=config.FOLLOW_SURFACE)
+        model, segment, region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(), device,
+        config.TTA, config.NUM_WORKERS)
     full_labels_yx = segment.inklabels if config.inklabel_path is not None else None
     metrics = evaluation.prediction_metrics(probabilities_yx, labels_yx, region_yx, held_out, train_origins,
-                                            config.TILE_SIZE, full_labels_yx)
+                                            settings.tile_size, full_labels_yx)
     if not dist.is_master():
         return
     save_path = pathlib.Path(config.save_path) if config.save_path else experiment_dir / "prediction.png"
@@ -253,56 +304,78 @@ def predict_and_write(config, model, segment, labels_yx, label_source, region_yx
         print(f"round {state.round} recorded in {folder}")
     log.write(event="prediction", seconds=round(time.time() - started, 1), save_path=str(save_path),
               round=state.round, **metrics)
-    print(f"prediction: {save_path} ({time.time() - started:.0f} s); "
-          + ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if key.endswith(("f05", "auc"))))
+    print(f"prediction: {save_path} ({time.time() - started:.0f} s). Scored from the whole-segment prediction "
+          f"(overlapping tiles, blended): " + evaluation.describe(metrics))
+
+
+def train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard, labels_yx,
+          mask_yx, held_out) -> None:
+    """The epoch loop, from state.epoch on; every epoch ends with last.pth, which commits it."""
+    train_loader, augmentation, validation_loader = loaders
+    loss_function = ink_loss(config.LABEL_SMOOTHING)
+    last_epoch = min(config.NUM_EPOCHS, config.STOP_AFTER_EPOCHS) if config.STOP_AFTER_EPOCHS else config.NUM_EPOCHS
+    for epoch in range(state.epoch, last_epoch):
+        started = time.time()
+        train_loader.sampler.set_epoch(epoch)
+        augmentation.set_epoch(epoch, dist.rank())
+        torch.manual_seed(misc.epoch_seed(config.SEED, dist.rank(), epoch))  # each rank its own, and again on resume
+        model.set_encoder_frozen(config.freeze_encoder or epoch < config.FREEZE_ENCODER_EPOCHS)
+        ddp_model = dist.wrap(model, device)  # again each epoch: DDP syncs only what needs gradients when it is built
+        statistics = {"train_loss": train_one_epoch(config, model, ddp_model, optimizer, train_loader, loss_function,
+                                                    state, tensorboard, device)}
+        if validation_loader is not None:
+            validation, band_probabilities_hw = evaluation.validate(model, validation_loader, loss_function, device,
+                                                                    labels_yx, mask_yx, held_out)
+            statistics.update({f"val_{key}": value for key, value in validation.items()})
+            tensorboard.scalars(state.global_step, **{f"val__{key}": validation[key]
+                                                      for key in ("loss", "f05", "threshold", "auc", "iou")})
+            band = (slice(held_out.y0, held_out.y1), slice(held_out.x0, held_out.x1))
+            tensorboard.image("validation/labels_vs_prediction", outputs.preview_chw(
+                outputs.labels_vs_prediction(labels_yx[band], band_probabilities_hw, mask_yx[band])),
+                state.global_step)
+        # Scheme "validation": best is the lowest validation loss. "iterative" holds nothing out: best is the last epoch.
+        is_best = validation_loader is None or statistics["val_loss"] < state.best_loss
+        state.best_loss = statistics.get("val_loss", statistics["train_loss"]) if is_best else state.best_loss
+        state.epoch = epoch + 1
+        state.training_seconds += time.time() - started
+        # last.pth goes last because it commits the epoch: a kill before its rename trains the epoch again and
+        # rewrites best.pth and the log record. Written first, a kill after it lost them, as resuming skips the epoch.
+        if is_best:
+            save_checkpoint(experiment_dir / "best.pth", config, settings, model, state)
+        log.write(event="epoch", epoch=state.epoch, seconds=round(time.time() - started, 1),
+                  training_seconds=round(state.training_seconds, 1), best=is_best, **statistics)
+        save_checkpoint(experiment_dir / "last.pth", config, settings, model, state, optimizer)
+        if dist.is_master():
+            held_out_text = "" if validation_loader is None else (
+                f"; held-out band, one tile per pixel: {evaluation.describe(validation)}"
+                + (" (lowest validation loss so far: best.pth)" if is_best else ""))
+            print(f"epoch {state.epoch}: train loss {statistics['train_loss']:.4f}{held_out_text}; "
+                  f"{state.training_seconds:.0f} s of training")
+        tensorboard.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__)
     device = dist.initialize()
-    check_settings(config)
     if device.type == "cpu" and config.CPU_THREADS > 0:
         torch.set_num_threads(config.CPU_THREADS)
-    torch.manual_seed(config.SEED + dist.rank())
     experiment_dir = pathlib.Path(config.OUTPUT_DIR, config.exp_name)
 
     # Every user error (settings, files, shapes, checkpoints) surfaces here, before anything is written.
+    weights, settings = encoder_and_input(config)
+    check_settings(config, settings)
     segment = open_segment(config.segment_id)
     labels_yx, label_source, region_yx = load_labels(config, segment)
+    if dist.is_master():
+        print(f"labels: {label_source}")
     labelled = dataclasses.replace(segment, inklabels=labels_yx)
-    held_out = None
-    if config.scheme == "validation":
-        held_out = data.choose_validation_box(segment.mask, labels_yx, config.TILE_SIZE, config.VALIDATION_FRACTION)
-    train_origins = data.training_origins(labelled, config.TILE_SIZE, config.STRIDE, held_out,
-                                          config.MIN_INK_FRACTION if config.scheme == "iterative" else 0.0)
-    model = build_model(config).to(device)
+    held_out, train_origins = split(config, settings, labelled)
+    torch.manual_seed(config.SEED)  # the decoder's initialisation
+    model = build_model(config, settings, weights).to(device)
     optimizer = torch.optim.AdamW(schedule.parameter_groups(model), lr=config.LR, weight_decay=config.WEIGHT_DECAY)
     labels_digest = hashlib.sha256(np.packbits(labels_yx > 0).tobytes()).hexdigest()
-    state = resume(config, model, optimizer, experiment_dir / "last.pth", labels_digest)
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-                 if dist.is_distributed() else model)
-
-    margin = data.depth_margin(segment.shape[0], config.DEPTH, config.DEPTH_OFFSET) if config.data_augmentation else 0
-    augmentation = data.TileAugmentation(config.DEPTH, margin, config.data_augmentation, config.SEED)
-    repeats = max(1, math.ceil(config.MIN_TILES_PER_EPOCH / len(train_origins)))
-    train_set = data.tile_dataset(labelled, np.tile(train_origins, (repeats, 1)), config.DEPTH, config.DEPTH_OFFSET,
-                                  config.TILE_SIZE, config.NORMALIZATION, augmentation, margin, config.FOLLOW_SURFACE)
-    # One sampler for 1 or N processes: each process takes its share, reshuffled per (SEED, epoch).
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank(),
-                                                  shuffle=True, seed=config.SEED, drop_last=True)
-    batch_per_process = config.BATCH_SIZE // dist.world_size()
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=batch_per_process, sampler=sampler, num_workers=config.NUM_WORKERS, drop_last=True,
-        worker_init_fn=data.reseed_worker, pin_memory=device.type == "cuda")
-    if len(train_loader) == 0:
-        raise ConfigError(f"{len(train_set)} training tiles make no batch of {config.BATCH_SIZE}; lower BATCH_SIZE")
-    validation_loader = None
-    if held_out is not None:
-        validation_origins = data.validation_origins(labelled, config.TILE_SIZE, held_out)[dist.rank()::dist.world_size()]
-        validation_set = data.tile_dataset(labelled, validation_origins, config.DEPTH, config.DEPTH_OFFSET,
-                                           config.TILE_SIZE, config.NORMALIZATION, follow_surface=config.FOLLOW_SURFACE)
-        validation_loader = torch.utils.data.DataLoader(validation_set, batch_size=batch_per_process,
-                                                        num_workers=config.NUM_WORKERS)
+    state = resume(config, settings, model, optimizer, experiment_dir / "last.pth", labels_digest)
+    loaders = build_loaders(config, settings, labelled, train_origins, held_out, device)
 
     # From here on the run writes.
     if dist.is_master():
@@ -310,56 +383,23 @@ def main(argv: list[str] | None = None) -> int:
         misc.remove_stale_temporaries(experiment_dir)
     log = misc.JsonLinesLog(experiment_dir / "log.jsonl")
     log.write(event="start", command=" ".join([sys.executable, *sys.argv]), commit=misc.git_commit(),
-              config=config.as_dict(), round=state.round, labels=label_source, held_out=held_out)
+              config=config.as_dict(), input=settings.as_dict(), round=state.round, labels=label_source,
+              held_out=dataclasses.asdict(held_out) if held_out is not None else None)
     tensorboard = misc.TensorboardLogger(experiment_dir / "tensorboard_logs")
     tensorboard.text("config", "\n".join(f"    {name} = {value!r}" for name, value in config.as_dict().items()))
     if dist.is_master():
-        print(f"{config.MODEL} UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; {segment}; "
-              f"{len(train_origins)} training tiles" + (f", validation band {held_out}" if held_out else "")
-              + f"; {len(train_loader)} steps per epoch on {dist.world_size()} process(es)")
+        print(f"{settings.model} UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; {segment}; "
+              f"input {settings.describe()}; {len(train_origins)} training tiles"
+              + (f", validation band {held_out}" if held_out else "")
+              + f"; {len(loaders[0])} steps per epoch on {dist.world_size()} process(es)")
 
-    loss_function = ink_loss(config.LABEL_SMOOTHING)
-    last_epoch = min(config.NUM_EPOCHS, config.STOP_AFTER_EPOCHS) if config.STOP_AFTER_EPOCHS else config.NUM_EPOCHS
-    for epoch in range(state.epoch, last_epoch):
-        started = time.time()
-        sampler.set_epoch(epoch)
-        augmentation.set_epoch(epoch, dist.rank())
-        statistics = {"train_loss": train_one_epoch(config, model, ddp_model, optimizer, train_loader, loss_function,
-                                                    state, tensorboard, device)}
-        if validation_loader is not None:
-            validation, band_probabilities_hw = evaluation.validate(model, validation_loader, loss_function, device,
-                                                                    labels_yx, segment.mask, held_out)
-            statistics.update({f"val_{key}": value for key, value in validation.items()})
-            tensorboard.scalars(state.global_step, **{f"val__{key}": validation[key]
-                                                      for key in ("loss", "f05", "threshold", "auc", "iou")})
-            band = (slice(held_out.y0, held_out.y1), slice(held_out.x0, held_out.x1))
-            tensorboard.image("validation/labels_vs_prediction", outputs.preview_chw(
-                outputs.labels_vs_prediction(labels_yx[band], band_probabilities_hw, segment.mask[band])),
-                state.global_step)
-        # "best" is the lowest validation loss; without a held-out set (scheme "iterative") it is the last epoch.
-        current_loss = statistics.get("val_loss", statistics["train_loss"])
-        is_best = validation_loader is None or current_loss < state.best_loss
-        state.best_loss = current_loss if is_best else state.best_loss
-        state.epoch = epoch + 1
-        state.training_seconds += time.time() - started
-        # last.pth goes last because it commits the epoch: a kill before its rename trains the epoch again and
-        # rewrites best.pth and the log record. Written first, a kill after it lost them, as resuming skips the epoch.
-        if is_best:
-            save_checkpoint(experiment_dir / "best.pth", config, model, state)
-        log.write(event="epoch", epoch=state.epoch, seconds=round(time.time() - started, 1),
-                  training_seconds=round(state.training_seconds, 1), best=is_best, **statistics)
-        save_checkpoint(experiment_dir / "last.pth", config, model, state, optimizer)
-        if dist.is_master():
-            print(f"epoch {state.epoch}: " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                                                        for key, value in statistics.items())
-                  + f", {state.training_seconds:.0f} s" + (" (best)" if is_best else ""))
-        tensorboard.flush()
-
+    train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard, labels_yx,
+          segment.mask, held_out)
     if state.epoch < config.NUM_EPOCHS:
         print(f"stopped after epoch {state.epoch} of {config.NUM_EPOCHS}: run the same command again to continue")
     else:
-        predict_and_write(config, model, segment, labels_yx, label_source, region_yx, held_out, train_origins, state,
-                          experiment_dir, device, log, tensorboard)
+        predict_and_write(config, settings, model, segment, labels_yx, label_source, region_yx, held_out, train_origins,
+                          state, experiment_dir, device, log, tensorboard)
     tensorboard.close()
     return 0
 
@@ -367,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         exit_code = main()
-    except (ConfigError, SegmentError, RemoteReadError, misc.CheckpointError, NonFiniteLossError) as error:
+    except (ConfigError, SegmentError, RemoteReadError, checkpoint.CheckpointError, NonFiniteLossError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)
     dist.finalize()  # main() has returned, so its DDP model is gone before the process group

@@ -22,15 +22,14 @@ import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
 import torch  # noqa: E402
 import tqdm  # noqa: E402
 
-from pretrain import dist  # noqa: E402
-from pretrain.data.patches import RandomPatchDataset  # noqa: E402
+from pretrain import checkpoint, dist  # noqa: E402
+from pretrain.data.patches import EpochSampler, RandomPatchDataset  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.data.views import TwoViewDataset  # noqa: E402
 from pretrain.decoder import LightDecoder3d  # noqa: E402
 from pretrain.encoder import SparseEncoder  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
-from pretrain.models.weights import load_encoder_weights  # noqa: E402
 from pretrain.spark import SparK3d  # noqa: E402
 from pretrain.utils import arg_util, misc, schedule  # noqa: E402
 from pretrain.vicreg import VICReg  # noqa: E402
@@ -68,48 +67,57 @@ def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.
 
 
 def load_start_state(args: arg_util.Args, model: SparK3d | VICReg, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """Resume (model, optimizer, epoch, RNG) or load init weights. Returns (start epoch, global step)."""
+    """Resume (model, optimizer, epoch) or load init weights. Returns (start epoch, global step). No RNG state is
+    restored: every epoch seeds its own (train_one_epoch), so each rank keeps its own randomness on resume."""
     resume_from = args.resume_from or (args.checkpoint_path if os.path.isfile(args.checkpoint_path) else "")
     if resume_from:
-        checkpoint = misc.load_checkpoint(resume_from)
-        if not {"model", "optimizer", "epoch", "args"} <= set(checkpoint):
-            raise misc.CheckpointError(f"{resume_from} is not a full pretraining checkpoint (*_with*_style.pth)")
-        if checkpoint["args"].get("method", "spark") != args.method:
-            raise misc.CheckpointError(f"{resume_from} is a {checkpoint['args'].get('method', 'spark')} checkpoint; this "
-                                       f"run pretrains with {args.method} (use init_weight to start from its encoder)")
-        if checkpoint["args"]["model"] != args.model:
-            raise misc.CheckpointError(f"{resume_from} holds a {checkpoint['args']['model']} model; this run builds "
-                                       f"{args.model} (set --model or another resume_from)")
-        mismatch = misc.describe_state_dict_mismatch(model.state_dict(), checkpoint["model"])
+        saved = checkpoint.read(resume_from)
+        if saved["kind"] not in ("spark", "vicreg"):
+            raise checkpoint.CheckpointError(f"{resume_from} is not a full pretraining checkpoint (*_with*_style.pth) "
+                                             f"but a {checkpoint.KIND_NAMES[saved['kind']]} one")
+        if saved["kind"] != args.method:
+            raise checkpoint.CheckpointError(f"{resume_from} is a {saved['kind']} checkpoint; this run pretrains with "
+                                             f"{args.method} (use init_weight to start from its encoder)")
+        settings = checkpoint.input_settings(saved)
+        if settings.model != args.model:
+            raise checkpoint.CheckpointError(f"{resume_from} holds a {settings.model} model; this run builds "
+                                             f"{args.model} (set --model or another resume_from)")
+        if settings != args.input_settings():
+            raise checkpoint.CheckpointError(
+                f"{resume_from} was pretrained on {settings.describe()}; this run reads {args.input_settings().describe()} "
+                "(resume with the same data settings, or start another exp_dir)")
+        mismatch = checkpoint.describe_state_dict_mismatch(model.state_dict(), saved["model"])
         if mismatch:
-            raise misc.CheckpointError(f"{resume_from} does not fit this model: {mismatch}")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        misc.restore_rng_states(checkpoint["rng"])
-        print(f"resumed from {resume_from}: epoch {checkpoint['epoch'] + 1} of {args.ep} done")
-        return checkpoint["epoch"] + 1, checkpoint["global_step"]
+            raise checkpoint.CheckpointError(f"{resume_from} does not fit this model: {mismatch}")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        print(f"resumed from {resume_from}: epoch {saved['epoch'] + 1} of {args.ep} done")
+        return saved["epoch"] + 1, saved["global_step"]
     if args.init_weight:
-        print(f"initialised the encoder with {load_encoder_weights(dense_encoder(model), args.init_weight)}")
+        weights = checkpoint.encoder_weights(args.init_weight)
+        checkpoint.load_encoder(dense_encoder(model), weights, args.model, "--model")
+        print(f"initialised the encoder with {weights.description}")
     return 0, 0
 
 
 def save_encoders(args: arg_util.Args, model: SparK3d | VICReg, epoch: int) -> None:
+    """The encoder alone, with the input settings it learnt from: what fine-tuning and evaluation load."""
     if not dist.is_master():
         return
-    misc.save_atomic(dense_encoder(model).state_dict(), args.encoder_checkpoint_path)
+    paths = [args.encoder_checkpoint_path]
     if args.keep_epoch_encoders:
         os.makedirs(os.path.join(args.exp_dir, "epochs"), exist_ok=True)
-        misc.save_atomic(dense_encoder(model).state_dict(),
-                         os.path.join(args.exp_dir, "epochs", f"{args.model}_timm_style_ep{epoch + 1:03d}.pth"))
+        paths.append(os.path.join(args.exp_dir, "epochs", f"{args.model}_timm_style_ep{epoch + 1:03d}.pth"))
+    for path in paths:
+        checkpoint.save(path, "encoder", dense_encoder(model).state_dict(), args.input_settings(), method=args.method,
+                        epoch=epoch + 1)
 
 
 def save_full_checkpoint(args: arg_util.Args, model: SparK3d | VICReg, optimizer: torch.optim.Optimizer, epoch: int,
                          global_step: int) -> None:
-    if not dist.is_master():
-        return
-    misc.save_atomic({"args": args.settings(), "epoch": epoch, "global_step": global_step, "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "rng": misc.rng_states(), "commit": args.commit},
-                     args.checkpoint_path)
+    if dist.is_master():
+        checkpoint.save(args.checkpoint_path, args.method, model.state_dict(), args.input_settings(),
+                        args=args.settings(), epoch=epoch, global_step=global_step, optimizer=optimizer.state_dict())
 
 
 def middle_layer_image(volumes_bcdhw: list[torch.Tensor]) -> torch.Tensor:
@@ -136,11 +144,15 @@ def training_step(args, ddp_model, batch, device, show: bool) -> tuple[torch.Ten
 
 def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard) -> tuple[dict, int]:
     model.train()
+    # This epoch's crops come from (seed, epoch, index) keys that the sampler hands to the DataLoader workers,
+    # and its masks from a generator seeded by (seed, rank, epoch): each rank draws its own, and a resumed
+    # run draws exactly what an uninterrupted one would have.
+    loader.sampler.set_epoch(epoch)
+    torch.manual_seed(misc.epoch_seed(args.seed, dist.rank(), epoch))
     iterations_per_epoch = len(loader)
     total_iterations = args.ep * iterations_per_epoch
     warmup_iterations = max(1, args.wp_ep * iterations_per_epoch)
     device = torch.device(args.device)
-    use_autocast = args.amp and device.type == "cuda"  # bf16 is 20-50× slower than fp32 on CPU
     loss_sum, wait_seconds, step_seconds = 0.0, 0.0, 0.0
     method_sums = {}  # epoch sums of the method's own scalars (VICReg's terms and embedding std) for log.jsonl
     progress = tqdm.tqdm(loader, desc=f"epoch {epoch + 1}/{args.ep}", disable=not dist.is_master(), leave=True)
@@ -152,18 +164,20 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
         schedule.apply(optimizer, lr, wd)
         show = dist.is_master() and (
             (args.vis_every and global_step % args.vis_every == 0) or iteration == iterations_per_epoch - 1)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        with dist.autocast(device, enabled=args.amp):
             loss, method_scalars, image = training_step(args, ddp_model, batch, device, show)
-        if not math.isfinite(loss.item()):
+        # Decided on the mean over processes, so every rank stops at the same step with the same message
+        # (a rank stopping alone would leave the others waiting in backward for the collective timeout).
+        loss_value = dist.all_reduce_mean(loss).item()
+        if not math.isfinite(loss_value):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {epoch + 1}, iteration {iteration}; stopping. The last good "
+                f"loss is {loss_value} at epoch {epoch + 1}, iteration {iteration}; stopping. The last good "
                 f"checkpoint is {args.checkpoint_path}; try a lower base_lr or a stricter clip")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
         optimizer.step()
 
-        loss_value = dist.all_reduce_mean(loss).item()
         loss_sum += loss_value
         for name, value in method_scalars.items():
             method_sums[name] = method_sums.get(name, 0.0) + float(value)
@@ -185,27 +199,33 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
     return stats, global_step
 
 
+def build_loader(args: arg_util.Args, segments: list, device: torch.device) -> torch.utils.data.DataLoader:
+    """The method's random-crop dataset behind an EpochSampler: this rank's share of every epoch's crops."""
+    dataset_class = TwoViewDataset if args.method == "vicreg" else RandomPatchDataset
+    try:
+        dataset = dataset_class(segments, args.input_settings(), samples_per_epoch=args.samples_per_ep,
+                                min_mask_fraction=args.min_mask_fraction, seed=args.seed)
+    except ValueError as error:  # SegmentError included: a window or tile the segments cannot give
+        raise arg_util.ArgumentError(str(error)) from error
+    sampler = EpochSampler(len(dataset), dist.rank(), dist.world_size())
+    # A generator of the loader's own: starting the workers would otherwise take a draw from the global one, and a
+    # resumed run (which starts them in another epoch) would then draw other masks than an uninterrupted one.
+    generator = torch.Generator().manual_seed(args.seed + dist.rank())
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size_per_process, sampler=sampler, num_workers=args.num_workers,
+        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, generator=generator)
+
+
 def main() -> int:
     args = arg_util.parse_args()
     device = dist.initialize()
     args.fill_runtime(str(device), dist.world_size())
+    if device.type == "cpu" and args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
     torch.manual_seed(args.seed + dist.rank())
     # Every user error (data, settings, checkpoints) surfaces before anything is written to exp_dir.
     segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
-    dataset_class = TwoViewDataset if args.method == "vicreg" else RandomPatchDataset
-    try:
-        dataset = dataset_class(segments, depth=args.depth, tile_size=args.input_size, samples_per_epoch=args.samples_per_ep,
-                                depth_offset=args.depth_offset, min_mask_fraction=args.min_mask_fraction,
-                                normalization=args.normalization, seed=args.seed, follow_surface=args.follow_surface)
-    except ValueError as error:  # SegmentError included: a window or tile the segments cannot give
-        raise arg_util.ArgumentError(str(error)) from error
-    # The dataset draws crops from (seed, epoch, index), so a plain rank-strided split gives each process
-    # its own crops, and a resumed run the same ones.
-    sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False, drop_last=True)
-               if dist.is_distributed() else None)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size_per_process, sampler=sampler, num_workers=args.num_workers,
-        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+    loader = build_loader(args, segments, device)
 
     try:
         model = build_model(args).to(device)
@@ -225,15 +245,13 @@ def main() -> int:
     log.write(event="start", command=args.command, commit=args.commit, args=args.settings())
     tensorboard = misc.TensorboardLogger(os.path.join(args.exp_dir, "tensorboard_logs"))
     tensorboard.text("config", f"```\n{args.to_json()}\n```")
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-                 if dist.is_distributed() else model)
+    ddp_model = dist.wrap(model, device)
     grid = f"; grid {model.grid} cells" if args.method == "spark" else ""
     print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
           f"{len(segments)} segment(s){grid}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)")
 
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
     for epoch in range(start_epoch, last_epoch):
-        dataset.set_epoch(epoch)
         started = time.time()
         stats, global_step = train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard)
         # The full checkpoint goes last: it is what marks the epoch done for a resume, so a kill before it
@@ -252,7 +270,7 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         exit_code = main()
-    except (arg_util.ArgumentError, SegmentError, RemoteReadError, misc.CheckpointError, NonFiniteLossError) as error:
+    except (arg_util.ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError, NonFiniteLossError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)
     dist.finalize()  # main() has returned, so its DDP model is gone before the process group

@@ -142,3 +142,17 @@ def server_layout(tmp_path_factory) -> ServerLayout:
     layer_mask = rectangle_mask(layer_volume.shape[1:], margin=5)
     write_server_layers(root, SERVER_LAYER_SEGMENT_ID, layer_volume, layer_mask)
     return ServerLayout(root, volume, mask, labels, layer_volume, layer_mask)
+
+
+def hara_checkpoint(classes: int, module_prefix: bool, layers=(2, 2, 2, 2)) -> tuple[dict, "ResNet3d"]:
+    """A checkpoint with the exact key layout of Hara's 3D-ResNets-PyTorch releases (3-channel conv1, fc), at the
+    tiny test width, and the model it holds."""
+    import torch
+
+    from pretrain.models.resnet3d import BasicBlock3d, ResNet3d
+
+    torch.manual_seed(classes)
+    kinetics_model = ResNet3d(BasicBlock3d, layers, in_channels=3, width=0.125, num_classes=classes)
+    prefix = "module." if module_prefix else ""
+    state = {prefix + key: value for key, value in kinetics_model.state_dict().items()}
+    return {"epoch": 200, "arch": "resnet-18", "state_dict": state, "optimizer": {}}, kinetics_model

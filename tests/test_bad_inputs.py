@@ -68,7 +68,7 @@ CASES = [
     ("pretrain", ["--data_path", "{good}", "--resume_from", "{folder}/missing.pth"], "missing.pth does not exist"),
     ("pretrain", ["--data_path", "{good}", "--model", "resnet50_3d_narrow", "--resume_from", "{spark}"],
      "holds a resnet18_3d_tiny model; this run builds resnet50_3d_narrow"),
-    ("pretrain", ["--data_path", "{good}", "--init_weight", "{narrow}"], "does not fit this encoder"),
+    ("pretrain", ["--data_path", "{good}", "--init_weight", "{narrow}"], "it holds a resnet50_3d_narrow encoder: set --model"),
     ("pretrain", ["--data_path", "{good}", "--exp_dir", "{blocker}/run"], "is not writable"),
     ("pretrain", ["--data_path", "{good}", "--ep", "many"], "argument --ep: invalid int value: 'many'"),
     ("finetune", ["--segment_id", "{good}", "--inklabel_path", "wrong_size.png"], "(100, 140)"),

@@ -5,6 +5,8 @@ import sys
 
 import torch
 
+from pretrain import checkpoint
+from pretrain.data.patches import InputSettings
 from pretrain.models import build_encoder
 from tests.conftest import REPO_ROOT
 from tests.test_finetune_train import TINY, segment_path  # noqa: F401 - the tiny labelled segment fixture
@@ -13,10 +15,12 @@ from tests.test_finetune_train import TINY, segment_path  # noqa: F401 - the tin
 def test_evaluation_writes_table_csv_and_one_image_per_encoder(segment_path, tmp_path):  # noqa: F811
     torch.manual_seed(5)
     torch.save(build_encoder("resnet18_3d_tiny").state_dict(), tmp_path / "other_encoder.pth")
-    settings = [argument for argument in TINY if argument not in ("--MODEL", "resnet18_3d_tiny")]
+    pairs = list(zip(TINY[::2], TINY[1::2]))
+    settings = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--encoders", "random",
                str(tmp_path / "other_encoder.pth"), "--names", "random", "other", "--segment", str(segment_path),
-               "--MODEL", "resnet18_3d_tiny", "--output", str(tmp_path / "evaluation"), "--", *settings]
+               "--model", "resnet18_3d_tiny", "--depth", "8", "--tile_size", "32", "--output",
+               str(tmp_path / "evaluation"), "--", *settings]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "evaluation" / "encoders.csv")))
@@ -28,10 +32,13 @@ def test_evaluation_writes_table_csv_and_one_image_per_encoder(segment_path, tmp
         assert (tmp_path / "evaluation" / name).stat().st_size > 0
     assert list((tmp_path / "evaluation" / "tensorboard_logs").glob("events.out.tfevents.*"))
     # The probe really froze each encoder: the run's best checkpoint holds the encoder it was given.
-    best = torch.load(tmp_path / "evaluation" / "runs" / "other_probe" / "best.pth", weights_only=False)
+    best = checkpoint.read(tmp_path / "evaluation" / "runs" / "other_probe" / "best.pth")
     given = torch.load(tmp_path / "other_encoder.pth")
-    model_state = best["model"] if "model" in best else best
-    assert torch.equal(model_state["encoder.conv1.weight"], given["conv1.weight"])
+    assert all(torch.equal(best["model"][f"encoder.{key}"], value) for key, value in given.items())
+    # Both runs read tiles the same way, as the options said.
+    for run in ("random_probe", "other_probe"):
+        assert checkpoint.input_settings(checkpoint.read(tmp_path / "evaluation" / "runs" / run / "best.pth")) == \
+            InputSettings(model="resnet18_3d_tiny", depth=8, tile_size=32)
 
 
 def test_missing_encoder_checkpoint_is_refused(tmp_path):

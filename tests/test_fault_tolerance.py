@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.patches import RandomPatchDataset
+from pretrain.data.patches import InputSettings, RandomPatchDataset
 from pretrain.data.remote import INCOMPLETE_DIR
 from pretrain.data.segment import open_segment
 from tests.conftest import (REPO_ROOT, SERVER_SEGMENTS, random_volume, rectangle_mask, server_folder, write_png,
@@ -95,8 +95,8 @@ def served_segment(tmp_path):
 def sample_patches(segment_id: str, server_url: str, cache_dir: pathlib.Path) -> np.ndarray:
     segment = open_segment(segment_id, cache_dir=cache_dir, data_url=server_url, http_retries=8,
                            http_backoff_seconds=0.01)
-    dataset = RandomPatchDataset([segment], depth=16, tile_size=48, samples_per_epoch=40, seed=9)
-    return np.stack([dataset[index].numpy() for index in range(40)])
+    dataset = RandomPatchDataset([segment], InputSettings(depth=16, tile_size=48), samples_per_epoch=40, seed=9)
+    return np.stack([dataset[0, index].numpy() for index in range(40)])
 
 
 def test_twenty_percent_faulty_chunk_requests_give_byte_identical_samples(served_segment, tmp_path):

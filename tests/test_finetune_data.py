@@ -7,6 +7,7 @@ import pytest
 
 from finetune import data
 from finetune.config import ConfigError, apply_overrides, settings_in
+from pretrain.data.patches import InputSettings
 from pretrain.data.segment import SegmentError, open_segment
 from tests.conftest import random_volume, rectangle_mask, write_png, write_zarr_segment
 
@@ -97,7 +98,7 @@ def test_label_files_are_found_beside_the_segment_and_checked(segment):
 
 def test_tile_dataset_reads_exactly_the_given_tiles_with_the_depth_margin(segment):
     origins = np.array([[8, 8], [40, 100]])
-    dataset = data.tile_dataset(segment, origins, depth=8, depth_offset=0, tile_size=32, normalization="range", margin=2)
+    dataset = data.tile_dataset(segment, origins, InputSettings(depth=8, tile_size=32), margin=2)
     item = dataset[1]
     assert len(dataset) == 2 and item["volume"].shape == (1, 12, 32, 32)
     expected = segment.volume[2:14, 40:72, 100:132] / 255.0
@@ -146,7 +147,8 @@ def test_without_augmentation_the_centre_layers_are_kept():
 
 
 def test_depth_margin_shrinks_at_the_volume_ends():
-    assert data.depth_margin(65, 16, 0) == data.MAX_Z_SHIFT
-    assert data.depth_margin(18, 16, 0) == 1
-    assert data.depth_margin(16, 16, 0) == 0
+    settings = InputSettings(depth=16)
+    assert data.depth_margin(65, settings) == data.MAX_Z_SHIFT
+    assert data.depth_margin(18, settings) == 1
+    assert data.depth_margin(16, settings) == 0
 

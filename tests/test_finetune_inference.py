@@ -7,12 +7,13 @@ import zarr
 
 from finetune import inference
 from finetune.model import build_ink_unet
-from pretrain.data.patches import depth_window, normalize_patch
+from pretrain.data.patches import InputSettings, depth_window, normalize_patch
 from pretrain.data.segment import open_segment
 from tests.conftest import random_volume, write_png, write_zarr_segment
 
 SHAPE = (20, 150, 173)  # neither side a multiple of the tile or the stride
 TILE, STRIDE, DEPTH = 32, 24, 8
+SETTINGS = InputSettings(depth=DEPTH, tile_size=TILE)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_grid_reaches_the_right_and_bottom_edges(segment):
 
 @pytest.mark.parametrize("tta", [False, True])
 def test_pixelwise_model_stitches_to_the_whole_image_result(segment, tta):
-    probabilities = inference.predict_segment(PixelModel(), segment, segment.mask, DEPTH, 0, TILE, STRIDE, "range",
+    probabilities = inference.predict_segment(PixelModel(), segment, segment.mask, SETTINGS, STRIDE,
                                               batch_size=5, device=torch.device("cpu"), tta=tta)
     volume_dyx = torch.from_numpy(in_ram_volume(segment))[None, None]  # (1, 1, D, Y, X)
     expected = torch.sigmoid(PixelModel()(volume_dyx))[0, 0].numpy() * segment.mask
@@ -65,7 +66,7 @@ def test_ink_unet_streamed_prediction_equals_in_ram_reference(segment):
     model = build_ink_unet("resnet18_3d_tiny").eval()
     region = segment.mask.copy()
     region[:, :60] = False  # a mask_path region within the segment mask
-    probabilities = inference.predict_segment(model, segment, region, DEPTH, 0, TILE, STRIDE, "range", batch_size=4,
+    probabilities = inference.predict_segment(model, segment, region, SETTINGS, STRIDE, batch_size=4,
                                               device=torch.device("cpu"), num_workers=1)
     # Reference: the volume in RAM, every tile by hand, Gaussian-weighted average.
     volume_dyx = in_ram_volume(segment)
@@ -89,13 +90,13 @@ def test_rows_stream_into_a_zarr_map_with_gaps_between_tile_rows(segment, tmp_pa
     region[120:130, 60:170] = True
     output = zarr.create_array(tmp_path / "map.zarr", shape=SHAPE[1:], chunks=(16, 64), dtype="float32",
                                fill_value=np.nan)  # NaN: a row the prediction forgot would show
-    returned = inference.predict_segment(PixelModel(), segment, region, DEPTH, 0, TILE, STRIDE, "range", batch_size=3,
+    returned = inference.predict_segment(PixelModel(), segment, region, SETTINGS, STRIDE, batch_size=3,
                                          device=torch.device("cpu"), output_yx=output)
     assert returned is output
     volume_dyx = torch.from_numpy(in_ram_volume(segment))[None, None]
     expected = torch.sigmoid(PixelModel()(volume_dyx))[0, 0].numpy() * region
     np.testing.assert_allclose(output[:], expected, atol=1e-5)
-    in_memory = inference.predict_segment(PixelModel(), segment, region, DEPTH, 0, TILE, STRIDE, "range",
+    in_memory = inference.predict_segment(PixelModel(), segment, region, SETTINGS, STRIDE,
                                           batch_size=3, device=torch.device("cpu"))
     np.testing.assert_array_equal(output[:], in_memory)
 

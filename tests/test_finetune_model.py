@@ -3,9 +3,9 @@ and a frozen encoder that really stays frozen."""
 import pytest
 import torch
 
-from finetune.model import InkUNet, build_ink_unet, load_pretrained_encoder
+from finetune.model import InkUNet, build_ink_unet
+from pretrain import checkpoint
 from pretrain.models import build_encoder
-from pretrain.utils import misc
 
 
 class ContractOnlyEncoder(torch.nn.Module):
@@ -56,7 +56,8 @@ def test_pretrained_encoder_loads_strictly_and_leaves_only_decoder_keys_new(tmp_
     torch.save(encoder_state, tmp_path / "resnet18_3d_tiny_timm_style.pth")
     model = build_ink_unet("resnet18_3d_tiny")
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    load_pretrained_encoder(model, str(tmp_path / "resnet18_3d_tiny_timm_style.pth"), "resnet18_3d_tiny")
+    weights = checkpoint.encoder_weights(tmp_path / "resnet18_3d_tiny_timm_style.pth")
+    checkpoint.load_encoder(model.encoder, weights, "resnet18_3d_tiny", "MODEL")
     after = model.state_dict()
     for key, value in encoder_state.items():
         assert torch.equal(after[f"encoder.{key}"], value), key
@@ -64,33 +65,6 @@ def test_pretrained_encoder_loads_strictly_and_leaves_only_decoder_keys_new(tmp_
     new_keys = model.decoder_state_keys()
     assert new_keys and all(key.startswith(("decoder.", "segmentation_head.")) for key in new_keys)
     assert new_keys <= unchanged  # the decoder and head are not touched by the encoder checkpoint
-
-
-def test_checkpoint_of_another_architecture_names_it(tmp_path):
-    path = tmp_path / "narrow.pth"
-    torch.save(build_encoder("resnet50_3d_narrow").state_dict(), path)
-    with pytest.raises(misc.CheckpointError, match="resnet50_3d_narrow.*MODEL = 'resnet50_3d_narrow'"):
-        load_pretrained_encoder(build_ink_unet("resnet18_3d_tiny"), str(path), "resnet18_3d_tiny")
-
-
-def test_full_spark_and_kinetics_checkpoints_give_their_encoder(tmp_path):
-    from pretrain.decoder import LightDecoder3d
-    from pretrain.encoder import SparseEncoder
-    from pretrain.spark import SparK3d
-    from tests.test_vicreg import hara_checkpoint
-
-    sparse_encoder = SparseEncoder(build_encoder("resnet18_3d_tiny"))
-    spark = SparK3d(sparse_encoder, LightDecoder3d(32, sparse_encoder.get_downsample_ratio()), input_size=64, depth=16)
-    torch.save({"args": {"method": "spark", "model": "resnet18_3d_tiny"}, "epoch": 3, "model": spark.state_dict()},
-               tmp_path / "full.pth")
-    model = build_ink_unet("resnet18_3d_tiny")
-    assert load_pretrained_encoder(model, str(tmp_path / "full.pth"), "resnet18_3d_tiny").startswith("spark pretraining")
-    assert torch.equal(model.encoder.layer3[0].conv1.weight, spark.sparse_encoder.encoder.layer3[0].conv1.weight)
-
-    checkpoint, kinetics_model = hara_checkpoint(1039, module_prefix=True)
-    torch.save(checkpoint, tmp_path / "r3d18_KM_200ep.pth")
-    assert load_pretrained_encoder(model, str(tmp_path / "r3d18_KM_200ep.pth"), "resnet18_3d_tiny").startswith("Kinetics")
-    assert torch.equal(model.encoder.conv1.weight, kinetics_model.conv1.weight.sum(dim=1, keepdim=True))
 
 
 def test_freeze_encoder_keeps_weights_and_batchnorm_statistics():
@@ -108,3 +82,13 @@ def test_freeze_encoder_keeps_weights_and_batchnorm_statistics():
         assert torch.equal(value, encoder_before[key]), key
     assert any(not torch.equal(value, decoder_before[key]) for key, value in model.decoder.state_dict().items())
     assert all(not parameter.requires_grad for parameter in model.encoder.parameters())
+
+
+def test_lp_ft_unfreezes_the_encoder_for_the_second_phase():
+    torch.manual_seed(0)
+    model = build_ink_unet("resnet18_3d_tiny")
+    model.set_encoder_frozen(True)
+    model.train()
+    assert not model.encoder.training and not any(p.requires_grad for p in model.encoder.parameters())
+    model.set_encoder_frozen(False)
+    assert model.encoder.training and all(p.requires_grad for p in model.encoder.parameters())

@@ -1,4 +1,5 @@
 """Patch sampling: depth windows, normalisation, tile selection, datasets, and bounded memory."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.patches import (GridTileDataset, RandomPatchDataset, depth_window, normalize_patch,
-                                   tile_origins)
+from pretrain.data.patches import (EpochSampler, GridTileDataset, InputSettings, RandomPatchDataset, depth_window,
+                                   normalize_patch, tile_origins)
 from pretrain.data.segment import SegmentError, open_segment
 from tests.conftest import REPO_ROOT, random_volume, rectangle_mask, write_png, write_zarr_segment
 
@@ -72,18 +73,26 @@ def test_tile_errors(segment):
 
 def test_random_patches_are_deterministic_inside_the_mask_and_exact(segment):
     segment, volume = segment
-    dataset = RandomPatchDataset([segment], depth=16, tile_size=32, samples_per_epoch=50, seed=3)
-    again = RandomPatchDataset([segment], depth=16, tile_size=32, samples_per_epoch=50, seed=3)
-    positions = [dataset.sample_position(index) for index in range(50)]
-    assert positions == [again.sample_position(index) for index in range(50)]
-    dataset.set_epoch(1)
-    assert positions != [dataset.sample_position(index) for index in range(50)]
+    settings = InputSettings(depth=16, tile_size=32)
+    dataset = RandomPatchDataset([segment], settings, samples_per_epoch=50, seed=3)
+    again = RandomPatchDataset([segment], settings, samples_per_epoch=50, seed=3)
+    positions = [dataset.sample_position(0, index) for index in range(50)]
+    assert positions == [again.sample_position(0, index) for index in range(50)]
+    assert positions != [dataset.sample_position(1, index) for index in range(50)]
     for index, (_, y, x) in enumerate(positions[:10]):
-        dataset.set_epoch(0)
-        patch = dataset[index]
+        patch = dataset[0, index]
         assert patch.shape == (1, 16, 32, 32) and patch.dtype == torch.float32
         assert torch.equal(patch[0], torch.from_numpy(volume[24:40, y : y + 32, x : x + 32] / np.float32(255)))
         assert segment.mask[y : y + 32, x : x + 32].mean() >= 0.5 - 8 * 32 / 32**2  # within one jitter step
+
+
+def test_epoch_sampler_splits_each_epoch_between_ranks_and_carries_the_epoch():
+    samplers = [EpochSampler(10, rank, world_size=3) for rank in range(3)]
+    for sampler in samplers:
+        sampler.set_epoch(4)
+    shares = [list(sampler) for sampler in samplers]
+    assert all(len(share) == len(sampler) == 3 for share, sampler in zip(shares, samplers))  # 10 // 3, as many each
+    assert sorted(key for share in shares for key in share) == [(4, index) for index in range(9)]
 
 
 def test_random_patches_from_several_segments(segment, tmp_path):
@@ -91,15 +100,15 @@ def test_random_patches_from_several_segments(segment, tmp_path):
     other_volume = random_volume((65, 64, 64), seed=9)
     path = write_zarr_segment(tmp_path / "other.zarr", other_volume)
     write_png(path / "mask.png", np.full((64, 64), 255, np.uint8))
-    dataset = RandomPatchDataset([segment, open_segment(path)], depth=8, tile_size=32, samples_per_epoch=200)
-    drawn = {dataset.sample_position(index)[0] for index in range(200)}
+    dataset = RandomPatchDataset([segment, open_segment(path)], InputSettings(depth=8, tile_size=32), samples_per_epoch=200)
+    drawn = {dataset.sample_position(0, index)[0] for index in range(200)}
     assert drawn == {0, 1}
 
 
 def test_grid_tiles_with_labels_and_loader_workers(segment):
     segment, volume = segment
-    dataset = GridTileDataset(segment, depth=8, tile_size=32, stride=32, min_mask_fraction=1.0,
-                              normalization="range")
+    dataset = GridTileDataset(segment, InputSettings(depth=8, tile_size=32, normalization="range"), stride=32,
+                              min_mask_fraction=1.0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
     seen = 0
     for batch in loader:
@@ -113,13 +122,13 @@ def test_grid_tiles_with_labels_and_loader_workers(segment):
 MEMORY_PROBE = r"""
 import resource, sys
 import numpy as np, zarr
-from pretrain.data.patches import RandomPatchDataset
+from pretrain.data.patches import InputSettings, RandomPatchDataset
 from pretrain.data.segment import open_segment
 path = sys.argv[1]
 segment = open_segment(path, lru_bytes=64 * 2**20)
 baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-dataset = RandomPatchDataset([segment], depth=32, tile_size=128, samples_per_epoch=300, seed=0)
-checksum = sum(float(dataset[index].sum()) for index in range(300))
+dataset = RandomPatchDataset([segment], InputSettings(depth=32, tile_size=128), samples_per_epoch=300, seed=0)
+checksum = sum(float(dataset[0, index].sum()) for index in range(300))
 peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(baseline_kib, peak_kib, segment.volume.nbytes, segment.volume.decoded_chunks)
 """
@@ -180,8 +189,9 @@ def test_surface_window_keeps_the_layer_under_the_surface_at_one_input_layer(tmp
     write_png(path / "mask.png", np.full((height, width), 255, np.uint8))
     segment = open_segment(path)
     depth = 16
-    following = GridTileDataset(segment, depth=depth, tile_size=32, stride=32, depth_offset=offset, follow_surface=True)
-    fixed = GridTileDataset(segment, depth=depth, tile_size=32, stride=32, depth_offset=offset)
+    fixed_settings = InputSettings(depth=depth, tile_size=32, depth_offset=offset)
+    following = GridTileDataset(segment, dataclasses.replace(fixed_settings, follow_surface=True), stride=32)
+    fixed = GridTileDataset(segment, fixed_settings, stride=32)
     assert len(following) == len(fixed) == 9
     marker_layer = depth // 2 - offset + 1  # the bright layer lies one layer below the surface
     for index in range(len(following)):
@@ -204,11 +214,12 @@ def test_surface_window_views_and_random_patches_take_the_same_layers(tmp_path):
     path = write_zarr_segment(tmp_path / "warped.zarr", volume)
     write_png(path / "mask.png", np.full((height, width), 255, np.uint8))
     segment = open_segment(path)
-    patches = RandomPatchDataset([segment], depth=16, tile_size=32, samples_per_epoch=4, follow_surface=True)
-    views = TwoViewDataset([segment], depth=16, tile_size=32, samples_per_epoch=4, follow_surface=True, augment=False)
+    settings = InputSettings(depth=16, tile_size=32, follow_surface=True)
+    patches = RandomPatchDataset([segment], settings, samples_per_epoch=4)
+    views = TwoViewDataset([segment], settings, samples_per_epoch=4, augment=False)
     for index in range(4):
-        assert patches[index].shape == (1, 16, 32, 32)
-        for view in views[index]:
+        assert patches[0, index].shape == (1, 16, 32, 32)
+        for view in views[0, index]:
             assert view.shape == (1, 16, 32, 32)
             # The marker is at input layer 9 (10 where interpolation splits it) without a depth offset;
             # offsets of 0-2 layers move it up by as much.

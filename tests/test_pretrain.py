@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from pretrain import checkpoint
+from pretrain.data.patches import InputSettings
 from pretrain.models import build_encoder
-from tests.conftest import REPO_ROOT, random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.conftest import REPO_ROOT, hara_checkpoint, random_volume, rectangle_mask, write_png, write_zarr_segment
 
 TINY = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--samples_per_ep", "4",
         "--num_workers", "0", "--vis_every", "1", "--decoder_width", "32", "--base_lr", "0.1"]
@@ -38,10 +40,13 @@ def run_pretrain(arguments: list[str], timeout: float = 300, torchrun_processes:
 def test_end_to_end_writes_both_checkpoints_logs_and_tensorboard(segment_path, tmp_path):
     result = run_pretrain([*TINY, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
-    full = torch.load(tmp_path / "resnet18_3d_tiny_withdecoder_spark_style.pth", weights_only=False)
-    assert full["epoch"] == 1 and full["global_step"] == 4 and {"model", "optimizer", "rng", "args"} <= set(full)
-    encoder_state = torch.load(tmp_path / "resnet18_3d_tiny_timm_style.pth")
-    build_encoder("resnet18_3d_tiny").load_state_dict(encoder_state, strict=True)  # dense names, strict
+    full = checkpoint.read(tmp_path / "resnet18_3d_tiny_withdecoder_spark_style.pth")
+    assert full["kind"] == "spark" and full["epoch"] == 1 and full["global_step"] == 4
+    assert {"model", "optimizer", "args", "input", "commit"} <= set(full)
+    encoder = checkpoint.read(tmp_path / "resnet18_3d_tiny_timm_style.pth")
+    assert encoder["kind"] == "encoder" and encoder["epoch"] == 2 and encoder["method"] == "spark"
+    assert checkpoint.input_settings(encoder) == InputSettings(model="resnet18_3d_tiny", depth=16, tile_size=64)
+    build_encoder("resnet18_3d_tiny").load_state_dict(encoder["model"], strict=True)  # dense names, strict
     assert list((tmp_path / "tensorboard_logs").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "start" and "pretrain/main.py" in records[0]["command"]
@@ -62,19 +67,25 @@ def test_tensorboard_holds_scalars_and_reconstruction_images(segment_path, tmp_p
 
 
 def test_resume_matches_an_uninterrupted_run(segment_path, tmp_path):
+    default_workers = [argument for argument in TINY if argument not in ("--num_workers", "0")]  # as users run it
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert run_pretrain([*TINY, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(straight)]).returncode == 0
-    first = run_pretrain([*TINY, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(interrupted),
+    assert run_pretrain([*default_workers, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(straight)]).returncode == 0
+    first = run_pretrain([*default_workers, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(interrupted),
                           "--stop_after_ep", "1"])
     assert first.returncode == 0, first.stderr
-    second = run_pretrain([*TINY, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(interrupted)])
+    second = run_pretrain([*default_workers, "--ep", "2", "--data_path", segment_path, "--exp_dir", str(interrupted)])
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout
     name = "resnet18_3d_tiny_withdecoder_spark_style.pth"
-    expected = torch.load(straight / name, weights_only=False)["model"]
-    resumed = torch.load(interrupted / name, weights_only=False)["model"]
+    expected = checkpoint.read(straight / name)["model"]
+    resumed = checkpoint.read(interrupted / name)["model"]
     for key in expected:
         assert torch.allclose(expected[key].float(), resumed[key].float(), atol=1e-5), key
+    # Resuming with other input settings would feed the model data unlike what it learnt from: refused.
+    other = run_pretrain([*TINY, "--ep", "3", "--data_path", segment_path, "--exp_dir", str(interrupted),
+                          "--normalization", "zscore"])
+    assert other.returncode == 2 and "was pretrained on resnet18_3d_tiny, 16 layers centred, range normalisation" \
+        in other.stderr.splitlines()[-1]
 
 
 def test_torchrun_two_processes_gloo(segment_path, tmp_path):
@@ -82,9 +93,9 @@ def test_torchrun_two_processes_gloo(segment_path, tmp_path):
                           torchrun_processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
-    checkpoint = torch.load(tmp_path / "resnet18_3d_tiny_withdecoder_spark_style.pth", weights_only=False)
-    assert checkpoint["global_step"] == 2  # 4 samples, global batch 2 split over 2 processes
-    assert not any(key.startswith("module.") for key in checkpoint["model"])  # the unwrapped model is saved
+    saved = checkpoint.read(tmp_path / "resnet18_3d_tiny_withdecoder_spark_style.pth")
+    assert saved["global_step"] == 2  # 4 samples, global batch 2 split over 2 processes
+    assert not any(key.startswith("module.") for key in saved["model"])  # the unwrapped model is saved
 
 
 @pytest.mark.parametrize(
@@ -93,19 +104,15 @@ def test_torchrun_two_processes_gloo(segment_path, tmp_path):
         (["--resume_from", "/nonexistent/checkpoint.pth"], "checkpoint /nonexistent/checkpoint.pth does not exist"),
         (["--ep", "many"], "argument --ep: invalid int value"),
         (["--input_size", "70"], "input_size 70 is not a multiple of 32"),
-        (["--depth", "8"], "depth"),
+        (["--depth", "8"], "grid (d, h, w) = (1, 2, 2) of cells (8, 32, 32); 'cell' masking needs at least 2 cells in depth"),
         (["--data_path", "20990101000000"], "20990101000000"),
     ],
     ids=["missing-resume", "non-numeric", "input-size", "grid-too-small", "unknown-segment"],
 )
-def test_bad_settings_give_one_clear_line(segment_path, tmp_path, arguments, message):
-    environment_url = {"VESUVIUS_DATA_URL": "http://127.0.0.1:9"}
-    os.environ.update(environment_url)
-    try:
-        result = run_pretrain([*TINY, "--data_path", segment_path, "--exp_dir", str(tmp_path / "run"), *arguments],
-                              timeout=120)
-    finally:
-        os.environ.pop("VESUVIUS_DATA_URL")
+def test_bad_settings_give_one_clear_line(segment_path, tmp_path, monkeypatch, arguments, message):
+    monkeypatch.setenv("VESUVIUS_DATA_URL", "http://127.0.0.1:9")  # nothing listens there: unknown IDs fail fast
+    result = run_pretrain([*TINY, "--data_path", segment_path, "--exp_dir", str(tmp_path / "run"), *arguments],
+                          timeout=120)
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line, result.stderr[-2000:]
@@ -120,6 +127,17 @@ def test_resume_from_another_architecture_is_refused(segment_path, tmp_path):
                            "--exp_dir", str(tmp_path / "b"), "--resume_from", str(checkpoint)])
     assert result.returncode == 2 and "holds a resnet18_3d_tiny model; this run builds resnet50_3d_narrow" in result.stderr
     assert checkpoint.read_bytes() == before
+
+
+def test_init_weight_of_another_architecture_names_the_model_to_set(segment_path, tmp_path):
+    checkpoint.save(tmp_path / "narrow.pth", "encoder", build_encoder("resnet50_3d_narrow").state_dict(),
+                    InputSettings(model="resnet50_3d_narrow"))
+    result = run_pretrain([*TINY, "--data_path", segment_path, "--exp_dir", str(tmp_path / "run"),
+                           "--init_weight", str(tmp_path / "narrow.pth")])
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (f"error: encoder-only weights from {tmp_path / 'narrow.pth'} do not "
+                                              "fit resnet18_3d_tiny: it holds a resnet50_3d_narrow encoder: set --model "
+                                              "resnet50_3d_narrow")
 
 
 def test_unwritable_exp_dir(segment_path, tmp_path):
@@ -146,7 +164,13 @@ def test_non_finite_loss_stops_with_a_clear_message(segment_path, tmp_path):
     args.fill_runtime("cpu", 1)
     model = NanModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = [torch.zeros(2, 1, 16, 96, 96)] * 3
+    from pretrain.data.patches import EpochSampler
+
+    class Zeros(torch.utils.data.Dataset):
+        def __getitem__(self, key):  # keyed by (epoch, index), as the pretraining datasets
+            return torch.zeros(1, 16, 96, 96)
+
+    loader = torch.utils.data.DataLoader(Zeros(), batch_size=2, sampler=EpochSampler(6))
     with pytest.raises(pretrain.main.NonFiniteLossError, match="loss is nan at epoch 1, iteration 0.*last good checkpoint"):
         pretrain.main.train_one_epoch(args, model, model, optimizer, loader, 0, 0, misc.TensorboardLogger(tmp_path / "tb"))
     assert model.weight.item() == 1.0  # no step was taken with the non-finite loss
@@ -155,8 +179,6 @@ def test_non_finite_loss_stops_with_a_clear_message(segment_path, tmp_path):
 def test_vicreg_run_from_a_kinetics_encoder_logs_its_terms_and_refuses_a_spark_resume(segment_path, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.test_vicreg import hara_checkpoint
-
     torch.save(hara_checkpoint(700, True)[0], tmp_path / "r3d18_KM_200ep.pth")
     vicreg = [*TINY, "--method", "vicreg", "--bs", "4", "--samples_per_ep", "8", "--projector", "64-64",
               "--data_path", segment_path, "--exp_dir", str(tmp_path / "vicreg")]
@@ -164,7 +186,7 @@ def test_vicreg_run_from_a_kinetics_encoder_logs_its_terms_and_refuses_a_spark_r
     assert result.returncode == 0, result.stderr
     assert "initialised the encoder with Kinetics (resnet-18)" in result.stdout
     assert (tmp_path / "vicreg" / "resnet18_3d_tiny_withprojector_vicreg_style.pth").is_file()
-    build_encoder("resnet18_3d_tiny").load_state_dict(torch.load(tmp_path / "vicreg" / "resnet18_3d_tiny_timm_style.pth"))
+    build_encoder("resnet18_3d_tiny").load_state_dict(checkpoint.read(tmp_path / "vicreg" / "resnet18_3d_tiny_timm_style.pth")["model"])
     events = EventAccumulator(str(tmp_path / "vicreg" / "tensorboard_logs")).Reload()
     terms = {"vicreg/invariance", "vicreg/variance", "vicreg/covariance", "vicreg/embedding_std"}
     assert terms <= set(events.Tags()["scalars"]) and "views/view1_view2" in events.Tags()["images"]

@@ -3,13 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.patches import depth_window, normalize_patch
+from pretrain.data.patches import InputSettings, depth_window, normalize_patch
 from pretrain.data.segment import open_segment
 from pretrain.data.views import DEPTH_OFFSETS, PIXEL_OFFSETS, TwoViewDataset
 from pretrain.models import build_encoder
-from pretrain.models.resnet3d import BasicBlock3d, ResNet3d
-from pretrain.models.weights import load_encoder_weights
-from pretrain.utils.misc import CheckpointError
 from pretrain.vicreg import VICReg, off_diagonal, vicreg_terms
 from tests.conftest import random_volume, rectangle_mask, write_png, write_zarr_segment
 
@@ -53,13 +50,13 @@ def segment(tmp_path):
 
 def test_two_views_differ_by_z_and_pixel_offsets_within_range(segment):
     segment, volume = segment
-    dataset = TwoViewDataset([segment], depth=16, tile_size=48, samples_per_epoch=20, seed=1, augment=False)
+    dataset = TwoViewDataset([segment], InputSettings(depth=16, tile_size=48), samples_per_epoch=20, seed=1, augment=False)
     base_layers = depth_window(65, 16)
     seen_depth_offsets = set()
     for index in range(20):
-        _, y, x = dataset.base_position(index)
-        view1, view2 = dataset[index]
-        for view, (dz, dy, dx) in zip((view1, view2), dataset.view_offsets(index)):
+        _, y, x = dataset.base_position(0, index)
+        view1, view2 = dataset[0, index]
+        for view, (dz, dy, dx) in zip((view1, view2), dataset.view_offsets(0, index)):
             assert dz in DEPTH_OFFSETS and dy in PIXEL_OFFSETS and dx in PIXEL_OFFSETS
             z0 = base_layers.start + dz
             expected = normalize_patch(volume[z0 : z0 + 16, y + dy : y + dy + 48, x + dx : x + dx + 48])
@@ -70,10 +67,12 @@ def test_two_views_differ_by_z_and_pixel_offsets_within_range(segment):
 
 def test_augmented_views_are_deterministic_and_differ_from_each_other(segment):
     segment, _ = segment
-    dataset = TwoViewDataset([segment], depth=16, tile_size=48, samples_per_epoch=4, seed=2)
-    first, again = dataset[3], TwoViewDataset([segment], depth=16, tile_size=48, samples_per_epoch=4, seed=2)[3]
+    settings = InputSettings(depth=16, tile_size=48)
+    dataset = TwoViewDataset([segment], settings, samples_per_epoch=4, seed=2)
+    first, again = dataset[0, 3], TwoViewDataset([segment], settings, samples_per_epoch=4, seed=2)[0, 3]
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], first[1])
+    assert dataset.view_offsets(0, 3) != dataset.view_offsets(1, 3) or not torch.equal(first[0], dataset[1, 3][0])
 
 
 def test_vicreg_forward_backward_and_logged_terms():
@@ -86,59 +85,3 @@ def test_vicreg_forward_backward_and_logged_terms():
     expected = 25 * details["invariance"] + 25 * details["variance"] + details["covariance"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert model.encoder.conv1.weight.grad is not None and model.projector[0].weight.grad is not None
-
-
-def hara_checkpoint(classes: int, module_prefix: bool, layers=(2, 2, 2, 2)) -> tuple[dict, ResNet3d]:
-    """A checkpoint with the exact key layout of Hara's 3D-ResNets-PyTorch releases (3-channel conv1, fc)."""
-    torch.manual_seed(classes)
-    kinetics_model = ResNet3d(BasicBlock3d, layers, in_channels=3, width=0.125, num_classes=classes)
-    prefix = "module." if module_prefix else ""
-    state = {prefix + key: value for key, value in kinetics_model.state_dict().items()}
-    return {"epoch": 200, "arch": "resnet-18", "state_dict": state, "optimizer": {}}, kinetics_model
-
-
-@pytest.mark.parametrize("classes", [700, 1039])
-@pytest.mark.parametrize("module_prefix", [False, True])
-def test_kinetics_checkpoint_loads_strictly_except_fc(tmp_path, classes, module_prefix):
-    checkpoint, kinetics_model = hara_checkpoint(classes, module_prefix)
-    assert any(key.startswith(f"{'module.' if module_prefix else ''}fc.") for key in checkpoint["state_dict"])
-    torch.save(checkpoint, tmp_path / "r3d18_K_200ep.pth")
-    encoder = build_encoder("resnet18_3d_tiny")
-    description = load_encoder_weights(encoder, tmp_path / "r3d18_K_200ep.pth")
-    assert description.startswith("Kinetics (resnet-18)")
-    torch.testing.assert_close(encoder.conv1.weight, kinetics_model.conv1.weight.sum(dim=1, keepdim=True))
-    torch.testing.assert_close(encoder.layer4[1].conv2.weight, kinetics_model.layer4[1].conv2.weight)
-    torch.testing.assert_close(encoder.layer2[0].downsample[1].running_var, kinetics_model.layer2[0].downsample[1].running_var)
-
-
-def test_kinetics_checkpoint_of_another_depth_is_refused(tmp_path):
-    checkpoint, _ = hara_checkpoint(700, False, layers=(3, 4, 6, 3))  # a ResNet-34 layout
-    torch.save(checkpoint, tmp_path / "r3d34.pth")
-    with pytest.raises(CheckpointError, match=r"r3d34.pth \(Kinetics \(resnet-18\)\) does not fit this encoder: unexpected"):
-        load_encoder_weights(build_encoder("resnet18_3d_tiny"), tmp_path / "r3d34.pth")
-
-
-def test_pretraining_checkpoints_of_both_methods_give_their_encoder(tmp_path):
-    encoder = build_encoder("resnet18_3d_tiny")
-    vicreg = VICReg(build_encoder("resnet18_3d_tiny"), [32, 32])
-    torch.save({"args": {"method": "vicreg", "model": "resnet18_3d_tiny"}, "epoch": 3, "model": vicreg.state_dict()},
-               tmp_path / "full.pth")
-    assert load_encoder_weights(encoder, tmp_path / "full.pth").startswith("vicreg pretraining (resnet18_3d_tiny, epoch 4)")
-    torch.testing.assert_close(encoder.conv1.weight, vicreg.encoder.conv1.weight)
-    torch.save({"optimizer": {}}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="is not an encoder, pretraining, fine-tuning or Kinetics checkpoint"):
-        load_encoder_weights(encoder, tmp_path / "other.pth")
-
-
-def test_fine_tuning_checkpoint_gives_its_unet_encoder(tmp_path):
-    from finetune.model import build_ink_unet
-
-    torch.manual_seed(3)
-    unet = build_ink_unet("resnet18_3d_tiny")
-    # The layout finetune/train.py's save_checkpoint writes.
-    torch.save({"config": {"MODEL": "resnet18_3d_tiny"}, "state": {"epoch": 7}, "model": unet.state_dict(), "commit": ""},
-               tmp_path / "best.pth")
-    encoder = build_encoder("resnet18_3d_tiny")
-    assert load_encoder_weights(encoder, tmp_path / "best.pth").startswith("fine-tuning (resnet18_3d_tiny, epoch 7)")
-    for name, value in encoder.state_dict().items():
-        torch.testing.assert_close(value, unet.encoder.state_dict()[name])

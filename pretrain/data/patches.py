@@ -1,14 +1,17 @@
-"""Patches from segments: depth windows, normalisation, tile grids, and the two datasets built on them.
+"""Patches from segments: how a tile is cut and scaled (`InputSettings`), depth windows, normalisation, tile
+grids, and the two datasets built on them.
 
 - `RandomPatchDataset`: random crops for pretraining, from one or several segments, only where the mask
-  (and optionally the ink labels) cover enough of the tile. Deterministic per (seed, epoch, index), so a
-  resumed run or another DataLoader worker count draws the same patches.
+  (and optionally the ink labels) cover enough of the tile. A crop is keyed by (epoch, index), which
+  `EpochSampler` hands out in the main process, and drawn from (seed, epoch, index): DataLoader workers,
+  persistent or not, draw every epoch's own crops, and a resumed run draws the same ones.
 - `GridTileDataset`: tiles on a regular grid with a stride (fine-tuning, inference).
 
 Patches are read from the segment's lazy volume (chunk-aligned, LRU-bounded), so memory does not grow
 with the segment. Tile positions are found on the mask at block resolution (a block is gcd(tile,
 stride) pixels), so even a 65 × 8192 × 8192 segment needs only a small table of candidates.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -21,6 +24,34 @@ NORMALIZATIONS = ("range", "clip", "zscore")
 # A surface-following window searches this many layers above and below the centred window for the surface.
 SURFACE_SEARCH_LAYERS = 8
 SURFACE_SMOOTHING_PX = 4.0  # in-plane smoothing of the found surface: noise moves single columns, not the sheet
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSettings:
+    """How a tile is cut from a segment and scaled: what an encoder was trained on, and so what it must be
+    given wherever it is used. Every checkpoint records it (`pretrain.checkpoint`); fine-tuning and the
+    evaluation scripts take it from there."""
+
+    model: str = "resnet50_3d"  # the encoder architecture (pretrain.models registry name)
+    depth: int = 16  # layers per tile
+    depth_offset: int = 0  # shift of the depth window from the middle layer (or from the surface)
+    follow_surface: bool = False  # the window follows the recto surface found per tile (DepthWindow)
+    normalization: str = "range"  # one of NORMALIZATIONS
+    clip_window: tuple[float, float] = (50.0, 200.0)  # "clip" normalisation's window, in 8-bit units
+    tile_size: int = 96  # tile side in pixels
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "clip_window": list(self.clip_window)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "InputSettings":
+        return cls(**{**values, "clip_window": tuple(float(value) for value in values["clip_window"])})
+
+    def describe(self) -> str:
+        window = f"{self.depth} layers" + (f" offset {self.depth_offset:+d}" if self.depth_offset else "")
+        window += " along the surface" if self.follow_surface else " centred"
+        scale = f"{self.normalization} {tuple(self.clip_window)}" if self.normalization == "clip" else self.normalization
+        return f"{self.model}, {window}, {scale} normalisation, {self.tile_size}² tiles"
 
 
 def depth_window(num_layers: int, depth: int, offset: int = 0) -> slice:
@@ -103,22 +134,26 @@ class DepthWindow:
     on each side (as far as the volume allows).
     """
 
-    def __init__(self, num_layers: int, depth: int, offset: int = 0, follow_surface: bool = False) -> None:
-        self.depth, self.offset, self.follow_surface = depth, offset, follow_surface
-        self.layers = depth_window(num_layers, depth, offset)  # checks the window fits the volume
-        if follow_surface:
+    def __init__(self, num_layers: int, settings: InputSettings) -> None:
+        self.settings = settings
+        self.depth = settings.depth
+        self.layers = depth_window(num_layers, settings.depth, settings.depth_offset)  # checks the window fits
+        if settings.follow_surface:
             self.layers = slice(max(self.layers.start - SURFACE_SEARCH_LAYERS, 0),
                                 min(self.layers.stop + SURFACE_SEARCH_LAYERS, num_layers))
 
-    def read(self, segment: Segment, y: int, x: int, tile_size: int, normalization: str = "range",
-             clip_window: tuple[float, float] = (50, 200), extra_layers: int = 0) -> np.ndarray:
+    def read(self, segment: Segment, y: int, x: int, tile_size: int, extra_layers: int = 0) -> np.ndarray:
         """(depth + extra_layers, tile, tile) float32, normalised; the extra layers continue below the window."""
-        if not self.follow_surface:
+        settings = self.settings
+        if not settings.follow_surface:
             layers = slice(self.layers.start, self.layers.stop + extra_layers)
-            return normalize_patch(read_patch(segment, layers, y, x, tile_size), normalization, clip_window)
+            return normalize_patch(read_patch(segment, layers, y, x, tile_size), settings.normalization,
+                                   settings.clip_window)
         # Normalised before resampling: "zscore" takes its statistics over the searched slab, not the output.
-        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), normalization, clip_window)
-        return resample_along_surface(slab, surface_depth(slab), self.offset - self.depth // 2, self.depth + extra_layers)
+        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), settings.normalization,
+                               settings.clip_window)
+        return resample_along_surface(slab, surface_depth(slab), settings.depth_offset - settings.depth // 2,
+                                      settings.depth + extra_layers)
 
 
 def _block_fractions(image_yx: np.ndarray, block: int) -> np.ndarray:
@@ -180,8 +215,32 @@ def read_patch(segment: Segment, layers: slice, y: int, x: int, tile_size: int) 
     return patch
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) keys of this process's share of an epoch: indices rank, rank + world_size, … of
+    0 … length − 1, as many for every process (the remainder is dropped, as DistributedSampler does).
+
+    The epoch travels with each key because a sampler runs in the main process: a dataset that read its
+    epoch from an attribute would keep epoch 0 in persistent DataLoader workers, which copied it once.
+    Call `set_epoch` before each epoch, as with DistributedSampler.
+    """
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length // self.world_size
+
+    def __iter__(self):
+        return iter([(self.epoch, index) for index in range(self.rank, len(self) * self.world_size, self.world_size)])
+
+
 class RandomPatchDataset(torch.utils.data.Dataset):
-    """Random (1, D, tile, tile) float32 crops from one or more segments, for pretraining.
+    """Random (1, D, tile, tile) float32 crops from one or more segments, for pretraining, keyed by
+    (epoch, index) (see EpochSampler): `dataset[epoch, index]`.
 
     A crop starts at a random grid tile that passes the coverage test, jittered by up to one grid step,
     so positions are continuous while coverage stays guaranteed to within a step. Segments are drawn
@@ -191,41 +250,32 @@ class RandomPatchDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         segments: list[Segment],
-        depth: int,
-        tile_size: int,
+        settings: InputSettings,
         samples_per_epoch: int,
-        depth_offset: int = 0,
         min_mask_fraction: float = 0.5,
         min_ink_fraction: float = 0.0,
-        normalization: str = "range",
-        clip_window: tuple[float, float] = (50, 200),
         seed: int = 0,
-        follow_surface: bool = False,
     ) -> None:
         self.segments = list(segments)
-        self.tile_size = tile_size
+        self.settings = settings
+        self.tile_size = settings.tile_size
         self.samples_per_epoch = samples_per_epoch
-        self.normalization = normalization
-        self.clip_window = clip_window
         self.seed = seed
-        self.epoch = 0
-        self.jitter = max(1, tile_size // 4)
-        self.windows = [DepthWindow(segment.shape[0], depth, depth_offset, follow_surface) for segment in self.segments]
+        self.jitter = max(1, self.tile_size // 4)
+        self.windows = [DepthWindow(segment.shape[0], settings) for segment in self.segments]
         self.origins = [
-            tile_origins(segment, tile_size, self.jitter, min_mask_fraction, min_ink_fraction) for segment in self.segments
+            tile_origins(segment, self.tile_size, self.jitter, min_mask_fraction, min_ink_fraction)
+            for segment in self.segments
         ]
         counts = np.array([len(origins) for origins in self.origins], dtype=np.float64)
         self.segment_probabilities = counts / counts.sum()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def sample_position(self, index: int) -> tuple[int, int, int]:
-        """(segment index, y, x) of sample `index` in the current epoch."""
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+    def sample_position(self, epoch: int, index: int) -> tuple[int, int, int]:
+        """(segment index, y, x) of sample `index` of `epoch`."""
+        rng = np.random.default_rng((self.seed, epoch, index))
         segment_index = int(rng.choice(len(self.segments), p=self.segment_probabilities))
         y, x = self.origins[segment_index][rng.integers(len(self.origins[segment_index]))]
         height, width = self.segments[segment_index].shape[1:]
@@ -233,10 +283,10 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         x = min(int(x) + int(rng.integers(self.jitter)), width - self.tile_size)
         return segment_index, y, x
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        segment_index, y, x = self.sample_position(index)
-        window = self.windows[segment_index]
-        patch = window.read(self.segments[segment_index], y, x, self.tile_size, self.normalization, self.clip_window)
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, index = key
+        segment_index, y, x = self.sample_position(epoch, index)
+        patch = self.windows[segment_index].read(self.segments[segment_index], y, x, self.tile_size)
         return torch.from_numpy(patch).unsqueeze(0)  # (1, D, T, T)
 
 
@@ -250,27 +300,20 @@ class GridTileDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         segment: Segment,
-        depth: int,
-        tile_size: int,
+        settings: InputSettings,
         stride: int,
-        depth_offset: int = 0,
         min_mask_fraction: float = 0.5,
         min_ink_fraction: float = 0.0,
         region_yx: np.ndarray | None = None,
-        normalization: str = "range",
-        clip_window: tuple[float, float] = (50, 200),
         transform=None,
         origins: np.ndarray | None = None,
-        follow_surface: bool = False,
     ) -> None:
         self.segment = segment
-        self.tile_size = tile_size
-        self.window = DepthWindow(segment.shape[0], depth, depth_offset, follow_surface)
+        self.tile_size = settings.tile_size
+        self.window = DepthWindow(segment.shape[0], settings)
         if origins is None:
-            origins = tile_origins(segment, tile_size, stride, min_mask_fraction, min_ink_fraction, region_yx)
+            origins = tile_origins(segment, self.tile_size, stride, min_mask_fraction, min_ink_fraction, region_yx)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
-        self.normalization = normalization
-        self.clip_window = clip_window
         self.transform = transform
 
     def __len__(self) -> int:
@@ -278,7 +321,7 @@ class GridTileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         y, x = (int(value) for value in self.origins[index])
-        volume = self.window.read(self.segment, y, x, self.tile_size, self.normalization, self.clip_window)
+        volume = self.window.read(self.segment, y, x, self.tile_size)
         label = None
         if self.segment.inklabels is not None:
             label = self.segment.inklabels[y : y + self.tile_size, x : x + self.tile_size].astype(np.float32)

@@ -33,7 +33,8 @@ def view_augmentations() -> albumentations.Compose:
 
 
 class TwoViewDataset(RandomPatchDataset):
-    """Pairs of (1, depth, tile, tile) float32 views of the same random tile.
+    """Pairs of (1, depth, tile, tile) float32 views of the same random tile, keyed by (epoch, index) as
+    RandomPatchDataset.
 
     The base window starts `max(DEPTH_OFFSETS)` layers above the usual centred window, so both views stay
     inside the volume; `augment=False` leaves only the z and pixel offsets (for checking them).
@@ -49,36 +50,37 @@ class TwoViewDataset(RandomPatchDataset):
                 raise ValueError(f"segment {segment.name} (Y, X) = {segment.shape[1:]} is too small for tiles of "
                                  f"{self.tile_size} plus pixel offsets of up to {self.max_pixel_offset}")
             layers = window.layers
-            if not window.follow_surface and layers.stop + self.max_depth_offset > segment.shape[0]:
+            if not window.settings.follow_surface and layers.stop + self.max_depth_offset > segment.shape[0]:
                 raise ValueError(f"the depth window {layers.start}..{layers.stop - 1} leaves no room for z-offsets of up "
                                  f"to {self.max_depth_offset} layers in segment {segment.name} ({segment.shape[0]} layers)")
 
-    def view_offsets(self, index: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """(dz, dy, dx) of each view relative to the tile's base window, for sample `index`."""
-        rng = np.random.default_rng((self.seed, self.epoch, index, 1))
+    def view_offsets(self, epoch: int, index: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(dz, dy, dx) of each view relative to the tile's base window, for sample `index` of `epoch`."""
+        rng = np.random.default_rng((self.seed, epoch, index, 1))
         return tuple(
             (int(rng.choice(DEPTH_OFFSETS)), int(rng.choice(PIXEL_OFFSETS)), int(rng.choice(PIXEL_OFFSETS)))
             for _ in range(2)
         )
 
-    def base_position(self, index: int) -> tuple[int, int, int]:
+    def base_position(self, epoch: int, index: int) -> tuple[int, int, int]:
         """(segment index, y, x) of the block both views are cut from."""
-        segment_index, y, x = self.sample_position(index)
+        segment_index, y, x = self.sample_position(epoch, index)
         height, width = self.segments[segment_index].shape[1:]
         y = min(y, height - self.tile_size - self.max_pixel_offset)
         x = min(x, width - self.tile_size - self.max_pixel_offset)
         return segment_index, max(y, 0), max(x, 0)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        segment_index, y, x = self.base_position(index)
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        segment_index, y, x = self.base_position(epoch, index)
         window = self.windows[segment_index]
-        block = window.read(self.segments[segment_index], y, x, self.tile_size + self.max_pixel_offset, self.normalization,
-                            self.clip_window, extra_layers=self.max_depth_offset)  # (D + 2, T + 10, T + 10)
+        block = window.read(self.segments[segment_index], y, x, self.tile_size + self.max_pixel_offset,
+                            extra_layers=self.max_depth_offset)  # (D + 2, T + 10, T + 10)
         views = []
-        for view_number, (dz, dy, dx) in enumerate(self.view_offsets(index)):
+        for view_number, (dz, dy, dx) in enumerate(self.view_offsets(epoch, index)):
             view_dhw = block[dz : dz + window.depth, dy : dy + self.tile_size, dx : dx + self.tile_size]
             if self.augment is not None:
-                seed = np.random.default_rng((self.seed, self.epoch, index, 2 + view_number)).integers(2**32)
+                seed = np.random.default_rng((self.seed, epoch, index, 2 + view_number)).integers(2**32)
                 self.augment.set_random_seed(int(seed))  # the same views after a resume or with other workers
                 view_dhw = self.augment(image=np.ascontiguousarray(view_dhw.transpose(1, 2, 0)))["image"].transpose(2, 0, 1)
             views.append(torch.from_numpy(np.ascontiguousarray(view_dhw)).unsqueeze(0))

@@ -10,6 +10,7 @@ import sys
 
 from tap import Tap
 
+from pretrain.data.patches import NORMALIZATIONS, InputSettings
 from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.utils.misc import git_commit
 
@@ -38,6 +39,9 @@ class Args(Tap):
     samples_per_ep: int = 180  # crops per epoch (all processes together)
     num_workers: int = 2  # DataLoader workers per process (0: load in the main process)
     lru_mb: int = 512  # in-process cache of decoded chunks, per worker
+    # torch threads per process on CPU (0: torch's default, one per core). Set 1 when other jobs share the cores:
+    # a 2-core machine running two jobs at their default thread counts was measured at 10-14 s per step, not 1.3.
+    cpu_threads: int = 0
 
     # ---------------------------------------------------------------- model
     model: str = "resnet50_3d"  # encoder: resnet50_3d, resnet34_3d, resnet18_3d, resnet50_3d_narrow, resnet18_3d_tiny
@@ -85,6 +89,8 @@ class Args(Tap):
             problems.append(f"mask_mode {self.mask_mode!r} is not {' or '.join(map(repr, MASK_MODES))}")
         if self.target not in TARGETS:
             problems.append(f"target {self.target!r} is not {' or '.join(map(repr, TARGETS))}")
+        if self.normalization not in NORMALIZATIONS:
+            problems.append(f"normalization {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
         if not 0 < self.mask < 1:
             problems.append(f"mask {self.mask} is not between 0 and 1")
         if self.method not in ("spark", "vicreg"):
@@ -109,6 +115,12 @@ class Args(Tap):
     @property
     def encoder_checkpoint_path(self) -> str:
         return os.path.join(self.exp_dir, f"{self.model}_timm_style.pth")
+
+    def input_settings(self) -> InputSettings:
+        """How tiles are cut and scaled: recorded in every checkpoint, so the encoder is used as it was trained."""
+        return InputSettings(model=self.model, depth=self.depth, depth_offset=self.depth_offset,
+                             follow_surface=self.follow_surface, normalization=self.normalization,
+                             tile_size=self.input_size)
 
     def fill_runtime(self, device: str, world_size: int) -> None:
         if self.bs % world_size:

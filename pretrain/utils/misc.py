@@ -1,8 +1,8 @@
-"""Checkpoints (atomic), the JSON-lines log, the master-only TensorBoard writer, RNG state, git commit."""
+"""Atomic writes, the JSON-lines log, the master-only TensorBoard writer, seeds, git commit. (What goes into
+checkpoints, and how they are read, is `pretrain.checkpoint`.)"""
 import json
 import os
 import pathlib
-import random
 import subprocess
 import time
 import uuid
@@ -11,10 +11,6 @@ import numpy as np
 import torch
 
 from pretrain import dist
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or made for another model; the message names which."""
 
 
 def error_line(error: BaseException) -> str:
@@ -62,43 +58,11 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
-
-
-def describe_state_dict_mismatch(model_state: dict, loaded_state: dict) -> str:
-    """A short account of missing / unexpected / differently-shaped keys ('' when they match exactly)."""
-    missing = sorted(set(model_state) - set(loaded_state))
-    unexpected = sorted(set(loaded_state) - set(model_state))
-    shapes = [f"{key} {tuple(loaded_state[key].shape)} vs {tuple(model_state[key].shape)}"
-              for key in sorted(set(model_state) & set(loaded_state))
-              if hasattr(loaded_state[key], "shape") and loaded_state[key].shape != model_state[key].shape]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            parts.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''} ({len(items)})")
-    return "; ".join(parts)
-
-
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """A seed of its own for every (run seed, rank, epoch). Seeding each epoch from it, rather than restoring
+    saved generator states on resume, gives every rank its own randomness and a resumed run the same draws,
+    whatever process saved the checkpoint."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
 class JsonLinesLog:

@@ -1,0 +1,103 @@
+"""What every evaluation script shares: an encoder from a checkpoint (or a random one), used with the input settings
+it was trained with, on the GPU where there is one; and the one-line error exit.
+
+The input options (`--model`, `--depth`, `--depth_offset`, `--follow_surface`, `--normalization`, `--tile_size`)
+default to the checkpoint's own settings. A value given that contradicts them is an error (the tile size only
+warns), exactly as in fine-tuning: `pretrain.checkpoint.resolve_input_settings`.
+"""
+import argparse
+import sys
+
+import torch
+
+from pretrain import checkpoint, dist
+from pretrain.data.patches import NORMALIZATIONS, InputSettings
+from pretrain.data.remote import RemoteReadError
+from pretrain.data.segment import SegmentError
+from pretrain.models import ENCODER_NAMES, build_encoder
+
+# Without a checkpoint that records them (a random encoder, a bare state dict, Kinetics weights).
+DEFAULTS = InputSettings(model="resnet50_3d", depth=16, depth_offset=0, follow_surface=False, normalization="range",
+                         tile_size=96)
+OPTION_NAMES = {field: f"--{field}" for field in ("model", "depth", "depth_offset", "follow_surface", "normalization",
+                                                  "tile_size")}
+
+
+class EvaluationError(ValueError):
+    """A setting or input an evaluation script cannot work with; the message names it."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every option's default, except where there is none to show (required, or None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expects True or False, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input options, each defaulting to the checkpoint's value (or DEFAULTS' without one)."""
+    group = parser.add_argument_group("input (default: as the checkpoint records it; else the value in brackets)")
+    group.add_argument("--model", choices=ENCODER_NAMES, help=f"encoder architecture [{DEFAULTS.model}]")
+    group.add_argument("--depth", type=int, help=f"layers per tile [{DEFAULTS.depth}]")
+    group.add_argument("--depth_offset", type=int, help=f"shift of the depth window [{DEFAULTS.depth_offset}]")
+    group.add_argument("--follow_surface", type=true_or_false,
+                       help=f"depth window along the recto surface, True or False [{DEFAULTS.follow_surface}]")
+    group.add_argument("--normalization", choices=NORMALIZATIONS, help=f"voxel scaling [{DEFAULTS.normalization}]")
+    group.add_argument("--tile_size", type=int, help=f"tile side in pixels, a multiple of 32 [{DEFAULTS.tile_size}]")
+
+
+def given_settings(args: argparse.Namespace) -> dict:
+    return {field: getattr(args, field) for field in OPTION_NAMES if getattr(args, field) is not None}
+
+
+def encoder_weights(path: str) -> checkpoint.EncoderWeights | None:
+    """The weights in a checkpoint of any kind; None for "random"."""
+    return None if path == "random" else checkpoint.encoder_weights(path)
+
+
+def common_settings(paths: list[str], args: argparse.Namespace) -> InputSettings:
+    """One set of input settings for several checkpoints, which must agree on them (the same tiles go to all)."""
+    resolved = {path: checkpoint.resolve_input_settings(encoder_weights(path), given_settings(args), DEFAULTS,
+                                                        OPTION_NAMES) for path in paths}
+    if len(set(resolved.values())) > 1:
+        listing = "; ".join(f"{path}: {settings.describe()}" for path, settings in resolved.items())
+        raise EvaluationError(f"the checkpoints were trained on different inputs ({listing}); compare them separately")
+    return next(iter(resolved.values()))
+
+
+def load_encoder(path: str, settings: InputSettings, device: torch.device, seed: int = 0) -> tuple[torch.nn.Module, str]:
+    """The encoder of `path` ("random": seeded initialisation), in eval mode on `device`, and what it is."""
+    torch.manual_seed(seed)
+    encoder = build_encoder(settings.model)
+    weights = encoder_weights(path)
+    if weights is None:
+        description = f"random initialisation (seed {seed})"
+    else:
+        checkpoint.load_encoder(encoder, weights, settings.model, "--model")
+        description = weights.description
+    if settings.depth % encoder.get_downsample_ratio()[0] or settings.tile_size % encoder.get_downsample_ratio()[1]:
+        raise EvaluationError(f"depth {settings.depth} and tile size {settings.tile_size} must be multiples of "
+                              f"{settings.model}'s downsample ratios {encoder.get_downsample_ratio()[:2]}")
+    return encoder.to(device).eval(), description
+
+
+def device() -> torch.device:
+    """The GPU where there is one (the same helper as training), else the CPU."""
+    return dist.initialize()
+
+
+def exit_on_user_error(main) -> None:
+    """Run `main()` and exit with its status; a user's mistake is one `error:` line and exit status 2."""
+    try:
+        sys.exit(main())
+    except (EvaluationError, SegmentError, RemoteReadError, checkpoint.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

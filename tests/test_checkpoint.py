@@ -1,0 +1,153 @@
+"""The checkpoint module: every kind written carries its input settings, every kind (old and new, ours and
+Kinetics) gives its encoder, unsafe pickles are refused, and the input settings resolve as documented."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.model import build_ink_unet
+from pretrain import checkpoint
+from pretrain.data.patches import InputSettings
+from pretrain.decoder import LightDecoder3d
+from pretrain.encoder import SparseEncoder
+from pretrain.models import build_encoder
+from pretrain.spark import SparK3d
+from pretrain.vicreg import VICReg
+from tests.conftest import hara_checkpoint
+
+SETTINGS = InputSettings(model="resnet18_3d_tiny", depth=24, depth_offset=-2, follow_surface=True,
+                         normalization="zscore", tile_size=64)
+NAMES = {"model": "MODEL", "depth": "DEPTH", "depth_offset": "DEPTH_OFFSET", "follow_surface": "FOLLOW_SURFACE",
+         "normalization": "NORMALIZATION", "tile_size": "TILE_SIZE"}
+
+
+def spark_model() -> SparK3d:
+    sparse_encoder = SparseEncoder(build_encoder("resnet18_3d_tiny"))
+    return SparK3d(sparse_encoder, LightDecoder3d(32, sparse_encoder.get_downsample_ratio()), input_size=64, depth=16)
+
+
+def test_every_kind_written_gives_its_encoder_and_its_settings(tmp_path):
+    torch.manual_seed(1)
+    spark, vicreg, unet = spark_model(), VICReg(build_encoder("resnet18_3d_tiny"), [32, 32]), build_ink_unet("resnet18_3d_tiny")
+    encoders = {"spark": spark.sparse_encoder.encoder, "vicreg": vicreg.encoder, "finetune": unet.encoder,
+                "encoder": spark.sparse_encoder.encoder}
+    states = {"spark": spark.state_dict(), "vicreg": vicreg.state_dict(), "finetune": unet.state_dict(),
+              "encoder": spark.sparse_encoder.encoder.state_dict()}
+    for kind, state in states.items():
+        checkpoint.save(tmp_path / f"{kind}.pth", kind, state, SETTINGS, epoch=2, state={"epoch": 3})
+        weights = checkpoint.encoder_weights(tmp_path / f"{kind}.pth")
+        assert weights.settings == SETTINGS, kind
+        assert weights.description.startswith(checkpoint.KIND_NAMES[kind]), weights.description
+        encoder = build_encoder("resnet18_3d_tiny")
+        checkpoint.load_encoder(encoder, weights, "resnet18_3d_tiny", "--model")
+        for key, value in encoders[kind].state_dict().items():
+            assert torch.equal(encoder.state_dict()[key], value), (kind, key)
+        assert checkpoint.read(tmp_path / f"{kind}.pth")["kind"] == kind
+
+
+def test_older_files_without_a_kind_still_load_with_the_settings_they_record(tmp_path):
+    rng_state = {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}  # what older full checkpoints held
+    spark = spark_model()
+    torch.save({"args": {"method": "spark", "model": "resnet18_3d_tiny", "depth": 24, "depth_offset": -2,
+                         "follow_surface": True, "normalization": "zscore", "input_size": 64},
+                "epoch": 3, "model": spark.state_dict(), "optimizer": {}, "rng": rng_state}, tmp_path / "old_spark.pth")
+    unet = build_ink_unet("resnet18_3d_tiny")
+    torch.save({"config": {"MODEL": "resnet18_3d_tiny", "DEPTH": 24, "DEPTH_OFFSET": -2, "FOLLOW_SURFACE": True,
+                           "NORMALIZATION": "zscore", "TILE_SIZE": 64},
+                "state": {"epoch": 7}, "model": unet.state_dict(), "rng": rng_state}, tmp_path / "old_best.pth")
+    torch.save(unet.encoder.state_dict(), tmp_path / "old_timm_style.pth")
+    old_spark = checkpoint.encoder_weights(tmp_path / "old_spark.pth")
+    assert old_spark.settings == SETTINGS and "epoch 4" in old_spark.description
+    old_best = checkpoint.encoder_weights(tmp_path / "old_best.pth")
+    assert old_best.settings == SETTINGS and "epoch 7" in old_best.description
+    bare = checkpoint.encoder_weights(tmp_path / "old_timm_style.pth")
+    assert bare.settings is None and bare.description.startswith("encoder-only")
+    for weights, source in ((old_spark, spark.sparse_encoder.encoder), (old_best, unet.encoder), (bare, unet.encoder)):
+        encoder = build_encoder("resnet18_3d_tiny")
+        checkpoint.load_encoder(encoder, weights, "resnet18_3d_tiny", "MODEL")
+        assert torch.equal(encoder.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+
+
+@pytest.mark.parametrize("classes", [700, 1039])
+@pytest.mark.parametrize("module_prefix", [False, True])
+def test_kinetics_checkpoint_loads_strictly_except_fc(tmp_path, classes, module_prefix):
+    saved, kinetics_model = hara_checkpoint(classes, module_prefix)
+    assert any(key.startswith(f"{'module.' if module_prefix else ''}fc.") for key in saved["state_dict"])
+    torch.save(saved, tmp_path / "r3d18_K_200ep.pth")
+    weights = checkpoint.encoder_weights(tmp_path / "r3d18_K_200ep.pth")
+    assert weights.description.startswith("Kinetics (resnet-18)") and weights.settings is None
+    encoder = build_encoder("resnet18_3d_tiny")
+    checkpoint.load_encoder(encoder, weights, "resnet18_3d_tiny", "MODEL")
+    torch.testing.assert_close(encoder.conv1.weight, kinetics_model.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(encoder.layer4[1].conv2.weight, kinetics_model.layer4[1].conv2.weight)
+    torch.testing.assert_close(encoder.layer2[0].downsample[1].running_var, kinetics_model.layer2[0].downsample[1].running_var)
+
+
+def test_weights_of_another_architecture_name_it_and_the_setting_to_change(tmp_path):
+    checkpoint.save(tmp_path / "narrow.pth", "encoder", build_encoder("resnet50_3d_narrow").state_dict(),
+                    InputSettings(model="resnet50_3d_narrow"))
+    torch.save(build_encoder("resnet50_3d_narrow").state_dict(), tmp_path / "bare_narrow.pth")
+    for name in ("narrow.pth", "bare_narrow.pth"):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match="do not fit resnet18_3d_tiny: it holds a resnet50_3d_narrow encoder: set MODEL resnet50_3d_narrow"):
+            checkpoint.load_encoder(build_encoder("resnet18_3d_tiny"), checkpoint.encoder_weights(tmp_path / name),
+                                    "resnet18_3d_tiny", "MODEL")
+    saved, _ = hara_checkpoint(700, False, layers=(3, 4, 6, 3))  # a ResNet-34 layout at the tiny width
+    torch.save(saved, tmp_path / "r3d34.pth")
+    with pytest.raises(checkpoint.CheckpointError, match=r"Kinetics \(resnet-18\) weights from .*r3d34.pth do not fit "
+                                                         r"resnet18_3d_tiny: it fits no known encoder \(unexpected"):
+        checkpoint.load_encoder(build_encoder("resnet18_3d_tiny"), checkpoint.encoder_weights(tmp_path / "r3d34.pth"),
+                                "resnet18_3d_tiny", "MODEL")
+
+
+class Payload:
+    """Unpickling this runs os.system: what a malicious checkpoint would carry."""
+
+    def __reduce__(self):
+        return os.system, ("echo pwned > should_never_exist",)
+
+
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": build_encoder("resnet18_3d_tiny").state_dict(), "extra": Payload()}, tmp_path / "evil.pth")
+    torch.save({"kind": "encoder", "input": None, "model": {}, "hook": print}, tmp_path / "callable.pth")
+    for name in ("evil.pth", "callable.pth"):
+        with pytest.raises(checkpoint.CheckpointError, match="holds more than weights and settings.*could run code"):
+            checkpoint.read(tmp_path / name)
+    assert not (tmp_path / "should_never_exist").exists()
+
+
+def test_not_a_checkpoint_and_missing_files_are_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"optimizer": {}}, tmp_path / "other.pth")
+    with pytest.raises(checkpoint.CheckpointError, match="is not an encoder, pretraining, fine-tuning or Kinetics"):
+        checkpoint.read(tmp_path / "other.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with open(tmp_path / "pickle4.pth", "wb") as file:  # a plain pickle, not torch.save: refused, never unpickled
+        pickle.dump({"extra": Payload()}, file, protocol=4)
+    for name in ("text.pth", "pickle4.pth"):
+        with pytest.raises(checkpoint.CheckpointError, match="cannot be read: it is not a PyTorch checkpoint of weights"):
+            checkpoint.read(tmp_path / name)
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.read(tmp_path / "nope.pth")
+    assert not (tmp_path / "should_never_exist").exists()
+
+
+def test_input_settings_come_from_the_encoder_unless_given_and_a_contradiction_is_an_error():
+    weights = checkpoint.EncoderWeights({}, SETTINGS, "encoder-only weights from x.pth")
+    defaults = InputSettings(model="resnet50_3d_narrow", tile_size=48)
+    assert checkpoint.resolve_input_settings(weights, {}, defaults, NAMES) == SETTINGS
+    assert checkpoint.resolve_input_settings(weights, {"depth": 24, "follow_surface": True}, defaults, NAMES) == SETTINGS
+    with pytest.raises(checkpoint.CheckpointError, match="DEPTH 16 differs from the encoder's 24 .*leave DEPTH unset"):
+        checkpoint.resolve_input_settings(weights, {"depth": 16}, defaults, NAMES)
+    with pytest.raises(checkpoint.CheckpointError, match="NORMALIZATION 'range' differs from the encoder's 'zscore'"):
+        checkpoint.resolve_input_settings(weights, {"normalization": "range"}, defaults, NAMES)
+    with pytest.warns(UserWarning, match="TILE_SIZE 96 differs from the encoder's 64"):
+        assert checkpoint.resolve_input_settings(weights, {"tile_size": 96}, defaults, NAMES).tile_size == 96
+    # Without an encoder, or with one that does not record its settings: the given values, else the defaults.
+    bare = checkpoint.EncoderWeights({}, None, "Kinetics weights")
+    for encoder in (None, bare):
+        assert checkpoint.resolve_input_settings(encoder, {"depth": 24}, defaults, NAMES) == InputSettings(
+            model="resnet50_3d_narrow", depth=24, tile_size=48)
