@@ -156,3 +156,34 @@ def hara_checkpoint(classes: int, module_prefix: bool, layers=(2, 2, 2, 2)) -> t
     prefix = "module." if module_prefix else ""
     state = {prefix + key: value for key, value in kinetics_model.state_dict().items()}
     return {"epoch": 200, "arch": "resnet-18", "state_dict": state, "optimizer": {}}, kinetics_model
+
+
+FINETUNE_SHAPE = (24, 128, 192)  # (Z, Y, X) of the labelled segment below
+# finetune/train.py settings for a run of seconds on it
+FINETUNE_TINY = ["--MODEL", "resnet18_3d_tiny", "--DEPTH", "8", "--TILE_SIZE", "32", "--STRIDE", "32",
+                 "--BATCH_SIZE", "4", "--NUM_EPOCHS", "2", "--NUM_WORKERS", "0", "--INFERENCE_STRIDE", "16",
+                 "--MIN_TILES_PER_EPOCH", "8", "--MIN_INK_FRACTION", "0.01", "--CPU_THREADS", "1"]
+
+
+@pytest.fixture(scope="module")
+def labelled_segment_path(tmp_path_factory):
+    """A tiny labelled segment for fine-tuning: ink blocks that brighten the middle layers, labels for all of
+    them, and label files to try."""
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 120, FINETUNE_SHAPE, dtype=np.uint8)
+    labels = np.zeros(FINETUNE_SHAPE[1:], np.uint8)
+    for y in range(16, 110, 36):
+        for x in range(12, 180, 30):
+            labels[y:y + 16, x:x + 10] = 255
+    volume[10:14][:, labels > 0] += 100
+    path = write_zarr_segment(tmp_path_factory.mktemp("finetune") / "tiny.zarr", volume, chunks=(8, 64, 64))
+    write_png(path / "mask.png", rectangle_mask(FINETUNE_SHAPE[1:], margin=4))
+    write_png(path / "inklabels.png", labels)
+    two_letters = np.zeros_like(labels)
+    two_letters[16:32, 12:22] = 255
+    two_letters[16:32, 42:52] = 255
+    write_png(path / "two_letters.png", two_letters)
+    write_png(path / "three_letters.png", np.maximum(two_letters, np.pad(labels[52:68], ((52, 60), (0, 0)))))
+    write_png(path / "empty.png", np.zeros_like(labels))
+    write_png(path / "wrong_size.png", np.zeros((192, 128), np.uint8))  # transposed: not padding
+    return path

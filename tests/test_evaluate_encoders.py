@@ -9,16 +9,16 @@ from pretrain import checkpoint
 from pretrain.data.patches import InputSettings
 from pretrain.models import build_encoder
 from tests.conftest import REPO_ROOT
-from tests.test_finetune_train import TINY, segment_path  # noqa: F401 - the tiny labelled segment fixture
+from tests.conftest import FINETUNE_TINY as TINY
 
 
-def test_evaluation_writes_table_csv_and_one_image_per_encoder(segment_path, tmp_path):  # noqa: F811
+def test_evaluation_writes_table_csv_and_one_image_per_encoder(labelled_segment_path, tmp_path):
     torch.manual_seed(5)
     torch.save(build_encoder("resnet18_3d_tiny").state_dict(), tmp_path / "other_encoder.pth")
     pairs = list(zip(TINY[::2], TINY[1::2]))
     settings = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--encoders", "random",
-               str(tmp_path / "other_encoder.pth"), "--names", "random", "other", "--segment", str(segment_path),
+               str(tmp_path / "other_encoder.pth"), "--names", "random", "other", "--segment", str(labelled_segment_path),
                "--model", "resnet18_3d_tiny", "--depth", "8", "--tile_size", "32", "--output",
                str(tmp_path / "evaluation"), "--", *settings]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)

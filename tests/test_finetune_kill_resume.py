@@ -11,9 +11,10 @@ import time
 import cv2
 import torch
 
+from tests.conftest import FINETUNE_SHAPE as SHAPE
+from tests.conftest import FINETUNE_TINY as TINY
 from tests.conftest import REPO_ROOT
 from tests.test_fault_tolerance import temporary_files
-from tests.test_finetune_train import SHAPE, TINY, segment_path  # noqa: F401 - the tiny labelled segment fixture
 
 EPOCHS = 6  # more than five kills can complete: each kill lands before the run is done
 # Ten steps per epoch: long enough to land a kill inside one on a fast machine, short enough for a quick test.
@@ -63,10 +64,10 @@ def kill_mid_epoch(process: subprocess.Popen, log: pathlib.Path, fraction: float
     return False
 
 
-def test_finetuning_survives_kill_9_at_random_points(segment_path, tmp_path):  # noqa: F811 - the imported fixture
+def test_finetuning_survives_kill_9_at_random_points(labelled_segment_path, tmp_path):
     experiment = tmp_path / "killed"
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), *TINY, "--NUM_EPOCHS", str(EPOCHS),
-               "--MIN_TILES_PER_EPOCH", str(TILES_PER_EPOCH), "--segment_id", str(segment_path),
+               "--MIN_TILES_PER_EPOCH", str(TILES_PER_EPOCH), "--segment_id", str(labelled_segment_path),
                "--OUTPUT_DIR", str(tmp_path), "--exp_name", experiment.name]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     chooser = random.Random(5)

@@ -18,36 +18,9 @@ from pretrain import checkpoint
 from pretrain.data.patches import InputSettings
 from pretrain.data.segment import SegmentError, open_segment
 from pretrain.models import build_encoder
-from tests.conftest import REPO_ROOT, rectangle_mask, write_png, write_zarr_segment
-
-SHAPE = (24, 128, 192)
-TINY = ["--MODEL", "resnet18_3d_tiny", "--DEPTH", "8", "--TILE_SIZE", "32", "--STRIDE", "32", "--BATCH_SIZE", "4",
-        "--NUM_EPOCHS", "2", "--NUM_WORKERS", "0", "--INFERENCE_STRIDE", "16", "--MIN_TILES_PER_EPOCH", "8",
-        "--MIN_INK_FRACTION", "0.01", "--CPU_THREADS", "1"]
-
-
-@pytest.fixture(scope="module")
-def segment_path(tmp_path_factory):
-    """Ink blocks that brighten the middle layers, labels for all of them, and label files to try."""
-    rng = np.random.default_rng(0)
-    volume = rng.integers(0, 120, SHAPE, dtype=np.uint8)
-    labels = np.zeros(SHAPE[1:], np.uint8)
-    for y in range(16, 110, 36):
-        for x in range(12, 180, 30):
-            labels[y:y + 16, x:x + 10] = 255
-    volume[10:14][:, labels > 0] += 100
-    path = write_zarr_segment(tmp_path_factory.mktemp("finetune") / "tiny.zarr", volume, chunks=(8, 64, 64))
-    write_png(path / "mask.png", rectangle_mask(SHAPE[1:], margin=4))
-    write_png(path / "inklabels.png", labels)
-    two_letters = np.zeros_like(labels)
-    two_letters[16:32, 12:22] = 255
-    two_letters[16:32, 42:52] = 255
-    write_png(path / "two_letters.png", two_letters)
-    write_png(path / "three_letters.png", np.maximum(two_letters, np.pad(labels[52:68], ((52, 60), (0, 0)))))
-    write_png(path / "empty.png", np.zeros_like(labels))
-    write_png(path / "wrong_size.png", np.zeros((192, 128), np.uint8))  # transposed: not padding
-    return path
-
+from tests.conftest import FINETUNE_SHAPE as SHAPE
+from tests.conftest import FINETUNE_TINY as TINY
+from tests.conftest import REPO_ROOT
 
 def run_train(arguments, timeout=240, settings=TINY) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO_ROOT / "finetune" / "train.py"), *settings, *arguments],
@@ -61,19 +34,19 @@ def scored_from_png(prediction_png: np.ndarray, labels_yx: np.ndarray, where_yx:
 
 
 @pytest.fixture(scope="module")
-def finished_run(segment_path, tmp_path_factory):
+def finished_run(labelled_segment_path, tmp_path_factory):
     """A straight two-epoch "validation" run with the default DataLoader worker; returns (experiment folder,
     save_path, the process)."""
     output = tmp_path_factory.mktemp("runs")
     save_path = output / "elsewhere" / "prediction_for_editing.png"
     default_workers = [item for item in TINY if item not in ("--NUM_WORKERS", "0")]
-    result = run_train(["--segment_id", str(segment_path), "--OUTPUT_DIR", str(output), "--exp_name", "straight",
+    result = run_train(["--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(output), "--exp_name", "straight",
                         "--save_path", str(save_path)], settings=default_workers)
     assert result.returncode == 0, result.stderr[-3000:]
     return output / "straight", save_path, result
 
 
-def test_validation_run_writes_every_output(finished_run, segment_path):
+def test_validation_run_writes_every_output(finished_run, labelled_segment_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     experiment, save_path, _ = finished_run
@@ -100,8 +73,8 @@ def test_validation_run_writes_every_output(finished_run, segment_path):
     band = records[0]["held_out"]
     band_yx = np.zeros(SHAPE[1:], bool)
     band_yx[band["y0"]:band["y1"], band["x0"]:band["x1"]] = True
-    mask_yx = cv2.imread(str(segment_path / "mask.png"), cv2.IMREAD_UNCHANGED) > 0
-    labels_yx = cv2.imread(str(segment_path / "inklabels.png"), cv2.IMREAD_UNCHANGED) > 0
+    mask_yx = cv2.imread(str(labelled_segment_path / "mask.png"), cv2.IMREAD_UNCHANGED) > 0
+    labels_yx = cv2.imread(str(labelled_segment_path / "inklabels.png"), cv2.IMREAD_UNCHANGED) > 0
     rescored = scored_from_png(prediction, labels_yx, band_yx & mask_yx)
     assert abs(rescored.f05 - records[-1]["validation_f05"]) < 0.02
     assert abs(rescored.auc - records[-1]["validation_auc"]) < 0.01
@@ -112,8 +85,8 @@ def test_validation_run_writes_every_output(finished_run, segment_path):
     assert not list(experiment.glob(".*.tmp"))
 
 
-def test_resume_continues_to_the_same_weights(finished_run, segment_path, tmp_path):
-    arguments = ["--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path), "--exp_name", "straight"]
+def test_resume_continues_to_the_same_weights(finished_run, labelled_segment_path, tmp_path):
+    arguments = ["--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(tmp_path), "--exp_name", "straight"]
     first = run_train([*arguments, "--STOP_AFTER_EPOCHS", "1"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped after epoch 1 of 2" in first.stdout and not (tmp_path / "straight" / "prediction.png").exists()
@@ -126,9 +99,9 @@ def test_resume_continues_to_the_same_weights(finished_run, segment_path, tmp_pa
         assert torch.allclose(expected[key].float(), resumed[key].float(), atol=1e-6), key
 
 
-def test_torchrun_two_processes_share_the_work(segment_path, tmp_path):
+def test_torchrun_two_processes_share_the_work(labelled_segment_path, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO_ROOT / "finetune" / "train.py"), *TINY, "--segment_id", str(segment_path),
+               str(REPO_ROOT / "finetune" / "train.py"), *TINY, "--segment_id", str(labelled_segment_path),
                "--OUTPUT_DIR", str(tmp_path), "--exp_name", "ddp"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -137,28 +110,28 @@ def test_torchrun_two_processes_share_the_work(segment_path, tmp_path):
     saved = checkpoint.read(tmp_path / "ddp" / "last.pth")
     assert not any(key.startswith("module.") for key in saved["model"])  # the unwrapped model is saved
     prediction = cv2.imread(str(tmp_path / "ddp" / "prediction.png"), cv2.IMREAD_UNCHANGED)
-    mask = cv2.imread(str(segment_path / "mask.png"), cv2.IMREAD_UNCHANGED) > 0
+    mask = cv2.imread(str(labelled_segment_path / "mask.png"), cv2.IMREAD_UNCHANGED) > 0
     assert prediction.shape == SHAPE[1:] and (prediction[mask] > 0).all()  # both processes' tiles were summed
 
 
-def test_iterative_runs_record_one_round_per_label_file(segment_path, tmp_path):
-    arguments = ["--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path), "--exp_name", "letters",
+def test_iterative_runs_record_one_round_per_label_file(labelled_segment_path, tmp_path):
+    arguments = ["--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(tmp_path), "--exp_name", "letters",
                  "--scheme", "iterative"]
     first = run_train([*arguments, "--inklabel_path", "two_letters.png"])
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_train([*arguments, "--inklabel_path", str(segment_path / "three_letters.png")])
+    second = run_train([*arguments, "--inklabel_path", str(labelled_segment_path / "three_letters.png")])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "round 2 starts" in second.stdout
     for round_number, label_file in ((1, "two_letters.png"), (2, "three_letters.png")):
         folder = tmp_path / "letters" / f"round_{round_number:02d}"
         used = cv2.imread(str(folder / "inklabels.png"), cv2.IMREAD_UNCHANGED)
-        assert np.array_equal(used, cv2.imread(str(segment_path / label_file), cv2.IMREAD_UNCHANGED))
+        assert np.array_equal(used, cv2.imread(str(labelled_segment_path / label_file), cv2.IMREAD_UNCHANGED))
         assert cv2.imread(str(folder / "prediction.png"), cv2.IMREAD_UNCHANGED).shape == SHAPE[1:]
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["round"] == round_number and label_file in metrics["labels"]
         # Scored against the segment's full labels where training saw none (the letters nobody labelled), and
         # against the labels trained on where training saw them: recomputed here from the written PNG.
-        segment = open_segment(segment_path)
+        segment = open_segment(labelled_segment_path)
         labelled = dataclasses.replace(segment, inklabels=(used > 0).astype(np.uint8))
         seen_yx = data.tiles_region(data.training_origins(labelled, 32, 32, None, 0.01), 32, SHAPE[1:]) & segment.mask
         prediction = cv2.imread(str(folder / "prediction.png"), cv2.IMREAD_UNCHANGED)
@@ -168,8 +141,8 @@ def test_iterative_runs_record_one_round_per_label_file(segment_path, tmp_path):
         assert abs(metrics["labelled_tiles_f05"] - scored_from_png(prediction, used > 0, seen_yx).f05) < 0.02
 
 
-def in_process_arguments(segment_path, tmp_path, *extra) -> list[str]:
-    return [*TINY, "--CPU_THREADS", "0", "--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path / "runs"),
+def in_process_arguments(labelled_segment_path, tmp_path, *extra) -> list[str]:
+    return [*TINY, "--CPU_THREADS", "0", "--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(tmp_path / "runs"),
             "--save_path", str(tmp_path / "prediction.png"), *extra]
 
 
@@ -187,7 +160,7 @@ def in_process_arguments(segment_path, tmp_path, *extra) -> list[str]:
     (["--TILE_SIZE", "48"], ConfigError, "TILE_SIZE 48 .* multiples"),
 ], ids=["wrong-size-labels", "empty-iterative-labels", "missing-pretrained", "other-architecture",
         "contradicts-the-encoder", "non-numeric", "unknown-setting", "unknown-scheme", "tile-size"])
-def test_user_errors_name_the_problem_and_overwrite_nothing(segment_path, tmp_path, extra, error, message):
+def test_user_errors_name_the_problem_and_overwrite_nothing(labelled_segment_path, tmp_path, extra, error, message):
     if "NARROW" in extra:  # a bare state dict from elsewhere: the architecture is recognised from its shapes
         torch.save(build_encoder("resnet50_3d_narrow").state_dict(), tmp_path / "narrow.pth")
         extra = [str(tmp_path / "narrow.pth") if item == "NARROW" else item for item in extra]
@@ -197,13 +170,13 @@ def test_user_errors_name_the_problem_and_overwrite_nothing(segment_path, tmp_pa
         extra = [str(tmp_path / "depth16.pth") if item == "DEPTH16" else item for item in extra]
     (tmp_path / "prediction.png").write_bytes(b"an earlier prediction")
     with pytest.raises(error, match=message):
-        train.main(in_process_arguments(segment_path, tmp_path, *extra))
+        train.main(in_process_arguments(labelled_segment_path, tmp_path, *extra))
     assert not (tmp_path / "runs").exists()
     assert (tmp_path / "prediction.png").read_bytes() == b"an earlier prediction"
 
 
-def test_an_error_is_one_line_on_stderr_with_exit_status_2(segment_path, tmp_path):
-    result = run_train(["--segment_id", str(segment_path), "--OUTPUT_DIR", str(tmp_path), "--inklabel_path",
+def test_an_error_is_one_line_on_stderr_with_exit_status_2(labelled_segment_path, tmp_path):
+    result = run_train(["--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(tmp_path), "--inklabel_path",
                         "wrong_size.png"], timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: inklabel_path "), result.stderr

@@ -4,12 +4,12 @@ import subprocess
 import sys
 
 from tests.conftest import REPO_ROOT
-from tests.test_finetune_train import TINY, segment_path  # noqa: F401 - the tiny labelled segment fixture
+from tests.conftest import FINETUNE_TINY as TINY
 
 
-def test_report_runs_all_steps_and_writes_markdown_with_figures(segment_path, tmp_path):  # noqa: F811
+def test_report_runs_all_steps_and_writes_markdown_with_figures(labelled_segment_path, tmp_path):
     finetune_settings = [argument for argument in TINY if argument not in ("--MODEL", "resnet18_3d_tiny")]
-    command = [sys.executable, str(REPO_ROOT / "evaluate" / "report.py"), "--segment", str(segment_path),
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "report.py"), "--segment", str(labelled_segment_path),
                "--model", "resnet18_3d_tiny", "--spark_epochs", "2", "--vicreg_epochs", "1", "--vicreg_bs", "4",
                "--cka_every", "1", "--variant_epochs", "1",
                "--variants", "mask0.3=--mask 0.3", "zscore=--normalization zscore :: --NORMALIZATION zscore",
