@@ -30,14 +30,14 @@ sys.path.insert(0, str(REPO_ROOT))
 
 PROBE = r"""
 import json, resource, sys, time
-from pretrain.data.patches import RandomPatchDataset
+from pretrain.data.patches import InputSettings, RandomPatchDataset
 from pretrain.data.segment import open_segment
 path, depth, tile, samples, lru_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 segment = open_segment(path, lru_bytes=lru_mb * 2**20)
-dataset = RandomPatchDataset([segment], depth=depth, tile_size=tile, samples_per_epoch=samples, seed=0)
+dataset = RandomPatchDataset([segment], InputSettings(depth=depth, tile_size=tile), samples_per_epoch=samples, seed=0)
 started = time.perf_counter()
 for index in range(samples):
-    dataset[index]
+    dataset[0, index]
 seconds = time.perf_counter() - started
 print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "patches_per_second": samples / seconds, "decoded_chunks": segment.volume.decoded_chunks}))
