@@ -30,7 +30,7 @@ import pretrain.torchvision_compat  # noqa: F401,E402
 import timm.optim  # noqa: E402
 import torch  # noqa: E402
 
-from pretrain.data.patches import RandomPatchDataset  # noqa: E402
+from pretrain.data.patches import EpochSampler, InputSettings, RandomPatchDataset  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from pretrain.decoder import LightDecoder3d  # noqa: E402
 from pretrain.encoder import SparseEncoder  # noqa: E402
@@ -140,9 +140,10 @@ def main() -> None:
     matmul_flops_per_second = measured_matmul_flops_per_second(device)
 
     segment = open_segment(args.data_path)
-    dataset = RandomPatchDataset([segment], depth=args.depth, tile_size=args.input_size,
-                                 samples_per_epoch=args.bs * args.pipeline_steps, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.bs, num_workers=args.num_workers, drop_last=True)
+    settings = InputSettings(model=args.model, depth=args.depth, tile_size=args.input_size)
+    dataset = RandomPatchDataset([segment], settings, samples_per_epoch=args.bs * args.pipeline_steps, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.bs, sampler=EpochSampler(len(dataset)),
+                                         num_workers=args.num_workers, drop_last=True)
     wait_seconds, started, steps = 0.0, None, 0
     tick = time.perf_counter()
     for index, inp in enumerate(loader):
