@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from evaluate.ink_map import FINE_THRESHOLDS, scale_to_unit  # noqa: E402
 from finetune.metrics import ink_metrics  # noqa: E402
 from pretrain.data.demo import build_demo_segment  # noqa: E402
-from pretrain.data.patches import GridTileDataset, RandomPatchDataset  # noqa: E402
+from pretrain.data.patches import GridTileDataset, InputSettings, RandomPatchDataset  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from pretrain.spark import cell_statistics, local_contrast, split_into_cells  # noqa: E402
 
@@ -41,12 +41,12 @@ PAPYRUS_CELL_STD = 4.0 / 255  # cells flatter than this are outside the mask (bl
 
 
 def ink_shares(inked_segment, plain_segment, follow_surface: bool, samples: int, seed: int) -> dict:
-    crops = {name: RandomPatchDataset([segment], depth=16, tile_size=96, samples_per_epoch=samples, seed=seed,
-                                      follow_surface=follow_surface)
+    settings = InputSettings(depth=16, tile_size=96, follow_surface=follow_surface)
+    crops = {name: RandomPatchDataset([segment], settings, samples_per_epoch=samples, seed=seed)
              for name, segment in (("inked", inked_segment), ("plain", plain_segment))}
     totals = {target: {"all": [], "ink": []} for target in ("pixels", "texture")}
     for index in range(samples):
-        inked_bcdhw, plain_bcdhw = crops["inked"][index][None], crops["plain"][index][None]  # (1, 1, 16, 96, 96)
+        inked_bcdhw, plain_bcdhw = crops["inked"][0, index][None], crops["plain"][0, index][None]  # (1, 1, 16, 96, 96)
         voxel_cells = split_into_cells(inked_bcdhw, CELL_SIZE)[0]  # (L, N)
         papyrus = voxel_cells.std(dim=-1) > PAPYRUS_CELL_STD  # (L,)
         holds_ink = (split_into_cells(inked_bcdhw - plain_bcdhw, CELL_SIZE)[0].abs().amax(dim=-1)
@@ -67,8 +67,8 @@ def ink_shares(inked_segment, plain_segment, follow_surface: bool, samples: int,
 def surface_contrast_map(segment, depth: int = 16, tile_size: int = 64, smoothing_px: float = 3.0) -> dict:
     """F0.5 and AUC over the mask of the hand-made map: mean local contrast of the two layers under the
     surface (input layers depth // 2 and depth // 2 + 1 of the surface-following window), smoothed."""
-    tiles = GridTileDataset(segment, depth=depth, tile_size=tile_size, stride=tile_size, min_mask_fraction=1e-6,
-                            follow_surface=True)
+    tiles = GridTileDataset(segment, InputSettings(depth=depth, tile_size=tile_size, follow_surface=True),
+                            stride=tile_size, min_mask_fraction=1e-6)
     contrast_yx = np.zeros(segment.shape[1:], np.float32)
     for index in range(len(tiles)):
         item = tiles[index]
