@@ -42,24 +42,27 @@ import pretrain.torchvision_compat
 import numpy as np, torch
 from finetune import inference
 from finetune.model import build_ink_unet
+from pretrain import dist
 segment_path, output_path, model_name, depth, tile, stride, batch_size, threads = sys.argv[1:9]
 depth, tile, stride, batch_size = int(depth), int(tile), int(stride), int(batch_size)
 torch.set_num_threads(int(threads))
 torch.manual_seed(0)
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+device = dist.initialize()
 model = build_ink_unet(model_name).eval().to(device)
 """
 
 STREAMED = COMMON + r"""
 import zarr
+from pretrain.data.patches import InputSettings
 from pretrain.data.segment import open_segment
+settings = InputSettings(model=model_name, depth=depth, tile_size=tile)
 segment = open_segment(segment_path, lru_bytes=int(sys.argv[9]) * 2**20)
 print("ready", flush=True)  # the benchmark takes the baseline memory now
 output = zarr.create_array(output_path, shape=segment.mask.shape, chunks=(tile, 4096), dtype="float32", fill_value=0)
 tiles = len(inference.covering_origins(segment.mask, tile, stride))
 started = time.perf_counter()
-inference.predict_segment(model, segment, segment.mask, depth, 0, tile, stride, "range", batch_size,
-                          device, num_workers=int(sys.argv[10]), output_yx=output)
+inference.predict_segment(model, segment, segment.mask, settings, stride, batch_size, device,
+                          num_workers=int(sys.argv[10]), output_yx=output)
 seconds = time.perf_counter() - started
 print(json.dumps({"tiles": tiles, "seconds": seconds, "tiles_per_second": tiles / seconds}))
 """
@@ -81,7 +84,7 @@ with torch.no_grad():
         batch = origins[first:first + batch_size]
         tiles_b1dtt = torch.from_numpy(np.stack([normalize_patch(volume_dyx[:, y:y + tile, x:x + tile], "range")
                                                   for y, x in batch]))[:, None].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as predict_segment
+        with dist.autocast(device):  # as predict_segment
             probabilities_btt = torch.sigmoid(model(tiles_b1dtt).float())[:, 0].cpu().numpy()
         for (y, x), probabilities_tt in zip(batch, probabilities_btt):
             weighted_sum_yx[y:y + tile, x:x + tile] += weights_tt * probabilities_tt
