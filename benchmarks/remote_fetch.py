@@ -38,9 +38,10 @@ sys.path.insert(0, str(CODE_ROOT))
 
 import numpy as np  # noqa: E402
 
-from pretrain.data.patches import RandomPatchDataset  # noqa: E402
+from pretrain.data.patches import InputSettings, RandomPatchDataset  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
-from tests.conftest import SERVER_SEGMENTS, rectangle_mask, write_png, write_server_segment  # noqa: E402
+from tests.conftest import (SERVER_SEGMENTS, rectangle_mask, server_folder, write_png,  # noqa: E402
+                            write_server_segment)
 from tests.loopback_server import LoopbackServer  # noqa: E402
 
 SEGMENT_ID = "20230827161847"
@@ -56,7 +57,9 @@ def build_mirror(root: pathlib.Path, side: int, chunks: tuple[int, int, int]) ->
     rng = np.random.default_rng(0)
     for y in range(0, side, chunks[1]):
         array[:, y : y + chunks[1], :] = rng.integers(0, 255, (65, min(chunks[1], side - y), side), dtype=np.uint8)
-    write_png(zarr_path / f"{SEGMENT_ID}_mask.png", rectangle_mask((side, side), margin=side // 16))
+    # Where the server keeps a segment's mask: its volume package (a mask inside the zarr is not looked for).
+    write_png(server_folder(root, SEGMENT_ID) / f"{SEGMENT_ID}_mask.png",
+              rectangle_mask((side, side), margin=side // 16))
     return zarr_path
 
 
@@ -64,7 +67,7 @@ def needed_chunk_keys(dataset: RandomPatchDataset, samples: int, chunks: tuple[i
     layers = dataset.windows[0].layers
     keys = set()
     for index in range(samples):
-        _, y, x = dataset.sample_position(index)
+        _, y, x = dataset.sample_position(0, index)
         ranges = [range(start // size, (stop - 1) // size + 1) for start, stop, size in
                   ((layers.start, layers.stop, chunks[0]), (y, y + dataset.tile_size, chunks[1]),
                    (x, x + dataset.tile_size, chunks[2]))]
@@ -75,10 +78,11 @@ def needed_chunk_keys(dataset: RandomPatchDataset, samples: int, chunks: tuple[i
 def sample(server_url: str, cache: pathlib.Path, args) -> tuple[RandomPatchDataset, float]:
     segment = open_segment(SEGMENT_ID, cache_dir=cache, data_url=server_url, http_concurrency=args.concurrency,
                            lru_bytes=args.lru_mb * 2**20)
-    dataset = RandomPatchDataset([segment], depth=args.depth, tile_size=args.tile, samples_per_epoch=args.samples, seed=0)
+    dataset = RandomPatchDataset([segment], InputSettings(depth=args.depth, tile_size=args.tile),
+                                 samples_per_epoch=args.samples, seed=0)
     started = time.perf_counter()
     for index in range(args.samples):
-        dataset[index]
+        dataset[0, index]
     return dataset, time.perf_counter() - started
 
 
@@ -160,7 +164,8 @@ def main() -> None:
             _, warm_seconds = sample(server.url, folder / "cache", args)
             warm = {"chunk_requests": server.chunk_requests(), "bytes": server.bytes_sent}
     result = {
-        "settings": vars(args), "unique_chunks_needed": len(keys), "unique_chunk_bytes": needed_bytes,
+        "settings": {**vars(args), "code": str(args.code)}, "unique_chunks_needed": len(keys),
+        "unique_chunk_bytes": needed_bytes,
         "cold": cold, "cold_chunk_bytes": chunk_bytes_sent, "overfetch": chunk_bytes_sent / needed_bytes,
         "warm": warm, "cold_seconds": cold_seconds, "warm_seconds": warm_seconds,
     }
