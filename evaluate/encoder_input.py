@@ -15,6 +15,7 @@ from pretrain.data.patches import NORMALIZATIONS, InputSettings
 from pretrain.data.remote import RemoteReadError
 from pretrain.data.segment import SegmentError
 from pretrain.models import ENCODER_NAMES, build_encoder
+from pretrain.utils.misc import show_warnings_as_lines
 
 # Without a checkpoint that records them (a random encoder, a bare state dict, Kinetics weights).
 DEFAULTS = InputSettings(model="resnet50_3d", depth=16, depth_offset=0, follow_surface=False, normalization="range",
@@ -96,6 +97,7 @@ def device() -> torch.device:
 
 def exit_on_user_error(main) -> None:
     """Run `main()` and exit with its status; a user's mistake is one `error:` line and exit status 2."""
+    show_warnings_as_lines()
     try:
         sys.exit(main())
     except (EvaluationError, SegmentError, RemoteReadError, checkpoint.CheckpointError) as error:

@@ -19,8 +19,8 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
   everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs epochs (LP-FT). Every run reads
   tiles as the checkpoints record (they must agree; scratch follows them), or as the input options say. Everything
   after `--` goes to every run.
-Writes to --output: `label_efficiency.md` and `.csv` (mean and min–max over seeds of F0.5 and AUC, per encoder, mode
-and k, and training time), `label_efficiency.png` (F0.5 against the number of labelled glyphs, the seed spread
+Writes to --output: `label_efficiency.md`, `.csv` and `.json` (mean and min–max over seeds of F0.5 and AUC, per
+encoder, mode and k, training time, and the verdict), `label_efficiency.png` (F0.5 against the number of labelled glyphs, the seed spread
 shaded), `runs.csv` (every run), and per run `runs/<name>/` with its label image, prediction.png and result.json.
 A rerun reuses every finished run.
 """
@@ -295,6 +295,8 @@ def main() -> int:
     write_csv(args.output / "runs.csv", results)
     write_csv(args.output / "label_efficiency.csv", rows)
     write_bytes_atomic(args.output / "label_efficiency.md", markdown(rows, description).encode())
+    write_bytes_atomic(args.output / "label_efficiency.json", json.dumps(
+        {"description": description, "summary": rows, "verdict": verdict(rows)}, indent=1).encode())
     plot(rows, args.output / "label_efficiency.png", f"{segment.name}: {settings.describe()}")
     print(markdown(rows, description))
     print(f"written to {args.output}")

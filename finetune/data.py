@@ -20,6 +20,10 @@ import torch
 from pretrain.data.patches import GridTileDataset, InputSettings, depth_window, tile_origins
 from pretrain.data.segment import Segment, SegmentError, read_label_image
 
+# Training labels are (Y, X) uint8: 1 ink, 0 not ink, UNKNOWN neither (no loss, no metric). Without a negatives
+# image every pixel that is not ink is "not ink", as label sets have always been read; with one, only painted
+# pixels are known.
+UNKNOWN = 2
 MAX_Z_SHIFT = 2  # layers; the surface of a real segment is flattened to within a layer or two
 MAX_DROPPED_LAYERS = 2  # slice dropout, as the Kaggle 4th place and the Grand Prize winner
 
@@ -41,6 +45,30 @@ def resolve_label_path(path: str, segment: Segment, setting: str) -> pathlib.Pat
             return candidate
     looked = f" (nor in {', '.join(str(candidate.parent) for candidate in candidates)})" if candidates else ""
     raise SegmentError(f"{setting} {path} does not exist{looked}")
+
+
+def training_labels(inklabels_yx: np.ndarray, negatives_yx: np.ndarray | None) -> np.ndarray:
+    """(Y, X) uint8 training labels from ink labels and, if there are any, negatives (see UNKNOWN)."""
+    if negatives_yx is None:
+        return (inklabels_yx > 0).astype(np.uint8)
+    labels_yx = np.full(inklabels_yx.shape, UNKNOWN, np.uint8)
+    labels_yx[negatives_yx > 0] = 0
+    labels_yx[inklabels_yx > 0] = 1
+    return labels_yx
+
+
+def pseudo_labels(probabilities_yx: np.ndarray, region_yx: np.ndarray, human_ink_yx: np.ndarray,
+                  human_negatives_yx: np.ndarray | None, ink_threshold: float, not_ink_threshold: float) -> np.ndarray:
+    """(Y, X) uint8 training labels for a self-training round: in the region, ink where the prediction is at least
+    `ink_threshold`, not ink where it is at most `not_ink_threshold`, unknown in between and outside; the human
+    labels (ink, and painted negatives if any) win over the prediction wherever they say something."""
+    labels_yx = np.full(probabilities_yx.shape, UNKNOWN, np.uint8)
+    labels_yx[region_yx & (probabilities_yx <= not_ink_threshold)] = 0
+    labels_yx[region_yx & (probabilities_yx >= ink_threshold)] = 1
+    if human_negatives_yx is not None:
+        labels_yx[human_negatives_yx > 0] = 0
+    labels_yx[human_ink_yx > 0] = 1
+    return labels_yx
 
 
 def read_label_file(path: pathlib.Path, segment: Segment, setting: str) -> np.ndarray:
@@ -73,7 +101,7 @@ def choose_validation_box(mask_yx: np.ndarray, labels_yx: np.ndarray, tile_size:
     height, width = mask_yx.shape
     across_x = width >= height  # a band of columns cuts a wide segment into two parts, not two slivers
     papyrus = (mask_yx if across_x else mask_yx.T).astype(bool)
-    ink = papyrus & (labels_yx if across_x else labels_yx.T).astype(bool)
+    ink = papyrus & ((labels_yx if across_x else labels_yx.T) == 1)
     extent = papyrus.shape[1]
     band = max(tile_size, int(round(fraction * extent / tile_size)) * tile_size)
     papyrus_before = np.concatenate([[0], np.cumsum(papyrus.sum(axis=0))])  # (extent + 1,) pixels left of each column
@@ -135,10 +163,12 @@ def tile_dataset(segment: Segment, origins: np.ndarray, settings: InputSettings,
 
 
 def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Box | None,
-                     min_ink_fraction: float) -> np.ndarray:
-    """Training tiles: mostly papyrus, holding labelled ink if asked, touching no held-out pixel."""
+                     min_labelled_fraction: float, labelled_yx: np.ndarray | None = None) -> np.ndarray:
+    """Training tiles: mostly papyrus, touching no held-out pixel, and with `min_labelled_fraction` > 0 holding at
+    least that fraction of `labelled_yx` (the pixels whose labels choose tiles: ink, or whatever was painted)."""
     region = None if held_out is None else ~held_out.region_yx(segment.shape[1:])
-    origins = tile_origins(segment, tile_size, stride, min_mask_fraction=0.5, min_ink_fraction=min_ink_fraction,
+    chooser = segment if labelled_yx is None else dataclasses.replace(segment, inklabels=labelled_yx)
+    origins = tile_origins(chooser, tile_size, stride, min_mask_fraction=0.5, min_ink_fraction=min_labelled_fraction,
                            region_yx=region)
     if held_out is not None:
         origins = drop_tiles_touching(origins, tile_size, held_out)

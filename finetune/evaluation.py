@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pretrain import dist
-from finetune.data import Box, tiles_region
+from finetune.data import UNKNOWN, Box, tiles_region
 from finetune.metrics import ink_metrics
 
 
@@ -36,8 +36,9 @@ def validate(model, loader, loss_function, device: torch.device, labels_yx: np.n
             columns = slice(x - box.x0, x - box.x0 + probabilities_tt.shape[1])
             band_probabilities_hw[rows, columns] = probabilities_tt
             covered_hw[rows, columns] = True
-    scored_hw = covered_hw & mask_yx[box.y0:box.y1, box.x0:box.x1]
-    pixel_metrics = ink_metrics(band_probabilities_hw[scored_hw], labels_yx[box.y0:box.y1, box.x0:box.x1][scored_hw])
+    band_labels_hw = labels_yx[box.y0:box.y1, box.x0:box.x1]
+    scored_hw = covered_hw & mask_yx[box.y0:box.y1, box.x0:box.x1] & (band_labels_hw != UNKNOWN)
+    pixel_metrics = ink_metrics(band_probabilities_hw[scored_hw], band_labels_hw[scored_hw] == 1)
     loss = sum(item[0] for item in gathered) / max(1, sum(item[1] for item in gathered))
     return {"loss": loss, **pixel_metrics.as_dict()}, band_probabilities_hw
 
@@ -45,13 +46,15 @@ def validate(model, loader, loss_function, device: torch.device, labels_yx: np.n
 def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, region_yx: np.ndarray,
                        held_out: Box | None, train_origins: np.ndarray, tile_size: int,
                        full_labels_yx: np.ndarray | None) -> dict:
-    """Metrics of a whole-segment prediction, prefixed by where they were measured (see the module doc).
-    `full_labels_yx`: the segment's own labels when training used others (None otherwise)."""
+    """Metrics of a whole-segment prediction, prefixed by where they were measured (see the module doc); pixels
+    whose label is UNKNOWN are not scored. `full_labels_yx`: the segment's own labels when training used others
+    (None otherwise). `train_origins`: the tiles the human labels chose (so self-training rounds stay comparable)."""
+    known_yx = labels_yx != UNKNOWN
     if held_out is not None:
-        band_yx = held_out.region_yx(labels_yx.shape) & region_yx
-        return ink_metrics(probabilities_yx[band_yx], labels_yx[band_yx]).as_dict("validation_")
+        band_yx = held_out.region_yx(labels_yx.shape) & region_yx & known_yx
+        return ink_metrics(probabilities_yx[band_yx], labels_yx[band_yx] == 1).as_dict("validation_")
     seen_yx = tiles_region(train_origins, tile_size, labels_yx.shape) & region_yx
-    report = ink_metrics(probabilities_yx[seen_yx], labels_yx[seen_yx]).as_dict("labelled_tiles_")
+    report = ink_metrics(probabilities_yx[seen_yx & known_yx], labels_yx[seen_yx & known_yx] == 1).as_dict("labelled_tiles_")
     if full_labels_yx is not None:
         unseen_yx = region_yx & ~seen_yx
         report.update(ink_metrics(probabilities_yx[unseen_yx], full_labels_yx[unseen_yx]).as_dict("unlabelled_area_"))

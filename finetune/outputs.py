@@ -14,14 +14,14 @@ import cv2
 import numpy as np
 import torch
 
-from finetune.data import Box
+from finetune.data import UNKNOWN, Box
 from pretrain.utils import misc
 
 PREVIEW_SIDE = 1024  # longest side of TensorBoard images
 VALIDATION_BOX_BGR = (0, 0, 255)
 CAPTION_BGR = (255, 255, 255)
 CAPTION_FONT = cv2.FONT_HERSHEY_SIMPLEX
-LABELS_TITLE = "labels (ink white, papyrus grey)"
+LABELS_TITLE = "labels (ink white, not ink grey, unknown dark)"
 PREDICTION_TITLE = "prediction (ink probability)"
 HELD_OUT_NOTE = "red box: held-out validation band"
 
@@ -73,9 +73,9 @@ def caption_strip(panel_width: int, gap: int, held_out: bool) -> np.ndarray:
 
 def labels_vs_prediction(labels_yx: np.ndarray, probabilities_yx: np.ndarray, mask_yx: np.ndarray,
                          held_out: Box | None = None) -> np.ndarray:
-    """(caption + Y, 2X + gap, 3) uint8 BGR: labels (ink white, papyrus grey) | prediction, with the
-    validation band outlined in red on both, under a caption that says so (`caption_strip`)."""
-    labels_grey = np.where(labels_yx > 0, 255, np.where(mask_yx, 60, 0)).astype(np.uint8)
+    """(caption + Y, 2X + gap, 3) uint8 BGR: labels (ink white, not-ink papyrus grey, unknown papyrus dark) |
+    prediction, with the validation band outlined in red on both, under a caption that says so (`caption_strip`)."""
+    labels_grey = np.select([labels_yx == 1, ~mask_yx, labels_yx == UNKNOWN], [255, 0, 25], 60).astype(np.uint8)
     gap = max(4, labels_yx.shape[1] // 100)
     panels = []
     for grey_yx in (labels_grey, probability_image(probabilities_yx)):
@@ -102,12 +102,30 @@ def preview_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
 
 
-def record_round(experiment_dir: pathlib.Path, round_number: int, labels_yx: np.ndarray, label_source: str,
-                 prediction_png: np.ndarray, metrics: dict) -> pathlib.Path:
-    """round_NN/: inklabels.png (the labels trained on), prediction.png, metrics.json."""
+def label_colours(labels_yx: np.ndarray, mask_yx: np.ndarray) -> np.ndarray:
+    """(Y, X, 3) uint8 BGR of training labels a person can read: ink white, not ink blue, unknown grey, black
+    outside the papyrus."""
+    colours_bgr = np.array([[170, 80, 20], [255, 255, 255], [120, 120, 120]], np.uint8)  # not ink, ink, unknown
+    image = colours_bgr[labels_yx]
+    image[~mask_yx] = 0
+    return image
+
+
+def write_round_labels(folder: pathlib.Path, labels_yx: np.ndarray, mask_yx: np.ndarray) -> None:
+    """The labels a round trains on, as files that can be repainted and given back: inklabels.png (ink) and, when
+    some pixels are unknown, negatives.png (not ink) and labels_colour.png (all three, for reading)."""
+    write_png_atomic(folder / "inklabels.png", (labels_yx == 1).astype(np.uint8) * 255)
+    if (labels_yx == UNKNOWN).any():
+        write_png_atomic(folder / "negatives.png", (labels_yx == 0).astype(np.uint8) * 255)
+        write_png_atomic(folder / "labels_colour.png", label_colours(labels_yx, mask_yx))
+
+
+def record_round(experiment_dir: pathlib.Path, round_number: int, labels_yx: np.ndarray, mask_yx: np.ndarray,
+                 label_source: str, prediction_png: np.ndarray, metrics: dict) -> pathlib.Path:
+    """round_NN/: the labels trained on (write_round_labels), prediction.png, metrics.json."""
     folder = experiment_dir / f"round_{round_number:02d}"
     folder.mkdir(parents=True, exist_ok=True)
-    write_png_atomic(folder / "inklabels.png", (labels_yx > 0).astype(np.uint8) * 255)
+    write_round_labels(folder, labels_yx, mask_yx)
     write_png_atomic(folder / "prediction.png", prediction_png)
     misc.write_bytes_atomic(folder / "metrics.json",
                             json.dumps({"round": round_number, "labels": label_source, **metrics}, indent=1).encode())

@@ -17,6 +17,7 @@ inklabel_path. Each label file makes one round_NN/ (labels, prediction, metrics)
 round, trained afresh.
 """
 import dataclasses
+import functools
 import hashlib
 import math
 import pathlib
@@ -27,17 +28,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 
 import pretrain.torchvision_compat  # noqa: F401,E402 - must precede segmentation_models_pytorch and timm
 import numpy as np  # noqa: E402
-import segmentation_models_pytorch.losses  # noqa: E402
 import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 from finetune import data, evaluation, inference, outputs  # noqa: E402
+from finetune.loss import ink_loss  # noqa: E402
 from finetune.config import ConfigError, apply_overrides, settings_in  # noqa: E402
 from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import NORMALIZATIONS, InputSettings  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
-from pretrain.data.segment import Segment, SegmentError, open_segment  # noqa: E402
+from pretrain.data.segment import Segment, SegmentError, check_negatives, open_segment  # noqa: E402
 from pretrain.models import ENCODER_NAMES  # noqa: E402
 from pretrain.utils import misc, schedule  # noqa: E402
 
@@ -48,6 +49,10 @@ OUTPUT_DIR = "experiments"  # where experiment folders go
 segment_id = "demo"  # any open_segment spec: a segment ID, a zarr or layer folder, "demo[:seed]"
 scheme = "validation"  # "validation": hold out a band and measure; "iterative": train on all labels, predict
 inklabel_path = None  # ink label PNG (a bare name is looked up in the segment's folder); None: the segment's own
+# PNG of pixels painted as not ink. With one, only painted pixels (ink or not ink) train and score; the rest is
+# unknown instead of background. None: with the segment's own ink labels, its own negatives (`{id}_negatives.png` or
+# `negatives.png` beside them) if it has any; with inklabel_path, none.
+negatives_path = None
 mask_path = None  # PNG of where to predict (within the segment's mask); None: the whole segment mask
 save_path = None  # the uint8 prediction PNG to open in an image editor; None: OUTPUT_DIR/exp_name/prediction.png
 pretrained_path = None  # encoder weights: <model>_timm_style.pth, any pretraining, fine-tuning or Kinetics checkpoint; None: random
@@ -66,7 +71,7 @@ OUTPUT_STRIDE = 4  # 4: decode to 1/4 resolution and upsample the logits (cheape
 # data
 STRIDE = 32  # training tile stride
 VALIDATION_FRACTION = 0.2  # width of the held-out band, as a fraction of the segment's longer side
-MIN_INK_FRACTION = 0.05  # "iterative": a training tile must hold this much labelled ink
+MIN_INK_FRACTION = 0.05  # "iterative": a training tile must hold this much labelled ink (with negatives: painted pixels)
 # An epoch repeats the (augmented) training tiles until it holds at least this many: a few labelled letters
 # make only a few dozen tiles.
 MIN_TILES_PER_EPOCH = 512
@@ -75,6 +80,11 @@ MIN_TILES_PER_EPOCH = 512
 # without. Off by default: with the demo's full labels every augmentation tried delayed learning past the
 # 20-minute CPU budget (notes/finetune.md).
 data_augmentation = False
+# self-training (scheme "iterative"): after training on the labels, predict the region and train afresh on the
+# labels plus pseudo-labels, this many times. Each round is recorded in its own round_NN/ (see README).
+SELF_TRAINING_ROUNDS = 0
+PSEUDO_INK_THRESHOLD = 0.8  # a prediction at least this high becomes an ink pseudo-label
+PSEUDO_NOT_INK_THRESHOLD = 0.2  # at most this low: a not-ink pseudo-label; in between: unknown
 # optimisation
 NUM_EPOCHS = 20  # passes over the training tiles
 STOP_AFTER_EPOCHS = 0  # stop cleanly once this many epochs are done (the schedule still spans NUM_EPOCHS); run again to continue
@@ -115,6 +125,7 @@ class RunState:
     round: int = 0  # iterative labeling round (0 in scheme "validation")
     labels_digest: str = ""
     training_seconds: float = 0.0
+    self_training_round: int = 0  # 0: trained on the human labels; n: on the pseudo-labels of round n − 1's prediction
 
 
 def encoder_and_input(config) -> tuple[checkpoint.EncoderWeights | None, InputSettings]:
@@ -138,27 +149,56 @@ def check_settings(config, settings: InputSettings) -> None:
             problems.append(f"{name} must be at least 1")
     if not 0 < config.VALIDATION_FRACTION < 1:
         problems.append(f"VALIDATION_FRACTION {config.VALIDATION_FRACTION} is not between 0 and 1")
+    if config.SELF_TRAINING_ROUNDS and config.scheme != "iterative":
+        problems.append("SELF_TRAINING_ROUNDS needs scheme 'iterative': pseudo-labels would cover the held-out band")
+    if not 0 <= config.PSEUDO_NOT_INK_THRESHOLD < config.PSEUDO_INK_THRESHOLD <= 1:
+        problems.append(f"need 0 ≤ PSEUDO_NOT_INK_THRESHOLD < PSEUDO_INK_THRESHOLD ≤ 1 (got "
+                        f"{config.PSEUDO_NOT_INK_THRESHOLD}, {config.PSEUDO_INK_THRESHOLD})")
     if config.BATCH_SIZE % dist.world_size():
         problems.append(f"BATCH_SIZE {config.BATCH_SIZE} is not divisible by the {dist.world_size()} processes")
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def load_labels(config, segment: Segment) -> tuple[np.ndarray, str, np.ndarray]:
-    """(Y, X) uint8 labels to train on, where they came from, and the (Y, X) bool region to predict."""
+@dataclasses.dataclass
+class Labels:
+    """The human labels of a run: what trains, where they came from, and where to predict."""
+
+    training_yx: np.ndarray  # (Y, X) uint8: 1 ink, 0 not ink, data.UNKNOWN (only with negatives)
+    negatives_yx: np.ndarray | None  # (Y, X) uint8, pixels painted as not ink, or None
+    source: str
+    region_yx: np.ndarray  # (Y, X) bool
+
+    def digest(self) -> str:
+        """Identifies the labels: other labels start the next iterative round."""
+        ink = np.packbits(self.training_yx == 1).tobytes()
+        known = np.packbits(self.training_yx != data.UNKNOWN).tobytes() if self.negatives_yx is not None else b""
+        return hashlib.sha256(ink + known).hexdigest()
+
+
+def load_labels(config, segment: Segment) -> Labels:
+    """The labels to train on, from inklabel_path / negatives_path or the segment's own, and the region to predict."""
     region_yx = segment.mask
     if config.mask_path is not None:
         mask_file = data.resolve_label_path(config.mask_path, segment, "mask_path")
         region_yx = segment.mask & data.read_label_file(mask_file, segment, "mask_path").astype(bool)
+    negatives_yx, negatives_source = None, ""
     if config.inklabel_path is None:
         if segment.inklabels is None:
             raise SegmentError(f"segment {segment.name} has no ink labels of its own; set inklabel_path")
-        return segment.inklabels, f"{segment.name}'s own ink labels (with the segment, {segment.location})", region_yx
-    path = data.resolve_label_path(config.inklabel_path, segment, "inklabel_path")
-    labels_yx = data.read_label_file(path, segment, "inklabel_path")
-    if config.scheme == "iterative" and not labels_yx.any():
-        raise SegmentError(f"inklabel_path {path} holds no ink: scheme 'iterative' needs at least one labelled letter")
-    return labels_yx, str(path), region_yx
+        ink_yx, source = segment.inklabels, f"{segment.name}'s own ink labels (with the segment, {segment.location})"
+        if segment.negatives is not None:
+            negatives_yx, negatives_source = segment.negatives, " and its own negatives"
+    else:
+        path = data.resolve_label_path(config.inklabel_path, segment, "inklabel_path")
+        ink_yx, source = data.read_label_file(path, segment, "inklabel_path"), str(path)
+        if config.scheme == "iterative" and not ink_yx.any():
+            raise SegmentError(f"inklabel_path {path} holds no ink: scheme 'iterative' needs at least one labelled letter")
+    if config.negatives_path is not None:
+        path = data.resolve_label_path(config.negatives_path, segment, "negatives_path")
+        negatives_yx, negatives_source = data.read_label_file(path, segment, "negatives_path"), f" and negatives {path}"
+        check_negatives(ink_yx, negatives_yx, f"negatives_path {path}")
+    return Labels(data.training_labels(ink_yx, negatives_yx), negatives_yx, source + negatives_source, region_yx)
 
 
 def build_model(config, settings: InputSettings, weights: checkpoint.EncoderWeights | None) -> InkUNet:
@@ -174,27 +214,32 @@ def build_model(config, settings: InputSettings, weights: checkpoint.EncoderWeig
     return model
 
 
-def resume(config, settings: InputSettings, model, optimizer, checkpoint_path: pathlib.Path, labels_digest: str) -> RunState:
-    """Continue from last.pth when it exists. In scheme "iterative", other labels start the next round afresh."""
+def resume_point(config, settings: InputSettings, checkpoint_path: pathlib.Path, labels_digest: str):
+    """(the state to start from, the saved checkpoint to load or None): last.pth's when it continues this run. In
+    scheme "iterative", other labels start the next round afresh."""
     fresh = RunState(round=1 if config.scheme == "iterative" else 0, labels_digest=labels_digest)
     if not checkpoint_path.is_file():
-        return fresh
+        return fresh, None
     saved = checkpoint.read(checkpoint_path)
     previous = saved["config"]
-    mismatch = checkpoint.describe_state_dict_mismatch(model.state_dict(), saved["model"])
-    if mismatch or previous["scheme"] != config.scheme or checkpoint.input_settings(saved) != settings:
+    if previous["scheme"] != config.scheme or checkpoint.input_settings(saved) != settings:
         raise checkpoint.CheckpointError(
             f"{checkpoint_path} is a {previous['scheme']} run on {checkpoint.input_settings(saved).describe()} that this "
-            f"run ({config.scheme}, {settings.describe()}) cannot continue{': ' + mismatch if mismatch else ''}; "
-            "set another exp_name")
+            f"run ({config.scheme}, {settings.describe()}) cannot continue; set another exp_name")
     state = RunState(**saved["state"])
     if config.scheme == "iterative" and state.labels_digest != labels_digest:
         print(f"new labels: round {state.round + 1} starts from {config.pretrained_path or 'random init'}")
-        return dataclasses.replace(fresh, round=state.round + 1)
+        return dataclasses.replace(fresh, round=state.round + 1), None
+    return state, saved
+
+
+def load_saved(checkpoint_path: pathlib.Path, saved: dict, model, optimizer, state: RunState, config) -> None:
+    mismatch = checkpoint.describe_state_dict_mismatch(model.state_dict(), saved["model"])
+    if mismatch:
+        raise checkpoint.CheckpointError(f"{checkpoint_path} does not fit this run's model ({mismatch}); set another exp_name")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    print(f"resumed from {checkpoint_path}: epoch {state.epoch} of {config.NUM_EPOCHS} done")
-    return state
+    print(f"resumed from {checkpoint_path}: round {state.round}, epoch {state.epoch} of {config.NUM_EPOCHS} done")
 
 
 def save_checkpoint(path: pathlib.Path, config, settings: InputSettings, model, state: RunState, optimizer=None) -> None:
@@ -205,14 +250,7 @@ def save_checkpoint(path: pathlib.Path, config, settings: InputSettings, model, 
                         state=dataclasses.asdict(state), **entries)
 
 
-def ink_loss(label_smoothing: float):
-    """0.5 · BCE with smoothed targets + 0.5 · Dice, as ScrollMAE and the Grand Prize winner."""
-    bce = segmentation_models_pytorch.losses.SoftBCEWithLogitsLoss(smooth_factor=label_smoothing)
-    dice = segmentation_models_pytorch.losses.DiceLoss(mode="binary", from_logits=True)
-    return lambda logits_b1hw, labels_b1hw: 0.5 * bce(logits_b1hw, labels_b1hw) + 0.5 * dice(logits_b1hw, labels_b1hw)
-
-
-def train_one_epoch(config, model, ddp_model, optimizer, loader, loss_function, state, tensorboard, device) -> float:
+def train_one_epoch(config, model, ddp_model, optimizer, loader, state, tensorboard, device) -> float:
     model.train()
     iterations_per_epoch = len(loader)
     total_iterations = config.NUM_EPOCHS * iterations_per_epoch
@@ -226,7 +264,7 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, loss_function, 
         labels_b1hw = batch["label"].to(device, non_blocking=True).unsqueeze(1)
         with dist.autocast(device):
             logits_b1hw = ddp_model(volume_b1dhw)
-        loss = loss_function(logits_b1hw.float(), labels_b1hw)
+        loss = ink_loss(logits_b1hw.float(), labels_b1hw, config.LABEL_SMOOTHING)
         loss_value = dist.all_reduce_mean(loss).item()  # the mean over processes: every rank stops together
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value} at epoch {state.epoch + 1}, step {state.global_step}; "
@@ -243,14 +281,16 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, loss_function, 
     return loss_sum / iterations_per_epoch
 
 
-def split(config, settings: InputSettings, labelled: Segment) -> tuple[data.Box | None, np.ndarray]:
-    """The held-out band (scheme "validation"; None in "iterative") and the (N, 2) training tile origins."""
+def split(config, settings: InputSettings, labelled: Segment, painted_chooses: bool) -> tuple[data.Box | None, np.ndarray]:
+    """The held-out band (scheme "validation"; None in "iterative") and the (N, 2) training tile origins. In scheme
+    "iterative" a tile needs MIN_INK_FRACTION of ink or, when `painted_chooses`, of painted pixels (ink or not)."""
     held_out = None
     if config.scheme == "validation":
         held_out = data.choose_validation_box(labelled.mask, labelled.inklabels, settings.tile_size,
                                               config.VALIDATION_FRACTION)
+    chooser_yx = labelled.inklabels != data.UNKNOWN if painted_chooses else labelled.inklabels == 1
     train_origins = data.training_origins(labelled, settings.tile_size, config.STRIDE, held_out,
-                                          config.MIN_INK_FRACTION if config.scheme == "iterative" else 0.0)
+                                          config.MIN_INK_FRACTION if config.scheme == "iterative" else 0.0, chooser_yx)
     return held_out, train_origins
 
 
@@ -277,20 +317,21 @@ def build_loaders(config, settings: InputSettings, labelled: Segment, train_orig
                                                                    num_workers=config.NUM_WORKERS)
 
 
-def predict_and_write(config, settings, model, segment, labels_yx, label_source, region_yx, held_out, train_origins,
-                      state, experiment_dir, device, log, tensorboard) -> None:
-    """The whole-segment prediction with the best weights, its metrics, and every output file."""
+def predict_and_write(config, settings, model, segment, human: Labels, labels_yx, label_source, held_out,
+                      human_origins, state, experiment_dir, device, log, tensorboard) -> np.ndarray:
+    """The whole-segment prediction with the best weights, its metrics (against the human labels, where the human
+    labels chose the tiles, so every round is measured alike), and every output file. Returns the (Y, X) map."""
     dist.barrier()  # rank 0 wrote best.pth
     model.load_state_dict(checkpoint.read(experiment_dir / "best.pth")["model"])
     started = time.time()
     probabilities_yx = inference.predict_segment(
-        model, segment, region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(), device,
-        config.TTA, config.NUM_WORKERS)
+        model, segment, human.region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(),
+        device, config.TTA, config.NUM_WORKERS)
     full_labels_yx = segment.inklabels if config.inklabel_path is not None else None
-    metrics = evaluation.prediction_metrics(probabilities_yx, labels_yx, region_yx, held_out, train_origins,
-                                            settings.tile_size, full_labels_yx)
+    metrics = evaluation.prediction_metrics(probabilities_yx, human.training_yx, human.region_yx, held_out,
+                                            human_origins, settings.tile_size, full_labels_yx)
     if not dist.is_master():
-        return
+        return probabilities_yx
     save_path = pathlib.Path(config.save_path) if config.save_path else experiment_dir / "prediction.png"
     prediction_png = outputs.probability_image(probabilities_yx)
     outputs.write_png_atomic(save_path, prediction_png)
@@ -300,19 +341,21 @@ def predict_and_write(config, settings, model, segment, labels_yx, label_source,
     outputs.write_png_atomic(experiment_dir / "labels_vs_prediction.png", comparison)
     tensorboard.image("prediction/labels_vs_prediction", outputs.preview_chw(comparison), state.global_step)
     if config.scheme == "iterative":
-        folder = outputs.record_round(experiment_dir, state.round, labels_yx, label_source, prediction_png, metrics)
+        folder = outputs.record_round(experiment_dir, state.round, labels_yx, segment.mask, label_source, prediction_png,
+                                      metrics)
         print(f"round {state.round} recorded in {folder}")
     log.write(event="prediction", seconds=round(time.time() - started, 1), save_path=str(save_path),
               round=state.round, **metrics)
     print(f"prediction: {save_path} ({time.time() - started:.0f} s). Scored from the whole-segment prediction "
           f"(overlapping tiles, blended): " + evaluation.describe(metrics))
+    return probabilities_yx
 
 
 def train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard, labels_yx,
           mask_yx, held_out) -> None:
     """The epoch loop, from state.epoch on; every epoch ends with last.pth, which commits it."""
     train_loader, augmentation, validation_loader = loaders
-    loss_function = ink_loss(config.LABEL_SMOOTHING)
+    loss_function = functools.partial(ink_loss, label_smoothing=config.LABEL_SMOOTHING)
     last_epoch = min(config.NUM_EPOCHS, config.STOP_AFTER_EPOCHS) if config.STOP_AFTER_EPOCHS else config.NUM_EPOCHS
     for epoch in range(state.epoch, last_epoch):
         started = time.time()
@@ -321,8 +364,8 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
         torch.manual_seed(misc.epoch_seed(config.SEED, dist.rank(), epoch))  # each rank its own, and again on resume
         model.set_encoder_frozen(config.freeze_encoder or epoch < config.FREEZE_ENCODER_EPOCHS)
         ddp_model = dist.wrap(model, device)  # again each epoch: DDP syncs only what needs gradients when it is built
-        statistics = {"train_loss": train_one_epoch(config, model, ddp_model, optimizer, train_loader, loss_function,
-                                                    state, tensorboard, device)}
+        statistics = {"train_loss": train_one_epoch(config, model, ddp_model, optimizer, train_loader, state,
+                                                    tensorboard, device)}
         if validation_loader is not None:
             validation, band_probabilities_hw = evaluation.validate(model, validation_loader, loss_function, device,
                                                                     labels_yx, mask_yx, held_out)
@@ -342,7 +385,8 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
         # rewrites best.pth and the log record. Written first, a kill after it lost them, as resuming skips the epoch.
         if is_best:
             save_checkpoint(experiment_dir / "best.pth", config, settings, model, state)
-        log.write(event="epoch", epoch=state.epoch, seconds=round(time.time() - started, 1),
+        log.write(event="epoch", round=state.round, epoch=state.epoch, global_step=state.global_step,
+                  seconds=round(time.time() - started, 1),
                   training_seconds=round(state.training_seconds, 1), best=is_best, **statistics)
         save_checkpoint(experiment_dir / "last.pth", config, settings, model, state, optimizer)
         if dist.is_master():
@@ -354,27 +398,50 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
         tensorboard.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__)
-    device = dist.initialize()
-    if device.type == "cpu" and config.CPU_THREADS > 0:
-        torch.set_num_threads(config.CPU_THREADS)
-    experiment_dir = pathlib.Path(config.OUTPUT_DIR, config.exp_name)
+def round_labels(config, state: RunState, human: Labels, segment: Segment, experiment_dir: pathlib.Path):
+    """(Y, X) uint8 training labels of the current round and where they came from: the human labels, or, in a
+    self-training round, the round folder's inklabels.png and negatives.png (as next_round wrote them, or as a
+    person repainted them before continuing the run)."""
+    if state.self_training_round == 0:
+        return human.training_yx, human.source
+    folder = experiment_dir / f"round_{state.round:02d}"
+    ink_yx = data.read_label_file(folder / "inklabels.png", segment, "pseudo-labels")
+    negatives_yx = data.read_label_file(folder / "negatives.png", segment, "pseudo-labels")
+    source = (f"self-training round {state.self_training_round}: pseudo-labels of round {state.round - 1}'s prediction "
+              f"(ink ≥ {config.PSEUDO_INK_THRESHOLD}, not ink ≤ {config.PSEUDO_NOT_INK_THRESHOLD}) under {human.source} "
+              f"({folder})")
+    return data.training_labels(ink_yx, negatives_yx), source
 
-    # Every user error (settings, files, shapes, checkpoints) surfaces here, before anything is written.
-    weights, settings = encoder_and_input(config)
-    check_settings(config, settings)
-    segment = open_segment(config.segment_id)
-    labels_yx, label_source, region_yx = load_labels(config, segment)
+
+def next_round(config, state: RunState, probabilities_yx: np.ndarray, human: Labels, segment: Segment,
+               experiment_dir: pathlib.Path) -> RunState:
+    """Write the pseudo-labels of this round's prediction into the next round's folder, and its fresh state."""
+    pseudo_yx = data.pseudo_labels(probabilities_yx, human.region_yx, human.training_yx == 1, human.negatives_yx,
+                                   config.PSEUDO_INK_THRESHOLD, config.PSEUDO_NOT_INK_THRESHOLD)
+    following = RunState(round=state.round + 1, labels_digest=state.labels_digest,
+                         self_training_round=state.self_training_round + 1)
     if dist.is_master():
-        print(f"labels: {label_source}")
+        folder = experiment_dir / f"round_{following.round:02d}"
+        outputs.write_round_labels(folder, pseudo_yx, segment.mask)
+        print(f"self-training round {following.self_training_round}: pseudo-labels in {folder} "
+              f"({np.count_nonzero(pseudo_yx == 1)} ink, {np.count_nonzero(pseudo_yx == 0)} not-ink pixels)")
+    dist.barrier()  # the other ranks read the labels rank 0 wrote
+    return following
+
+
+def train_round(config, settings, weights, segment: Segment, human: Labels, held_out, human_origins, state: RunState,
+                saved: dict | None, experiment_dir: pathlib.Path, device):
+    """Train one round from scratch (or from `saved`, mid-round) and predict; returns the prediction, or None when
+    the run stopped early (STOP_AFTER_EPOCHS)."""
+    labels_yx, label_source = round_labels(config, state, human, segment, experiment_dir)
     labelled = dataclasses.replace(segment, inklabels=labels_yx)
-    held_out, train_origins = split(config, settings, labelled)
+    painted_chooses = human.negatives_yx is not None and state.self_training_round == 0
+    train_origins = split(config, settings, labelled, painted_chooses)[1] if state.self_training_round else human_origins
     torch.manual_seed(config.SEED)  # the decoder's initialisation
     model = build_model(config, settings, weights).to(device)
     optimizer = torch.optim.AdamW(schedule.parameter_groups(model), lr=config.LR, weight_decay=config.WEIGHT_DECAY)
-    labels_digest = hashlib.sha256(np.packbits(labels_yx > 0).tobytes()).hexdigest()
-    state = resume(config, settings, model, optimizer, experiment_dir / "last.pth", labels_digest)
+    if saved is not None:
+        load_saved(experiment_dir / "last.pth", saved, model, optimizer, state, config)
     loaders = build_loaders(config, settings, labelled, train_origins, held_out, device)
 
     # From here on the run writes.
@@ -385,26 +452,51 @@ def main(argv: list[str] | None = None) -> int:
     log.write(event="start", command=" ".join([sys.executable, *sys.argv]), commit=misc.git_commit(),
               config=config.as_dict(), input=settings.as_dict(), round=state.round, labels=label_source,
               held_out=dataclasses.asdict(held_out) if held_out is not None else None)
-    tensorboard = misc.TensorboardLogger(experiment_dir / "tensorboard_logs")
+    board_dir = experiment_dir / "tensorboard_logs"
+    tensorboard = misc.TensorboardLogger(board_dir / f"round_{state.round:02d}" if config.scheme == "iterative" else board_dir)
     tensorboard.text("config", "\n".join(f"    {name} = {value!r}" for name, value in config.as_dict().items()))
     if dist.is_master():
         print(f"{settings.model} UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; {segment}; "
-              f"input {settings.describe()}; {len(train_origins)} training tiles"
+              f"input {settings.describe()}; labels: {label_source}; {len(train_origins)} training tiles"
               + (f", validation band {held_out}" if held_out else "")
               + f"; {len(loaders[0])} steps per epoch on {dist.world_size()} process(es)")
-
     train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard, labels_yx,
           segment.mask, held_out)
+    probabilities_yx = None
     if state.epoch < config.NUM_EPOCHS:
         print(f"stopped after epoch {state.epoch} of {config.NUM_EPOCHS}: run the same command again to continue")
     else:
-        predict_and_write(config, settings, model, segment, labels_yx, label_source, region_yx, held_out, train_origins,
-                          state, experiment_dir, device, log, tensorboard)
+        probabilities_yx = predict_and_write(config, settings, model, segment, human, labels_yx, label_source, held_out,
+                                             human_origins, state, experiment_dir, device, log, tensorboard)
     tensorboard.close()
-    return 0
+    return probabilities_yx
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__)
+    device = dist.initialize()
+    if device.type == "cpu" and config.CPU_THREADS > 0:
+        torch.set_num_threads(config.CPU_THREADS)
+    experiment_dir = pathlib.Path(config.OUTPUT_DIR, config.exp_name)
+
+    # Every user error (settings, files, shapes, checkpoints) surfaces before anything is written.
+    weights, settings = encoder_and_input(config)
+    check_settings(config, settings)
+    segment = open_segment(config.segment_id)
+    human = load_labels(config, segment)
+    held_out, human_origins = split(config, settings, dataclasses.replace(segment, inklabels=human.training_yx),
+                                    painted_chooses=human.negatives_yx is not None)
+    state, saved = resume_point(config, settings, experiment_dir / "last.pth", human.digest())
+    while True:
+        probabilities_yx = train_round(config, settings, weights, segment, human, held_out, human_origins, state,
+                                       saved, experiment_dir, device)
+        if probabilities_yx is None or state.self_training_round >= config.SELF_TRAINING_ROUNDS:
+            return 0
+        state, saved = next_round(config, state, probabilities_yx, human, segment, experiment_dir), None
 
 
 if __name__ == "__main__":
+    misc.show_warnings_as_lines()
     try:
         exit_code = main()
     except (ConfigError, SegmentError, RemoteReadError, checkpoint.CheckpointError, NonFiniteLossError) as error:

@@ -268,6 +268,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    misc.show_warnings_as_lines()
     try:
         exit_code = main()
     except (arg_util.ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError, NonFiniteLossError) as error:

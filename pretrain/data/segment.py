@@ -11,9 +11,11 @@ the papyrus is and, sometimes, ink labels. `spec` may be:
      (every scroll; `.jpg` too), downloaded once and converted into a chunked zarr in the cache;
    - the mask: `paths/{id}/{id}_mask.png` in the volume package (older segments: `paths/{id}_superseded/`),
      else beside the zarr, else derived from the voxels with a warning;
-   - the ink labels: `{id}_inklabels.png` beside the zarr (or in the volume package folder the layers came from);
+   - the ink labels: `{id}_inklabels.png` beside the zarr (or in the volume package folder the layers came from),
+     and, where a label set has them, `{id}_negatives.png` (pixels painted as not ink) beside them;
 2. a local zarr path (v2 or v3; a group with level "0", or a bare array);
-3. a layer folder in the Kaggle / Grand Prize layout (`layers/00.tif …`, `mask.png`, `inklabels.png`);
+3. a layer folder in the Kaggle / Grand Prize layout (`layers/00.tif …`, `mask.png`, `inklabels.png`,
+   `negatives.png`);
 4. `demo` or `demo:<seed>`: the generated demo segment, built once and cached as a local zarr;
 5. a list of any of these (returns a list of segments).
 
@@ -101,6 +103,9 @@ class Segment:
     source: str  # "remote", "zarr", "layers" or "demo"
     location: str  # URL (never with credentials) or path the volume is read from
     voxel_size_um: float | None = None
+    # (Y, X) uint8 in {0, 1}: pixels painted as *not* ink (`{id}_negatives.png`, as community label sets ship
+    # beside the ink labels), or None. With it, pixels neither ink nor not ink are unknown, not background.
+    negatives: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -201,7 +206,16 @@ def _mask_from_voxels(volume: ChunkCachedVolume, description: str) -> np.ndarray
     return volume[volume.shape[0] // 2] > 0
 
 
-def _finish_segment(volume, mask_bytes, label_bytes, name, source, location, voxel_size_um=None) -> Segment:
+def check_negatives(inklabels_yx: np.ndarray | None, negatives_yx: np.ndarray, description: str) -> None:
+    """A pixel cannot be painted both ink and not ink: an error naming how many are."""
+    overlap = 0 if inklabels_yx is None else int(np.count_nonzero((inklabels_yx > 0) & (negatives_yx > 0)))
+    if overlap:
+        raise SegmentError(f"{description} overlaps the ink labels in {overlap} pixels: a pixel cannot be both ink and "
+                           "not ink")
+
+
+def _finish_segment(volume, mask_bytes, label_bytes, name, source, location, voxel_size_um=None,
+                    negatives_bytes=None) -> Segment:
     if volume.ndim != 3:
         raise SegmentError(f"{location} holds an array of shape {volume.shape}; a segment is (Z, Y, X)")
     expected = volume.shape[1:]
@@ -211,10 +225,13 @@ def _finish_segment(volume, mask_bytes, label_bytes, name, source, location, vox
         mask = read_label_image(mask_bytes[1], f"mask {mask_bytes[0]}", expected).astype(bool)
     if not mask.any():
         raise SegmentError(f"the mask of segment {name} ({location}) is empty: nothing to sample")
-    inklabels = None
+    inklabels = negatives = None
     if label_bytes is not None:
         inklabels = read_label_image(label_bytes[1], f"ink labels {label_bytes[0]}", expected)
-    return Segment(volume, mask, inklabels, name, source, location, voxel_size_um)
+    if negatives_bytes is not None:
+        negatives = read_label_image(negatives_bytes[1], f"negatives {negatives_bytes[0]}", expected)
+        check_negatives(inklabels, negatives, f"negatives {negatives_bytes[0]}")
+    return Segment(volume, mask, inklabels, name, source, location, voxel_size_um, negatives)
 
 
 def _first_existing(paths: list[pathlib.Path]) -> tuple[str, bytes] | None:
@@ -260,7 +277,8 @@ def _open_local_zarr(path: pathlib.Path, lru_bytes: int, name: str | None = None
     folders = [path, path.parent]
     mask = _first_existing(_label_candidates(folders, segment_id, "mask"))
     labels = _first_existing(_label_candidates(folders, segment_id, "inklabels"))
-    return _finish_segment(volume, mask, labels, segment_id, source, str(path))
+    negatives = _first_existing(_label_candidates(folders, segment_id, "negatives"))
+    return _finish_segment(volume, mask, labels, segment_id, source, str(path), negatives_bytes=negatives)
 
 
 # ---------------------------------------------------------------- the data server
@@ -466,7 +484,9 @@ def _open_remote(segment_id, scroll, cache_dir, lru_bytes, data_url, store_optio
     mask = fetch_first([f"{url}/{segment_id}_mask.png" for url in folder_urls + beside_zarr], "mask")
     label_folders = beside_zarr if zarr_format is not None else [layers_url.rsplit("/", 1)[0]]
     labels = fetch_first([f"{url}/{segment_id}_inklabels.png" for url in label_folders], "ink labels")
-    return _finish_segment(volume, mask, labels, segment_id, "remote", location, voxel_size_um=layout.voxel_size_um)
+    negatives = fetch_first([f"{url}/{segment_id}_negatives.png" for url in label_folders], "negatives")
+    return _finish_segment(volume, mask, labels, segment_id, "remote", location, voxel_size_um=layout.voxel_size_um,
+                           negatives_bytes=negatives)
 
 
 # ---------------------------------------------------------------- layer folders
@@ -502,7 +522,8 @@ def _open_layer_folder(path: pathlib.Path, lru_bytes: int) -> Segment:
     segment_id = path.name
     mask = _first_existing(_label_candidates([path], segment_id, "mask"))
     labels = _first_existing(_label_candidates([path], segment_id, "inklabels"))
-    return _finish_segment(volume, mask, labels, segment_id, "layers", str(layer_folder))
+    negatives = _first_existing(_label_candidates([path], segment_id, "negatives"))
+    return _finish_segment(volume, mask, labels, segment_id, "layers", str(layer_folder), negatives_bytes=negatives)
 
 
 # ---------------------------------------------------------------- demo

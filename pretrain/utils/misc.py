@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import time
 import uuid
+import warnings
 
 import numpy as np
 import torch
@@ -22,6 +23,12 @@ def error_line(error: BaseException) -> str:
     return message
 
 
+def show_warnings_as_lines() -> None:
+    """Warnings as one `warning: ...` line each, as a user should read them, without the source line that raised
+    them. Entry scripts call it once."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -34,6 +41,7 @@ def _write_atomic(path: str | os.PathLike, write) -> None:
     """`write(temporary_path)`, then a rename onto `path`: a kill or a reader never sees half a file. The temp
     file sits beside `path`, named `.<name>.<pid>-<random>.tmp`, which remove_stale_temporaries sweeps."""
     path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(temporary)
