@@ -19,6 +19,10 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
   everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs epochs (LP-FT). Every run reads
   tiles as the checkpoints record (they must agree; scratch follows them), or as the input options say. Everything
   after `--` goes to every run.
+- **Partial labels and self-training**: `--negatives on` adds runs whose glyphs come with the negatives a labeler would
+  paint around them (the papyrus within NEGATIVES_REACH pixels that the labels call not ink, kept off any ink), so
+  that the rest of the segment is unknown rather than background; `--self_training_rounds N` runs N pseudo-label
+  rounds after each, and every round's prediction is scored (the arms read "full, negatives, round 2").
 Writes to --output: `label_efficiency.md`, `.csv` and `.json` (mean and min–max over seeds of F0.5 and AUC, per
 encoder, mode and k, training time, and the verdict), `label_efficiency.png` (F0.5 against the number of labelled glyphs, the seed spread
 shaded), `runs.csv` (every run), and per run `runs/<name>/` with its label image, prediction.png and result.json.
@@ -51,6 +55,8 @@ from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
 SCRATCH = ("scratch", "random")  # names that mean: no pretrained weights
 GOAL_MARGIN = 0.05  # F0.5 over scratch that counts as "finds ink with fewer labels"
 GOAL_MAX_GLYPHS = 4
+NEGATIVES_REACH = 32  # pixels around a labelled glyph that a simulated labeler paints as not ink
+NEGATIVES_CLEARANCE = 3  # pixels the painted negatives keep off any ink
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,44 +110,79 @@ def glyph_labels(all_glyphs: list[np.ndarray], shape_yx: tuple[int, int], seed: 
     return labels_yx
 
 
-def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment: Segment, scoring: Regions,
-            all_glyphs: list[np.ndarray]) -> dict:
-    """One fine-tuning run (or its earlier result, when it finished with the same command), scored."""
-    folder = args.output / "runs" / run["name"]
-    label_path = folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png"
+def painted_negatives(glyph_labels_yx: np.ndarray, inklabels_yx: np.ndarray, mask_yx: np.ndarray) -> np.ndarray:
+    """(Y, X) uint8 0/255: what a labeler would paint as not ink around the labelled glyphs: the papyrus within
+    NEGATIVES_REACH pixels of them that the segment's labels call not ink, kept NEGATIVES_CLEARANCE pixels off any
+    ink (a brush does not touch the next letter's strokes)."""
+    near_yx = cv2.dilate((glyph_labels_yx > 0).astype(np.uint8), np.ones((2 * NEGATIVES_REACH + 1,) * 2, np.uint8)) > 0
+    ink_yx = cv2.dilate((inklabels_yx > 0).astype(np.uint8), np.ones((2 * NEGATIVES_CLEARANCE + 1,) * 2, np.uint8)) > 0
+    return (near_yx & mask_yx & ~ink_yx).astype(np.uint8) * 255
+
+
+def run_command(run: dict, args, settings: InputSettings, extra: list[str], folder: pathlib.Path) -> list[str]:
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", run["name"],
                "--OUTPUT_DIR", str(args.output / "runs"), "--segment_id", args.segment, "--scheme", "iterative",
-               "--inklabel_path", str(label_path), "--data_augmentation", "True", "--SEED", str(run["seed"]),
-               *input_overrides(settings)]
+               "--inklabel_path", str(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png"),
+               "--data_augmentation", "True", "--SEED", str(run["seed"]), *input_overrides(settings)]
+    if run["negatives"]:
+        command += ["--negatives_path", str(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png")]
     if run["checkpoint"] not in SCRATCH:
         command += ["--pretrained_path", run["checkpoint"]]
     if run["mode"] == "lpft":
         command += ["--FREEZE_ENCODER_EPOCHS", str(args.lp_epochs)]
-    command += extra
+    if args.self_training_rounds:
+        command += ["--SELF_TRAINING_ROUNDS", str(args.self_training_rounds)]
+    return command + extra
+
+
+def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment: Segment, scoring: Regions,
+            all_glyphs: list[np.ndarray]) -> list[dict]:
+    """One fine-tuning run (or its earlier results, when it finished with the same command), scored: one result,
+    or one per round with self-training."""
+    folder = args.output / "runs" / run["name"]
+    command = run_command(run, args, settings, extra, folder)
     result_path = folder / "result.json"
     if result_path.is_file():
         earlier = json.loads(result_path.read_text())
         if earlier["command"][1:] != command[1:]:
             raise encoder_input.EvaluationError(f"{folder} was run with other settings ({' '.join(earlier['command'][1:])});"
                                                 " use another --output")
-        return earlier
+        return [{key: value for key, value in earlier.items() if key not in ("command", "later_rounds")},
+                *earlier.get("later_rounds", [])]
     folder.mkdir(parents=True, exist_ok=True)
-    write_png_atomic(label_path, glyph_labels(all_glyphs, segment.shape[1:], run["seed"], run["glyphs"]))
+    glyphs_yx = glyph_labels(all_glyphs, segment.shape[1:], run["seed"], run["glyphs"])
+    write_png_atomic(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png", glyphs_yx)
+    if run["negatives"]:
+        write_png_atomic(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png",
+                         painted_negatives(glyphs_yx, segment.inklabels, segment.mask))
     with open(folder / "train.log", "w") as log:
         finished = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     if finished.returncode != 0:
         tail = (folder / "train.log").read_text().strip().splitlines()[-1:]
         raise encoder_input.EvaluationError(f"run {run['name']} failed: {' '.join(tail)} (whole log: {folder / 'train.log'})")
-    prediction_yx = cv2.imread(str(folder / "prediction.png"), cv2.IMREAD_UNCHANGED) / 255.0
-    metrics = ink_metrics(prediction_yx[scoring.score_yx], segment.inklabels[scoring.score_yx])
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    result = {**{key: run[key] for key in ("name", "encoder", "mode", "glyphs", "seed")}, "f05": metrics.f05,
-              "threshold": metrics.threshold, "auc": metrics.auc, "scored_pixels": metrics.pixels,
-              "labelled_pixels": int((cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED) > 0).sum()),
-              "training_seconds": [record for record in records if record["event"] == "epoch"][-1]["training_seconds"],
-              "command": command}
-    write_bytes_atomic(result_path, json.dumps(result, indent=1).encode())
-    return result
+    results = []
+    for self_training_round in range(args.self_training_rounds + 1):
+        prediction = folder / (f"round_{self_training_round + 1:02d}" if args.self_training_rounds else "") / "prediction.png"
+        prediction_yx = cv2.imread(str(prediction), cv2.IMREAD_UNCHANGED) / 255.0
+        metrics = ink_metrics(prediction_yx[scoring.score_yx], segment.inklabels[scoring.score_yx])
+        epochs = [record for record in records
+                  if record["event"] == "epoch" and record.get("round", 1) == self_training_round + 1]
+        results.append({**{key: run[key] for key in ("name", "encoder", "glyphs", "seed")},
+                        "mode": arm(run["mode"], run["negatives"], self_training_round if args.self_training_rounds else None),
+                        "round": self_training_round, "f05": metrics.f05, "threshold": metrics.threshold,
+                        "auc": metrics.auc, "scored_pixels": metrics.pixels,
+                        "labelled_pixels": int((glyphs_yx > 0).sum()), "prediction": str(prediction),
+                        "training_seconds": epochs[-1]["training_seconds"]})
+    write_bytes_atomic(result_path, json.dumps({**results[0], "command": command, "later_rounds": results[1:]},
+                                               indent=1).encode())
+    return results
+
+
+def arm(mode: str, negatives: bool, self_training_round: int | None) -> str:
+    """How a curve was trained, as its label: "full", "lpft", with ", negatives" and ", round N" as they apply."""
+    return mode + (", negatives" if negatives else "") + (f", round {self_training_round}"
+                                                           if self_training_round is not None else "")
 
 
 def summarise(results: list[dict]) -> list[dict]:
@@ -236,7 +277,7 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=[key for key in rows[0] if key != "command"], extrasaction="ignore")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_bytes_atomic(path, table.getvalue().encode())
@@ -253,6 +294,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft"],
                         help="full fine-tuning, and/or LP-FT (frozen encoder first, then everything)")
     parser.add_argument("--lp_epochs", type=int, default=5, help="LP-FT: epochs with the encoder frozen")
+    parser.add_argument("--negatives", nargs="+", default=["off"], choices=["off", "on"],
+                        help="also (or only) runs whose glyphs come with painted negatives around them, the rest unknown")
+    parser.add_argument("--self_training_rounds", type=int, default=0,
+                        help="SELF_TRAINING_ROUNDS of every run; each round's prediction is scored")
     parser.add_argument("--label_part", type=float, default=0.4, help="fraction of the longer side where glyphs are labelled")
     parser.add_argument("--score_part", type=float, default=0.5, help="fraction of the longer side, at its far end, scored")
     parser.add_argument("--min_glyph_pixels", type=int, default=200, help="smaller components are not glyphs (specks)")
@@ -279,9 +324,11 @@ def main() -> int:
     if len(all_glyphs) < max(args.glyphs):
         raise encoder_input.EvaluationError(f"the labelling part holds {len(all_glyphs)} glyphs of at least "
                                             f"{args.min_glyph_pixels} pixels; --glyphs asks for {max(args.glyphs)}")
-    runs = [{"name": f"{name}_{mode}_k{count}_seed{seed}", "encoder": name, "checkpoint": checkpoint, "mode": mode,
-             "glyphs": count, "seed": seed}
-            for mode in args.modes for count in args.glyphs for seed in range(args.seeds)
+    suffix = f"_st{args.self_training_rounds}" if args.self_training_rounds else ""
+    runs = [{"name": f"{name}_{mode}{'_negatives' if negatives == 'on' else ''}{suffix}_k{count}_seed{seed}",
+             "encoder": name, "checkpoint": checkpoint, "mode": mode, "negatives": negatives == "on", "glyphs": count,
+             "seed": seed}
+            for mode in args.modes for negatives in args.negatives for count in args.glyphs for seed in range(args.seeds)
             for name, checkpoint in zip(args.names, args.encoders)]
     description = (f"Segment `{segment.name}`: {scoring.description}; {len(all_glyphs)} glyphs to draw from; "
                    f"input {settings.describe()}; {args.seeds} seed(s); extra fine-tuning settings: "
@@ -289,7 +336,7 @@ def main() -> int:
     print(description)
     results = []
     for run in tqdm.tqdm(runs, desc="fine-tuning runs", unit="run"):
-        results.append(run_one(run, args, settings, extra, segment, scoring, all_glyphs))
+        results += run_one(run, args, settings, extra, segment, scoring, all_glyphs)
         tqdm.tqdm.write(f"{run['name']}: F0.5 {results[-1]['f05']:.3f}, AUC {results[-1]['auc']:.3f}")
     rows = summarise(results)
     write_csv(args.output / "runs.csv", results)

@@ -71,3 +71,16 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert log.stat().st_mtime_ns == before and list(csv.DictReader(open(curves / "runs.csv"))) == runs
+
+
+def test_simulated_negatives_surround_the_glyphs_and_never_touch_ink(labelled_segment_path):
+    segment = open_segment(labelled_segment_path)
+    found = label_efficiency.glyphs(segment.inklabels, label_efficiency.regions(segment, 0.4, 0.4).label_yx, 100)
+    glyphs_yx = label_efficiency.glyph_labels(found, segment.shape[1:], 0, 1) > 0
+    negatives_yx = label_efficiency.painted_negatives(glyphs_yx.astype(np.uint8) * 255, segment.inklabels, segment.mask) > 0
+    distance_to_ink = scipy.ndimage.distance_transform_edt(segment.inklabels == 0)
+    distance_to_glyph = scipy.ndimage.distance_transform_edt(~glyphs_yx)
+    assert negatives_yx.any() and (distance_to_ink[negatives_yx] > label_efficiency.NEGATIVES_CLEARANCE).all()
+    assert (distance_to_glyph[negatives_yx] <= label_efficiency.NEGATIVES_REACH * 2 ** 0.5).all()
+    assert not (negatives_yx & ~segment.mask).any()
+    assert label_efficiency.arm("full", True, 2) == "full, negatives, round 2" and label_efficiency.arm("lpft", False, None) == "lpft"
