@@ -1,98 +1,112 @@
-"""kill -9 a tiny fine-tuning run at random points (mid-epoch, mid-checkpoint-write) and resume it each time:
-it finishes its epochs, logs each one, and leaves only whole checkpoints and no temp files."""
+"""kill -9 a tiny fine-tuning run at chosen points (after an optimizer step, right before a checkpoint's or an
+image's rename) and resume it each time: it ends exactly where an uninterrupted run ends, logs every epoch, and
+leaves only whole checkpoints and no temp files."""
 import json
 import os
 import pathlib
 import random
 import subprocess
 import sys
-import time
 
 import cv2
-import torch
 
+from pretrain import checkpoint
 from tests.conftest import FINETUNE_SHAPE as SHAPE
 from tests.conftest import FINETUNE_TINY as TINY
 from tests.conftest import REPO_ROOT
-from tests.test_fault_tolerance import temporary_files
+from tests.kill_at import assert_same_weights, run_killed, temporary_files
 
-EPOCHS = 6  # more than five kills can complete: each kill lands before the run is done
-# Ten steps per epoch: long enough to land a kill inside one on a fast machine, short enough for a quick test.
-TILES_PER_EPOCH = 40
-
-
-def epoch_records(log: pathlib.Path) -> list[dict]:
-    # The text after the last newline may be a record still being written.
-    complete_lines = log.read_text().split("\n")[:-1] if log.exists() else []
-    return [record for record in map(json.loads, complete_lines) if record["event"] == "epoch"]
-
-
-def kill_mid_write(process: subprocess.Popen, folder: pathlib.Path, writes_to_skip: int, deadline: float = 60) -> bool:
-    """SIGKILL `process` while it writes its (writes_to_skip + 1)-th temp file in `folder` (last.pth, best.pth or
-    a PNG). True if that file is still there afterwards: the kill landed mid-write, not just after the rename."""
-    # A killed run's leftovers stay until the next run removes them at start-up; they are not this run's writes.
-    leftovers = set(temporary_files(folder))
-    writes_seen = set()
-    started = time.time()
-    while process.poll() is None and time.time() - started < deadline:
-        writing = set(temporary_files(folder)) - leftovers
-        writes_seen |= writing
-        if writing and len(writes_seen) > writes_to_skip:
-            process.kill()
-            process.wait()
-            return bool(set(temporary_files(folder)) - leftovers)
-        time.sleep(0.0005)
-    process.wait()
-    return False
+EPOCHS = 4
+# TINY less its NUM_WORKERS 0: the kills land with the default DataLoader worker running.
+WORKERS_AT = TINY.index("--NUM_WORKERS")
+FINETUNE = [*TINY[:WORKERS_AT], *TINY[WORKERS_AT + 2:], "--NUM_EPOCHS", str(EPOCHS)]
+# Where each run dies: after an optimizer step or right before a checkpoint's rename, in one of the next two
+# epochs (so each kill leaves work for the next); last, right before an image's rename, after the last epoch.
+# One more run then finishes.
+KILLS = ("step", "rename", "step", "image")
+PREDICTION_IMAGES = ["prediction.png", "labels_vs_prediction.png"]
 
 
-def kill_mid_epoch(process: subprocess.Popen, log: pathlib.Path, fraction: float, deadline: float = 60) -> bool:
-    """Once `process` has logged an epoch, SIGKILL it `fraction` of that epoch's duration later. True if no epoch
-    ended in between: the kill landed inside the next epoch. (Waiting for an epoch of this process's own makes sure
-    it is training, not starting up or resuming.)"""
-    records_before = len(epoch_records(log))
-    started = time.time()
-    while process.poll() is None and time.time() - started < deadline:
-        records = epoch_records(log)
-        if len(records) > records_before:
-            time.sleep(fraction * records[-1]["seconds"])
-            process.kill()
-            process.wait()
-            return len(epoch_records(log)) == len(records)
-        time.sleep(0.002)
-    process.wait()
-    return False
+def epoch_records(experiment: pathlib.Path) -> list[dict]:
+    records = map(json.loads, (experiment / "log.jsonl").read_text().splitlines())
+    return [record for record in records if record["event"] == "epoch"]
 
 
-def test_finetuning_survives_kill_9_at_random_points(labelled_segment_path, tmp_path):
-    experiment = tmp_path / "killed"
-    command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), *TINY, "--NUM_EPOCHS", str(EPOCHS),
-               "--MIN_TILES_PER_EPOCH", str(TILES_PER_EPOCH), "--segment_id", str(labelled_segment_path),
-               "--OUTPUT_DIR", str(tmp_path), "--exp_name", experiment.name]
+def renames(best_epochs: set[int], first: int, last: int) -> list[str]:
+    """The checkpoints that epochs `first` to `last` rename into place, in order (finetune/train.py): best.pth if
+    the epoch is the best so far, then last.pth, which commits the epoch."""
+    return [name for epoch in range(first, last + 1)
+            for name in (["best.pth"] if epoch in best_epochs else []) + ["last.pth"]]
+
+
+def epochs_done(experiment: pathlib.Path) -> int:
+    last = experiment / "last.pth"
+    return checkpoint.read(last)["state"]["epoch"] if last.exists() else 0
+
+
+def test_finetuning_survives_kill_9_at_chosen_points(labelled_segment_path, tmp_path):
+    script = REPO_ROOT / "finetune" / "train.py"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    chooser = random.Random(5)
-    kills = []
-    for attempt in range(5):
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        if attempt % 2 == 0:
-            if kill_mid_write(process, experiment, writes_to_skip=chooser.randrange(3)):
-                kills.append("mid-write")
-        elif kill_mid_epoch(process, experiment / "log.jsonl", fraction=chooser.uniform(0.1, 0.9)):
-            kills.append("mid-epoch")
-        for checkpoint in experiment.glob("*.pth"):  # whatever is on disk after a kill loads
-            torch.load(checkpoint, map_location="cpu", weights_only=False)
-    assert "mid-write" in kills and "mid-epoch" in kills, kills
+    uninterrupted, experiment = tmp_path / "uninterrupted", tmp_path / "killed"
+    arguments = [*FINETUNE, "--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(tmp_path)]
+    reference = subprocess.run([sys.executable, str(script), *arguments, "--exp_name", uninterrupted.name],
+                               cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference_records = {record["epoch"]: record for record in epoch_records(uninterrupted)}
+    best_epochs = {epoch for epoch, record in reference_records.items() if record["best"]}
+    steps_per_epoch = checkpoint.read(uninterrupted / "last.pth")["state"]["global_step"] // EPOCHS
 
-    finished = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    arguments += ["--exp_name", experiment.name]
+    chooser = random.Random(5)
+    for attempt, kind in enumerate(KILLS):
+        done = epochs_done(experiment)
+        output = tmp_path / f"kill{attempt}.txt"
+        if kind == "step":  # in the middle of an epoch, or at its end before validation
+            step = chooser.randint(done * steps_per_epoch + 1, min(done + 2, EPOCHS) * steps_per_epoch)  # global
+            run_killed(["--step", str(step - done * steps_per_epoch)], script, arguments, output, environment)
+            assert epochs_done(experiment) == (step - 1) // steps_per_epoch
+            left_behind = []
+        else:  # right before a rename: the temp file is written whole and not yet renamed
+            if kind == "rename":
+                names = renames(best_epochs, done + 1, min(done + 2, EPOCHS))
+                rename = chooser.randint(1, len(names))
+            else:
+                names = renames(best_epochs, done + 1, EPOCHS) + PREDICTION_IMAGES
+                rename = len(names) - chooser.randrange(len(PREDICTION_IMAGES))
+            died = run_killed(["--rename", str(rename)], script, arguments, output, environment)
+            destination, temporary = experiment / names[rename - 1], pathlib.Path(died["temporary"])
+            assert died["destination"] == str(destination), (died, names, rename)
+            assert temporary.parent == experiment and temporary.name.startswith(f".{destination.name}.")
+            if destination.suffix == ".pth":  # whole: it loads, or decodes
+                checkpoint.read(temporary)
+            else:
+                image = cv2.imread(str(temporary), cv2.IMREAD_UNCHANGED)
+                assert image.shape == cv2.imread(str(uninterrupted / destination.name), cv2.IMREAD_UNCHANGED).shape
+            # A killed epoch is not done (a resume trains it again); the epochs whose last.pth was renamed are.
+            assert epochs_done(experiment) == done + names[:rename - 1].count("last.pth")
+            left_behind = [temporary]
+        # This run swept the temp files earlier kills left; only this kill's own may be there.
+        assert temporary_files(experiment) == left_behind
+        for saved in experiment.glob("*.pth"):  # whatever is on disk after a kill loads
+            checkpoint.read(saved)
+
+    finished = subprocess.run([sys.executable, str(script), *arguments], cwd=REPO_ROOT, env=environment,
+                              capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    last = torch.load(experiment / "last.pth", map_location="cpu", weights_only=False)
-    assert last["state"]["epoch"] == EPOCHS
-    # An epoch killed before last.pth was renamed is trained again, so it may be logged twice, but none is missing.
-    # Its later record is the one the run continued from.
-    records = {record["epoch"]: record for record in epoch_records(experiment / "log.jsonl")}
-    assert sorted(records) == list(range(1, EPOCHS + 1))
-    assert not temporary_files(experiment)  # checkpoints' and PNGs' temp files alike: `.<name>.<pid>-<id>.tmp`
-    best = torch.load(experiment / "best.pth", map_location="cpu", weights_only=False)
-    assert best["state"]["epoch"] == min(records.values(), key=lambda record: record["val_loss"])["epoch"]
-    assert cv2.imread(str(experiment / "prediction.png"), cv2.IMREAD_UNCHANGED).shape == SHAPE[1:]
+    assert checkpoint.read(experiment / "last.pth")["state"]["epoch"] == EPOCHS
+    assert not temporary_files(experiment)  # checkpoints' and images' temp files alike
+    # Killed and resumed four times, the run trained and predicted exactly what an uninterrupted one did. An epoch
+    # killed before last.pth was renamed is trained again, so it may be logged twice, each time the same.
+    records = epoch_records(experiment)
+    assert {record["epoch"] for record in records} == set(range(1, EPOCHS + 1))
+    for record in records:
+        reference_record = reference_records[record["epoch"]]
+        metrics = [name for name in reference_record if name.startswith(("train_", "val_")) or name == "best"]
+        assert {name: record[name] for name in metrics} == {name: reference_record[name] for name in metrics}
+    for name in ("last.pth", "best.pth"):
+        assert_same_weights(experiment / name, uninterrupted / name)
+    best = min(reference_records.values(), key=lambda record: record["val_loss"])["epoch"]
+    assert checkpoint.read(experiment / "best.pth")["state"]["epoch"] == best
+    prediction = cv2.imread(str(experiment / "prediction.png"), cv2.IMREAD_UNCHANGED)
+    assert prediction.shape == SHAPE[1:]
+    assert (prediction == cv2.imread(str(uninterrupted / "prediction.png"), cv2.IMREAD_UNCHANGED)).all()

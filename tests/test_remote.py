@@ -5,9 +5,11 @@ Blosc-zstd chunks and '/' keys, its labels beside it padded to whole tiles, its 
 """
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -41,6 +43,62 @@ def assert_cache_holds_only_whole_chunks(cache_dir: pathlib.Path, mirror: pathli
     for path in cached_chunk_files(cache_dir):
         relative = path.relative_to(cache_dir / server_url_host)
         assert path.read_bytes() == (mirror / relative).read_bytes(), f"partial or wrong chunk {relative}"
+
+
+class OverlapServer(LoopbackServer):
+    """Holds chunk requests until `overlap` of them wait together, then serves them and all later ones: a client
+    able to have that many requests in flight provably does, however fast or slow the machine. (If the client
+    never sends that many together, the gate opens after 30 s, and max_active says so.)"""
+
+    def __init__(self, root: pathlib.Path, overlap: int, **options):
+        super().__init__(root, **options)
+        self.overlap = overlap
+        self.waiting = 0
+        self.gate_open = threading.Event()
+
+    def _respond(self, handler, path: str, send_body: bool) -> None:
+        if self._is_chunk(path):
+            with self.lock:
+                self.waiting += 1
+                if self.waiting >= self.overlap:
+                    self.gate_open.set()
+            if not self.gate_open.wait(timeout=30):
+                self.gate_open.set()
+        super()._respond(handler, path, send_body)
+
+
+class StallingServer(LoopbackServer):
+    """Serves the first `served` chunk requests; each later one, until `release()`, gets half its body and then
+    waits: a download stops with exactly `served` chunks fetched and the next ones half received, to be killed
+    there."""
+
+    def __init__(self, root: pathlib.Path, served: int, **options):
+        super().__init__(root, **options)
+        self.served = served
+        self.chunk_requests_seen = 0
+        self.stalled = 0  # requests waiting with half their body sent
+        self.released = threading.Event()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def _respond(self, handler, path: str, send_body: bool) -> None:
+        with self.lock:
+            self.chunk_requests_seen += self._is_chunk(path)
+            held = self._is_chunk(path) and self.chunk_requests_seen > self.served and not self.released.is_set()
+        if not held:
+            super()._respond(handler, path, send_body)
+            return
+        body = (self.root / path.lstrip("/")).read_bytes()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[: len(body) // 2])
+        handler.wfile.flush()
+        with self.lock:
+            self.stalled += 1
+        self.released.wait(timeout=120)
+        handler.close_connection = True  # the rest never comes
 
 
 def run_python(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -86,11 +144,12 @@ def test_injected_faults_are_recovered_and_data_is_identical(server_layout, tmp_
 
 
 def test_concurrency_is_bounded(server_layout, tmp_path):
-    with LoopbackServer(server_layout.root, chunk_delay_seconds=0.05) as server:
+    # Held until three wait together, and slow after that: a fourth request would find three in flight.
+    with OverlapServer(server_layout.root, overlap=3, chunk_delay_seconds=0.05) as server:
         segment = open_segment(SERVER_SEGMENT_ID, cache_dir=tmp_path / "cache", data_url=server.url,
                                http_concurrency=3)
-        segment.volume[:, :, :]
-        assert 1 < server.max_active <= 3
+        assert np.array_equal(segment.volume[:, :, :], server_layout.volume)
+        assert server.max_active == 3  # three at once (zarr asks for many chunks together), never more
 
 
 def test_unknown_segment_id_lists_every_url_tried_and_leaves_no_file(server_layout, tmp_path):
@@ -138,24 +197,33 @@ def test_download_killed_midway_leaves_no_partial_chunk_and_resumes(tmp_path):
     total_chunks = 5 * 8 * 8
     cache = tmp_path / "cache"
     env = {**os.environ, "SEGMENT_CACHE_DIR": str(cache)}
-    with LoopbackServer(mirror, chunk_delay_seconds=0.02) as server:
+    fetched_before_kill = 40
+    with StallingServer(mirror, served=fetched_before_kill) as server:
         env["VESUVIUS_DATA_URL"] = server.url
         command = ["bash", str(REPO_ROOT / "download_segment.sh"), segment_id]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The download stalls with the served chunks cached and the next ones half received: wait for that state
+        # (it lasts), then kill.
         deadline = time.time() + 60
-        while server.chunk_requests() < 40 and time.time() < deadline:
-            time.sleep(0.01)
+        while process.poll() is None and time.time() < deadline and not (
+                server.stalled and len(cached_chunk_files(cache)) == fetched_before_kill):
+            time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        cached_after_kill = len(cached_chunk_files(cache))
-        assert 0 < cached_after_kill < total_chunks
-        assert_cache_holds_only_whole_chunks(cache, mirror, cache_host(server))
+        server.release()
+        assert server.stalled and len(cached_chunk_files(cache)) == fetched_before_kill
+        assert_cache_holds_only_whole_chunks(cache, mirror, cache_host(server))  # nothing half received
 
         requests_before = server.chunk_requests()
         resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert resumed.returncode == 0, resumed.stderr
-        assert "downloading" in resumed.stderr  # tqdm's bar
-        assert server.chunk_requests() - requests_before == total_chunks - cached_after_kill
+        missing = total_chunks - fetched_before_kill
+        assert f"{total_chunks} chunks, {fetched_before_kill} already cached" in resumed.stdout
+        assert f"asking about {missing} " in resumed.stdout
+        # The progress bar counts the missing chunks only, and ends with all of them.
+        bar = [frame for frame in re.split(r"[\r\n]", resumed.stderr) if frame.startswith("downloading")][-1]
+        assert re.match(rf"downloading {segment_id}: 100%\|.*\| {missing}/{missing} \[", bar), bar
+        assert server.chunk_requests() - requests_before == missing
         assert len(cached_chunk_files(cache)) == total_chunks
         assert not any((cache / INCOMPLETE_DIR).iterdir())  # the killed run's temp files were swept
 
