@@ -187,3 +187,21 @@ def labelled_segment_path(tmp_path_factory):
     write_png(path / "empty.png", np.zeros_like(labels))
     write_png(path / "wrong_size.png", np.zeros((192, 128), np.uint8))  # transposed: not padding
     return path
+
+
+def cached_chunk_files(cache_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The chunks of level "0" in a chunk cache (not temp files, not remembered absences)."""
+    from pretrain.data.remote import INCOMPLETE_DIR
+
+    return [
+        path for path in cache_dir.rglob("*")
+        if path.is_file() and INCOMPLETE_DIR not in path.parts and "/0/" in path.as_posix()
+        and not path.name.startswith(".") and not path.name.endswith(".absent")
+    ]
+
+
+def assert_cache_holds_only_whole_chunks(cache_dir: pathlib.Path, mirror: pathlib.Path, server_url_host: str):
+    """Every cached chunk is byte-identical to the served file: nothing partial where the cache looks."""
+    for path in cached_chunk_files(cache_dir):
+        relative = path.relative_to(cache_dir / server_url_host)
+        assert path.read_bytes() == (mirror / relative).read_bytes(), f"partial or wrong chunk {relative}"

@@ -17,8 +17,9 @@ import pytest
 
 from pretrain.data.remote import INCOMPLETE_DIR, RemoteReadError
 from pretrain.data.segment import SegmentError, open_segment
-from tests.conftest import (REPO_ROOT, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS, random_volume,
-                            rectangle_mask, server_folder, write_png, write_zarr_segment)
+from tests.conftest import (REPO_ROOT, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS,
+                            assert_cache_holds_only_whole_chunks, cached_chunk_files, random_volume, rectangle_mask,
+                            server_folder, write_png, write_zarr_segment)
 from tests.loopback_server import LoopbackServer
 
 FAST_RETRY = {"http_retries": 6, "http_backoff_seconds": 0.01}
@@ -28,21 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*cropped its bottom/right paddi
 
 def cache_host(server: LoopbackServer) -> str:
     return server.url.split("//")[1].replace(":", "_")
-
-
-def cached_chunk_files(cache_dir: pathlib.Path) -> list[pathlib.Path]:
-    return [
-        path for path in cache_dir.rglob("*")
-        if path.is_file() and INCOMPLETE_DIR not in path.parts and "/0/" in path.as_posix()
-        and not path.name.startswith(".") and not path.name.endswith(".absent")
-    ]
-
-
-def assert_cache_holds_only_whole_chunks(cache_dir: pathlib.Path, mirror: pathlib.Path, server_url_host: str):
-    """Every cached chunk is byte-identical to the served file: nothing partial where the cache looks."""
-    for path in cached_chunk_files(cache_dir):
-        relative = path.relative_to(cache_dir / server_url_host)
-        assert path.read_bytes() == (mirror / relative).read_bytes(), f"partial or wrong chunk {relative}"
 
 
 class OverlapServer(LoopbackServer):
@@ -118,11 +104,13 @@ def test_first_open_fetches_each_file_once_and_a_second_process_fetches_nothing(
         assert np.array_equal(segment.inklabels, server_layout.labels // 255)
         mask_url = f"/{SERVER_PATHS['1']}/{SERVER_SEGMENT_ID}/{SERVER_SEGMENT_ID}_mask.png"
         labels_url = f"/{SERVER_SEGMENTS}/{SERVER_SEGMENT_ID}_inklabels.png"
-        assert server.requests_by_kind() == {"metadata": 2, "image": 2, "chunk": 0, "not_found": 0}
-        assert server.requests[mask_url] == 1 and server.requests[labels_url] == 1
+        # No negatives image beside this segment: its 404 is believed when it repeats, then remembered.
+        negatives_url = f"/{SERVER_SEGMENTS}/{SERVER_SEGMENT_ID}_negatives.png"
+        assert server.requests_by_kind() == {"metadata": 2, "image": 4, "chunk": 0, "not_found": 2}
+        assert server.requests[mask_url] == 1 and server.requests[labels_url] == 1 and server.requests[negatives_url] == 2
         assert np.array_equal(segment.volume[:, :, :], server_layout.volume)
         # Each present chunk once; each absent one twice (a 404 is believed when it repeats), then never again.
-        assert server.chunk_requests() == CHUNKS_PRESENT + 2 * 17 and server.requests_by_kind()["not_found"] == 2 * 17
+        assert server.chunk_requests() == CHUNKS_PRESENT + 2 * 17 and server.requests_by_kind()["not_found"] == 2 * 17 + 2
         requests_before = sum(server.requests.values())
         code = (
             "import numpy as np; from pretrain.data.segment import open_segment; "
@@ -230,8 +218,9 @@ def test_download_killed_midway_leaves_no_partial_chunk_and_resumes(tmp_path):
         requests_before = server.requests.copy()
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0
-        # Complete: nothing is fetched; only the labels, remembered as absent, are asked about again.
-        assert server.requests - requests_before == {f"/{SERVER_SEGMENTS}/{segment_id}_inklabels.png": 1}
+        # Complete: nothing is fetched; only the labels and negatives, remembered as absent, are asked about again.
+        assert server.requests - requests_before == {f"/{SERVER_SEGMENTS}/{segment_id}_inklabels.png": 1,
+                                                     f"/{SERVER_SEGMENTS}/{segment_id}_negatives.png": 1}
     assert_cache_holds_only_whole_chunks(cache, mirror, cache_host(server))
     # The server is stopped now: a fully cached segment opens and reads offline, without a warning.
     offline = open_segment(segment_id, cache_dir=cache, data_url=env["VESUVIUS_DATA_URL"], http_retries=0)

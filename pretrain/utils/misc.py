@@ -61,8 +61,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Delete temp files a killed run left behind in `folder` (they are never read)."""
-    for temporary in pathlib.Path(folder).glob(".*.tmp"):
+    """Delete temp files a killed run left behind in `folder` and its subfolders (they are never read)."""
+    for temporary in pathlib.Path(folder).rglob(".*.tmp"):
         temporary.unlink(missing_ok=True)
 
 
