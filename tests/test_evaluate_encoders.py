@@ -1,5 +1,6 @@
 """The encoder evaluation command runs the probe for each encoder under identical settings and tabulates it."""
 import csv
+import json
 import subprocess
 import sys
 
@@ -25,7 +26,12 @@ def test_evaluation_writes_table_csv_and_one_image_per_encoder(labelled_segment_
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "evaluation" / "encoders.csv")))
     assert [(row["encoder"], row["mode"]) for row in rows] == [("random", "probe"), ("other", "probe")]
-    assert all(0 <= float(row["val_f05"]) <= 1 and float(row["training_seconds"]) > 0 for row in rows)
+    for row in rows:  # each row is its run's epoch of lowest validation loss, as that run logged it
+        records = [json.loads(line) for line in open(tmp_path / "evaluation" / "runs" / f"{row['encoder']}_probe" / "log.jsonl")]
+        epochs = [record for record in records if record["event"] == "epoch"]
+        best = min(epochs, key=lambda record: record["val_loss"])
+        assert float(row["val_f05"]) == best["val_f05"] and int(row["best_epoch"]) == best["epoch"]
+        assert float(row["training_seconds"]) == epochs[-1]["training_seconds"] > 0  # the whole run's
     table = (tmp_path / "evaluation" / "encoders.md").read_text()
     assert "| random | probe |" in table and "| other | probe |" in table
     for name in ("random_probe.png", "other_probe.png"):
