@@ -49,7 +49,8 @@ def header(results: dict) -> list[str]:
              "other jobs may have shared it. Every number below is what the runs measured; each section names the "
              "command that measured it, and the report is rewritten from `experiments/report/results/` each time.",
              "", "## Setup", "",
-             f"- **Segment**: its labels mark {ink_fraction:.1%} of the papyrus as ink, so calling every pixel ink "
+             f"- **Segment** `{results['ink_maps']['random']['segment']}`: its labels mark {ink_fraction:.1%} of the "
+             "papyrus as ink, so calling every pixel ink "
              f"scores F0.5 {all_ink_f05(ink_fraction):.3f}: that is chance."]
     for name, run_results in pretraining.items():
         records = run_results["epochs"]
