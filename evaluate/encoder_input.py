@@ -6,6 +6,7 @@ default to the checkpoint's own settings. A value given that contradicts them is
 warns), exactly as in fine-tuning: `pretrain.checkpoint.resolve_input_settings`.
 """
 import argparse
+import pathlib
 import sys
 
 import torch
@@ -53,6 +54,18 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"depth window along the recto surface, True or False [{DEFAULTS.follow_surface}]")
     group.add_argument("--normalization", choices=NORMALIZATIONS, help=f"voxel scaling [{DEFAULTS.normalization}]")
     group.add_argument("--tile_size", type=int, help=f"tile side in pixels, a multiple of 32 [{DEFAULTS.tile_size}]")
+
+
+def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the settings after `--` that go to every finetune/train.py run)."""
+    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+
+
+def name_encoders(args: argparse.Namespace, no_weights: tuple[str, ...]) -> None:
+    """args.names: as given, or each checkpoint's file name (`no_weights` names stay as they are)."""
+    args.names = args.names or [path if path in no_weights else pathlib.Path(path).stem for path in args.encoders]
+    if len(args.names) != len(args.encoders):
+        raise EvaluationError(f"{len(args.names)} names for {len(args.encoders)} encoders")
 
 
 def given_settings(args: argparse.Namespace) -> dict:

@@ -83,16 +83,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/encoder_evaluation"),
                         help="folder for the table, the images and the runs")
     args = parser.parse_args(argv)
-    args.names = args.names or [pathlib.Path(path).stem if path != "random" else "random" for path in args.encoders]
-    if len(args.names) != len(args.encoders):
-        raise encoder_input.EvaluationError(f"{len(args.names)} names for {len(args.encoders)} encoders")
+    encoder_input.name_encoders(args, ("random",))
     return args
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = encoder_input.split_at_double_dash(sys.argv[1:])
+    args = parse_args(own)
     settings = encoder_input.common_settings(args.encoders, args)  # checks every file exists and reads
     args.output.mkdir(parents=True, exist_ok=True)
 

@@ -304,16 +304,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/label_efficiency"),
                         help="folder for the tables, the plot and the runs")
     args = parser.parse_args(argv)
-    args.names = args.names or [path if path in SCRATCH else pathlib.Path(path).stem for path in args.encoders]
-    if len(args.names) != len(args.encoders):
-        raise encoder_input.EvaluationError(f"{len(args.names)} names for {len(args.encoders)} encoders")
+    encoder_input.name_encoders(args, SCRATCH)
     return args
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    own, extra = encoder_input.split_at_double_dash(sys.argv[1:])
+    args = parse_args(own)
     pretrained = [path for path in args.encoders if path not in SCRATCH]
     settings = encoder_input.common_settings(pretrained or ["random"], args)
     segment = open_segment(args.segment)

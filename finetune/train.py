@@ -233,15 +233,6 @@ def resume_point(config, settings: InputSettings, checkpoint_path: pathlib.Path,
     return state, saved
 
 
-def load_saved(checkpoint_path: pathlib.Path, saved: dict, model, optimizer, state: RunState, config) -> None:
-    mismatch = checkpoint.describe_state_dict_mismatch(model.state_dict(), saved["model"])
-    if mismatch:
-        raise checkpoint.CheckpointError(f"{checkpoint_path} does not fit this run's model ({mismatch}); set another exp_name")
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    print(f"resumed from {checkpoint_path}: round {state.round}, epoch {state.epoch} of {config.NUM_EPOCHS} done")
-
-
 def save_checkpoint(path: pathlib.Path, config, settings: InputSettings, model, state: RunState, optimizer=None) -> None:
     """Weights, settings and state; with the optimizer too when it is for resuming."""
     if dist.is_master():
@@ -441,7 +432,9 @@ def train_round(config, settings, weights, segment: Segment, human: Labels, held
     model = build_model(config, settings, weights).to(device)
     optimizer = torch.optim.AdamW(schedule.parameter_groups(model), lr=config.LR, weight_decay=config.WEIGHT_DECAY)
     if saved is not None:
-        load_saved(experiment_dir / "last.pth", saved, model, optimizer, state, config)
+        checkpoint.restore(saved, model, optimizer, str(experiment_dir / "last.pth"))
+        print(f"resumed from {experiment_dir / 'last.pth'}: round {state.round}, epoch {state.epoch} of "
+              f"{config.NUM_EPOCHS} done")
     loaders = build_loaders(config, settings, labelled, train_origins, held_out, device)
 
     # From here on the run writes.

@@ -140,6 +140,15 @@ def encoder_weights(path: str | os.PathLike, in_channels: int = 1) -> EncoderWei
     return EncoderWeights(state, input_settings(checkpoint), f"{KIND_NAMES[kind]} weights{when} from {path}")
 
 
+def restore(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: str) -> None:
+    """Load a resume checkpoint's model (strictly) and optimizer state; weights that do not fit are one error."""
+    mismatch = describe_state_dict_mismatch(model.state_dict(), saved["model"])
+    if mismatch:
+        raise CheckpointError(f"{source} does not fit this run's model ({mismatch}); start another run folder")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+
+
 def resolve_input_settings(weights: EncoderWeights | None, given: dict, defaults: InputSettings,
                            setting_names: dict[str, str]) -> InputSettings:
     """The input settings to use an encoder with: the user's where they gave a value (`given`, by InputSettings

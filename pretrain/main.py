@@ -86,11 +86,7 @@ def load_start_state(args: arg_util.Args, model: SparK3d | VICReg, optimizer: to
             raise checkpoint.CheckpointError(
                 f"{resume_from} was pretrained on {settings.describe()}; this run reads {args.input_settings().describe()} "
                 "(resume with the same data settings, or start another exp_dir)")
-        mismatch = checkpoint.describe_state_dict_mismatch(model.state_dict(), saved["model"])
-        if mismatch:
-            raise checkpoint.CheckpointError(f"{resume_from} does not fit this model: {mismatch}")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        checkpoint.restore(saved, model, optimizer, resume_from)
         print(f"resumed from {resume_from}: epoch {saved['epoch'] + 1} of {args.ep} done")
         return saved["epoch"] + 1, saved["global_step"]
     if args.init_weight:

@@ -144,7 +144,7 @@ def server_layout(tmp_path_factory) -> ServerLayout:
     return ServerLayout(root, volume, mask, labels, layer_volume, layer_mask)
 
 
-def hara_checkpoint(classes: int, module_prefix: bool, layers=(2, 2, 2, 2)) -> tuple[dict, "ResNet3d"]:
+def hara_checkpoint(classes: int, module_prefix: bool, layers=(2, 2, 2, 2)) -> tuple:
     """A checkpoint with the exact key layout of Hara's 3D-ResNets-PyTorch releases (3-channel conv1, fc), at the
     tiny test width, and the model it holds."""
     import torch

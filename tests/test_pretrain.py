@@ -1,7 +1,6 @@
 """`python pretrain/main.py` end to end on a tiny model and segment: outputs, resume, torchrun, errors."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
