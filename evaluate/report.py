@@ -42,12 +42,19 @@ class StepError(RuntimeError):
     """A step's command failed; its own error line was printed above."""
 
 
-def run_step(name: str, command: list[str]) -> str:
-    """Run a repository script with this Python; returns the command as a person would type it."""
+def run_step(name: str, command: list[str], output: pathlib.Path | None = None) -> str:
+    """Run a repository script with this Python; returns the command as a person would type it. With `output` (a
+    file the step writes last), a step that already finished with the same command is not run again."""
     printable = shlex.join(["python", *command])
+    record = output.with_name(output.name + ".command") if output is not None else None
+    if record is not None and output.is_file() and record.is_file() and record.read_text() == printable:
+        print(f"\n== {name}: finished earlier with the same command: {printable}", flush=True)
+        return printable
     print(f"\n== {name}: {printable}", flush=True)
     if subprocess.run([sys.executable, *command], cwd=REPO_ROOT).returncode != 0:
         raise StepError(f"step '{name}' failed; its error is printed above")
+    if record is not None:
+        write_bytes_atomic(record, printable.encode())
     return printable
 
 
@@ -175,7 +182,8 @@ def representations(args, encoders: dict) -> None:
         args.work / "spark" / "epochs" / f"{args.model}_timm_style_ep{epoch:03d}.pth") for epoch in spark_epochs},
         "vicreg": encoders["vicreg"]}
     command = run_step("CKA", ["evaluate/cka.py", "--checkpoints", *cka_checkpoints.values(), "--labels",
-                               *cka_checkpoints, "--output", str(args.work / "cka"), *feature_options])
+                               *cka_checkpoints, "--output", str(args.work / "cka"), *feature_options],
+                       args.work / "cka" / "cka.csv")
     save_results(args, "cka", {"command": command, "spark_epochs": spark_epochs,
                                "rows": list(csv.DictReader(open(args.work / "cka" / "cka.csv"))),
                                "heatmap": str(args.work / "cka" / "cka_linear_stage4.png")})
@@ -183,7 +191,7 @@ def representations(args, encoders: dict) -> None:
     for name in ("random", "spark", "vicreg"):
         folder = args.work / "ink_map" / name
         command = run_step(f"ink map, {name}", ["evaluate/ink_map.py", "--checkpoint", encoders.get(name, "random"),
-                                                "--output", str(folder), *feature_options])
+                                                "--output", str(folder), *feature_options], folder / "ink_map.json")
         ink_maps[name] = {"command": command, **json.loads((folder / "ink_map.json").read_text()),
                           "map": str(folder / "pca_best.png")}
     save_results(args, "ink_maps", ink_maps)
