@@ -80,8 +80,8 @@ MIN_TILES_PER_EPOCH = 512
 # without. Off by default: with the demo's full labels every augmentation tried delayed learning past the
 # 20-minute CPU budget (notes/finetune.md).
 data_augmentation = False
-# self-training (scheme "iterative"): after training on the labels, predict the region and train afresh on the
-# labels plus pseudo-labels, this many times. Each round is recorded in its own round_NN/ (see README).
+# self-training (scheme "iterative"): after training on the labels, predict the region and go on training the model
+# on the labels plus pseudo-labels, this many times. Each round is recorded in its own round_NN/ (see README).
 SELF_TRAINING_ROUNDS = 0
 PSEUDO_INK_THRESHOLD = 0.8  # a prediction at least this high becomes an ink pseudo-label
 PSEUDO_NOT_INK_THRESHOLD = 0.2  # at most this low: a not-ink pseudo-label; in between: unknown
@@ -312,8 +312,9 @@ def predict_and_write(config, settings, model, segment, human: Labels, labels_yx
                       human_origins, state, experiment_dir, device, log, tensorboard) -> np.ndarray:
     """The whole-segment prediction with the best weights, its metrics (against the human labels, where the human
     labels chose the tiles, so every round is measured alike), and every output file. Returns the (Y, X) map."""
-    dist.barrier()  # rank 0 wrote best.pth
-    model.load_state_dict(checkpoint.read(experiment_dir / "best.pth")["model"])
+    if held_out is not None:  # scheme "validation"; in "iterative" the best weights are the last epoch's, in `model`
+        dist.barrier()  # rank 0 wrote best.pth
+        model.load_state_dict(checkpoint.read(experiment_dir / "best.pth")["model"])
     started = time.time()
     probabilities_yx = inference.predict_segment(
         model, segment, human.region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(),
@@ -404,9 +405,10 @@ def round_labels(config, state: RunState, human: Labels, segment: Segment, exper
     return data.training_labels(ink_yx, negatives_yx), source
 
 
-def next_round(config, state: RunState, probabilities_yx: np.ndarray, human: Labels, segment: Segment,
-               experiment_dir: pathlib.Path) -> RunState:
-    """Write the pseudo-labels of this round's prediction into the next round's folder, and its fresh state."""
+def next_round(config, state: RunState, probabilities_yx: np.ndarray, model, settings: InputSettings, human: Labels,
+               segment: Segment, experiment_dir: pathlib.Path) -> RunState:
+    """Write the pseudo-labels of this round's prediction, and the model that made it (the next round starts from
+    it), into the next round's folder; returns the next round's fresh state."""
     pseudo_yx = data.pseudo_labels(probabilities_yx, human.region_yx, human.training_yx == 1, human.negatives_yx,
                                    config.PSEUDO_INK_THRESHOLD, config.PSEUDO_NOT_INK_THRESHOLD)
     following = RunState(round=state.round + 1, labels_digest=state.labels_digest,
@@ -414,6 +416,8 @@ def next_round(config, state: RunState, probabilities_yx: np.ndarray, human: Lab
     if dist.is_master():
         folder = experiment_dir / f"round_{following.round:02d}"
         outputs.write_round_labels(folder, pseudo_yx, segment.mask)
+        checkpoint.save(folder / "start.pth", "finetune", model.state_dict(), settings, config=config.as_dict(),
+                        state=dataclasses.asdict(state))
         print(f"self-training round {following.self_training_round}: pseudo-labels in {folder} "
               f"({np.count_nonzero(pseudo_yx == 1)} ink, {np.count_nonzero(pseudo_yx == 0)} not-ink pixels)")
     dist.barrier()  # the other ranks read the labels rank 0 wrote
@@ -422,8 +426,10 @@ def next_round(config, state: RunState, probabilities_yx: np.ndarray, human: Lab
 
 def train_round(config, settings, weights, segment: Segment, human: Labels, held_out, human_origins, state: RunState,
                 saved: dict | None, experiment_dir: pathlib.Path, device):
-    """Train one round from scratch (or from `saved`, mid-round) and predict; returns the prediction, or None when
-    the run stopped early (STOP_AFTER_EPOCHS)."""
+    """Train one round and predict; returns (the prediction, the model), or (None, the model) when the run stopped
+    early (STOP_AFTER_EPOCHS). A round starts from `saved` when it continues mid-round; a self-training round
+    otherwise from the previous round's model (round_NN/start.pth): trained afresh, a round on the pseudo-labels
+    did not take off within the demo's 20 epochs (notes/finetune.md)."""
     labels_yx, label_source = round_labels(config, state, human, segment, experiment_dir)
     labelled = dataclasses.replace(segment, inklabels=labels_yx)
     painted_chooses = human.negatives_yx is not None and state.self_training_round == 0
@@ -435,6 +441,10 @@ def train_round(config, settings, weights, segment: Segment, human: Labels, held
         checkpoint.restore(saved, model, optimizer, str(experiment_dir / "last.pth"))
         print(f"resumed from {experiment_dir / 'last.pth'}: round {state.round}, epoch {state.epoch} of "
               f"{config.NUM_EPOCHS} done")
+    elif state.self_training_round:
+        start = experiment_dir / f"round_{state.round:02d}" / "start.pth"
+        model.load_state_dict(checkpoint.read(start)["model"])
+        print(f"round {state.round} starts from round {state.round - 1}'s model ({start})")
     loaders = build_loaders(config, settings, labelled, train_origins, held_out, device)
 
     # From here on the run writes.
@@ -462,7 +472,7 @@ def train_round(config, settings, weights, segment: Segment, human: Labels, held
         probabilities_yx = predict_and_write(config, settings, model, segment, human, labels_yx, label_source, held_out,
                                              human_origins, state, experiment_dir, device, log, tensorboard)
     tensorboard.close()
-    return probabilities_yx
+    return probabilities_yx, model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,11 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                                     painted_chooses=human.negatives_yx is not None)
     state, saved = resume_point(config, settings, experiment_dir / "last.pth", human.digest())
     while True:
-        probabilities_yx = train_round(config, settings, weights, segment, human, held_out, human_origins, state,
-                                       saved, experiment_dir, device)
+        probabilities_yx, model = train_round(config, settings, weights, segment, human, held_out, human_origins,
+                                              state, saved, experiment_dir, device)
         if probabilities_yx is None or state.self_training_round >= config.SELF_TRAINING_ROUNDS:
             return 0
-        state, saved = next_round(config, state, probabilities_yx, human, segment, experiment_dir), None
+        state, saved = next_round(config, state, probabilities_yx, model, settings, human, segment, experiment_dir), None
 
 
 if __name__ == "__main__":
