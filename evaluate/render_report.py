@@ -175,6 +175,11 @@ def what_it_means(results: dict) -> list[str]:
                         "ink features rather than the probe failing to read them." if works else
                         "even that stays near chance, so the probe cannot read ink from frozen features here and says "
                         "nothing about the encoders."))
+    measured = ", ".join(f"{name} ({run['description']})" for name, run in results["pretraining"].items())
+    lines.append(f"- **Objectives measured**: {measured}. The objectives that published work suggests for fine, rare "
+                 "texture (sub-stroke masking, a high-frequency or local-contrast target, whole-UNet restoration "
+                 "pretraining in the style of Models Genesis; shared/REFERENCES.md) are in this report only where "
+                 "listed here, as `--variants` runs.")
     return lines
 
 
