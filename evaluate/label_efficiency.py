@@ -46,7 +46,7 @@ import tqdm  # noqa: E402
 
 from evaluate import encoder_input  # noqa: E402
 from evaluate.encoders import input_overrides  # noqa: E402
-from finetune.metrics import ink_metrics  # noqa: E402
+from finetune.metrics import all_ink_f05, ink_metrics  # noqa: E402
 from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain.data.patches import InputSettings  # noqa: E402
 from pretrain.data.segment import Segment, open_segment  # noqa: E402
@@ -66,6 +66,7 @@ class Regions:
     label_yx: np.ndarray
     score_yx: np.ndarray
     description: str
+    chance_f05: float  # F0.5 of calling every scored pixel ink
 
 
 def regions(segment: Segment, label_part: float, score_part: float) -> Regions:
@@ -84,9 +85,12 @@ def regions(segment: Segment, label_part: float, score_part: float) -> Regions:
         label_yx[:, :label_end], score_yx[:, score_start:] = True, True
     else:
         label_yx[:label_end], score_yx[score_start:] = True, True
+    score_yx &= segment.mask
+    chance_f05 = all_ink_f05(float((segment.inklabels[score_yx] > 0).mean()))
     description = (f"glyphs labelled at {axis} < {label_end}, predictions scored on the papyrus at {axis} ≥ "
-                   f"{score_start}, {score_start - label_end} pixels away")
-    return Regions(label_yx, score_yx & segment.mask, description)
+                   f"{score_start}, {score_start - label_end} pixels away (chance there, calling every pixel ink: "
+                   f"F0.5 {chance_f05:.3f})")
+    return Regions(label_yx, score_yx, description, chance_f05)
 
 
 def glyphs(inklabels_yx: np.ndarray, label_yx: np.ndarray, min_pixels: int) -> list[np.ndarray]:
@@ -200,9 +204,10 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
-def verdict(rows: list[dict]) -> str:
+def verdict(rows: list[dict], chance_f05: float) -> str:
     """Whether a pretrained encoder beats scratch (same mode) by GOAL_MARGIN F0.5 with at most GOAL_MAX_GLYPHS
-    glyphs, beyond the seed spread (its worst seed above scratch's best)."""
+    glyphs, beyond the seed spread (its worst seed above scratch's best); each win names its worst seed and chance,
+    because a win over a scratch that stayed at chance can rest on a worst seed that is barely above it."""
     by_key = {(row["encoder"], row["mode"], row["glyphs"]): row for row in rows}
     wins, closest = [], None
     for (encoder, mode, count), row in by_key.items():
@@ -211,7 +216,8 @@ def verdict(rows: list[dict]) -> str:
             continue
         gain = row["f05_mean"] - scratch["f05_mean"]
         if gain >= GOAL_MARGIN and row["f05_min"] > scratch["f05_max"]:
-            wins.append(f"{encoder} ({mode}) with {count} glyph(s): {gain:+.3f}")
+            wins.append(f"{encoder} ({mode}) with {count} glyph(s): {gain:+.3f} (worst seed {row['f05_min']:.3f}, "
+                        f"scratch's best {scratch['f05_max']:.3f}, chance {chance_f05:.3f})")
         if closest is None or gain > closest[0]:
             closest = (gain, f"{encoder} ({mode}) with {count} glyph(s)")
     if wins:
@@ -222,7 +228,7 @@ def verdict(rows: list[dict]) -> str:
             f"most {GOAL_MAX_GLYPHS} glyphs; the largest mean gain is {closest[0]:+.3f} ({closest[1]}).")
 
 
-def markdown(rows: list[dict], description: str) -> str:
+def markdown(rows: list[dict], description: str, chance_f05: float) -> str:
     counts = sorted({row["glyphs"] for row in rows})
     lines = [description, "", "F0.5 at the best threshold (mean over seeds, min – max), then AUC, on the scoring region:",
              "", "| encoder | mode | " + " | ".join(f"{count} glyph(s)" for count in counts) + " | training time per run |",
@@ -241,7 +247,7 @@ def markdown(rows: list[dict], description: str) -> str:
         cells = [f"{by_count[count]['auc_mean']:.3f} ({by_count[count]['auc_min']:.3f} – {by_count[count]['auc_max']:.3f})"
                  if count in by_count else "–" for count in counts]
         lines.append(f"| {encoder} | {mode} | " + " | ".join(cells) + " |")
-    lines += ["", f"Does a pretrained encoder find ink with fewer labels? {verdict(rows)}", ""]
+    lines += ["", f"Does a pretrained encoder find ink with fewer labels? {verdict(rows, chance_f05)}", ""]
     return "\n".join(lines)
 
 
@@ -338,11 +344,11 @@ def main() -> int:
     rows = summarise(results)
     write_csv(args.output / "runs.csv", results)
     write_csv(args.output / "label_efficiency.csv", rows)
-    write_bytes_atomic(args.output / "label_efficiency.md", markdown(rows, description).encode())
+    write_bytes_atomic(args.output / "label_efficiency.md", markdown(rows, description, scoring.chance_f05).encode())
     write_bytes_atomic(args.output / "label_efficiency.json", json.dumps(
-        {"description": description, "summary": rows, "verdict": verdict(rows)}, indent=1).encode())
+        {"description": description, "summary": rows, "verdict": verdict(rows, scoring.chance_f05)}, indent=1).encode())
     plot(rows, args.output / "label_efficiency.png", f"{segment.name}: {settings.describe()}")
-    print(markdown(rows, description))
+    print(markdown(rows, description, scoring.chance_f05))
     print(f"written to {args.output}")
     return 0
 

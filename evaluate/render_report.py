@@ -17,16 +17,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import cv2  # noqa: E402
 
+from finetune.metrics import all_ink_f05  # noqa: E402
 from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
 
 FIGURE_WIDTH = 512  # pixels: figures stay small PNGs in the repository
 STEPS = ("run", "pretraining", "label_efficiency", "probes", "cka", "ink_maps")
-
-
-def all_ink_f05(ink_fraction: float) -> float:
-    """F0.5 of calling every pixel ink: precision = the ink fraction, recall = 1."""
-    return 1.25 * ink_fraction / (0.25 * ink_fraction + 1)
 
 
 def copy_figure(source: str, images: pathlib.Path, name: str) -> str:

@@ -30,6 +30,11 @@ class InkMetrics:
         return {f"{prefix}{key}": value for key, value in dataclasses.asdict(self).items()}
 
 
+def all_ink_f05(ink_fraction: float) -> float:
+    """F0.5 of calling every pixel ink, the chance level: precision = the ink fraction, recall = 1."""
+    return (1 + BETA**2) * ink_fraction / (BETA**2 * ink_fraction + 1)
+
+
 def roc_auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve as the Mann-Whitney statistic; nan without both classes."""
     is_ink = labels.astype(bool).ravel()

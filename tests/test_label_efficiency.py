@@ -6,6 +6,7 @@ import sys
 
 import cv2
 import numpy as np
+import pytest
 import scipy.ndimage
 import torch
 
@@ -35,6 +36,9 @@ def test_glyph_sets_are_reproducible_nested_and_far_from_the_scoring_region(labe
     assert not np.array_equal(label_efficiency.glyph_labels(found, segment.shape[1:], 0, 2),
                               label_efficiency.glyph_labels(found, segment.shape[1:], 1, 2))
     assert regions.score_yx.any() and not (regions.score_yx & ~segment.mask).any()
+    # Chance is F0.5 of calling every scored pixel ink: precision = its ink fraction q, recall = 1.
+    q = segment.inklabels[regions.score_yx].astype(bool).mean()
+    assert 0 < q < 1 and regions.chance_f05 == pytest.approx(1.25 * q / (0.25 * q + 1))
 
 
 def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, tmp_path):
