@@ -103,7 +103,16 @@ def _older_format(checkpoint: dict, path: pathlib.Path) -> dict:
 
 def input_settings(checkpoint: dict) -> InputSettings | None:
     """The input settings a checkpoint records (None for a bare state dict or a Kinetics file)."""
-    return None if checkpoint["input"] is None else InputSettings.from_dict(checkpoint["input"])
+    if checkpoint["input"] is None:
+        return None
+    settings = InputSettings.from_dict(checkpoint["input"])
+    pretrained_by_vicreg = checkpoint["kind"] == "vicreg" or (checkpoint["kind"] == "encoder"
+                                                              and checkpoint.get("method") == "vicreg")
+    if pretrained_by_vicreg and settings.normalization == "range":
+        # Files written before VICReg recorded its own standardisation name the reader's "range", but the
+        # encoder saw every view standardised: "zscore" is what it was trained on.
+        return dataclasses.replace(settings, normalization="zscore")
+    return settings
 
 
 @dataclasses.dataclass

@@ -199,7 +199,7 @@ def build_loader(args: arg_util.Args, segments: list, device: torch.device) -> t
     """The method's random-crop dataset behind an EpochSampler: this rank's share of every epoch's crops."""
     dataset_class = TwoViewDataset if args.method == "vicreg" else RandomPatchDataset
     try:
-        dataset = dataset_class(segments, args.input_settings(), samples_per_epoch=args.samples_per_ep,
+        dataset = dataset_class(segments, args.reader_settings(), samples_per_epoch=args.samples_per_ep,
                                 min_mask_fraction=args.min_mask_fraction, seed=args.seed)
     except ValueError as error:  # SegmentError included: a window or tile the segments cannot give
         raise arg_util.ArgumentError(str(error)) from error

@@ -1,6 +1,6 @@
 """VICReg on two views of a tile: the second pretraining method (as in the "Vesuvius Pretraining" write-up).
 
-Each view is instance-normalised, encoded by the same 3D ResNet, average-pooled into an embedding and
+Each view is standardised (zero mean, unit variance), encoded by the same 3D ResNet, average-pooled into an embedding and
 expanded by a projector MLP. The loss (Bardes, Ponce & LeCun 2022) on the projector outputs z1, z2 (B, E):
 
     invariance  = mean((z1 - z2)²)
@@ -11,12 +11,17 @@ expanded by a projector MLP. The loss (Bardes, Ponce & LeCun 2022) on the projec
 Why an own loss rather than `lightly`'s: lightly pulls in torchvision's C++ ops and a dozen packages for
 ten lines of arithmetic; tests check these lines against the formulas. Under torchrun, embeddings are
 gathered across processes (with gradients) so the variance and covariance see the global batch.
+
+The standardisation runs inside the model, after the augmentations (noise, blur and dropout are defined on
+range-scaled voxels), with the tile reader's "zscore" formula: a VICReg run records "zscore" as its input
+normalisation, so fine-tuning and evaluation feed its encoder what it was trained on.
 """
 import torch
 import torch.distributed.nn
 from torch import nn
 
 from pretrain import dist
+from pretrain.data.patches import ZSCORE_EPSILON
 from pretrain.models.resnet3d import ResNet3d
 
 VARIANCE_EPSILON = 1e-4
@@ -42,6 +47,14 @@ def vicreg_terms(z1_be: torch.Tensor, z2_be: torch.Tensor) -> dict[str, torch.Te
     return {"invariance": invariance, "variance": variance, "covariance": covariance}
 
 
+def standardize(view_bcdhw: torch.Tensor) -> torch.Tensor:
+    """Each view (B, 1, D, H, W) to zero mean and unit variance over its voxels: the formula of the tile reader's
+    "zscore" normalisation (pretrain.data.patches.normalize_patch), so both give the encoder the same input."""
+    mean_b1111 = view_bcdhw.mean(dim=(1, 2, 3, 4), keepdim=True)
+    std_b1111 = view_bcdhw.std(dim=(1, 2, 3, 4), keepdim=True, correction=0)
+    return (view_bcdhw - mean_b1111) / (std_b1111 + ZSCORE_EPSILON)
+
+
 def projector(in_features: int, sizes: list[int]) -> nn.Sequential:
     """Expander MLP: Linear-BN-ReLU blocks, then a plain Linear (as VICReg)."""
     layers, width = [], in_features
@@ -56,14 +69,13 @@ class VICReg(nn.Module):
     def __init__(self, encoder: ResNet3d, projector_sizes: list[int], invariance_weight: float = 25.0,
                  variance_weight: float = 25.0, covariance_weight: float = 1.0) -> None:
         super().__init__()
-        self.input_norm = nn.InstanceNorm3d(1)  # each view to zero mean, unit variance
         self.encoder = encoder
         self.projector = projector(encoder.get_feature_map_channels()[-1], projector_sizes)
         self.weights = {"invariance": invariance_weight, "variance": variance_weight, "covariance": covariance_weight}
 
     def embed(self, view_bcdhw: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) → pooled stage-4 embedding (B, C)."""
-        stage4_bcdhw = self.encoder(self.input_norm(view_bcdhw), hierarchical=True)[-1]
+        stage4_bcdhw = self.encoder(standardize(view_bcdhw), hierarchical=True)[-1]
         return stage4_bcdhw.mean(dim=(2, 3, 4))
 
     def forward(self, view1_bcdhw: torch.Tensor, view2_bcdhw: torch.Tensor) -> tuple[torch.Tensor, dict]:

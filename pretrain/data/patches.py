@@ -21,6 +21,9 @@ import torch
 from pretrain.data.segment import Segment, SegmentError
 
 NORMALIZATIONS = ("range", "clip", "zscore")
+# "zscore" divides by (standard deviation + ZSCORE_EPSILON); VICReg standardises its views with the same formula
+# (pretrain.vicreg.standardize), so its encoders read tiles through "zscore" exactly as they trained.
+ZSCORE_EPSILON = 1e-6
 # A surface-following window searches this many layers above and below the centred window for the surface.
 SURFACE_SEARCH_LAYERS = 8
 SURFACE_SMOOTHING_PX = 4.0  # in-plane smoothing of the found surface: noise moves single columns, not the sheet
@@ -81,7 +84,7 @@ def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[f
         return ((np.clip(patch.astype(np.float32), low, high) - low) / (high - low)).astype(np.float32)
     if mode == "zscore":
         values = patch.astype(np.float32) / maximum
-        return (values - values.mean()) / (values.std() + 1e-6)
+        return (values - values.mean()) / (values.std() + ZSCORE_EPSILON)
     raise ValueError(f"normalization {mode!r} is not one of {NORMALIZATIONS}")
 
 
@@ -149,11 +152,15 @@ class DepthWindow:
             layers = slice(self.layers.start, self.layers.stop + extra_layers)
             return normalize_patch(read_patch(segment, layers, y, x, tile_size), settings.normalization,
                                    settings.clip_window)
-        # Normalised before resampling: "zscore" takes its statistics over the searched slab, not the output.
-        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), settings.normalization,
-                               settings.clip_window)
-        return resample_along_surface(slab, surface_depth(slab), settings.depth_offset - settings.depth // 2,
-                                      settings.depth + extra_layers)
+        # "zscore" takes its statistics over the output window, as it does without surface following (and as
+        # VICReg standardises its views), not over the searched slab, whose extra air and papyrus layers would
+        # set another scale; the surface is found on the range-scaled slab (surface_depth is affine-invariant).
+        zscore = settings.normalization == "zscore"
+        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size),
+                               "range" if zscore else settings.normalization, settings.clip_window)
+        window = resample_along_surface(slab, surface_depth(slab), settings.depth_offset - settings.depth // 2,
+                                        settings.depth + extra_layers)
+        return (window - window.mean()) / (window.std() + ZSCORE_EPSILON) if zscore else window
 
 
 def _block_fractions(image_yx: np.ndarray, block: int) -> np.ndarray:

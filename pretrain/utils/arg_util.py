@@ -4,6 +4,7 @@
 The defaults pretrain the 3D ResNet-50 on the generated demo segment in about 15 minutes on a 2-core
 CPU. For real segments on a GPU, see the README (ScrollMAE-like: depth 32, input_size 256, bs 8, ep 500+).
 """
+import dataclasses
 import json
 import os
 import sys
@@ -95,6 +96,9 @@ class Args(Tap):
             problems.append(f"mask {self.mask} is not between 0 and 1")
         if self.method not in ("spark", "vicreg"):
             problems.append(f"method {self.method!r} is not 'spark' or 'vicreg'")
+        if self.method == "vicreg" and self.normalization == "clip":
+            problems.append("normalization 'clip' does not fit method 'vicreg': VICReg standardises every view, so "
+                            "its encoder would see a scaling no tile reader gives; use 'range' or 'zscore'")
         if self.method == "vicreg" and self.bs < 2:
             problems.append("VICReg needs bs ≥ 2: its variance and covariance are taken over the batch")
         if len(self.vicreg_weights) != 3:
@@ -117,7 +121,14 @@ class Args(Tap):
         return os.path.join(self.exp_dir, f"{self.model}_timm_style.pth")
 
     def input_settings(self) -> InputSettings:
-        """How tiles are cut and scaled: recorded in every checkpoint, so the encoder is used as it was trained."""
+        """How the encoder sees tiles: recorded in every checkpoint, so the encoder is used as it was trained.
+        VICReg standardises every view inside its model (pretrain.vicreg.standardize, the "zscore" formula), so
+        its encoder sees "zscore" tiles whatever the reader's scaling."""
+        settings = self.reader_settings()
+        return dataclasses.replace(settings, normalization="zscore") if self.method == "vicreg" else settings
+
+    def reader_settings(self) -> InputSettings:
+        """How the pretraining datasets cut and scale tiles, before a method's own normalisation."""
         return InputSettings(model=self.model, depth=self.depth, depth_offset=self.depth_offset,
                              follow_surface=self.follow_surface, normalization=self.normalization,
                              tile_size=self.input_size)
