@@ -15,8 +15,13 @@ the user's.
 Checkpoints are shared between researchers and downloaded, so every file is read with `weights_only=True`: a
 pickle that could call arbitrary code is refused with one line. Besides tensors and plain containers, only numpy's
 RNG state (an array, in older full checkpoints) is allowed.
+
+Every file written records a SHA-256 of its tensors (`checksum`), checked on every read: a flipped byte in a copy or
+download would otherwise load as other weights without a word (torch's zip reader checks no CRC). Files without
+one (older files, foreign state dicts, Kinetics) load unchecked.
 """
 import dataclasses
+import hashlib
 import os
 import pathlib
 import pickle
@@ -46,8 +51,32 @@ def save(path: str | os.PathLike, kind: str, model_state: dict, settings: InputS
     """Write a checkpoint of `kind` atomically: its model state, input settings, git commit and `entries`."""
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind {kind!r} is not one of {KINDS}")
-    save_atomic({"kind": kind, "input": settings.as_dict(), "model": model_state, "commit": git_commit(), **entries},
-                path)
+    contents = {"kind": kind, "input": settings.as_dict(), "model": model_state, "commit": git_commit(), **entries}
+    save_atomic({**contents, "checksum": tensors_checksum(contents)}, path)
+
+
+def tensors_checksum(contents) -> str:
+    """SHA-256 over every tensor (and numpy array) in `contents`, walked in key order, each with its key path,
+    dtype and shape: another value, dtype or shape, or two tensors swapped, all give another digest."""
+    digest = hashlib.sha256()
+
+    def walk(value, key_path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{key_path}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{key_path}/{index}")
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"{key_path} {value.dtype} {tuple(value.shape)}\n".encode())
+            # Viewed as bytes, so that every dtype (bfloat16 included) hashes without a conversion.
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, np.ndarray):
+            digest.update(f"{key_path} {value.dtype} {value.shape}\n".encode())
+            digest.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+
+    walk(contents, "")
+    return digest.hexdigest()
 
 
 def read(path: str | os.PathLike) -> dict:
@@ -70,6 +99,11 @@ def read(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of weights")
+    if "kind" in checkpoint and isinstance(checkpoint.get("checksum"), str):  # written by save: checked
+        recorded = checkpoint.pop("checksum")
+        if tensors_checksum(checkpoint) != recorded:
+            raise CheckpointError(f"checkpoint {path} is damaged: its tensors no longer match the SHA-256 recorded "
+                                  "when it was written (a corrupted copy or download); copy it again")
     if "kind" in checkpoint:
         if checkpoint["kind"] not in KINDS:
             raise CheckpointError(f"checkpoint {path} is of unknown kind {checkpoint['kind']!r}")

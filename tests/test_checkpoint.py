@@ -151,3 +151,40 @@ def test_input_settings_come_from_the_encoder_unless_given_and_a_contradiction_i
     for encoder in (None, bare):
         assert checkpoint.resolve_input_settings(encoder, {"depth": 24}, defaults, NAMES) == InputSettings(
             model="resnet50_3d_narrow", depth=24, tile_size=48)
+
+
+def test_a_flipped_byte_in_the_tensor_data_is_one_error_line_and_files_without_a_checksum_still_load(tmp_path):
+    weight = torch.arange(4096, dtype=torch.float32)
+    checkpoint.save(tmp_path / "encoder.pth", "encoder", {"weight": weight}, SETTINGS, epoch=1)
+    assert torch.equal(checkpoint.read(tmp_path / "encoder.pth")["model"]["weight"], weight)
+    data = bytearray((tmp_path / "encoder.pth").read_bytes())
+    start = bytes(data).find(weight.numpy().tobytes())  # the tensor's bytes, stored uncompressed in torch's zip
+    assert start > 0
+    data[start + 4 * 1000 + 1] ^= 0x01
+    (tmp_path / "damaged.pth").write_bytes(bytes(data))
+    # What the fault was: torch loads the damaged file without a word, with another weight.
+    loaded = torch.load(tmp_path / "damaged.pth", weights_only=True)["model"]["weight"]
+    assert not torch.equal(loaded, weight)
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        checkpoint.read(tmp_path / "damaged.pth")
+    assert str(raised.value) == (f"checkpoint {tmp_path / 'damaged.pth'} is damaged: its tensors no longer match the "
+                                 "SHA-256 recorded when it was written (a corrupted copy or download); copy it again")
+    # The same contents without a checksum (a file written before checksums) load, unchecked.
+    unchecked = torch.load(tmp_path / "encoder.pth", weights_only=True)
+    del unchecked["checksum"]
+    torch.save(unchecked, tmp_path / "older.pth")
+    assert torch.equal(checkpoint.read(tmp_path / "older.pth")["model"]["weight"], weight)
+
+
+def test_the_checksum_covers_key_paths_dtypes_and_every_kind_of_entry():
+    state = {"a": torch.ones(3), "b": torch.zeros(3)}
+    digest = checkpoint.tensors_checksum({"model": state})
+    assert digest == checkpoint.tensors_checksum({"model": {key: value.clone() for key, value in state.items()}})
+    assert digest != checkpoint.tensors_checksum({"model": {"a": torch.zeros(3), "b": torch.ones(3)}})  # swapped
+    assert digest != checkpoint.tensors_checksum({"model": {"a": torch.ones(3, dtype=torch.float64),
+                                                            "b": torch.zeros(3)}})
+    # Optimizer states (integer keys, lists), bfloat16 and 0-d tensors, numpy arrays: all hashed, none refused.
+    entries = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, dtype=torch.bfloat16)}},
+                             "param_groups": [{"params": [0], "lr": 0.1}]}, "rng": np.arange(4, dtype=np.uint32)}
+    changed = {**entries, "rng": np.arange(1, 5, dtype=np.uint32)}
+    assert checkpoint.tensors_checksum(entries) != checkpoint.tensors_checksum(changed)
