@@ -39,12 +39,12 @@ import shutil
 import uuid
 import warnings
 
-import cv2
 import numpy as np
 import tqdm
 import zarr
 import zarr.core.sync
 
+from pretrain.data.images import decode_image, image_header
 from pretrain.data.remote import (
     CachedHTTPStore,
     RemoteAuthError,
@@ -166,22 +166,33 @@ def open_segment(
 # ---------------------------------------------------------------- labels and mask
 
 
+def _label_fit(shape_yx: tuple[int, int], description: str, expected_yx: tuple[int, int]) -> str:
+    """How a label image of `shape_yx` fits the volume: "exact", "crop" (larger by less than a tile at the
+    bottom/right: padding) or "pad" (smaller by less than a tile); any other shape is an error naming both."""
+    if shape_yx == expected_yx:
+        return "exact"
+    extra_height, extra_width = shape_yx[0] - expected_yx[0], shape_yx[1] - expected_yx[1]
+    if 0 <= extra_height < LABEL_PADDING_TILE and 0 <= extra_width < LABEL_PADDING_TILE:
+        return "crop"
+    if -LABEL_PADDING_TILE < extra_height <= 0 and -LABEL_PADDING_TILE < extra_width <= 0:
+        return "pad"
+    raise SegmentError(f"{description} has shape (Y, X) = {shape_yx}, but the volume's (Y, X) is {expected_yx}")
+
+
 def _fit_to_volume(image_yx: np.ndarray, description: str, expected_yx: tuple[int, int]) -> np.ndarray:
     """Crop bottom/right padding that holds nothing, or pad a slightly smaller image; refuse anything else."""
-    if image_yx.shape == expected_yx:
+    fit = _label_fit(image_yx.shape, description, expected_yx)
+    if fit == "exact":
         return image_yx
     (height, width), (expected_height, expected_width) = image_yx.shape, expected_yx
     both_shapes = f"{description} has shape (Y, X) = {image_yx.shape}, but the volume's (Y, X) is {expected_yx}"
-    extra_height, extra_width = height - expected_height, width - expected_width
-    if 0 <= extra_height < LABEL_PADDING_TILE and 0 <= extra_width < LABEL_PADDING_TILE:
+    if fit == "crop":
         if image_yx[expected_height:].any() or image_yx[:, expected_width:].any():
             raise SegmentError(f"{both_shapes}; its extra rows or columns are not empty, so they are not padding")
         warnings.warn(f"{both_shapes}: cropped its bottom/right padding (which holds nothing)")
         return image_yx[:expected_height, :expected_width]
-    if -LABEL_PADDING_TILE < extra_height <= 0 and -LABEL_PADDING_TILE < extra_width <= 0:
-        warnings.warn(f"{both_shapes}: padded it with zeros at the bottom/right")
-        return np.pad(image_yx, ((0, -extra_height), (0, -extra_width)))
-    raise SegmentError(both_shapes)
+    warnings.warn(f"{both_shapes}: padded it with zeros at the bottom/right")
+    return np.pad(image_yx, ((0, expected_height - height), (0, expected_width - width)))
 
 
 def read_label_image(data: bytes, description: str, expected_shape: tuple[int, int]) -> np.ndarray:
@@ -189,11 +200,18 @@ def read_label_image(data: bytes, description: str, expected_shape: tuple[int, i
 
     An image larger than the volume by less than a tile (`LABEL_PADDING_TILE`) at the bottom/right, with
     nothing in the extra rows and columns, is cropped; one smaller by less than a tile is padded with
-    zeros (each with a warning naming both shapes). Any other shape is an error naming both.
+    zeros (each with a warning naming both shapes). Any other shape is an error naming both, from the
+    image's header, before a pixel is decoded (`pretrain.data.images`: a small file can declare a huge image).
     """
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise SegmentError(f"{description} is not a readable image")
+    expected_shape = tuple(expected_shape)
+    try:
+        header = image_header(data)
+        _label_fit(header.shape_yx, description, expected_shape)
+        image = decode_image(data, header.shape_yx)
+    except SegmentError:
+        raise
+    except ValueError as error:
+        raise SegmentError(f"{description} {error}") from error
     if image.ndim == 3:
         # Painted labels come as RGB(A): ink is wherever any colour channel is lit.
         image = image[..., :3].max(axis=-1)

@@ -16,11 +16,11 @@ import shutil
 import threading
 from collections.abc import Callable
 
-import cv2
 import numpy as np
-import PIL.Image
 import tifffile
 import zarr
+
+from pretrain.data.images import decode_image, image_header
 
 DEFAULT_LRU_BYTES = 512 * 2**20
 
@@ -223,21 +223,28 @@ class LayerStack:
 
 
 class _DecodedImage:
-    """A JPG/PNG layer: shape and dtype from the header, pixels decoded on access."""
+    """A JPG/PNG layer: shape and dtype from the header, pixels decoded on access.
 
-    DTYPES = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16}
+    Its size is the one its header declares (real layers exceed PIL's bomb guard, so none is applied: see
+    `pretrain.data.images`); LayerStack holds every layer to the first one's size before any is decoded, and a
+    decode checks the header again, so a layer that declares another size is refused, never decoded.
+    """
+
+    DTYPES = {"L": np.uint8, "I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16}
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = path
-        with PIL.Image.open(path) as image:  # reads the header only
-            width, height = image.size
-            if image.mode not in self.DTYPES:
-                raise ValueError(f"image mode {image.mode} is not a grey 8- or 16-bit layer")
-            self.dtype = np.dtype(self.DTYPES[image.mode])
-        self.shape = (height, width)
+        header = image_header(path)
+        if header.mode not in self.DTYPES:
+            raise ValueError(f"image mode {header.mode} is not a grey 8- or 16-bit layer")
+        self.dtype = np.dtype(self.DTYPES[header.mode])
+        self.shape = header.shape_yx
 
     def __getitem__(self, key) -> np.ndarray:
-        return cv2.imread(str(self.path), cv2.IMREAD_UNCHANGED)[key]
+        try:
+            return decode_image(self.path, self.shape)[key]
+        except ValueError as error:
+            raise ValueError(f"layer image {self.path} {error}") from error
 
 
 PROGRESS_FILE = "layers_done"
@@ -279,5 +286,7 @@ def convert_layers_to_zarr(layer_paths: list[pathlib.Path], target: pathlib.Path
         os.replace(temporary, progress_file)
         if on_layers is not None:
             on_layers(z_stop - z_start)
-    progress_file.unlink()
+    # Renamed with its progress record, then the record deleted: a kill in between leaves a complete zarr
+    # (whose leftovers `pretrain.data.segment` deletes on reopening), never a finished conversion to redo.
     os.rename(partial, target)
+    (target / PROGRESS_FILE).unlink()
