@@ -1,9 +1,9 @@
 """Does pretraining let a researcher find ink with fewer labels? Few-label fine-tuning curves: for each encoder,
-fine-tune from k labelled glyphs (k = 1, 2, 4, 8 by default) with several seeds, and score the prediction on
-papyrus far from every labelled glyph.
+fine-tune from k labelled glyphs (k = 1, 2, 4, 8 by default) with several seeds, score each prediction on papyrus far
+from every labelled glyph, and compare every encoder with training from scratch, paired by seed.
 
     python evaluate/label_efficiency.py --encoders scratch experiments/report/spark/resnet50_3d_narrow_timm_style.pth \
-        experiments/report/vicreg/resnet50_3d_narrow_timm_style.pth --names scratch spark vicreg
+        experiments/report/vicreg/resnet50_3d_narrow_timm_style.pth --names scratch spark vicreg --seeds 8
     python evaluate/label_efficiency.py --encoders scratch spark.pth --modes full lpft -- --NUM_EPOCHS 10
 
 This is how self-supervised encoders are judged (fine-tuning with 1 % or 10 % of the labels against training from
@@ -11,29 +11,43 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
 - **Glyphs** are the connected components of the segment's ink labels (of at least --min_glyph_pixels) that lie
   wholly in the labelling part: the first --label_part of the segment along its longer side. Seed s draws an order
   of them; the k glyphs of seed s are the first k of that order, so each seed's sets grow with k.
-- **Scoring**: the papyrus in the last --score_part of the segment along its longer side, at least
-  (1 − --label_part − --score_part) of the segment away from every glyph that could be labelled (the same region
-  for every k, seed and encoder); F0.5 at its best threshold and AUC, computed from the prediction PNG a run writes.
+- **Scoring**: the papyrus in the last --score_part of the segment along its longer side (the same region for every
+  k, seed and encoder). The threshold is chosen without looking at it: the one with the best F0.5 on the
+  calibration strip, the papyrus between the labelling part and the scored one, which is neither labelled nor
+  scored. The headline is the scored F0.5 at that threshold, beside AUC and average precision (threshold-free);
+  the F0.5 at the scored region's own best threshold (an oracle) is an extra column. The region's no-skill band
+  says what smooth random maps score there.
+- **Verdict**: for each encoder, mode and k, the mean paired difference of F0.5 against each scratch arm (the same
+  seeds, so the same glyphs), with a 95 % t interval over seeds. "Yes" needs the interval's lower bound above 0, a
+  mean of at least +0.05 and at least 8 seeds, with at most 4 glyphs, against every scratch arm; less is
+  "suggestive" (lower bound above 0, or mean at least +0.05), "no" (the interval's upper bound below +0.05) or
+  "inconclusive". The number of comparisons is stated: among many, one may clear 0 by chance.
 - **Runs**: each is one `finetune/train.py` run in scheme "iterative" (with data augmentation, which few labels
   need) from the glyph label image, with SEED = the seed; `scratch` is random initialisation; `full` fine-tunes
-  everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs epochs (LP-FT). Every run reads
-  tiles as the checkpoints record (they must agree; scratch follows them), or as the input options say. Everything
-  after `--` goes to every run.
+  everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs epochs (LP-FT).
+  `--scratch_epochs_factor 2` adds a scratch arm with twice the epochs, so that a win is about labels rather than
+  optimisation speed. Every run reads tiles as the checkpoints record (they must agree; scratch follows them), or as
+  the input options say. Everything after `--` goes to every run.
 - **Partial labels and self-training**: `--negatives on` adds runs whose glyphs come with the negatives a labeler would
   paint around them (the papyrus within NEGATIVES_REACH pixels that the labels call not ink, kept off any ink), so
   that the rest of the segment is unknown rather than background; `--self_training_rounds N` runs N pseudo-label
   rounds after each, and every round's prediction is scored (the arms read "full, negatives, round 2").
-Writes to --output: `label_efficiency.md`, `.csv` and `.json` (mean and min–max over seeds of F0.5 and AUC, per
-encoder, mode and k, training time, and the verdict), `label_efficiency.png` (F0.5 against the number of labelled glyphs, the seed spread
-shaded), `runs.csv` (every run), and per run `runs/<name>/` with its label image, prediction.png and result.json.
-A rerun reuses every finished run.
+Writes to --output: `label_efficiency.md`, `.csv` and `.json` (per encoder, mode and k: mean and min–max over seeds,
+the paired comparisons, training time, the verdict), `label_efficiency.png` (F0.5 against the number of labelled
+glyphs, the seed spread shaded, with chance and the no-skill band), `runs.csv` (every run), and per run
+`runs/<name>/` with its label image, prediction.png and result.json. A rerun reuses every run that finished with
+the same command and the same code (the commit, and a hash of uncommitted changes); a run from other code is moved
+to `runs/.superseded/` and run again, unless --reuse_other_code keeps it, and then the report names its code.
 """
 import argparse
+import ast
 import csv
 import dataclasses
 import io
 import json
+import math
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -42,55 +56,71 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
 import tqdm  # noqa: E402
 
 from evaluate import encoder_input  # noqa: E402
 from evaluate.encoders import input_overrides  # noqa: E402
-from finetune.metrics import all_ink_f05, ink_metrics  # noqa: E402
+from finetune.metrics import (NoSkillBand, average_precision, best_threshold, f05_at, ink_metrics,  # noqa: E402
+                              no_skill_band)
 from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain.data.patches import InputSettings  # noqa: E402
 from pretrain.data.segment import Segment, open_segment  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
 
 SCRATCH = ("scratch", "random")  # names that mean: no pretrained weights
-GOAL_MARGIN = 0.05  # F0.5 over scratch that counts as "finds ink with fewer labels"
+GOAL_MARGIN = 0.05  # mean paired F0.5 gain over scratch that counts as "finds ink with fewer labels"
 GOAL_MAX_GLYPHS = 4
+GOAL_MIN_SEEDS = 8
+CONFIDENCE = 0.95
+CLAIMS = ("no", "inconclusive", "suggestive", "yes")  # weakest first
 NEGATIVES_REACH = 32  # pixels around a labelled glyph that a simulated labeler paints as not ink
 NEGATIVES_CLEARANCE = 3  # pixels the painted negatives keep off any ink
 
 
 @dataclasses.dataclass(frozen=True)
 class Regions:
-    """Where glyphs may be labelled and where predictions are scored, as (Y, X) bool maps, and their description."""
+    """Where glyphs may be labelled, where thresholds are calibrated and where predictions are scored, as (Y, X)
+    bool maps, the scored region's no-skill band, and their description."""
 
     label_yx: np.ndarray
+    calibration_yx: np.ndarray
     score_yx: np.ndarray
+    band: NoSkillBand
     description: str
-    chance_f05: float  # F0.5 of calling every scored pixel ink
+
+    @property
+    def chance_f05(self) -> float:  # F0.5 of calling every scored pixel ink
+        return self.band.chance_f05
 
 
 def regions(segment: Segment, label_part: float, score_part: float) -> Regions:
     """The first `label_part` of the segment along its longer side for labelling, its last `score_part` (papyrus
-    only) for scoring."""
+    only) for scoring, and the papyrus between them for choosing thresholds."""
     height, width = segment.shape[1:]
     along_x = width >= height
     length = width if along_x else height
     label_end, score_start = int(label_part * length), int((1 - score_part) * length)
     if score_start <= label_end:
         raise encoder_input.EvaluationError(f"--label_part {label_part} and --score_part {score_part} overlap: "
-                                            "they must leave a gap between labels and scoring")
-    label_yx, score_yx = np.zeros((height, width), bool), np.zeros((height, width), bool)
+                                            "they must leave a gap between labels and scoring, where thresholds are chosen")
+    label_yx, calibration_yx, score_yx = (np.zeros((height, width), bool) for _ in range(3))
     axis = "x" if along_x else "y"
     if along_x:
-        label_yx[:, :label_end], score_yx[:, score_start:] = True, True
+        label_yx[:, :label_end], calibration_yx[:, label_end:score_start], score_yx[:, score_start:] = True, True, True
     else:
-        label_yx[:label_end], score_yx[score_start:] = True, True
+        label_yx[:label_end], calibration_yx[label_end:score_start], score_yx[score_start:] = True, True, True
+    calibration_yx &= segment.mask
     score_yx &= segment.mask
-    chance_f05 = all_ink_f05(float((segment.inklabels[score_yx] > 0).mean()))
-    description = (f"glyphs labelled at {axis} < {label_end}, predictions scored on the papyrus at {axis} ≥ "
-                   f"{score_start}, {score_start - label_end} pixels away (chance there, calling every pixel ink: "
-                   f"F0.5 {chance_f05:.3f})")
-    return Regions(label_yx, score_yx, description, chance_f05)
+    ink_yx = segment.inklabels > 0
+    if not ink_yx[calibration_yx].any() or ink_yx[calibration_yx].all():
+        raise encoder_input.EvaluationError(f"the calibration strip ({axis} {label_end}..{score_start - 1}) holds "
+                                            "papyrus of one class only: widen it with a smaller --label_part or --score_part")
+    band = no_skill_band(ink_yx, calibration_yx, score_yx)
+    description = (f"glyphs labelled at {axis} < {label_end}, thresholds chosen on the papyrus at {label_end} ≤ {axis} < "
+                   f"{score_start}, predictions scored on the papyrus at {axis} ≥ {score_start}, {score_start - label_end} "
+                   f"pixels away from any glyph that could be labelled (no-skill band: {band.describe()})")
+    return Regions(label_yx, calibration_yx, score_yx, band, description)
 
 
 def glyphs(inklabels_yx: np.ndarray, label_yx: np.ndarray, min_pixels: int) -> list[np.ndarray]:
@@ -123,6 +153,32 @@ def painted_negatives(glyph_labels_yx: np.ndarray, inklabels_yx: np.ndarray, mas
     return (near_yx & mask_yx & ~ink_yx).astype(np.uint8) * 255
 
 
+def default_epochs() -> int:
+    """finetune/train.py's NUM_EPOCHS, read from its source (importing the entry script would build nothing we need)."""
+    tree = ast.parse((REPO_ROOT / "finetune" / "train.py").read_text())
+    for statement in tree.body:
+        target = statement.targets[0] if isinstance(statement, ast.Assign) else getattr(statement, "target", None)
+        if isinstance(target, ast.Name) and target.id == "NUM_EPOCHS":
+            return int(ast.literal_eval(statement.value))
+    raise encoder_input.EvaluationError("finetune/train.py sets no NUM_EPOCHS")
+
+
+def without_epochs(extra: list[str]) -> tuple[list[str], int | None]:
+    """The settings after `--` less any NUM_EPOCHS, and that NUM_EPOCHS (None when not given)."""
+    kept, epochs, index = [], None, 0
+    while index < len(extra):
+        item = extra[index]
+        if item == "--NUM_EPOCHS" and index + 1 < len(extra):
+            epochs, index = int(extra[index + 1]), index + 2
+            continue
+        if item.startswith("--NUM_EPOCHS="):
+            epochs = int(item.split("=", 1)[1])
+        else:
+            kept.append(item)
+        index += 1
+    return kept, epochs
+
+
 def run_command(run: dict, args, settings: InputSettings, extra: list[str], folder: pathlib.Path) -> list[str]:
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", run["name"],
                "--OUTPUT_DIR", str(args.output / "runs"), "--segment_id", args.segment, "--scheme", "iterative",
@@ -136,21 +192,43 @@ def run_command(run: dict, args, settings: InputSettings, extra: list[str], fold
         command += ["--FREEZE_ENCODER_EPOCHS", str(args.lp_epochs)]
     if args.self_training_rounds:
         command += ["--SELF_TRAINING_ROUNDS", str(args.self_training_rounds)]
-    return command + extra
+    if run["epochs"] is None:
+        return command + extra
+    return command + without_epochs(extra)[0] + ["--NUM_EPOCHS", str(run["epochs"])]
 
 
-def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment: Segment, scoring: Regions,
-            all_glyphs: list[np.ndarray]) -> list[dict]:
-    """One fine-tuning run (or its earlier results, when it finished with the same command), scored: one result,
-    or one per round with self-training."""
+def earlier_run(folder: pathlib.Path, command: list[str], code: str, reuse_other_code: bool) -> dict | None:
+    """What a finished run in `folder` recorded, when it may stand for this one: the same command, and the same code
+    unless `reuse_other_code`. A run from other code is moved to runs/.superseded/ (nothing is deleted)."""
+    result_path = folder / "result.json"
+    if not result_path.is_file():
+        return None
+    earlier = json.loads(result_path.read_text())
+    if earlier["command"][1:] != command[1:]:
+        raise encoder_input.EvaluationError(f"{folder} was run with other settings ({' '.join(earlier['command'][1:])});"
+                                            " use another --output")
+    earlier_code = earlier.get("code", "unrecorded")
+    if earlier_code == code or reuse_other_code:
+        return earlier
+    aside = folder.parent / ".superseded" / f"{folder.name}-{earlier_code}"
+    suffix = 1
+    while aside.exists():
+        aside, suffix = aside.with_name(f"{folder.name}-{earlier_code}-{suffix}"), suffix + 1
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(aside)
+    tqdm.tqdm.write(f"{folder.name} finished with code {earlier_code}, not this code ({code}): running it again "
+                    f"(the earlier run is kept in {aside}; --reuse_other_code would have kept it)")
+    return None
+
+
+def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment: Segment,
+            all_glyphs: list[np.ndarray], code: str) -> list[dict]:
+    """One fine-tuning run (or its earlier record, see `earlier_run`): one record per prediction (one, or one per
+    self-training round), with the prediction's path, not yet scored."""
     folder = args.output / "runs" / run["name"]
     command = run_command(run, args, settings, extra, folder)
-    result_path = folder / "result.json"
-    if result_path.is_file():
-        earlier = json.loads(result_path.read_text())
-        if earlier["command"][1:] != command[1:]:
-            raise encoder_input.EvaluationError(f"{folder} was run with other settings ({' '.join(earlier['command'][1:])});"
-                                                " use another --output")
+    earlier = earlier_run(folder, command, code, args.reuse_other_code)
+    if earlier is not None:
         return [{key: value for key, value in earlier.items() if key not in ("command", "later_rounds")},
                 *earlier.get("later_rounds", [])]
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,19 +246,31 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
     results = []
     for self_training_round in range(args.self_training_rounds + 1):
         prediction = folder / (f"round_{self_training_round + 1:02d}" if args.self_training_rounds else "") / "prediction.png"
-        prediction_yx = cv2.imread(str(prediction), cv2.IMREAD_UNCHANGED) / 255.0
-        metrics = ink_metrics(prediction_yx[scoring.score_yx], segment.inklabels[scoring.score_yx])
         epochs = [record for record in records
                   if record["event"] == "epoch" and record.get("round", 1) == self_training_round + 1]
         results.append({**{key: run[key] for key in ("name", "encoder", "glyphs", "seed")},
                         "mode": arm(run["mode"], run["negatives"], self_training_round if args.self_training_rounds else None),
-                        "round": self_training_round, "f05": metrics.f05, "threshold": metrics.threshold,
-                        "auc": metrics.auc, "scored_pixels": metrics.pixels,
-                        "labelled_pixels": int((glyphs_yx > 0).sum()), "prediction": str(prediction),
-                        "training_seconds": epochs[-1]["training_seconds"]})
-    write_bytes_atomic(result_path, json.dumps({**results[0], "command": command, "later_rounds": results[1:]},
-                                               indent=1).encode())
+                        "round": self_training_round, "labelled_pixels": int((glyphs_yx > 0).sum()),
+                        "prediction": str(prediction), "training_seconds": epochs[-1]["training_seconds"], "code": code})
+    write_bytes_atomic(folder / "result.json", json.dumps(
+        {**results[0], "command": command, "later_rounds": results[1:]}, indent=1).encode())
     return results
+
+
+def score(result: dict, segment: Segment, scoring: Regions) -> dict:
+    """A run's record with its prediction's scores: F0.5 at the threshold chosen on the calibration strip (`f05`),
+    AUC and average precision on the scored region, and the oracle F0.5 at the scored region's own best threshold."""
+    prediction_yx = cv2.imread(result["prediction"], cv2.IMREAD_UNCHANGED)
+    if prediction_yx is None or prediction_yx.shape != segment.shape[1:]:
+        raise encoder_input.EvaluationError(f"{result['prediction']} is not a {segment.shape[1:]} prediction image")
+    probabilities_yx = prediction_yx / 255.0
+    ink_yx = segment.inklabels > 0
+    threshold = best_threshold(probabilities_yx[scoring.calibration_yx], ink_yx[scoring.calibration_yx])
+    scored, labels = probabilities_yx[scoring.score_yx], ink_yx[scoring.score_yx]
+    oracle = ink_metrics(scored, labels)
+    return {**result, "f05": f05_at(scored, labels, threshold), "threshold": threshold, "auc": oracle.auc,
+            "average_precision": average_precision(scored, labels), "f05_oracle": oracle.f05,
+            "threshold_oracle": oracle.threshold, "scored_pixels": oracle.pixels}
 
 
 def arm(mode: str, negatives: bool, self_training_round: int | None) -> str:
@@ -190,90 +280,166 @@ def arm(mode: str, negatives: bool, self_training_round: int | None) -> str:
 
 
 def summarise(results: list[dict]) -> list[dict]:
-    """Mean and min–max over seeds of F0.5, AUC and training time, per encoder, mode and number of glyphs."""
+    """Mean and min–max over seeds of each score and the training time, per encoder, mode and number of glyphs."""
     groups = {}
     for result in results:
         groups.setdefault((result["encoder"], result["mode"], result["glyphs"]), []).append(result)
     rows = []
     for (encoder, mode, count), group in groups.items():
         row = {"encoder": encoder, "mode": mode, "glyphs": count, "seeds": len(group)}
-        for key in ("f05", "auc", "training_seconds"):
+        for key in ("f05", "f05_oracle", "auc", "average_precision", "training_seconds"):
             values = [result[key] for result in group]
             row.update({f"{key}_mean": float(np.mean(values)), f"{key}_min": min(values), f"{key}_max": max(values)})
         rows.append(row)
     return rows
 
 
-def verdict(rows: list[dict], chance_f05: float) -> str:
-    """Whether a pretrained encoder beats scratch (same mode) by GOAL_MARGIN F0.5 with at most GOAL_MAX_GLYPHS
-    glyphs, beyond the seed spread (its worst seed above scratch's best); each win names its worst seed and chance,
-    because a win over a scratch that stayed at chance can rest on a worst seed that is barely above it."""
-    by_key = {(row["encoder"], row["mode"], row["glyphs"]): row for row in rows}
-    wins, closest = [], None
-    for (encoder, mode, count), row in by_key.items():
-        scratch = next((by_key[(name, mode, count)] for name in SCRATCH if (name, mode, count) in by_key), None)
-        if encoder in SCRATCH or scratch is None or count > GOAL_MAX_GLYPHS:
-            continue
-        gain = row["f05_mean"] - scratch["f05_mean"]
-        if gain >= GOAL_MARGIN and row["f05_min"] > scratch["f05_max"]:
-            wins.append(f"{encoder} ({mode}) with {count} glyph(s): {gain:+.3f} (worst seed {row['f05_min']:.3f}, "
-                        f"scratch's best {scratch['f05_max']:.3f}, chance {chance_f05:.3f})")
-        if closest is None or gain > closest[0]:
-            closest = (gain, f"{encoder} ({mode}) with {count} glyph(s)")
-    if wins:
-        return f"**Yes**: beyond the seed spread, by at least {GOAL_MARGIN} F0.5 — " + "; ".join(wins) + "."
-    if closest is None:
-        return "Not measured: the runs hold no pretrained encoder and scratch in the same mode."
-    return (f"**No**: no pretrained encoder beats scratch by {GOAL_MARGIN} F0.5 or more beyond the seed spread with at "
-            f"most {GOAL_MAX_GLYPHS} glyphs; the largest mean gain is {closest[0]:+.3f} ({closest[1]}).")
+def paired_interval(differences: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its CONFIDENCE t interval over seeds ((nan, nan) bounds for one seed)."""
+    count, mean = len(differences), float(np.mean(differences))
+    if count < 2:
+        return mean, float("nan"), float("nan")
+    half_width = scipy.stats.t.ppf((1 + CONFIDENCE) / 2, count - 1) * np.std(differences, ddof=1) / math.sqrt(count)
+    return mean, mean - half_width, mean + half_width
 
 
-def markdown(rows: list[dict], description: str, chance_f05: float) -> str:
+def claim(seeds: int, glyphs: int, mean: float, low: float, high: float) -> str:
+    """How strongly one paired comparison says "this encoder finds ink with fewer labels" (see the module doc)."""
+    if seeds < 2:
+        return "inconclusive"
+    if low > 0 and mean >= GOAL_MARGIN and seeds >= GOAL_MIN_SEEDS and glyphs <= GOAL_MAX_GLYPHS:
+        return "yes"
+    if low > 0 or mean >= GOAL_MARGIN:
+        return "suggestive"
+    return "no" if high < GOAL_MARGIN else "inconclusive"
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+    """Every pretrained encoder against every scratch arm, per mode and number of glyphs, paired by seed: the mean
+    F0.5 difference, its interval, and its claim."""
+    by_key = {(result["encoder"], result["mode"], result["glyphs"], result["seed"]): result for result in results}
+    scratch_arms = sorted({result["encoder"] for result in results if is_scratch(result["encoder"])})
+    rows = []
+    for encoder, mode, count in sorted({key[:3] for key in by_key if not is_scratch(key[0])}, key=str):
+        for scratch in scratch_arms:
+            seeds = sorted(seed for (name, arm_mode, glyphs, seed) in by_key
+                           if (name, arm_mode, glyphs) == (encoder, mode, count) and (scratch, mode, count, seed) in by_key)
+            if not seeds:
+                continue
+            differences = [by_key[(encoder, mode, count, seed)]["f05"] - by_key[(scratch, mode, count, seed)]["f05"]
+                           for seed in seeds]
+            mean, low, high = paired_interval(differences)
+            worst = min(by_key[(encoder, mode, count, seed)]["f05"] for seed in seeds)
+            rows.append({"encoder": encoder, "against": scratch, "mode": mode, "glyphs": count, "seeds": len(seeds),
+                         "mean_difference": mean, "low": low, "high": high, "worst_seed_f05": worst,
+                         "claim": claim(len(seeds), count, mean, low, high)})
+    return rows
+
+
+def is_scratch(name: str) -> bool:
+    return name in SCRATCH or name.startswith(tuple(f"{scratch}_x" for scratch in SCRATCH))
+
+
+def verdict(compared: list[dict], band: NoSkillBand) -> str:
+    """The answer, from the paired comparisons with at most GOAL_MAX_GLYPHS glyphs: an encoder's claim at a number
+    of glyphs is its weakest against the scratch arms (a win must hold against the longer-trained one too)."""
+    within_goal = [row for row in compared if row["glyphs"] <= GOAL_MAX_GLYPHS]
+    if not within_goal:
+        return "Not measured: the runs hold no pretrained encoder and scratch in the same mode with at most " \
+               f"{GOAL_MAX_GLYPHS} glyphs."
+    cells = {}
+    for row in within_goal:
+        cells.setdefault((row["encoder"], row["mode"], row["glyphs"]), []).append(row)
+    weakest = {key: min(rows, key=lambda row: CLAIMS.index(row["claim"])) for key, rows in cells.items()}
+    claims = [row["claim"] for row in weakest.values()]
+    overall = next((level for level in ("yes", "suggestive") if level in claims),
+                   "no" if set(claims) == {"no"} else "inconclusive")
+
+    def account(row: dict) -> str:
+        interval = "no interval: one seed" if math.isnan(row["low"]) else f"95 % interval {row['low']:+.3f} to {row['high']:+.3f}"
+        inside = "; its worst seed is inside the no-skill band" if row["worst_seed_f05"] <= band.blind_p95 else ""
+        return (f"{row['encoder']} ({row['mode']}) with {row['glyphs']} glyph(s) against {row['against']}: "
+                f"{row['mean_difference']:+.3f} F0.5 over {row['seeds']} seed(s), {interval}{inside}")
+
+    named = [account(row) for row in weakest.values() if row["claim"] == overall] if overall != "no" else []
+    best = max(weakest.values(), key=lambda row: row["mean_difference"])
+    rule = (f"yes needs a lower bound above 0, a mean of at least {GOAL_MARGIN:+.2f} and at least {GOAL_MIN_SEEDS} "
+            f"seeds; {len(within_goal)} comparison(s) made, so at 95 % each about {0.05 * len(within_goal):.1f} could "
+            f"clear 0 by chance")
+    if overall == "yes":
+        return f"**Yes** ({rule}): " + "; ".join(named) + "."
+    if overall == "suggestive":
+        return f"**Suggestive**, not yet shown ({rule}): " + "; ".join(named) + "."
+    if overall == "no":
+        return f"**No** ({rule}): every interval rules out a gain of {GOAL_MARGIN}; the largest mean gain is {account(best)}."
+    return f"**Inconclusive** ({rule}): the intervals are too wide to tell; the largest mean gain is {account(best)}."
+
+
+def markdown(rows: list[dict], compared: list[dict], description: str, band: NoSkillBand, codes: list[str]) -> str:
     counts = sorted({row["glyphs"] for row in rows})
-    lines = [description, "", "F0.5 at the best threshold (mean over seeds, min – max), then AUC, on the scoring region:",
-             "", "| encoder | mode | " + " | ".join(f"{count} glyph(s)" for count in counts) + " | training time per run |",
-             "|---|---|" + "---|" * len(counts) + "---|"]
     curves = {}
     for row in rows:
         curves.setdefault((row["encoder"], row["mode"]), {})[row["glyphs"]] = row
-    for (encoder, mode), by_count in curves.items():
-        cells = [f"{by_count[count]['f05_mean']:.3f} ({by_count[count]['f05_min']:.3f} – {by_count[count]['f05_max']:.3f})"
-                 if count in by_count else "–" for count in counts]
-        minutes = np.mean([row["training_seconds_mean"] for row in by_count.values()]) / 60
-        lines.append(f"| {encoder} | {mode} | " + " | ".join(cells) + f" | {minutes:.1f} min |")
-    lines += ["", "| encoder | mode | " + " | ".join(f"AUC, {count}" for count in counts) + " |",
-              "|---|---|" + "---|" * len(counts)]
-    for (encoder, mode), by_count in curves.items():
-        cells = [f"{by_count[count]['auc_mean']:.3f} ({by_count[count]['auc_min']:.3f} – {by_count[count]['auc_max']:.3f})"
-                 if count in by_count else "–" for count in counts]
-        lines.append(f"| {encoder} | {mode} | " + " | ".join(cells) + " |")
-    lines += ["", f"Does a pretrained encoder find ink with fewer labels? {verdict(rows, chance_f05)}", ""]
+
+    def table(title: str, key: str, extra_column: bool = False) -> list[str]:
+        lines = ["", title, "", "| encoder | mode | " + " | ".join(f"{count} glyph(s)" for count in counts) + " |"
+                 + (" training time per run |" if extra_column else ""),
+                 "|---|---|" + "---|" * len(counts) + ("---|" if extra_column else "")]
+        for (encoder, mode), by_count in curves.items():
+            cells = [f"{by_count[count][f'{key}_mean']:.3f} ({by_count[count][f'{key}_min']:.3f} – "
+                     f"{by_count[count][f'{key}_max']:.3f})" if count in by_count else "–" for count in counts]
+            minutes = np.mean([row["training_seconds_mean"] for row in by_count.values()]) / 60
+            lines.append(f"| {encoder} | {mode} | " + " | ".join(cells) + " |" + (f" {minutes:.1f} min |" if extra_column else ""))
+        return lines
+
+    lines = [description, "",
+             f"No-skill band of the scored region: {band.describe()}. A score at or below the band's 95th percentile "
+             f"({band.blind_p95:.3f}) is not evidence of skill."]
+    lines += table("F0.5 at the threshold chosen on the calibration strip (mean over seeds, min – max):", "f05", True)
+    lines += table("AUC (threshold-free):", "auc")
+    lines += table("Average precision (threshold-free):", "average_precision")
+    lines += table("Extra: F0.5 at the scored region's own best threshold (an oracle; skill-less maps reach "
+                   f"{band.oracle_mean:.3f}, 95th percentile {band.oracle_p95:.3f}):", "f05_oracle")
+    lines += ["", f"Paired by seed (same glyphs), F0.5 difference against each scratch arm, {CONFIDENCE * 100:.0f} % t "
+              "interval:", "",
+              "| encoder | against | mode | glyphs | seeds | mean difference | 95 % interval | claim |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in compared:
+        interval = "–" if math.isnan(row["low"]) else f"{row['low']:+.3f} to {row['high']:+.3f}"
+        lines.append(f"| {row['encoder']} | {row['against']} | {row['mode']} | {row['glyphs']} | {row['seeds']} | "
+                     f"{row['mean_difference']:+.3f} | {interval} | {row['claim']} |")
+    lines += ["", f"Does a pretrained encoder find ink with fewer labels? {verdict(compared, band)}", "",
+              f"Runs from code {', '.join(codes)}." if len(codes) > 1 else f"Every run from code {codes[0]}.", ""]
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
+def plot(rows: list[dict], band: NoSkillBand, path: pathlib.Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
+    counts = sorted({row["glyphs"] for row in rows})
+    axes.axhspan(band.blind_mean, band.blind_p95, color="grey", alpha=0.25, label="no-skill band (random maps)")
+    axes.axhline(band.chance_f05, color="black", linestyle="--", linewidth=1, label="chance (every pixel ink)")
     curves = {}
     for row in rows:
         curves.setdefault(f"{row['encoder']} ({row['mode']})", []).append(row)
     for label, curve in curves.items():
         curve = sorted(curve, key=lambda row: row["glyphs"])
-        counts = [row["glyphs"] for row in curve]
-        line, = axes.plot(counts, [row["f05_mean"] for row in curve], marker="o", label=label)
-        axes.fill_between(counts, [row["f05_min"] for row in curve], [row["f05_max"] for row in curve],
+        glyph_counts = [row["glyphs"] for row in curve]
+        line, = axes.plot(glyph_counts, [row["f05_mean"] for row in curve], marker="o", label=label)
+        axes.fill_between(glyph_counts, [row["f05_min"] for row in curve], [row["f05_max"] for row in curve],
                           color=line.get_color(), alpha=0.2)
     axes.set_xscale("log", base=2)
-    axes.set_xticks(sorted({row["glyphs"] for row in rows}), [str(count) for count in sorted({row["glyphs"] for row in rows})])
+    axes.set_xticks(counts, [str(count) for count in counts])
+    axes.set_ylim(0, 1)  # the whole scale: a zoomed axis makes noise look like a gap
     axes.set_xlabel("labelled glyphs")
-    axes.set_ylabel("F0.5 far from the labels")
+    axes.set_ylabel("F0.5 far from the labels (calibrated threshold)")
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     figure.tight_layout()
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=100)
@@ -290,16 +456,23 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
+    description = __doc__.split("\n\n")[0].replace("\n", " ")
+    epilog = ("Settings after `--` go to every finetune/train.py run, e.g. `-- --NUM_EPOCHS 10 --BATCH_SIZE 4` "
+              "(python finetune/train.py --help lists them). See the top of evaluate/label_efficiency.py for how runs "
+              "are scored and judged.")
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--encoders", nargs="+", required=True, help="'scratch' or encoder checkpoints (any kind)")
     parser.add_argument("--names", nargs="*", help="a short name per encoder (default: file names)")
     parser.add_argument("--segment", default="demo", help="segment spec with ink labels (ID, zarr, layer folder, demo)")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of labelled glyphs")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: glyph choice and fine-tuning SEED")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help=f"seeds 0 … n-1: glyph choice and fine-tuning SEED (a 'yes' needs {GOAL_MIN_SEEDS})")
     parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft"],
                         help="full fine-tuning, and/or LP-FT (frozen encoder first, then everything)")
     parser.add_argument("--lp_epochs", type=int, default=5, help="LP-FT: epochs with the encoder frozen")
+    parser.add_argument("--scratch_epochs_factor", type=int, default=1,
+                        help="above 1: also a scratch arm trained this many times the epochs (scratch_xN)")
     parser.add_argument("--negatives", nargs="+", default=["off"], choices=["off", "on"],
                         help="also (or only) runs whose glyphs come with painted negatives around them, the rest unknown")
     parser.add_argument("--self_training_rounds", type=int, default=0,
@@ -307,9 +480,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--label_part", type=float, default=0.4, help="fraction of the longer side where glyphs are labelled")
     parser.add_argument("--score_part", type=float, default=0.5, help="fraction of the longer side, at its far end, scored")
     parser.add_argument("--min_glyph_pixels", type=int, default=200, help="smaller components are not glyphs (specks)")
+    parser.add_argument("--reuse_other_code", action="store_true",
+                        help="reuse finished runs made by other code (the report then names their code)")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/label_efficiency"),
                         help="folder for the tables, the plot and the runs")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed (and {GOAL_MIN_SEEDS} for a 'yes')")
+    if min(args.glyphs) < 1:
+        raise encoder_input.EvaluationError(f"--glyphs {' '.join(map(str, args.glyphs))}: every count must be at least 1")
+    if args.scratch_epochs_factor < 1:
+        raise encoder_input.EvaluationError(f"--scratch_epochs_factor {args.scratch_epochs_factor} must be at least 1")
     encoder_input.name_encoders(args, SCRATCH)
     return args
 
@@ -327,28 +508,38 @@ def main() -> int:
     if len(all_glyphs) < max(args.glyphs):
         raise encoder_input.EvaluationError(f"the labelling part holds {len(all_glyphs)} glyphs of at least "
                                             f"{args.min_glyph_pixels} pixels; --glyphs asks for {max(args.glyphs)}")
+    arms = [(name, checkpoint, None) for name, checkpoint in zip(args.names, args.encoders)]
+    if args.scratch_epochs_factor > 1:
+        epochs = (without_epochs(extra)[1] or default_epochs()) * args.scratch_epochs_factor
+        arms.append((f"scratch_x{args.scratch_epochs_factor}", "scratch", epochs))
     suffix = f"_st{args.self_training_rounds}" if args.self_training_rounds else ""
     runs = [{"name": f"{name}_{mode}{'_negatives' if negatives == 'on' else ''}{suffix}_k{count}_seed{seed}",
-             "encoder": name, "checkpoint": checkpoint, "mode": mode, "negatives": negatives == "on", "glyphs": count,
-             "seed": seed}
+             "encoder": name, "checkpoint": checkpoint, "epochs": epochs, "mode": mode, "negatives": negatives == "on",
+             "glyphs": count, "seed": seed}
             for mode in args.modes for negatives in args.negatives for count in args.glyphs for seed in range(args.seeds)
-            for name, checkpoint in zip(args.names, args.encoders)]
+            for name, checkpoint, epochs in arms]
     description = (f"Segment `{segment.name}`: {scoring.description}; {len(all_glyphs)} glyphs to draw from; "
                    f"input {settings.describe()}; {args.seeds} seed(s); extra fine-tuning settings: "
                    f"{' '.join(extra) or 'none'}.")
     print(description)
+    code = git_commit()
     results = []
     for run in tqdm.tqdm(runs, desc="fine-tuning runs", unit="run"):
-        results += run_one(run, args, settings, extra, segment, scoring, all_glyphs)
-        tqdm.tqdm.write(f"{run['name']}: F0.5 {results[-1]['f05']:.3f}, AUC {results[-1]['auc']:.3f}")
-    rows = summarise(results)
+        results += [score(result, segment, scoring) for result in run_one(run, args, settings, extra, segment, all_glyphs, code)]
+        tqdm.tqdm.write(f"{run['name']}: F0.5 {results[-1]['f05']:.3f} (threshold {results[-1]['threshold']:.2f}, chosen on "
+                        f"the calibration strip), AUC {results[-1]['auc']:.3f}; chance {scoring.chance_f05:.3f}, no-skill "
+                        f"band up to {scoring.band.blind_p95:.3f}")
+    rows, compared = summarise(results), comparisons(results)
+    codes = sorted({result["code"] if "code" in result else "unrecorded" for result in results})
+    report = markdown(rows, compared, description, scoring.band, codes)
     write_csv(args.output / "runs.csv", results)
     write_csv(args.output / "label_efficiency.csv", rows)
-    write_bytes_atomic(args.output / "label_efficiency.md", markdown(rows, description, scoring.chance_f05).encode())
+    write_bytes_atomic(args.output / "label_efficiency.md", report.encode())
     write_bytes_atomic(args.output / "label_efficiency.json", json.dumps(
-        {"description": description, "summary": rows, "verdict": verdict(rows, scoring.chance_f05)}, indent=1).encode())
-    plot(rows, args.output / "label_efficiency.png", f"{segment.name}: {settings.describe()}")
-    print(markdown(rows, description, scoring.chance_f05))
+        {"description": description, "no_skill_band": dataclasses.asdict(scoring.band), "summary": rows,
+         "comparisons": compared, "verdict": verdict(compared, scoring.band), "codes": codes}, indent=1).encode())
+    plot(rows, scoring.band, args.output / "label_efficiency.png", f"{segment.name}: {settings.describe()}")
+    print(report)
     print(f"written to {args.output}")
     return 0
 

@@ -1,9 +1,11 @@
-"""F0.5 (threshold sweep), AUC and IoU agree with scikit-learn."""
+"""F0.5 (threshold sweep, and at a calibrated threshold), AUC, average precision and IoU agree with scikit-learn;
+the no-skill band holds what skill-less maps score."""
 import numpy as np
 import pytest
 import sklearn.metrics
 
-from finetune.metrics import THRESHOLDS, ink_metrics, roc_auc
+from finetune.metrics import (THRESHOLDS, all_ink_f05, average_precision, best_threshold, f05_at, ink_metrics,
+                              no_skill_band, roc_auc)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -30,8 +32,41 @@ def test_two_dimensional_maps_and_edge_cases():
     labels[1:3, 1:3] = 1
     perfect = ink_metrics(labels.astype(np.float32), labels)
     assert perfect.f05 == 1.0 and perfect.iou == 1.0 and perfect.auc == 1.0
+    # The sweep starts at 0, where every pixel is ink: a map without skill is never scored below chance.
     nothing_predicted = ink_metrics(np.zeros((4, 4), np.float32), labels)
-    assert nothing_predicted.f05 == 0.0
+    assert nothing_predicted.f05 == pytest.approx(all_ink_f05(0.25)) and nothing_predicted.threshold == 0.0
     assert np.isnan(roc_auc(np.random.default_rng(0).random(10), np.zeros(10)))  # one class: undefined
     with pytest.raises(ValueError, match="differ in shape"):
         ink_metrics(np.zeros((4, 4), np.float32), np.zeros((4, 5), np.uint8))
+
+
+def test_calibrated_threshold_and_average_precision():
+    rng = np.random.default_rng(4)
+    labels = rng.random(4000) < 0.2
+    probabilities = np.round(np.clip(0.4 * labels + rng.normal(0.3, 0.2, labels.shape), 0, 1), 2)
+    threshold = best_threshold(probabilities, labels)
+    assert threshold == ink_metrics(probabilities, labels).threshold
+    assert f05_at(probabilities, labels, threshold) == pytest.approx(ink_metrics(probabilities, labels).f05)
+    expected = sklearn.metrics.fbeta_score(labels, probabilities >= 0.35, beta=0.5)
+    assert f05_at(probabilities, labels, 0.35) == pytest.approx(expected, abs=1e-12)
+    assert average_precision(probabilities, labels) == pytest.approx(
+        sklearn.metrics.average_precision_score(labels, probabilities), abs=1e-12)
+    assert np.isnan(average_precision(probabilities, np.zeros_like(labels)))
+
+
+def test_no_skill_band_holds_skill_less_maps_and_not_a_good_one():
+    rng = np.random.default_rng(1)
+    labels_yx = np.zeros((200, 300), bool)
+    for _ in range(40):  # strokes
+        y, x = rng.integers(0, 190), rng.integers(0, 280)
+        labels_yx[y:y + 6, x:x + 20] = True
+    calibration_yx, scored_yx = np.zeros_like(labels_yx), np.zeros_like(labels_yx)
+    calibration_yx[:, :100], scored_yx[:, 150:] = True, True
+    band = no_skill_band(labels_yx, calibration_yx, scored_yx)
+    assert band.chance_f05 == pytest.approx(all_ink_f05(labels_yx[scored_yx].mean()))
+    # The oracle threshold lifts skill-less maps to chance or above; the band says how far.
+    assert band.oracle_mean >= band.chance_f05 - 1e-9 and band.oracle_p95 >= band.oracle_mean
+    assert band.blind_p95 < 0.6
+    good_yx = np.clip(labels_yx * 0.7 + rng.random(labels_yx.shape) * 0.3, 0, 1)
+    threshold = best_threshold(good_yx[calibration_yx], labels_yx[calibration_yx])
+    assert f05_at(good_yx[scored_yx], labels_yx[scored_yx], threshold) > band.blind_p95 + 0.3

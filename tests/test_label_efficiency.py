@@ -1,5 +1,7 @@
-"""Few-label fine-tuning curves: glyph choice is reproducible and never near the scoring region; a tiny run of the
-command writes the table, CSV, plot and each run's prediction, and a rerun reuses every finished run."""
+"""Few-label fine-tuning curves: glyph choice is reproducible and never near the scoring region; thresholds are
+chosen on the calibration strip; the verdict follows the paired statistics; a tiny run of the command writes the
+table, CSV, plot and each run's prediction, a rerun reuses every finished run of the same code, and a run of other
+code is run again with the earlier one kept."""
 import csv
 import subprocess
 import sys
@@ -59,15 +61,23 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
         ("pretrained", "1"), ("pretrained", "2"), ("scratch", "1"), ("scratch", "2")]
     segment = open_segment(labelled_segment_path)
     scoring = label_efficiency.regions(segment, 0.4, 0.4).score_yx
-    for row in runs:  # each run's score is the score of its own prediction PNG on the scoring region
+    calibration = label_efficiency.regions(segment, 0.4, 0.4).calibration_yx
+    ink = segment.inklabels > 0
+    for row in runs:  # the threshold comes from the calibration strip, the score from the scoring region
         prediction = cv2.imread(str(curves / "runs" / row["name"] / "prediction.png"), cv2.IMREAD_UNCHANGED) / 255.0
-        expected = label_efficiency.ink_metrics(prediction[scoring], segment.inklabels[scoring])
-        assert float(row["f05"]) == expected.f05 and float(row["auc"]) == expected.auc
+        threshold = label_efficiency.best_threshold(prediction[calibration], ink[calibration])
+        assert float(row["threshold"]) == threshold
+        assert float(row["f05"]) == label_efficiency.f05_at(prediction[scoring], ink[scoring], threshold)
+        oracle = label_efficiency.ink_metrics(prediction[scoring], ink[scoring])
+        assert float(row["f05_oracle"]) == oracle.f05 and float(row["auc"]) == oracle.auc
         assert int(row["scored_pixels"]) == scoring.sum() and int(row["labelled_pixels"]) == 160 * int(row["glyphs"])
+        assert row["code"].split("-")[0] == label_efficiency.git_commit().split("-")[0] and row["code"] == runs[0]["code"]
     summary = list(csv.DictReader(open(curves / "label_efficiency.csv")))
     assert len(summary) == 4 and all(row["f05_min"] == row["f05_max"] == row["f05_mean"] for row in summary)  # one seed
     table = (curves / "label_efficiency.md").read_text()
-    assert "| scratch | full |" in table and "| pretrained | full |" in table and "Does a pretrained encoder" in table
+    assert "| scratch | full |" in table and "| pretrained | full |" in table and "No-skill band" in table
+    # One seed gives no interval: whatever the scores, the answer is inconclusive, never "no".
+    assert "Does a pretrained encoder find ink with fewer labels? **Inconclusive**" in table
     assert (curves / "label_efficiency.png").read_bytes().startswith(b"\x89PNG")
 
     log = curves / "runs" / "scratch_full_k1_seed0" / "train.log"
@@ -75,6 +85,14 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert log.stat().st_mtime_ns == before and list(csv.DictReader(open(curves / "runs.csv"))) == runs
+
+    # A run recorded by other code is run again, and the earlier one kept aside.
+    result_path = curves / "runs" / "scratch_full_k1_seed0" / "result.json"
+    result_path.write_text(result_path.read_text().replace(f'"code": "{runs[0]["code"]}"', '"code": "0ldc0de"'))
+    third = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert log.stat().st_mtime_ns != before and "0ldc0de" in third.stdout + third.stderr
+    assert (curves / "runs" / ".superseded" / "scratch_full_k1_seed0-0ldc0de" / "prediction.png").is_file()
 
 
 def test_simulated_negatives_surround_the_glyphs_and_never_touch_ink(labelled_segment_path):
@@ -88,3 +106,59 @@ def test_simulated_negatives_surround_the_glyphs_and_never_touch_ink(labelled_se
     assert (distance_to_glyph[negatives_yx] <= label_efficiency.NEGATIVES_REACH * 2 ** 0.5).all()
     assert not (negatives_yx & ~segment.mask).any()
     assert label_efficiency.arm("full", True, 2) == "full, negatives, round 2" and label_efficiency.arm("lpft", False, None) == "lpft"
+
+
+def test_paired_interval_and_claims():
+    differences = [0.10, 0.12, 0.08, 0.11, 0.09, 0.13, 0.10, 0.07]
+    mean, low, high = label_efficiency.paired_interval(differences)
+    expected = scipy.stats.t.interval(0.95, len(differences) - 1, loc=np.mean(differences),
+                                      scale=scipy.stats.sem(differences))
+    assert mean == pytest.approx(np.mean(differences)) and (low, high) == pytest.approx(expected)
+    assert label_efficiency.claim(8, 1, mean, low, high) == "yes"
+    assert label_efficiency.claim(3, 1, mean, low, high) == "suggestive"  # too few seeds for a yes
+    assert label_efficiency.claim(8, 8, mean, low, high) == "suggestive"  # more glyphs than the goal allows
+    assert label_efficiency.claim(1, 1, 0.2, float("nan"), float("nan")) == "inconclusive"  # one seed: no interval
+    assert label_efficiency.claim(8, 1, 0.0, -0.05, 0.04) == "no"  # the interval rules out +0.05
+    assert label_efficiency.claim(3, 1, 0.02, -0.2, 0.24) == "inconclusive"
+
+
+def paired_results(encoder_scores, scratch_scores, glyphs=1):
+    return ([{"encoder": "spark", "mode": "full", "glyphs": glyphs, "seed": seed, "f05": score}
+             for seed, score in enumerate(encoder_scores)]
+            + [{"encoder": "scratch", "mode": "full", "glyphs": glyphs, "seed": seed, "f05": score}
+               for seed, score in enumerate(scratch_scores)])
+
+
+def test_verdict_follows_the_paired_comparisons_and_the_longer_scratch_arm():
+    band = label_efficiency.NoSkillBand(chance_f05=0.13, blind_mean=0.12, blind_p95=0.15, oracle_mean=0.15, oracle_p95=0.16)
+    scratch = [0.20, 0.25, 0.18, 0.22, 0.30, 0.21, 0.19, 0.24]
+    better = [score + gain for score, gain in zip(scratch, [0.10, 0.12, 0.08, 0.11, 0.09, 0.13, 0.10, 0.07])]
+    compared = label_efficiency.comparisons(paired_results(better, scratch))
+    assert [row["claim"] for row in compared] == ["yes"]
+    assert label_efficiency.verdict(compared, band).startswith("**Yes**")
+    assert "1 comparison(s) made" in label_efficiency.verdict(compared, band)
+    # A scratch arm with twice the epochs that catches up takes the win away.
+    longer = [{"encoder": "scratch_x2", "mode": "full", "glyphs": 1, "seed": seed, "f05": score}
+              for seed, score in enumerate(better)]
+    compared = label_efficiency.comparisons(paired_results(better, scratch) + longer)
+    assert sorted(row["against"] for row in compared) == ["scratch", "scratch_x2"]
+    assert label_efficiency.verdict(compared, band).startswith("**No**")
+    # One seed with both arms at chance: inconclusive, not "no".
+    compared = label_efficiency.comparisons(paired_results([0.13], [0.13]))
+    assert label_efficiency.verdict(compared, band).startswith("**Inconclusive**")
+
+
+def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_segment_path, tmp_path):
+    assert label_efficiency.without_epochs(["--LR", "1e-3", "--NUM_EPOCHS", "3", "--NUM_EPOCHS=4"]) == (["--LR", "1e-3"], 4)
+    assert label_efficiency.default_epochs() >= 1
+    for options, message in ((["--seeds", "0"], "--seeds 0"), (["--glyphs", "0", "1"], "--glyphs 0 1")):
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders",
+                                 "scratch", "--segment", str(labelled_segment_path), "--output", str(tmp_path), *options],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and result.stderr.strip().splitlines() == [result.stderr.strip()]
+        assert result.stderr.startswith("error: ") and message in result.stderr
+    help_text = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--help"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=120).stdout
+    help_text = " ".join(help_text.split())
+    assert "compare every encoder with training from scratch, paired by seed." in help_text
+    assert "-- --NUM_EPOCHS 10" in help_text
