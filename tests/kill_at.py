@@ -28,7 +28,8 @@ REPORT_PREFIX = "kill_at: "
 
 
 def temporary_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    """The temp files of atomic writes (`.<name>.<pid>-<random>.tmp`) anywhere under `folder`."""
+    """The temp files of atomic writes (`.<name>.<random>.vesuvius-ink.tmp`, `pretrain.utils.temporaries`), and any
+    other `.*.tmp`, anywhere under `folder`."""
     return sorted(folder.rglob(".*.tmp"))
 
 

@@ -44,6 +44,7 @@ import tqdm
 import zarr
 import zarr.core.sync
 
+from pretrain.data import cache
 from pretrain.data.images import decode_image, image_header
 from pretrain.data.remote import (
     CachedHTTPStore,
@@ -53,7 +54,13 @@ from pretrain.data.remote import (
     default_cache_dir,
     split_credentials,
 )
-from pretrain.data.volume import DEFAULT_LRU_BYTES, ChunkCachedVolume, LayerStack, convert_layers_to_zarr
+from pretrain.data.volume import (
+    DEFAULT_LRU_BYTES,
+    PROGRESS_FILE,
+    ChunkCachedVolume,
+    LayerStack,
+    convert_layers_to_zarr,
+)
 
 DEFAULT_DATA_URL = "https://dl.ash2txt.org"
 
@@ -283,6 +290,11 @@ def _open_local_array(path: str):
     return _level_zero(zarr.open(path, mode="r"), path)
 
 
+def _open_converted_array(path: str):
+    cache.hold_converted(pathlib.Path(path))  # in every process that reads it: never evicted under a reader
+    return _open_local_array(path)
+
+
 def _open_local_zarr(path: pathlib.Path, lru_bytes: int, name: str | None = None, source: str = "zarr") -> Segment:
     try:
         volume = ChunkCachedVolume(functools.partial(_open_local_array, str(path)), lru_bytes)
@@ -411,28 +423,45 @@ def _fetch_layer_segment(fetcher: CachedHTTPStore, segment_id: str, layers_url: 
     converted = _converted_zarr_path(fetcher.cache_dir, layers_url)
     raw_folder = cache_path_for_url(fetcher.cache_dir, layers_url)
     with _exclusive_lock(fetcher.cache_dir, layers_url):
-        if converted.is_dir():  # another process finished it while this one waited
-            return converted
-        try:
-            layer_paths = _download_layers(fetcher, segment_id, layers_url, suffix)
-            with tqdm.tqdm(total=SEGMENT_LAYERS, unit="layer", desc=f"converting {segment_id}") as progress:
-                convert_layers_to_zarr(layer_paths, converted, CONVERTED_CHUNKS, on_layers=progress.update)
-        except (SegmentError, ValueError) as error:
-            shutil.rmtree(raw_folder, ignore_errors=True)
-            shutil.rmtree(converted.with_name(converted.name + ".partial"), ignore_errors=True)
-            if isinstance(error, SegmentError):
-                raise
-            raise SegmentError(f"segment {segment_id} ({layers_url}/): {error}") from error
-    shutil.rmtree(raw_folder, ignore_errors=True)
+        if not converted.is_dir():  # else another process finished it while this one waited
+            try:
+                layer_paths = _download_layers(fetcher, segment_id, layers_url, suffix)
+                with tqdm.tqdm(total=SEGMENT_LAYERS, unit="layer", desc=f"converting {segment_id}") as progress:
+                    convert_layers_to_zarr(layer_paths, converted, CONVERTED_CHUNKS, on_layers=progress.update)
+            except (SegmentError, ValueError) as error:
+                shutil.rmtree(raw_folder, ignore_errors=True)
+                shutil.rmtree(converted.with_name(converted.name + ".partial"), ignore_errors=True)
+                if isinstance(error, SegmentError):
+                    raise
+                raise SegmentError(f"segment {segment_id} ({layers_url}/): {error}") from error
+        # Inside the lock whoever converted it: this process's probe may have fetched a layer meanwhile.
+        _remove_conversion_leftovers(converted, raw_folder)
+    cache.hold_converted(converted)  # before the bound is enforced: it must not evict what it is opening
+    bound = cache.max_bytes()
+    if bound is not None:
+        cache.enforce_bound(fetcher.cache_dir, bound)  # the writes of a conversion are not counted one by one
     return converted
 
 
+def _remove_conversion_leftovers(converted: pathlib.Path, raw_folder: pathlib.Path) -> None:
+    """Delete what a conversion leaves once `converted` is complete (a kill can come between the rename and
+    this): the downloaded layer images and the progress record."""
+    shutil.rmtree(raw_folder, ignore_errors=True)
+    (converted / PROGRESS_FILE).unlink(missing_ok=True)
+
+
 def _cached_layer_zarr(cache_dir: pathlib.Path, folder_urls: list[str]):
-    """(converted zarr path, layers URL) of a server layer folder converted by an earlier run, or (None, None)."""
+    """(converted zarr path, layers URL) of a server layer folder converted by an earlier run, or (None, None).
+    What that run's conversion left beside it (killed before its clean-up) is deleted here."""
     for folder_url in folder_urls:
-        converted = _converted_zarr_path(cache_dir, f"{folder_url}/layers")
+        layers_url = f"{folder_url}/layers"
+        converted = _converted_zarr_path(cache_dir, layers_url)
         if converted.is_dir():
-            return converted, f"{folder_url}/layers"
+            raw_folder = cache_path_for_url(cache_dir, layers_url)
+            if raw_folder.exists() or (converted / PROGRESS_FILE).exists():
+                with _exclusive_lock(cache_dir, layers_url):
+                    _remove_conversion_leftovers(converted, raw_folder)
+            return converted, layers_url
     return None, None
 
 
@@ -453,6 +482,10 @@ def _open_remote(segment_id, scroll, cache_dir, lru_bytes, data_url, store_optio
     layout = scroll_on_server(scroll)
     root, credentials = _server_root(data_url)
     store_options = {**store_options, "credentials": credentials}
+    try:
+        cache.max_bytes()  # a bad SEGMENT_CACHE_MAX_GB is one line now, not an error in the middle of a download
+    except ValueError as error:
+        raise SegmentError(str(error)) from None
     fetcher = CachedHTTPStore(root, cache_dir, **store_options)  # for whole files: probes, PNGs, layer images
     zarr_url = segment_zarr_url(segment_id, scroll, root)
     folder_urls = segment_folder_urls(segment_id, scroll, root)
@@ -472,7 +505,7 @@ def _open_remote(segment_id, scroll, cache_dir, lru_bytes, data_url, store_optio
         opener = functools.partial(_open_remote_array, zarr_url, str(cache_dir), store_options, zarr_format)
         location = zarr_url
     elif converted is not None:
-        opener = functools.partial(_open_local_array, str(converted))
+        opener = functools.partial(_open_converted_array, str(converted))
         location = layers_url
     else:
         raise SegmentError(

@@ -5,13 +5,13 @@ import os
 import pathlib
 import subprocess
 import time
-import uuid
 import warnings
 
 import numpy as np
 import torch
 
 from pretrain import dist
+from pretrain.utils import temporaries
 
 
 def error_line(error: BaseException) -> str:
@@ -39,15 +39,12 @@ def git_commit() -> str:
 
 def _write_atomic(path: str | os.PathLike, write) -> None:
     """`write(temporary_path)`, then a rename onto `path`: a kill or a reader never sees half a file. The temp
-    file sits beside `path`, named `.<name>.<pid>-<random>.tmp`, which remove_stale_temporaries sweeps."""
+    file sits beside `path`, named and locked by `pretrain.utils.temporaries`, so remove_stale_temporaries
+    knows it for ours and leaves it while this process lives."""
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with temporaries.held_temporary(path.parent, path.name) as temporary:
         write(temporary)
         os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
@@ -60,10 +57,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     _write_atomic(path, lambda temporary: temporary.write_bytes(data))
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Delete temp files a killed run left behind in `folder` and its subfolders (they are never read)."""
-    for temporary in pathlib.Path(folder).rglob(".*.tmp"):
-        temporary.unlink(missing_ok=True)
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temp files our writers left in `folder` and its subfolders when killed (they are never read).
+    Files of any other name stay, and so do the temp files of writers still running (a second run writing a
+    checkpoint into the same folder). Returns how many were deleted."""
+    return temporaries.remove_dead_temporaries(pathlib.Path(folder).rglob(f".*{temporaries.SUFFIX}"))
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
