@@ -8,7 +8,11 @@ It serves a folder, counts every request by path (and the 404s), and can misbeha
   at chunks;
 - `scripted_status` maps a path to the statuses its next requests get (`[404]`: a 404 once, then the file);
 - `permanent_status` maps a path to a status it always gets;
-- `basic_auth=(login, password)` demands HTTP Basic auth, as the data server has in the past (401 without it).
+- `basic_auth=(login, password)` demands HTTP Basic auth, as the data server has in the past (401 without it);
+- `body_faults` maps a path to the bad 200 answers its next requests get, in order, then the file:
+  "html" (an HTML page in place of the file, as a proxy's error page), "short" (the file cut short, with a
+  Content-Length that matches the cut: only a check of the body itself can tell), "drip" (the file one byte
+  every `drip_seconds`; it ends when the client hangs up, the server stops, or after `DRIP_LIMIT_SECONDS`).
 """
 import base64
 import collections
@@ -22,6 +26,8 @@ import threading
 import time
 
 METADATA_NAMES = (".zarray", ".zgroup", ".zattrs", ".zmetadata", "zarr.json")
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Service Unavailable</title></head><body>Try later.</body></html>\n"
+DRIP_LIMIT_SECONDS = 60.0  # a dripping answer never outlives a test
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg")
 
 
@@ -46,6 +52,9 @@ class LoopbackServer:
         self.max_active = 0
         self.permanent_status: dict[str, int] = {}  # path → status, e.g. a 500 that never heals
         self.scripted_status: dict[str, list[int]] = {}  # path → statuses of its next requests, in order
+        self.body_faults: dict[str, list[str]] = {}  # path → bad bodies of its next requests ("html", "short", "drip")
+        self.drip_seconds = 2.0
+        self.stopping = threading.Event()
         self.expected_authorization = None
         if basic_auth is not None:
             token = base64.b64encode(":".join(basic_auth).encode()).decode()
@@ -65,6 +74,10 @@ class LoopbackServer:
                 self._serve(send_body=True)
 
             def _serve(self, send_body: bool):
+                if server.stopping.is_set():
+                    # A stopped server answers nothing, not even on a connection a client kept alive.
+                    self.close_connection = True
+                    return
                 path = self.path.split("?", 1)[0]
                 with server.lock:
                     server.requests[path] += 1
@@ -95,6 +108,7 @@ class LoopbackServer:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -188,6 +202,14 @@ class LoopbackServer:
         if fault == "delay":
             time.sleep(self.delay_seconds)
         body = file_path.read_bytes()
+        with self.lock:
+            planned = self.body_faults.get(path)
+            body_fault = planned.pop(0) if planned else None
+            if body_fault is not None:
+                self.fault_counts[body_fault] += 1
+        if body_fault is not None:
+            self._send_bad_body(handler, body, body_fault)
+            return
         if fault == "drop":
             # Close the connection without any answer.
             handler.close_connection = True
@@ -211,3 +233,24 @@ class LoopbackServer:
         handler.wfile.write(body)
         with self.lock:
             self.bytes_sent += len(body)
+
+    def _send_bad_body(self, handler, body: bytes, body_fault: str) -> None:
+        if body_fault == "html":
+            body = HTML_PAGE
+        elif body_fault == "short":
+            body = body[: len(body) // 2]
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Content-Type", "text/html" if body_fault == "html" else "application/octet-stream")
+        handler.end_headers()
+        if body_fault != "drip":
+            handler.wfile.write(body)
+            return
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # the client hanging up ends the drip
+            for index in range(len(body)):
+                if self.stopping.wait(self.drip_seconds) or time.monotonic() - started > DRIP_LIMIT_SECONDS:
+                    break
+                handler.wfile.write(body[index : index + 1])
+                handler.wfile.flush()
+        handler.close_connection = True

@@ -3,10 +3,12 @@
     python -m pretrain.data.download SEGMENT_ID [--scroll 1] [--cache-dir DIR]
 
 Resumable by construction: what is already in the cache is skipped, so a second run after an
-interruption fetches only what is missing. It is also the repair tool: every file the cache remembers as
-absent on the server (a chunk, a mask, labels) is asked for again, and cached if the server has it now,
-so a wrong 404 or labels added later never stay missed. A segment of layer images (scrolls 2, 3, 4) is
-downloaded and converted by `open_segment` itself; a run after completion fetches nothing else.
+interruption fetches only what is missing. It is also the repair tool: every cached chunk is checked (its
+codec header and a full decode; metadata, mask and labels on their read) and fetched again where damaged,
+and every file the cache remembers as absent on the server (a chunk, a mask, labels) is asked for again,
+and cached if the server has it now, so a wrong 404 or labels added later never stay missed. A segment of
+layer images (scrolls 2, 3, 4) is downloaded and converted by `open_segment` itself; a run after
+completion fetches nothing else.
 """
 import argparse
 import asyncio
@@ -19,7 +21,10 @@ import zarr
 import zarr.core.sync
 
 from pretrain.data.remote import CachedHTTPStore, RemoteReadError, default_cache_dir
-from pretrain.data.segment import SegmentError, open_segment, segment_zarr_url
+from pretrain.data.segment import SEGMENT_ID_PATTERN, SegmentError, open_segment, segment_zarr_url
+from pretrain.utils import misc
+
+BATCH_KEYS = 256  # keys in flight at once: keeps the pending coroutines few; the store bounds the requests
 
 
 def chunk_keys(array: zarr.Array) -> list[str]:
@@ -32,36 +37,65 @@ def chunk_keys(array: zarr.Array) -> list[str]:
 
 def download_segment(segment_id: str, scroll: str = "1", cache_dir: pathlib.Path | None = None,
                      concurrency: int = 8, data_url: str | None = None) -> dict:
-    """Fetch every missing chunk of a segment into the cache and recheck remembered absences. Returns counts."""
+    """Check every cached chunk of a segment (fetching damaged ones again), fetch every missing one, and recheck
+    remembered absences. Returns counts."""
+    if not SEGMENT_ID_PATTERN.fullmatch(segment_id):
+        raise SegmentError(f"segment ID {segment_id!r} is not one: digits such as 20230827161847 (an optional "
+                           "suffix such as _superseded), with no spaces")
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     # Validates the ID, fetches metadata, mask and labels (rechecking remembered absences); a segment of
     # layer images is downloaded and converted right here.
     segment = open_segment(segment_id, scroll=scroll, cache_dir=cache_dir, data_url=data_url,
                            http_concurrency=concurrency, recheck_absent=True)
+    if segment.source != "remote":
+        raise SegmentError(f"{segment_id} names a local path here ({segment.location}), not a server segment; "
+                           "run the download from another folder")
     if segment.location != segment_zarr_url(segment_id, str(scroll), data_url):
+        # Converted from layer images: open_segment checked each layer image as it arrived, and conversion
+        # read every one of them.
         print(f"{segment!r}: converted from the layer images at {segment.location}/ and complete in the cache")
-        return {"chunks": 0, "fetched": 0, "bytes": 0, "absent": 0, "recovered": 0}
+        return {"chunks": 0, "fetched": 0, "bytes": 0, "absent": 0, "recovered": 0, "repaired": 0}
     array = segment.volume.backend
     store: CachedHTTPStore = array.store
     keys = chunk_keys(array)
+    cached = [key for key in keys if (store.cache_root / key).is_file()]
     missing = [key for key in keys if not (store.cache_root / key).is_file()]
     remembered_absent = sum(store.is_cached(key) for key in missing)
-    print(f"{segment!r}: {len(keys)} chunks, {len(keys) - len(missing)} already cached in {store.cache_root}; "
+    print(f"{segment!r}: {len(keys)} chunks, {len(cached)} already cached in {store.cache_root}; "
           f"asking about {len(missing)} ({remembered_absent} remembered as absent)")
-
-    async def fetch_all(progress: tqdm.tqdm) -> None:
-        async def fetch_one(key: str) -> None:
-            await store.fetch_to_cache(key, recheck_absent=True)
-            progress.update(1)
-
-        # Batches keep the number of pending coroutines small; the store bounds actual concurrency.
-        for start in range(0, len(missing), 256):
-            await asyncio.gather(*(fetch_one(key) for key in missing[start : start + 256]))
-
+    # Cached chunks are decoded in full: this is the repair tool, and a decode finds what a header cannot.
+    with tqdm.tqdm(total=len(cached), unit="chunk", desc=f"checking {segment_id}") as progress:
+        run_batches(store, cached, progress, decode=True)
     with tqdm.tqdm(total=len(missing), unit="chunk", desc=f"downloading {segment_id}") as progress:
-        zarr.core.sync.sync(fetch_all(progress))
-    return {"chunks": len(keys), "fetched": store.counters["fetched"], "bytes": store.counters["fetched_bytes"],
-            "absent": store.counters["absent"], "recovered": store.counters["recovered"]}
+        run_batches(store, missing, progress, decode=False)
+    counts = {"chunks": len(keys), "fetched": store.counters["fetched"], "bytes": store.counters["fetched_bytes"],
+              "absent": store.counters["absent"], "recovered": store.counters["recovered"],
+              "repaired": store.counters["repaired"]}
+    in_cache = sum((store.cache_root / key).is_file() or store.is_cached(key) for key in keys)
+    if in_cache != len(keys):  # never "done" for a segment the cache does not hold whole
+        raise SegmentError(f"segment {segment_id}: only {in_cache} of its {len(keys)} chunks are in the cache "
+                           f"{store.cache_root} after the download; run it again")
+    return counts
+
+
+def run_batches(store: CachedHTTPStore, keys: list[str], progress: tqdm.tqdm, decode: bool) -> None:
+    """Read every key through the store (checking cached ones, fetching missing ones, asking again about remembered
+    absences). Every request of a batch ends before an error is raised, so a failure is one error, not a failure
+    plus the noise of requests cut off as the process exits."""
+
+    async def read_one(key: str) -> None:
+        await store.fetch_to_cache(key, recheck_absent=True, decode=decode)
+        progress.update(1)
+
+    async def read_all() -> None:
+        for start in range(0, len(keys), BATCH_KEYS):
+            results = await asyncio.gather(*(read_one(key) for key in keys[start : start + BATCH_KEYS]),
+                                           return_exceptions=True)
+            errors = [result for result in results if isinstance(result, BaseException)]
+            if errors:
+                raise errors[0]
+
+    zarr.core.sync.sync(read_all())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="chunk cache (default: $SEGMENT_CACHE_DIR or ~/.cache/vesuvius-ink)")
     parser.add_argument("--concurrency", type=int, default=8, help="simultaneous HTTP requests")
     args = parser.parse_args(argv)
+    misc.show_warnings_as_lines()
     try:
         counts = download_segment(args.segment_id, args.scroll, args.cache_dir, args.concurrency)
     except (SegmentError, RemoteReadError) as error:
@@ -79,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"done: fetched {counts['fetched']} files ({counts['bytes'] / 2**20:.1f} MiB); "
           f"{counts['absent']} chunks absent on the server (fill value); "
-          f"{counts['recovered']} chunks an earlier run had been told were absent are now cached")
+          f"{counts['recovered']} chunks an earlier run had been told were absent are now cached; "
+          f"{counts['repaired']} damaged files of the zarr fetched again")
     return 0
 
 
