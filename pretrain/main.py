@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 from pretrain import checkpoint, dist  # noqa: E402
-from pretrain.data.patches import EpochSampler, RandomPatchDataset  # noqa: E402
+from pretrain.data.patches import EpochSampler, RandomPatchDataset, voxel_dtypes  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.data.views import TwoViewDataset  # noqa: E402
@@ -221,6 +221,7 @@ def main() -> int:
     torch.manual_seed(args.seed + dist.rank())
     # Every user error (data, settings, checkpoints) surfaces before anything is written to exp_dir.
     segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
+    args.voxel_dtype = voxel_dtypes(segments)
     loader = build_loader(args, segments, device)
 
     try:

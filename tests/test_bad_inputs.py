@@ -62,9 +62,11 @@ CASES = [
     ("pretrain", ["--data_path", "20990101000000"], "segment 20990101000000 not found at http://127.0.0.1"),
     ("pretrain", ["--data_path", "{malformed}"], "malformed.zarr is not a readable zarr"),
     ("pretrain", ["--data_path", "{mismatched}"], "has shape (Y, X) = (128, 140), but the volume's (Y, X) is (128, 128)"),
-    ("pretrain", ["--data_path", "{nan}"], "has non-finite voxels (NaN or inf)"),
+    ("pretrain", ["--data_path", "{nan}"], "holds float32 voxels: a float volume is read only with the voxel values"),
+    ("pretrain", ["--data_path", "{nan}", "--float_range", "0", "1"], "has non-finite voxels (NaN or inf)"),
     # Raised in a (default, persistent) DataLoader worker: the one line comes out of the worker's traceback.
-    ("pretrain", ["--data_path", "{nan}", "--num_workers", "2"], "has non-finite voxels (NaN or inf)"),
+    ("pretrain", ["--data_path", "{nan}", "--float_range", "0", "1", "--num_workers", "2"],
+     "has non-finite voxels (NaN or inf)"),
     ("pretrain", ["--data_path", "{good}", "--input_size", "256"], "tile size 256 is larger than segment good's"),
     ("pretrain", ["--data_path", "{good}", "--depth_offset", "30"], "outside the volume's 0..64"),
     ("pretrain", ["--data_path", "{good}", "--resume_from", "{folder}/missing.pth"], "missing.pth does not exist"),

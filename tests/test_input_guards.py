@@ -1,5 +1,6 @@
 """Inputs that once got through or blew up: image bombs (a small PNG declaring a huge image), layer images above
 PIL's bomb limit, and voxel dtypes the normalisation does not know."""
+import dataclasses
 import io
 import struct
 import subprocess
@@ -11,8 +12,11 @@ import numpy as np
 import PIL.Image
 import PIL.ImageFile
 import pytest
+import torch
 
+from pretrain import checkpoint
 from pretrain.data import images
+from pretrain.data.patches import GridTileDataset, InputSettings, RandomPatchDataset, normalize_patch
 from pretrain.data.segment import SegmentError, open_segment, read_label_image
 from pretrain.data.volume import LayerStack
 from tests.conftest import REPO_ROOT, random_volume, rectangle_mask, write_png, write_zarr_segment
@@ -106,7 +110,7 @@ def test_a_layer_image_above_pils_bomb_limit_is_read(tmp_path, monkeypatch):
 def test_a_layer_declaring_another_size_is_refused_before_any_layer_is_decoded(tmp_path, no_decoding):
     write_png(tmp_path / "00.png", np.zeros((64, 64), np.uint8))
     blank_png(tmp_path / "01.png", 60000, 60000, bit_depth=8, rows=1)
-    with pytest.raises(ValueError, match=r"layer .*01.png is \(60000, 60000\) .* is \(64, 64\) .*all layers must match"):
+    with pytest.raises(ValueError, match=r"01.png is \(60000, 60000\) .* is \(64, 64\) .*all layers must match"):
         LayerStack([tmp_path / "00.png", tmp_path / "01.png"])
 
 
@@ -153,3 +157,84 @@ def test_a_truncated_or_foreign_label_file_is_one_line(tmp_path):
         read_label_image(data[: len(data) // 2], "labels.png", (40, 50))
     with pytest.raises(SegmentError, match=r"^labels.png is not a readable image$"):
         read_label_image(b"<html>not found</html>", "labels.png", (40, 50))
+
+
+# ---------------------------------------------------------------- voxel dtypes
+
+
+def dtype_segment(folder, dtype, volume_zyx=None):
+    """A small zarr segment of `dtype` voxels (the same random values, 0 … 255 × 257, in every dtype that holds them)."""
+    if volume_zyx is None:
+        volume_zyx = random_volume(SHAPE, seed=3).astype(np.uint16) * 257
+    path = write_zarr_segment(folder / f"{np.dtype(dtype).name}.zarr", volume_zyx.astype(dtype), chunks=(16, 32, 32))
+    write_png(path / "mask.png", rectangle_mask(SHAPE[1:], margin=4))
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "uint32", "int64"])
+def test_a_segment_of_an_unsupported_dtype_is_refused_when_opened(tmp_path, dtype):
+    path = dtype_segment(tmp_path, dtype, random_volume(SHAPE, seed=3) // 2)
+    with pytest.raises(SegmentError) as raised:
+        open_segment(path)
+    assert str(raised.value) == (f"segment {dtype} ({path}) holds {dtype} voxels: only uint8 and uint16 are read, and "
+                                 "float with its range stated (float_range); convert it to uint8 or uint16")
+    with pytest.raises(ValueError, match=f"{dtype} voxels cannot be normalised"):
+        normalize_patch(np.zeros((2, 2), dtype))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32", "float64"])
+def test_supported_dtypes_give_the_same_tiles_in_0_to_1(tmp_path, dtype):
+    """uint8 and uint16 scale by their maximum; float by the stated range, here the uint16 one: the same tiles."""
+    volume_zyx = random_volume(SHAPE, seed=3).astype(np.uint16) * 257  # 0 … 65535, whole multiples of 257
+    if dtype == "uint8":
+        volume_zyx = volume_zyx // 257
+    segment = open_segment(dtype_segment(tmp_path, dtype, volume_zyx))
+    float_range = (0.0, 65535.0) if dtype.startswith("float") else None
+    settings = InputSettings(model="resnet18_3d_tiny", depth=8, tile_size=32, float_range=float_range)
+    tiles = GridTileDataset(segment, settings, stride=32, min_mask_fraction=0.1)
+    expected = random_volume(SHAPE, seed=3)[4:12] / 255.0  # (D, Y, X): the middle 8 layers, as the window takes them
+    for index in range(len(tiles)):
+        item = tiles[index]
+        y, x = item["origin"].tolist()
+        assert np.allclose(item["volume"][0].numpy(), expected[:, y:y + 32, x:x + 32], atol=1e-6), (dtype, y, x)
+    for mode in ("clip", "zscore"):  # the other scalings agree across dtypes as well
+        patch = volume_zyx[:2, :8, :8].astype(dtype)
+        reference = normalize_patch(random_volume(SHAPE, seed=3)[:2, :8, :8], mode)
+        assert np.allclose(normalize_patch(patch, mode, float_range=float_range), reference, atol=1e-5), (dtype, mode)
+
+
+def test_a_float_segment_without_a_stated_range_is_refused_by_every_dataset(tmp_path):
+    segment = open_segment(dtype_segment(tmp_path, np.float32))  # opening is fine: the range is a reading setting
+    settings = InputSettings(model="resnet18_3d_tiny", depth=8, tile_size=32)
+    message = ("segment float32 holds float32 voxels: a float volume is read only with the voxel values that stand for "
+               "0 and 1 stated (input setting float_range; pretraining: --float_range LOW HIGH), which these settings "
+               "lack")
+    with pytest.raises(SegmentError) as raised:
+        RandomPatchDataset([segment], settings, samples_per_epoch=4)
+    assert str(raised.value) == message
+    with pytest.raises(SegmentError) as raised:
+        GridTileDataset(segment, settings, stride=32)
+    assert str(raised.value) == message
+
+
+def test_input_settings_record_the_dtype_and_older_records_still_read(tmp_path):
+    settings = InputSettings(model="resnet18_3d_tiny", float_range=(-1000.0, 3000.0), voxel_dtype="float32")
+    assert InputSettings.from_dict(settings.as_dict()) == settings
+    assert InputSettings.from_dict(settings.as_dict()).voxel_dtype == "float32"
+    assert dataclasses.replace(settings, voxel_dtype="uint16") == settings  # a record, never a reason to refuse
+    older = {key: value for key, value in settings.as_dict().items() if key not in ("float_range", "voxel_dtype")}
+    assert InputSettings.from_dict(older) == dataclasses.replace(settings, float_range=None)
+    assert InputSettings.from_dict(older).voxel_dtype is None
+    checkpoint.save(tmp_path / "encoder.pth", "encoder", {"weight": torch.ones(2)}, settings)
+    assert checkpoint.input_settings(checkpoint.read(tmp_path / "encoder.pth")).voxel_dtype == "float32"
+
+
+def test_pretraining_records_the_voxel_dtype_and_the_float_range(tmp_path):
+    segment = dtype_segment(tmp_path, np.float32, random_volume((65, 64, 64), seed=4).astype(np.float32) * 257)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), "--data_path", str(segment),
+                             "--exp_dir", str(tmp_path / "run"), "--model", "resnet18_3d_tiny", "--input_size", "64",
+                             "--decoder_width", "32", "--samples_per_ep", "2", "--num_workers", "0", "--ep", "1",
+                             "--float_range", "0", "65535"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = checkpoint.input_settings(checkpoint.read(tmp_path / "run" / "resnet18_3d_tiny_timm_style.pth"))
+    assert saved.voxel_dtype == "float32" and saved.float_range == (0.0, 65535.0)

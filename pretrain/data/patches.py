@@ -42,19 +42,50 @@ class InputSettings:
     normalization: str = "range"  # one of NORMALIZATIONS
     clip_window: tuple[float, float] = (50.0, 200.0)  # "clip" normalisation's window, in 8-bit units
     tile_size: int = 96  # tile side in pixels
+    # The values of a float volume's voxels that stand for 0 and 1, as 0 and the maximum of a uint8 / uint16 one do:
+    # a float volume has no maximum to divide by, so it is refused without this (check_voxel_dtype).
+    float_range: tuple[float, float] | None = None
+    # The voxel dtype(s) the encoder learnt from ("uint8", "uint16", "float32"; "uint8+uint16" for a mix), as
+    # recorded; None in files written before it was. A record, not a reading choice: never compared.
+    voxel_dtype: str | None = dataclasses.field(default=None, compare=False)
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "clip_window": list(self.clip_window)}
+        float_range = None if self.float_range is None else list(self.float_range)
+        return {**dataclasses.asdict(self), "clip_window": list(self.clip_window), "float_range": float_range}
 
     @classmethod
     def from_dict(cls, values: dict) -> "InputSettings":
-        return cls(**{**values, "clip_window": tuple(float(value) for value in values["clip_window"])})
+        """Settings as `as_dict` wrote them; keys added since (float_range, voxel_dtype) take their defaults."""
+        float_range = values.get("float_range")
+        return cls(**{**values, "clip_window": tuple(float(value) for value in values["clip_window"]),
+                      "float_range": None if float_range is None else tuple(float(value) for value in float_range)})
 
     def describe(self) -> str:
         window = f"{self.depth} layers" + (f" offset {self.depth_offset:+d}" if self.depth_offset else "")
         window += " along the surface" if self.follow_surface else " centred"
         scale = f"{self.normalization} {tuple(self.clip_window)}" if self.normalization == "clip" else self.normalization
+        if self.float_range is not None:
+            scale += f" (float voxels {self.float_range[0]:g}…{self.float_range[1]:g} as 0…1)"
         return f"{self.model}, {window}, {scale} normalisation, {self.tile_size}² tiles"
+
+
+def voxel_dtypes(segments: list[Segment]) -> str:
+    """The segments' voxel dtypes as InputSettings.voxel_dtype records them: "uint8", or "uint8+uint16" for a mix."""
+    return "+".join(sorted({segment.dtype.name for segment in segments}))
+
+
+def check_voxel_dtype(segment: Segment, settings: InputSettings) -> None:
+    """A float segment needs `settings.float_range` (uint8 and uint16 scale by their maximum; open_segment has
+    refused every other dtype): one error naming the segment and its dtype."""
+    if segment.dtype.kind != "f":
+        return
+    if settings.float_range is None:
+        raise SegmentError(f"segment {segment.name} holds {segment.dtype.name} voxels: a float volume is read only "
+                           "with the voxel values that stand for 0 and 1 stated (input setting float_range; "
+                           "pretraining: --float_range LOW HIGH), which these settings lack")
+    low, high = settings.float_range
+    if not low < high:
+        raise SegmentError(f"float_range {settings.float_range} of segment {segment.name}: LOW must be below HIGH")
 
 
 def depth_window(num_layers: int, depth: int, offset: int = 0) -> slice:
@@ -68,14 +99,23 @@ def depth_window(num_layers: int, depth: int, offset: int = 0) -> slice:
     return slice(start, start + depth)
 
 
-def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[float, float] = (50, 200)) -> np.ndarray:
-    """float32 patch from uint8/uint16 voxels.
+def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[float, float] = (50, 200),
+                    float_range: tuple[float, float] | None = None) -> np.ndarray:
+    """float32 patch from uint8/uint16 voxels, or float voxels with their `float_range` (low, high) stated.
 
-    "range": divide by the dtype's maximum → [0, 1].
+    "range": divide by the dtype's maximum → [0, 1] (a float patch: low → 0, high → 1).
     "clip": clip to `clip_window` given in 8-bit units (Kaggle-style 50–200; scaled ×257 for uint16) → [0, 1].
     "zscore": range-scaled, then zero mean and unit variance over the patch.
     """
-    maximum = float(np.iinfo(patch.dtype).max) if np.issubdtype(patch.dtype, np.integer) else 1.0
+    if patch.dtype.kind == "f":
+        if float_range is None:
+            raise ValueError(f"a {patch.dtype.name} patch needs float_range: a float dtype has no maximum to scale by")
+        # Shifted so that low is 0: the span then plays the dtype maximum's part below.
+        patch, maximum = patch.astype(np.float32) - np.float32(float_range[0]), float(float_range[1] - float_range[0])
+    elif patch.dtype.kind == "u" and patch.dtype.itemsize <= 2:
+        maximum = float(np.iinfo(patch.dtype).max)
+    else:  # int8 would map to [-1, 1] and uint32 to a sliver near 0: refused, not scaled wrongly
+        raise ValueError(f"{patch.dtype.name} voxels cannot be normalised: uint8, uint16 or float only")
     if mode == "range":
         return patch.astype(np.float32) / maximum
     if mode == "clip":
@@ -151,13 +191,14 @@ class DepthWindow:
         if not settings.follow_surface:
             layers = slice(self.layers.start, self.layers.stop + extra_layers)
             return normalize_patch(read_patch(segment, layers, y, x, tile_size), settings.normalization,
-                                   settings.clip_window)
+                                   settings.clip_window, settings.float_range)
         # "zscore" takes its statistics over the output window, as it does without surface following (and as
         # VICReg standardises its views), not over the searched slab, whose extra air and papyrus layers would
         # set another scale; the surface is found on the range-scaled slab (surface_depth is affine-invariant).
         zscore = settings.normalization == "zscore"
-        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size),
-                               "range" if zscore else settings.normalization, settings.clip_window)
+        slab_scaling = "range" if zscore else settings.normalization
+        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), slab_scaling, settings.clip_window,
+                               settings.float_range)
         window = resample_along_surface(slab, surface_depth(slab), settings.depth_offset - settings.depth // 2,
                                         settings.depth + extra_layers)
         return (window - window.mean()) / (window.std() + ZSCORE_EPSILON) if zscore else window
@@ -269,6 +310,8 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.jitter = max(1, self.tile_size // 4)
+        for segment in self.segments:
+            check_voxel_dtype(segment, settings)
         self.windows = [DepthWindow(segment.shape[0], settings) for segment in self.segments]
         self.origins = [
             tile_origins(segment, self.tile_size, self.jitter, min_mask_fraction, min_ink_fraction)
@@ -317,6 +360,7 @@ class GridTileDataset(torch.utils.data.Dataset):
     ) -> None:
         self.segment = segment
         self.tile_size = settings.tile_size
+        check_voxel_dtype(segment, settings)
         self.window = DepthWindow(segment.shape[0], settings)
         if origins is None:
             origins = tile_origins(segment, self.tile_size, stride, min_mask_fraction, min_ink_fraction, region_yx)

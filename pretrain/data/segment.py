@@ -103,7 +103,7 @@ class SegmentError(ValueError):
 
 @dataclasses.dataclass
 class Segment:
-    volume: ChunkCachedVolume  # (Z, Y, X) uint8 or uint16, lazy: slice it, never load it whole
+    volume: ChunkCachedVolume  # (Z, Y, X) uint8, uint16 or float, lazy: slice it, never load it whole
     mask: np.ndarray  # (Y, X) bool: where the papyrus is
     inklabels: np.ndarray | None  # (Y, X) uint8 in {0, 1}, or None when the segment has no labels
     name: str
@@ -226,6 +226,13 @@ def read_label_image(data: bytes, description: str, expected_shape: tuple[int, i
     return _fit_to_volume((image >= threshold).astype(np.uint8), description, tuple(expected_shape))
 
 
+def is_supported_dtype(dtype: np.dtype) -> bool:
+    """uint8 and uint16 voxels, which normalisation scales by their maximum, or float ones, which it scales by a
+    stated range (`pretrain.data.patches.check_voxel_dtype`). Others would train silently on wrong values:
+    int8 scaled to [-1, 1], uint32 to a sliver near 0."""
+    return (dtype.kind == "u" and dtype.itemsize <= 2) or dtype.kind == "f"
+
+
 def _mask_from_voxels(volume: ChunkCachedVolume, description: str) -> np.ndarray:
     warnings.warn(f"{description}: no mask found; deriving it from the non-zero voxels of the middle layer")
     return volume[volume.shape[0] // 2] > 0
@@ -243,6 +250,9 @@ def _finish_segment(volume, mask_bytes, label_bytes, name, source, location, vox
                     negatives_bytes=None) -> Segment:
     if volume.ndim != 3:
         raise SegmentError(f"{location} holds an array of shape {volume.shape}; a segment is (Z, Y, X)")
+    if not is_supported_dtype(volume.dtype):
+        raise SegmentError(f"segment {name} ({location}) holds {volume.dtype.name} voxels: only uint8 and uint16 "
+                           "are read, and float with its range stated (float_range); convert it to uint8 or uint16")
     expected = volume.shape[1:]
     if mask_bytes is None:
         mask = _mask_from_voxels(volume, location)

@@ -36,6 +36,7 @@ class Args(Tap):
     follow_surface: bool = False  # depth window follows the recto surface found in each tile (fine-tune with the same)
     input_size: int = 96  # tile side in pixels (a multiple of 32); 96 gives a 3 × 3 grid of 32-pixel cells
     normalization: str = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per patch)
+    float_range: list[float] = []  # LOW HIGH: a float volume's voxel values that stand for 0 and 1 (else refused)
     min_mask_fraction: float = 0.5  # a crop needs at least this much papyrus (mask) under it
     samples_per_ep: int = 180  # crops per epoch (all processes together)
     num_workers: int = 2  # DataLoader workers per process (0: load in the main process)
@@ -81,6 +82,7 @@ class Args(Tap):
     device: str = "cpu"
     commit: str = ""
     command: str = ""
+    voxel_dtype: str = ""  # the segments' voxel dtype(s), recorded with the input settings
 
     def process_args(self) -> None:
         problems = []
@@ -92,6 +94,8 @@ class Args(Tap):
             problems.append(f"target {self.target!r} is not {' or '.join(map(repr, TARGETS))}")
         if self.normalization not in NORMALIZATIONS:
             problems.append(f"normalization {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+        if self.float_range and (len(self.float_range) != 2 or not self.float_range[0] < self.float_range[1]):
+            problems.append(f"float_range {self.float_range} is not two numbers LOW HIGH with LOW below HIGH")
         if not 0 < self.mask < 1:
             problems.append(f"mask {self.mask} is not between 0 and 1")
         if self.method not in ("spark", "vicreg"):
@@ -131,7 +135,8 @@ class Args(Tap):
         """How the pretraining datasets cut and scale tiles, before a method's own normalisation."""
         return InputSettings(model=self.model, depth=self.depth, depth_offset=self.depth_offset,
                              follow_surface=self.follow_surface, normalization=self.normalization,
-                             tile_size=self.input_size)
+                             tile_size=self.input_size, float_range=tuple(self.float_range) or None,
+                             voxel_dtype=self.voxel_dtype or None)
 
     def fill_runtime(self, device: str, world_size: int) -> None:
         if self.bs % world_size:
