@@ -1,5 +1,6 @@
 """Atomic writes, the JSON-lines log, the master-only TensorBoard writer, seeds, git commit. (What goes into
 checkpoints, and how they are read, is `pretrain.checkpoint`.)"""
+import hashlib
 import json
 import os
 import pathlib
@@ -29,12 +30,29 @@ def show_warnings_as_lines() -> None:
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
-def git_commit() -> str:
+CODE_FILES = ("*.py", "*.sh", "requirements*.txt")  # what decides a result; notes and README do not
+
+
+def git_commit(repository: str | os.PathLike | None = None) -> str:
+    """The code a result comes from: the short commit, plus `-dirty-<hash of the changes>` when code files differ
+    from it (edited or untracked), so that two different uncommitted states never share a name. 'unknown'
+    outside a git checkout."""
+    folder = pathlib.Path(repository) if repository is not None else pathlib.Path(__file__).resolve().parent
+
+    def git(*arguments: str, where: pathlib.Path) -> bytes:
+        return subprocess.run(["git", *arguments], capture_output=True, timeout=10, cwd=where, check=True).stdout
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=pathlib.Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        root = pathlib.Path(git("rev-parse", "--show-toplevel", where=folder).decode().strip())
+        commit = git("rev-parse", "--short", "HEAD", where=root).decode().strip()
+        changes = git("diff", "HEAD", "--", *CODE_FILES, where=root)  # pathspecs from the root: the whole tree
+        untracked = git("ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_FILES, where=root).split(b"\0")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    digest = hashlib.sha256(changes)
+    for name in sorted(filter(None, untracked)):
+        digest.update(name + b"\0" + (root / name.decode()).read_bytes())
+    return commit if not changes and not any(untracked) else f"{commit}-dirty-{digest.hexdigest()[:10]}"
 
 
 def _write_atomic(path: str | os.PathLike, write) -> None:
