@@ -104,13 +104,13 @@ def test_remove_stale_temporaries_deletes_only_our_dead_ones(tmp_path):
     # A second run writing its checkpoint into the same folder, at this moment.
     second_run = Holder(f"""
         from pretrain.utils import temporaries
-        path, descriptor = temporaries.create_locked({str(experiment)!r}, "resnet50_withdecoder.pth")
+        path = temporaries.create_locked({str(experiment)!r}, "resnet50_withdecoder.pth")
         path.write_bytes(b"a checkpoint being written")
         """)
     # A run killed mid-write.
     killed_run = Holder(f"""
         from pretrain.utils import temporaries
-        path, descriptor = temporaries.create_locked({str(experiment / "epochs")!r}, "encoder_epoch3.pth")
+        temporaries.create_locked({str(experiment / "epochs")!r}, "encoder_epoch3.pth")
         """)
     killed_run.kill()
     try:
@@ -179,6 +179,7 @@ def test_a_layer_fetched_by_a_probe_while_another_process_converted_is_deleted(s
         assert zarr.core.sync.sync(fetcher.download_url(f"{layers_url}/00.tif")) == raw_folder / "00.tif"
         assert segment._fetch_layer_segment(fetcher, SERVER_LAYER_SEGMENT_ID, layers_url, ".tif") == converted
     assert not raw_folder.exists()
+    assert not temporaries._held_descriptors  # the streamed downloads' temp files were let go of
 
 
 def test_download_segment_sh_deletes_a_stray_layer(server_layout, tmp_path):

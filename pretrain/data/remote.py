@@ -34,7 +34,6 @@ import random
 import shutil
 import struct
 import urllib.parse
-import uuid
 import warnings
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -46,6 +45,9 @@ import tifffile
 import zarr.core.sync
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
+
+from pretrain.data import cache
+from pretrain.utils import temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -325,45 +327,29 @@ def cache_path_for_url(cache_dir: pathlib.Path, url: str) -> pathlib.Path:
     return pathlib.Path(cache_dir) / host / parsed.path.strip("/")
 
 
-def _incomplete_path(cache_dir: pathlib.Path) -> pathlib.Path:
-    incomplete_dir = pathlib.Path(cache_dir) / INCOMPLETE_DIR
-    incomplete_dir.mkdir(parents=True, exist_ok=True)
-    return incomplete_dir / f"{os.getpid()}-{uuid.uuid4().hex}"
+def _incomplete_path(cache_dir: pathlib.Path, name: str = "download") -> temporaries.HeldTemporary:
+    """A new temp file in `cache_dir/.incomplete`, locked by this process (so no sweep deletes it while this
+    process lives, whatever host or container the sweep runs in) until its `unlink`, which also deletes it if
+    it was not renamed into place."""
+    return temporaries.create_locked(pathlib.Path(cache_dir) / INCOMPLETE_DIR, name)
 
 
 def write_atomic(destination: pathlib.Path, data: bytes, cache_dir: pathlib.Path) -> None:
     """Write `data` to `destination` through a temp file in `cache_dir/.incomplete` and a rename."""
-    temporary = _incomplete_path(cache_dir)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with temporaries.held_temporary(pathlib.Path(cache_dir) / INCOMPLETE_DIR, destination.name) as temporary:
         temporary.write_bytes(data)
         os.replace(temporary, destination)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    cache.record_added(cache_dir, len(data))
 
 
 def sweep_incomplete(cache_dir: pathlib.Path) -> int:
-    """Delete temp files left by processes that no longer run (a kill -9 mid-write). Returns the count."""
+    """Delete the temp files of writers that are gone (a kill -9 mid-download), wherever they ran: a live
+    writer holds a lock on its temp file, seen from other PID namespaces and NFS clients. Returns the count."""
     incomplete_dir = pathlib.Path(cache_dir) / INCOMPLETE_DIR
-    removed = 0
     if not incomplete_dir.is_dir():
         return 0
-    for temporary in incomplete_dir.iterdir():
-        pid_text = temporary.name.split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
-            temporary.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    return temporaries.remove_dead_temporaries(incomplete_dir.iterdir())
 
 
 _process_session: tuple[int, aiohttp.ClientSession] | None = None
@@ -666,7 +652,8 @@ class CachedHTTPStore(Store):
         path = cache_path_for_url(self.cache_dir, url)
         absent_marker = path.with_name(path.name + ABSENT_SUFFIX)
         damage = None
-        data = path.read_bytes() if path.is_file() else None
+        # None when not cached (or evicted a moment ago); read under a shared lock, so no eviction takes it meanwhile.
+        data = cache.read_held(path)
         if data is not None:
             # Damage on disk (a chunk cut short, a file overwritten) is found here, before any decoder sees it.
             damage = self.body_problem(url, data, decode=decode)

@@ -47,38 +47,49 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return NAME_PATTERN.fullmatch(pathlib.Path(path).name) is not None
 
 
-def create_locked(folder: str | os.PathLike, name: str) -> tuple[pathlib.Path, int]:
-    """Create an empty temp file for `name` in `folder`, locked: (its path, the lock's descriptor).
+class HeldTemporary(pathlib.PosixPath):
+    """The path of a temp file whose lock this process holds. `unlink` deletes the file if it is still there
+    (not renamed into place) and drops the lock: code that streams into a temp file and deletes it in a
+    `finally`, as it does anyway, needs nothing more."""
+
+    _descriptor: int | None = None  # paths derived from this one (its parent, ...) hold no lock
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            super().unlink(missing_ok=missing_ok)
+        finally:
+            if self._descriptor in _held_descriptors:  # not in a forked child, which closed its copies
+                _held_descriptors.discard(self._descriptor)
+                os.close(self._descriptor)
+            self._descriptor = None
+
+
+def create_locked(folder: str | os.PathLike, name: str) -> HeldTemporary:
+    """Create an empty temp file for `name` in `folder`, locked until its path's `unlink`.
 
     A sweep may take the lock in the instant between the file's creation and our lock, and delete it; the
     file then has no name left (st_nlink 0) and a new one is made."""
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
     while True:
-        path = temporary_path(folder, name)
+        path = HeldTemporary(temporary_path(folder, name))
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         if os.fstat(descriptor).st_nlink > 0:
             _held_descriptors.add(descriptor)
-            return path, descriptor
+            path._descriptor = descriptor
+            return path
         os.close(descriptor)
-
-
-def release(path: pathlib.Path, descriptor: int) -> None:
-    """Delete the temp file `path` if it is still there (not renamed), then drop its lock."""
-    path.unlink(missing_ok=True)
-    _held_descriptors.discard(descriptor)
-    os.close(descriptor)
 
 
 @contextlib.contextmanager
 def held_temporary(folder: str | os.PathLike, name: str) -> Iterator[pathlib.Path]:
     """A locked temp file in `folder` for writing `name`; rename it into place inside the block. On leaving, a
     temp file still there (the write failed) is deleted."""
-    path, descriptor = create_locked(folder, name)
+    path = create_locked(folder, name)
     try:
         yield path
     finally:
-        release(path, descriptor)
+        path.unlink(missing_ok=True)
 
 
 def remove_dead_temporaries(paths: Iterable[pathlib.Path]) -> int:
