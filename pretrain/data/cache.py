@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.data.remote import default_cache_dir  # deferred: remote imports this module
     from pretrain.data.segment import SEGMENT_ID_PATTERN
 
-    parser = argparse.ArgumentParser(description="Report the segment cache's size per segment, or remove a segment.")
+    parser = argparse.ArgumentParser(prog="python -m pretrain.data.cache",
+                                     description="Report the segment cache's size per segment, or remove a segment.")
     parser.add_argument("--cache-dir", type=pathlib.Path, default=None,
                         help="the cache (default: $SEGMENT_CACHE_DIR or ~/.cache/vesuvius-ink)")
     commands = parser.add_subparsers(dest="command", required=True)
