@@ -8,7 +8,12 @@ error instead of a crash an hour later. An int is accepted where the default is 
 Given the entry script's file, it also reads the script's own words about each setting, so that `--help`
 shows them: the comment on a setting's line, or else the comment lines just above it. Comment lines above
 a setting that has its own line comment open a group of settings (`# optimisation`) and are shown as that
-group's heading. A None default with an `int | None` (or `Optional[int]`) annotation takes that type.
+group's heading. A setting annotated `int` (or `int | None`, `Optional[int]`) takes that type, a None default
+included.
+
+The script's own values are checked too (`check_in_file_settings`), since they are edited as often as the
+command line: a setting the script never reads (`NUM_EPOCH = 2` for NUM_EPOCHS) is one error with the
+closest names, and a value of another type than its annotation (`NUM_EPOCHS: int = "2"`) one error naming it.
 """
 import ast
 import dataclasses
@@ -47,7 +52,9 @@ class SettingSource:
     heading: str = ""  # the comment lines that open a group of settings here ('' when none does)
     description: str = ""  # the setting's line comment, or the comment lines just above it
     annotation: str = ""  # as written (`int | None`), '' when there is none
-    value_type: type | None = None  # X of an `X | None` annotation, for a None default
+    value_type: type | None = None  # X of an `X` or `X | None` annotation (X one of bool, int, float, str)
+    allows_none: bool = False  # the annotation is `X | None` or `Optional[X]`
+    line: int = 0  # where the setting is assigned (the last time)
 
 
 def settings_in(namespace: dict) -> dict:
@@ -56,19 +63,32 @@ def settings_in(namespace: dict) -> dict:
             if not name.startswith("_") and type(value) in SETTING_TYPES}
 
 
-def _optional_type(annotation: ast.expr | None) -> type | None:
-    """X for an `X | None` or `Optional[X]` annotation with X one of bool, int, float, str; else None."""
+def _annotated_type(annotation: ast.expr | None) -> tuple[type | None, bool]:
+    """(X, whether None is allowed) for an `X`, `X | None` or `Optional[X]` annotation with X one of bool, int,
+    float, str; (None, False) for anything else."""
     if annotation is None:
-        return None
+        return None, False
     if isinstance(annotation, ast.BinOp) and isinstance(annotation.op, ast.BitOr):
         members = [annotation.left, annotation.right]
     elif isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) in ("Optional", "typing.Optional"):
         members = [annotation.slice]
     else:
-        return None
+        members = [annotation]
     named = [ast.unparse(member) for member in members
              if not (isinstance(member, ast.Constant) and member.value is None)]
-    return ANNOTATION_TYPES.get(named[0]) if len(named) == 1 else None
+    if len(named) != 1 or named[0] not in ANNOTATION_TYPES:
+        return None, False
+    return ANNOTATION_TYPES[named[0]], len(named) < len(members)
+
+
+def _assigned_name(statement: ast.stmt) -> tuple[str | None, ast.expr | None]:
+    """(name, annotation) of a top-level `NAME = ...` or `NAME: type = ...`; (None, None) for anything else."""
+    if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)):
+        return statement.targets[0].id, None
+    if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+        return statement.target.id, statement.annotation
+    return None, None
 
 
 def read_script(source_file: str | os.PathLike, names) -> tuple[str, dict[str, SettingSource]]:
@@ -84,13 +104,7 @@ def read_script(source_file: str | os.PathLike, names) -> tuple[str, dict[str, S
     module = ast.parse(source)
     sources = {}
     for statement in module.body:
-        if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
-                and isinstance(statement.targets[0], ast.Name)):
-            name, annotation = statement.targets[0].id, None
-        elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
-            name, annotation = statement.target.id, statement.annotation
-        else:
-            continue
+        name, annotation = _assigned_name(statement)
         if name not in names:
             continue
         line_comment = " ".join(comments[row][0] for row in range(statement.lineno, statement.end_lineno + 1)
@@ -102,7 +116,7 @@ def read_script(source_file: str | os.PathLike, names) -> tuple[str, dict[str, S
         above_text = " ".join(line for line in above if not RULE_COMMENT.fullmatch(line))
         heading, description = (above_text, line_comment) if line_comment else ("", above_text)
         sources[name] = SettingSource(heading, description, ast.unparse(annotation) if annotation else "",
-                                      _optional_type(annotation))
+                                      *_annotated_type(annotation), statement.lineno)
     return (ast.get_docstring(module, clean=False) or "").strip(), sources
 
 
@@ -123,36 +137,45 @@ def settings_help(defaults: dict, source_file: str | os.PathLike | None = None) 
         source = sources.get(name, SettingSource())
         if source.heading:
             parts += ["", textwrap.fill(source.heading, HELP_WIDTH, break_on_hyphens=False)]
-        parts.append(f"  --{name}={_shown(value)}" + (f"  ({source.annotation})" if source.annotation else ""))
+        # The type is shown where the default does not show it: a None default, or one that may become None.
+        shows_type = source.annotation and (value is None or source.allows_none)
+        parts.append(f"  --{name}={_shown(value)}" + (f"  ({source.annotation})" if shows_type else ""))
         if source.description:
             parts.append(textwrap.fill(source.description, HELP_WIDTH, initial_indent=" " * 6,
                                        subsequent_indent=" " * 6, break_on_hyphens=False))
     return "\n".join(parts)
 
 
-def unknown_setting_message(name: str, names) -> str:
-    """'unknown setting --X', with the closest setting names, matched regardless of case."""
+def close_names(name: str, names) -> list[str]:
+    """Up to three of `names` closest to `name`, matched regardless of case."""
     by_lowercase = {}
     for known in names:
         by_lowercase.setdefault(known.lower(), []).append(known)
     close = difflib.get_close_matches(name.lower(), list(by_lowercase), n=3, cutoff=0.6)
-    suggestions = [f"--{known}" for match in close for known in by_lowercase[match]]
-    message = f"unknown setting --{name}"
+    return [known for match in close for known in by_lowercase[match]]
+
+
+def unknown_setting_message(name: str, names, prefix: str = "--",
+                            hint: str = "--help lists every setting") -> str:
+    """'unknown setting --X', with the closest setting names, matched regardless of case."""
+    suggestions = [f"{prefix}{known}" for known in close_names(name, names)]
+    message = f"unknown setting {prefix}{name}"
     if suggestions:
         listed = suggestions[0] if len(suggestions) == 1 else f"{', '.join(suggestions[:-1])} or {suggestions[-1]}"
         message += f"; did you mean {listed}?"
-    return message + " (--help lists every setting)"
+    return message + f" ({hint})"
 
 
-def _convert(name: str, text: str, default, value_type: type | None = None):
-    """`text` as the type of `default` (or `value_type` for a None default); a None default takes 'None'
-    as None, and any text when it has no type."""
-    if default is None:
-        if text == "None" or value_type is None:
-            return None if text == "None" else text
-        expected, or_none = value_type, " or None"
-    else:
-        expected, or_none = type(default), ""
+def _convert(name: str, text: str, default, source: SettingSource = SettingSource()):
+    """`text` as the setting's annotated type (else the type of `default`); 'None' is None where the annotation
+    or a None default allows it, and a None default without a type takes any text."""
+    allows_none = source.allows_none or default is None
+    if allows_none and text == "None":
+        return None
+    expected = source.value_type or (type(default) if default is not None else None)
+    if expected is None:
+        return text
+    or_none = " or None" if allows_none else ""
     if expected is str:
         return text  # a segment ID such as 20230827161847 stays text, not a number
     if expected is bool:
@@ -192,6 +215,55 @@ def apply_overrides(defaults: dict, argv: list[str], source_file: str | os.PathL
                 raise ConfigError(f"--{name} needs a value")
             index += 1
             text = argv[index]
-        values[name] = _convert(name, text, defaults[name], sources.get(name, SettingSource()).value_type)
+        values[name] = _convert(name, text, defaults[name], sources.get(name, SettingSource()))
         index += 1
     return Config(**values)
+
+
+def _has_type(value, expected: type, allows_none: bool) -> bool:
+    """Whether `value` is of the annotated type; an int is a float too, but a bool is not an int."""
+    if value is None:
+        return allows_none
+    return type(value) is expected or (expected is float and type(value) is int)
+
+
+def check_in_file_settings(defaults: dict, source_file: str | os.PathLike, reader: str = "config") -> None:
+    """Raise one ConfigError naming every in-file setting of `source_file` that an override of it would be refused
+    for: a setting the script never reads (a typo such as NUM_EPOCH for NUM_EPOCHS, which would silently be a new
+    setting), one without a type annotation, or a value of another type than its annotation. The script reads a
+    setting as `reader.NAME` or names it in a string (`getattr(config, "MODEL")`); a name read as `reader.NAME` that
+    is not a setting any more (renamed by a typo) is missing."""
+    script = pathlib.Path(source_file)
+    module = ast.parse(script.read_text(encoding="utf-8"))
+    sources = read_script(script, defaults)[1]
+    mentioned, read_from_reader = set(), set()
+    for statement in module.body:
+        if _assigned_name(statement)[0] in defaults:
+            continue
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Attribute):
+                mentioned.add(node.attr)
+                if isinstance(node.value, ast.Name) and node.value.id == reader and not hasattr(Config, node.attr):
+                    read_from_reader.add(node.attr)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                mentioned.add(node.value)
+    missing = read_from_reader - set(defaults)
+    known = (set(defaults) & mentioned) | missing
+    problems, suggested = [], set()
+    for name, value in defaults.items():
+        source = sources.get(name, SettingSource())
+        where = f"{script.name} line {source.line}"
+        if name not in mentioned:
+            suggested.update(close_names(name, known))
+            problems.append(f"{where}: " + unknown_setting_message(
+                name, known, prefix="", hint=f"{script.name} reads no setting of that name"))
+        elif source.value_type is None:
+            problems.append(f"{where}: setting {name} = {value!r} has no type annotation, so its value cannot be "
+                            f"checked; write it as {name}: <type> = ..., as every setting is written")
+        elif not _has_type(value, source.value_type, source.allows_none):
+            expected = source.value_type.__name__ + (" or None" if source.allows_none else "")
+            problems.append(f"{where}: {name} expects {expected}, got {value!r}")
+    problems += [f"setting {name} is missing from the top of {script.name}, which reads it"
+                 for name in sorted(missing - suggested)]
+    if problems:
+        raise ConfigError("; ".join(problems))

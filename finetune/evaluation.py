@@ -9,7 +9,7 @@ import torch
 
 from pretrain import dist
 from finetune.data import UNKNOWN, Box, tiles_region
-from finetune.metrics import ink_metrics
+from finetune.metrics import all_ink_f05, ink_metrics
 
 
 @torch.no_grad()
@@ -62,9 +62,11 @@ def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, regi
 
 
 def describe(metrics: dict) -> str:
-    """F0.5 (its threshold) and AUC of metrics as `validate` or `prediction_metrics` return them, for a person."""
+    """F0.5 (its threshold, and chance: calling every pixel ink) and AUC of metrics as `validate` or
+    `prediction_metrics` return them, for a person: an F0.5 means nothing without the chance level of its pixels."""
     groups = {"": "", "validation_": "held-out band ", "labelled_tiles_": "labelled tiles ",
               "unlabelled_area_": "where nothing was labelled "}
-    parts = [f"{label}F0.5 {metrics[prefix + 'f05']:.3f} (threshold {metrics[prefix + 'threshold']:.2f}), "
-             f"AUC {metrics[prefix + 'auc']:.3f}" for prefix, label in groups.items() if prefix + "f05" in metrics]
+    parts = [f"{label}F0.5 {metrics[prefix + 'f05']:.3f} (threshold {metrics[prefix + 'threshold']:.2f}; chance "
+             f"{all_ink_f05(metrics[prefix + 'ink_fraction']):.3f}), AUC {metrics[prefix + 'auc']:.3f}"
+             for prefix, label in groups.items() if prefix + "f05" in metrics]
     return "; ".join(parts)

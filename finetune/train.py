@@ -23,6 +23,7 @@ import math
 import pathlib
 import sys
 import time
+import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
 
@@ -33,7 +34,8 @@ import tqdm  # noqa: E402
 
 from finetune import data, evaluation, inference, outputs  # noqa: E402
 from finetune.loss import ink_loss  # noqa: E402
-from finetune.config import ConfigError, apply_overrides, settings_in  # noqa: E402
+from finetune.metrics import all_ink_f05  # noqa: E402
+from finetune.config import ConfigError, apply_overrides, check_in_file_settings, settings_in  # noqa: E402
 from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import NORMALIZATIONS, InputSettings  # noqa: E402
@@ -44,64 +46,70 @@ from pretrain.utils import misc, schedule  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # experiment
-exp_name = "finetune_demo"  # experiment folder under OUTPUT_DIR; the same name again resumes it
-OUTPUT_DIR = "experiments"  # where experiment folders go
-segment_id = "demo"  # any open_segment spec: a segment ID, a zarr or layer folder, "demo[:seed]"
-scheme = "validation"  # "validation": hold out a band and measure; "iterative": train on all labels, predict
-inklabel_path = None  # ink label PNG (a bare name is looked up in the segment's folder); None: the segment's own
+exp_name: str = "finetune_demo"  # experiment folder under OUTPUT_DIR; the same name again resumes it
+OUTPUT_DIR: str = "experiments"  # where experiment folders go
+segment_id: str = "demo"  # any open_segment spec: a segment ID, a zarr or layer folder, "demo[:seed]"
+scheme: str = "validation"  # "validation": hold out a band and measure; "iterative": train on all labels, predict
+# ink label PNG (a bare name is looked up in the segment's folder); None: the segment's own
+inklabel_path: str | None = None
 # PNG of pixels painted as not ink. With one, only painted pixels (ink or not ink) train and score; the rest is
 # unknown instead of background. None: with the segment's own ink labels, its own negatives (`{id}_negatives.png` or
 # `negatives.png` beside them) if it has any; with inklabel_path, none.
-negatives_path = None
-mask_path = None  # PNG of where to predict (within the segment's mask); None: the whole segment mask
-save_path = None  # the uint8 prediction PNG to open in an image editor; None: OUTPUT_DIR/exp_name/prediction.png
-pretrained_path = None  # encoder weights: <model>_timm_style.pth, any pretraining, fine-tuning or Kinetics checkpoint; None: random
-freeze_encoder = False  # train only the decoder; the encoder's weights and BatchNorm statistics stay fixed
-FREEZE_ENCODER_EPOCHS = 0  # LP-FT: train only the decoder for this many epochs first, then everything
+negatives_path: str | None = None
+mask_path: str | None = None  # PNG of where to predict (within the segment's mask); None: the whole segment mask
+# the uint8 prediction PNG to open in an image editor; None: OUTPUT_DIR/exp_name/prediction.png
+save_path: str | None = None
+# encoder weights: <model>_timm_style.pth, any pretraining, fine-tuning or Kinetics checkpoint; None: random
+pretrained_path: str | None = None
+freeze_encoder: bool = False  # train only the decoder; the encoder's weights and BatchNorm statistics stay fixed
+FREEZE_ENCODER_EPOCHS: int = 0  # LP-FT: train only the decoder for this many epochs first, then everything
 # model and input: None takes the pretrained encoder's own (its checkpoint records them), or, without one, the
 # default after "else"
-MODEL: str | None = None  # 3D encoder; else "resnet50_3d_narrow" (a full-width resnet50_3d step takes 2.5 s on 2 CPU cores)
+MODEL: str | None = None  # 3D encoder; else "resnet50_3d_narrow" (a full-width step took 2.5 s on 2 CPU cores)
 DEPTH: int | None = None  # layers per tile (a multiple of the encoder's depth downsample, 8); else 16
 DEPTH_OFFSET: int | None = None  # shift of the depth window from the middle layer (or from the surface); else 0
 FOLLOW_SURFACE: bool | None = None  # the depth window follows the recto surface found in each tile; else False
-NORMALIZATION: str | None = None  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per tile); else "range"
+# "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per tile); else "range"
+NORMALIZATION: str | None = None
 TILE_SIZE: int | None = None  # tile side in pixels (a multiple of 32); else 64
-DEPTH_POOL = "max"  # how each stage's 3D features are collapsed over depth: "max" or "mean"
-OUTPUT_STRIDE = 4  # 4: decode to 1/4 resolution and upsample the logits (cheaper); 1: decode to full resolution
+DEPTH_POOL: str = "max"  # how each stage's 3D features are collapsed over depth: "max" or "mean"
+OUTPUT_STRIDE: int = 4  # 4: decode to 1/4 resolution and upsample the logits (cheaper); 1: decode to full resolution
 # data
-STRIDE = 32  # training tile stride
-VALIDATION_FRACTION = 0.2  # width of the held-out band, as a fraction of the segment's longer side
-MIN_INK_FRACTION = 0.05  # "iterative": a training tile must hold this much labelled ink (with negatives: painted pixels)
+STRIDE: int = 32  # training tile stride
+VALIDATION_FRACTION: float = 0.2  # width of the held-out band, as a fraction of the segment's longer side
+# "iterative": a training tile must hold this much labelled ink (with negatives: painted pixels)
+MIN_INK_FRACTION: float = 0.05
 # An epoch repeats the (augmented) training tiles until it holds at least this many: a few labelled letters
 # make only a few dozen tiles.
-MIN_TILES_PER_EPOCH = 512
+MIN_TILES_PER_EPOCH: int = 512
 # Flips, rot90, affine, brightness/contrast, noise/blur, dropout, z-shift, slice dropout. Turn it on for scheme
 # "iterative": from two labelled letters of the demo, the model found the others with F0.5 0.69 with it, 0.13
 # without. Off by default: with the demo's full labels every augmentation tried delayed learning past the
 # 20-minute CPU budget (notes/finetune.md).
-data_augmentation = False
+data_augmentation: bool = False
 # self-training (scheme "iterative"): after training on the labels, predict the region and go on training the model
 # on the labels plus pseudo-labels, this many times. Each round is recorded in its own round_NN/ (see README).
-SELF_TRAINING_ROUNDS = 0
-PSEUDO_INK_THRESHOLD = 0.8  # a prediction at least this high becomes an ink pseudo-label
-PSEUDO_NOT_INK_THRESHOLD = 0.2  # at most this low: a not-ink pseudo-label; in between: unknown
+SELF_TRAINING_ROUNDS: int = 0
+PSEUDO_INK_THRESHOLD: float = 0.8  # a prediction at least this high becomes an ink pseudo-label
+PSEUDO_NOT_INK_THRESHOLD: float = 0.2  # at most this low: a not-ink pseudo-label; in between: unknown
 # optimisation
-NUM_EPOCHS = 20  # passes over the training tiles
-STOP_AFTER_EPOCHS = 0  # stop cleanly once this many epochs are done (the schedule still spans NUM_EPOCHS); run again to continue
-BATCH_SIZE = 8  # global batch (all processes together)
-LR = 1e-3  # AdamW peak learning rate, after a linear warm-up; cosine decay to 1% of it
-WARMUP_EPOCHS = 1
-WEIGHT_DECAY = 1e-2
-LABEL_SMOOTHING = 0.1  # of the BCE targets: labels are drawn by hand, their edges are uncertain
-CLIP = 10.0  # gradient-norm clip (0: off)
-SEED = 0
-NUM_WORKERS = 1  # DataLoader workers per process (0: read tiles in the main process)
+NUM_EPOCHS: int = 20  # passes over the training tiles
+# stop cleanly once this many epochs are done (the schedule still spans NUM_EPOCHS); run again to continue
+STOP_AFTER_EPOCHS: int = 0
+BATCH_SIZE: int = 8  # global batch (all processes together)
+LR: float = 1e-3  # AdamW peak learning rate, after a linear warm-up; cosine decay to 1% of it
+WARMUP_EPOCHS: int = 1
+WEIGHT_DECAY: float = 1e-2
+LABEL_SMOOTHING: float = 0.1  # of the BCE targets: labels are drawn by hand, their edges are uncertain
+CLIP: float = 10.0  # gradient-norm clip (0: off)
+SEED: int = 0
+NUM_WORKERS: int = 1  # DataLoader workers per process (0: read tiles in the main process)
 # torch threads per process on CPU (0: torch's default, one per core). On the 2-core machine one thread
 # leaves a core to the tile reader, and two threads competing with other jobs ran 5-10× slower.
-CPU_THREADS = 1
+CPU_THREADS: int = 1
 # inference
-INFERENCE_STRIDE = 32  # sliding-window stride for the whole-segment prediction
-TTA = False  # average over flips and a rot90 (4× the inference time)
+INFERENCE_STRIDE: int = 32  # sliding-window stride for the whole-segment prediction
+TTA: bool = False  # average over flips and a rot90 (4× the inference time)
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = settings_in(globals())
 # The input settings without a pretrained encoder, and the setting that names each field.
@@ -109,6 +117,13 @@ INPUT_DEFAULTS = InputSettings(model="resnet50_3d_narrow", depth=16, depth_offse
                                normalization="range", tile_size=64)
 INPUT_SETTING_NAMES = {"model": "MODEL", "depth": "DEPTH", "depth_offset": "DEPTH_OFFSET",
                        "follow_surface": "FOLLOW_SURFACE", "normalization": "NORMALIZATION", "tile_size": "TILE_SIZE"}
+# A run whose final F0.5 is less than this above chance (calling every pixel ink) has shown no skill: the margin by
+# which evaluate/label_efficiency.py counts one encoder as beating another. A threshold sweep alone lifts a map
+# without skill a little above chance (self-training rounds that never took off ended at 0.141 against 0.140).
+NO_SKILL_MARGIN = 0.05
+# The prediction's pixels that say how well a run generalised, in the order preferred: the held-out band (scheme
+# "validation"), else where nothing was labelled (needs the segment's full labels), else the labelled tiles.
+GENERALISATION_GROUPS = ("validation_", "unlabelled_area_", "labelled_tiles_")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -332,7 +347,10 @@ def predict_and_write(config, settings, model, segment, human: Labels, labels_yx
     comparison = outputs.labels_vs_prediction(labels_yx, probabilities_yx, segment.mask, held_out)
     outputs.write_png_atomic(experiment_dir / "labels_vs_prediction.png", comparison)
     tensorboard.image("prediction/labels_vs_prediction", outputs.preview_chw(comparison), state.global_step)
-    if config.scheme == "iterative":
+    if config.scheme == "iterative":  # no held-out band scored each epoch: the round's prediction is its val/ point
+        group = generalisation_group(metrics)
+        tensorboard.scalars(state.global_step, val__f05=metrics[group + "f05"], val__auc=metrics[group + "auc"],
+                            val__f05_chance=all_ink_f05(metrics[group + "ink_fraction"]))
         folder = outputs.record_round(experiment_dir, state.round, labels_yx, segment.mask, label_source, prediction_png,
                                       metrics)
         print(f"round {state.round} recorded in {folder}")
@@ -340,7 +358,23 @@ def predict_and_write(config, settings, model, segment, human: Labels, labels_yx
               round=state.round, **metrics)
     print(f"prediction: {save_path} ({time.time() - started:.0f} s). Scored from the whole-segment prediction "
           f"(overlapping tiles, blended): " + evaluation.describe(metrics))
+    warn_if_no_skill(metrics, f"round {state.round}" if config.scheme == "iterative" else "the run")
     return probabilities_yx
+
+
+def generalisation_group(metrics: dict) -> str:
+    """The prefix of the first of GENERALISATION_GROUPS that `metrics` (as prediction_metrics returns them) holds."""
+    return next(prefix for prefix in GENERALISATION_GROUPS if prefix + "f05" in metrics)
+
+
+def warn_if_no_skill(metrics: dict, what: str) -> None:
+    """One warning when the prediction's F0.5 where it generalises is within NO_SKILL_MARGIN of chance."""
+    group = generalisation_group(metrics)
+    f05, chance = metrics[group + "f05"], all_ink_f05(metrics[group + "ink_fraction"])
+    if f05 < chance + NO_SKILL_MARGIN:
+        where = group.rstrip("_").replace("_", " ")
+        warnings.warn(f"{what} shows no skill: its F0.5 ({where}) {f05:.3f} is less than {NO_SKILL_MARGIN} above "
+                      f"chance {chance:.3f}, what calling every pixel ink scores; it has not learnt to find ink")
 
 
 def train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard, labels_yx,
@@ -362,8 +396,8 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
             validation, band_probabilities_hw = evaluation.validate(model, validation_loader, loss_function, device,
                                                                     labels_yx, mask_yx, held_out)
             statistics.update({f"val_{key}": value for key, value in validation.items()})
-            tensorboard.scalars(state.global_step, **{f"val__{key}": validation[key]
-                                                      for key in ("loss", "f05", "threshold", "auc", "iou")})
+            tensorboard.scalars(state.global_step, val__f05_chance=all_ink_f05(validation["ink_fraction"]),
+                                **{f"val__{key}": validation[key] for key in ("loss", "f05", "threshold", "auc", "iou")})
             band = (slice(held_out.y0, held_out.y1), slice(held_out.x0, held_out.x1))
             tensorboard.image("validation/labels_vs_prediction", outputs.preview_chw(
                 outputs.labels_vs_prediction(labels_yx[band], band_probabilities_hw, mask_yx[band])),
@@ -476,6 +510,7 @@ def train_round(config, settings, weights, segment: Segment, human: Labels, held
 
 
 def main(argv: list[str] | None = None) -> int:
+    check_in_file_settings(DEFAULTS, __file__)  # the values written above, checked as overrides of them are
     config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__)
     device = dist.initialize()
     if device.type == "cpu" and config.CPU_THREADS > 0:

@@ -1,12 +1,16 @@
-"""`--help` from the entry script's own comments, "did you mean" for a mistyped setting, and None defaults
-typed by their annotation; on a small settings script written for the test, and on finetune/train.py."""
+"""`--help` from the entry script's own comments, "did you mean" for a mistyped setting, None defaults typed by
+their annotation, and the in-file values checked as overrides are; on small settings scripts written for the test,
+and on finetune/train.py (a copy of it edited as a user would, run as the real script)."""
+import os
+import re
 import runpy
 import subprocess
 import sys
 
 import pytest
 
-from finetune.config import ConfigError, SettingSource, apply_overrides, read_script, settings_in
+from finetune.config import (ConfigError, SettingSource, apply_overrides, check_in_file_settings, read_script,
+                             settings_in)
 from tests.conftest import REPO_ROOT
 
 SCRIPT = '''"""A tiny entry script.
@@ -48,14 +52,16 @@ def test_the_source_gives_each_setting_its_comment_heading_and_type(script):
     docstring, sources = read_script(path, defaults)
     assert docstring.startswith("A tiny entry script.")
     assert sources == {
-        "exp_name": SettingSource("experiment", "experiment folder; the same name resumes"),
-        "colour": SettingSource(),  # the '#' in its string is no comment
-        "MODEL": SettingSource("model: None takes the checkpoint's own", 'encoder; else "resnet18"', "str | None", str),
-        "DEPTH": SettingSource("", "layers per tile; else 16", "int | None", int),
-        "MIN_TILES_PER_EPOCH": SettingSource("", "An epoch repeats the tiles until it holds at least this many."),
-        "NUM_EPOCHS": SettingSource("optimisation", "passes over the tiles"),
-        "WARMUP_EPOCHS": SettingSource(),
-        "LR": SettingSource("", "peak learning rate"),
+        "exp_name": SettingSource("experiment", "experiment folder; the same name resumes", line=9),
+        "colour": SettingSource(line=10),  # the '#' in its string is no comment
+        "MODEL": SettingSource("model: None takes the checkpoint's own", 'encoder; else "resnet18"', "str | None", str,
+                               True, 12),
+        "DEPTH": SettingSource("", "layers per tile; else 16", "int | None", int, True, 13),
+        "MIN_TILES_PER_EPOCH": SettingSource("", "An epoch repeats the tiles until it holds at least this many.",
+                                             line=16),
+        "NUM_EPOCHS": SettingSource("optimisation", "passes over the tiles", line=18),
+        "WARMUP_EPOCHS": SettingSource(line=19),
+        "LR": SettingSource("", "peak learning rate", line=20),
     }
 
 
@@ -127,3 +133,96 @@ def test_train_help_lists_every_setting_and_exits_0():
         assert any(line.startswith(f"  --{name}={value}") for line in lines), name
     number_of_epochs = next(index for index, line in enumerate(lines) if line.startswith("  --NUM_EPOCHS="))
     assert lines[number_of_epochs + 1] == "      passes over the training tiles"
+
+
+READING_SCRIPT = '''"""Settings read by the code below them."""
+name: str = "tiny"  # experiment folder
+MODEL: str | None = None  # encoder; None: the checkpoint's
+NUM_EPOCHS: int = 20  # passes over the tiles
+WARMUP_EPOCHS: int = 1
+LR: float = 1e-3
+INPUT_NAMES = {"model": "MODEL"}  # a setting read by its name, as train.py reads the input settings
+
+
+def run(config):
+    return config.name, getattr(config, INPUT_NAMES["model"]), range(config.WARMUP_EPOCHS, config.NUM_EPOCHS), config.LR
+'''
+
+
+def check_edited(tmp_path, old: str, new: str) -> None:
+    """check_in_file_settings on READING_SCRIPT with `old` replaced by `new`, as a user edits the file."""
+    path = tmp_path / "reading.py"
+    assert READING_SCRIPT.count(old) == 1
+    path.write_text(READING_SCRIPT.replace(old, new))
+    namespace = runpy.run_path(str(path))
+    check_in_file_settings(settings_in({name: namespace[name] for name in namespace if name != "INPUT_NAMES"}), path)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("LR: float = 1e-3", "LR: float = 1e-3"),
+    ("LR: float = 1e-3", "LR: float = 1"),  # an int is a float, as on the command line
+    ("MODEL: str | None = None", 'MODEL: str | None = "resnet18_3d"'),
+], ids=["as-written", "int-for-float", "none-default-set"])
+def test_in_file_settings_the_script_reads_with_values_of_their_type_pass(tmp_path, old, new):
+    check_edited(tmp_path, old, new)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    # A new line with a typo: it would silently be a new setting, and the run would train 20 epochs.
+    ("WARMUP_EPOCHS: int = 1\n", "WARMUP_EPOCHS: int = 1\nNUM_EPOCH = 2\n",
+     r"^reading\.py line 6: unknown setting NUM_EPOCH; did you mean NUM_EPOCHS or WARMUP_EPOCHS\? "
+     r"\(reading\.py reads no setting of that name\)$"),
+    # The setting's own line renamed by the typo: the script's read of NUM_EPOCHS would fail much later.
+    ("NUM_EPOCHS: int = 20", "NUM_EPOCH: int = 2",
+     r"^reading\.py line 4: unknown setting NUM_EPOCH; did you mean NUM_EPOCHS or WARMUP_EPOCHS\?"),
+    ("NUM_EPOCHS: int = 20", 'NUM_EPOCHS: int = "2"', r"^reading\.py line 4: NUM_EPOCHS expects int, got '2'$"),
+    ("NUM_EPOCHS: int = 20", "NUM_EPOCHS: int = True", r"^reading\.py line 4: NUM_EPOCHS expects int, got True$"),
+    ("MODEL: str | None = None", "MODEL: str | None = 50", r"^reading\.py line 3: MODEL expects str or None, got 50$"),
+    ("LR: float = 1e-3", "LR: float = None", r"^reading\.py line 6: LR expects float, got None$"),
+    # The issue's `NUM_EPOCHS = "2"`, the line rewritten without its type: nothing says the value should be an int.
+    ("NUM_EPOCHS: int = 20", 'NUM_EPOCHS = "2"',
+     r"^reading\.py line 4: setting NUM_EPOCHS = '2' has no type annotation, so its value cannot be checked; "
+     r"write it as NUM_EPOCHS: <type> = \.\.\., as every setting is written$"),
+    # Renamed to a name nothing resembles: the setting the script reads is reported missing.
+    ("LR: float = 1e-3", "learning_speed: float = 1e-3",
+     r"^reading\.py line 6: unknown setting learning_speed \(reading\.py reads no setting of that name\); "
+     r"setting LR is missing from the top of reading\.py, which reads it$"),
+], ids=["typo-new-line", "typo-renamed", "str-for-int", "bool-for-int", "int-for-str", "none-for-float",
+        "no-annotation", "missing"])
+def test_an_in_file_setting_an_override_would_refuse_is_one_error_naming_it(tmp_path, old, new, message):
+    with pytest.raises(ConfigError, match=message):
+        check_edited(tmp_path, old, new)
+
+
+def test_an_annotation_types_overrides_of_a_setting_whose_default_is_not_none(tmp_path):
+    path = tmp_path / "reading.py"
+    path.write_text(READING_SCRIPT.replace("LR: float = 1e-3", "LR: float = 1"))
+    namespace = runpy.run_path(str(path))
+    defaults = settings_in({name: namespace[name] for name in namespace if name != "INPUT_NAMES"})
+    config = apply_overrides(defaults, ["--LR", "0.5"], source_file=path)
+    assert config.LR == 0.5 and type(config.LR) is float
+
+
+def test_the_shipped_train_py_passes_its_own_check():
+    from finetune import train
+
+    check_in_file_settings(train.DEFAULTS, train.__file__)
+
+
+def test_a_typo_in_train_py_itself_is_one_error_line_before_anything_runs(tmp_path):
+    """A copy of finetune/train.py with the typo of the issue, run as the real script (its imports from the repo)."""
+    source = (REPO_ROOT / "finetune" / "train.py").read_text()
+    edited, count = re.subn(r"^NUM_EPOCHS: int = 20 ", "NUM_EPOCHS: int = 20\nNUM_EPOCH = 2 ", source, flags=re.M)
+    assert count == 1
+    copy = tmp_path / "finetune" / "train.py"
+    copy.parent.mkdir()
+    copy.write_text(edited)
+    result = subprocess.run([sys.executable, str(copy), "--OUTPUT_DIR", str(tmp_path / "runs")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 2, result.stderr[-3000:]
+    typo_line = next(number for number, line in enumerate(edited.splitlines(), 1) if line.startswith("NUM_EPOCH = 2"))
+    assert result.stderr.splitlines() == [
+        f"error: train.py line {typo_line}: unknown setting NUM_EPOCH; did you mean NUM_EPOCHS or WARMUP_EPOCHS? "
+        "(train.py reads no setting of that name)"]
+    assert not (tmp_path / "runs").exists()
