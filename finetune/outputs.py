@@ -4,7 +4,8 @@ TensorBoard previews, and the round folders of iterative labeling.
 The prediction PNG is uint8 grey at full segment resolution (0 = no ink, 255 = certain ink), so any
 image editor opens it; a person paints the refined labels over it and runs again. Each iterative run
 records its round in `round_NN/` (the label file used, the prediction, the metrics), so rounds can
-be compared side by side.
+be compared side by side. Every image of labels for reading uses one colour scheme (`LABEL_COLOURS_BGR`:
+ink white, not ink blue, unknown grey, black outside the mask) and draws its legend.
 """
 import json
 import os
@@ -21,8 +22,16 @@ PREVIEW_SIDE = 1024  # longest side of TensorBoard images
 VALIDATION_BOX_BGR = (0, 0, 255)
 CAPTION_BGR = (255, 255, 255)
 CAPTION_FONT = cv2.FONT_HERSHEY_SIMPLEX
-LABELS_TITLE = "labels (ink white, not ink grey, unknown dark)"
-PREDICTION_TITLE = "prediction (ink probability)"
+# The one colour scheme of every image of labels, and its legend. Not ink is blue, not grey, so that it is never
+# mistaken for the grey of a low prediction in the panel beside it.
+LABEL_BGR = {1: (255, 255, 255), 0: (170, 80, 20), UNKNOWN: (120, 120, 120)}  # ink, not ink, unknown
+OUTSIDE_MASK_BGR = (0, 0, 0)
+LEGEND = (("ink", LABEL_BGR[1]), ("not ink", LABEL_BGR[0]), ("unknown", LABEL_BGR[UNKNOWN]),
+          ("outside the mask", OUTSIDE_MASK_BGR))
+SWATCH = "[#]"  # in a caption's text, where the next legend colour is drawn; as wide as these characters
+LEGEND_TEXT = "   ".join(f"{SWATCH} {name}" for name, _ in LEGEND)
+LABELS_TITLE = "labels"
+PREDICTION_TITLE = "prediction (ink probability: black 0, white 1)"
 HELD_OUT_NOTE = "red box: held-out validation band"
 
 
@@ -41,13 +50,11 @@ def probability_image(probabilities_yx: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(probabilities_yx * 255.0), 0, 255).astype(np.uint8)
 
 
-def caption_strip(panel_width: int, gap: int, held_out: bool) -> np.ndarray:
-    """(H, 2 * panel_width + gap, 3) uint8 BGR: each panel's title above it and, with a held-out band, what
-    the red box is; its last `gap` rows are a white line. The font scales with the panel width, so the caption reads alike at every segment size
+def text_strip(panel_width: int, gap: int, lines: list[list[tuple[int, str, tuple]]], panels: int = 1) -> np.ndarray:
+    """(H, panels * panel_width + (panels - 1) * gap, 3) uint8 BGR: `lines` of (x0, text, colour) on black; each
+    SWATCH in a text is drawn as the next label colour of the legend (`LEGEND`), edged in white; its last `gap`
+    rows are a white line. The font scales with the panel width, so the text reads alike at every segment size
     and in TensorBoard's downscaled preview."""
-    lines = [[(0, LABELS_TITLE, CAPTION_BGR), (panel_width + gap, PREDICTION_TITLE, CAPTION_BGR)]]
-    if held_out:
-        lines.append([(0, HELD_OUT_NOTE, VALIDATION_BOX_BGR)])
     texts = [text for line in lines for _, text, _ in line]
     margin = max(2, panel_width // 60)
     # The widest text spans two thirds of a panel: small, yet readable; a narrow panel (a validation band, a
@@ -59,34 +66,58 @@ def caption_strip(panel_width: int, gap: int, held_out: bool) -> np.ndarray:
     scale *= min(1.0, available / max(cv2.getTextSize(text, CAPTION_FONT, scale, thickness)[0][0] for text in texts))
     (_, text_height), baseline = cv2.getTextSize(LABELS_TITLE, CAPTION_FONT, scale, thickness)
     line_height = text_height + baseline + margin
-    strip = np.zeros((margin + len(lines) * line_height + gap, 2 * panel_width + gap, 3), np.uint8)
-    # The panels' separator runs on through the caption, and one as wide divides the caption from the panels,
-    # whose unmasked background is as black as the caption's.
-    strip[:, panel_width:panel_width + gap] = 255
+    strip = np.zeros((margin + len(lines) * line_height + gap, panels * panel_width + (panels - 1) * gap, 3), np.uint8)
+    # The panels' separator runs on through the text, and one as wide divides the text from the panels, whose
+    # unmasked background is as black as the strip's.
+    for panel in range(1, panels):
+        strip[:, panel * (panel_width + gap) - gap:panel * (panel_width + gap)] = 255
     strip[-gap:] = 255
+    swatch_width = cv2.getTextSize(SWATCH, CAPTION_FONT, scale, thickness)[0][0]
     for index, line in enumerate(lines):
+        text_bottom = margin + index * line_height + text_height
         for x0, text, colour in line:
-            cv2.putText(strip, text, (x0 + margin, margin + index * line_height + text_height), CAPTION_FONT, scale,
-                        colour, thickness, cv2.LINE_AA)
+            x, swatches = x0 + margin, iter(LEGEND)
+            for number, part in enumerate(text.split(SWATCH)):
+                if number:  # a SWATCH stood before this part
+                    corners = (x, text_bottom - text_height), (x + swatch_width - 1, text_bottom)
+                    cv2.rectangle(strip, *corners, next(swatches)[1], -1)
+                    cv2.rectangle(strip, *corners, CAPTION_BGR, max(1, thickness // 2))
+                    x += swatch_width
+                cv2.putText(strip, part, (x, text_bottom), CAPTION_FONT, scale, colour, thickness, cv2.LINE_AA)
+                x += cv2.getTextSize(part, CAPTION_FONT, scale, thickness)[0][0]
     return strip
+
+
+def label_colours(labels_yx: np.ndarray, mask_yx: np.ndarray) -> np.ndarray:
+    """(Y, X, 3) uint8 BGR of labels (1 ink, 0 not ink, UNKNOWN) in the one scheme of `LEGEND`."""
+    colours_bgr = np.zeros((max(LABEL_BGR) + 1, 3), np.uint8)
+    for value, colour_bgr in LABEL_BGR.items():
+        colours_bgr[value] = colour_bgr
+    image = colours_bgr[labels_yx]
+    image[~mask_yx] = OUTSIDE_MASK_BGR
+    return image
 
 
 def labels_vs_prediction(labels_yx: np.ndarray, probabilities_yx: np.ndarray, mask_yx: np.ndarray,
                          held_out: Box | None = None) -> np.ndarray:
-    """(caption + Y, 2X + gap, 3) uint8 BGR: labels (ink white, not-ink papyrus grey, unknown papyrus dark) |
-    prediction, with the validation band outlined in red on both, under a caption that says so (`caption_strip`)."""
-    labels_grey = np.select([labels_yx == 1, ~mask_yx, labels_yx == UNKNOWN], [255, 0, 25], 60).astype(np.uint8)
+    """(caption + Y, 2X + gap, 3) uint8 BGR: labels (`label_colours`) | prediction (grey), with the validation band
+    outlined in red on both, under a caption: each panel's title, the labels' legend and what the red box is."""
     gap = max(4, labels_yx.shape[1] // 100)
     panels = []
-    for grey_yx in (labels_grey, probability_image(probabilities_yx)):
-        panel = cv2.cvtColor(grey_yx, cv2.COLOR_GRAY2BGR)
+    for panel in (label_colours(labels_yx, mask_yx),
+                  cv2.cvtColor(probability_image(probabilities_yx), cv2.COLOR_GRAY2BGR)):
         if held_out is not None:
             thickness = max(2, labels_yx.shape[1] // 400)
             cv2.rectangle(panel, (held_out.x0, held_out.y0), (held_out.x1 - 1, held_out.y1 - 1), VALIDATION_BOX_BGR,
                           thickness)
         panels.append(panel)
     separator = np.full((labels_yx.shape[0], gap, 3), 255, np.uint8)
-    caption = caption_strip(labels_yx.shape[1], gap, held_out is not None)
+    width = labels_yx.shape[1]
+    lines = [[(0, LABELS_TITLE, CAPTION_BGR), (width + gap, PREDICTION_TITLE, CAPTION_BGR)],
+             [(0, LEGEND_TEXT, CAPTION_BGR)]]
+    if held_out is not None:
+        lines.append([(0, HELD_OUT_NOTE, VALIDATION_BOX_BGR)])
+    caption = text_strip(width, gap, lines, panels=2)
     return np.concatenate([caption, np.concatenate([panels[0], separator, panels[1]], axis=1)], axis=0)
 
 
@@ -102,13 +133,12 @@ def preview_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
 
 
-def label_colours(labels_yx: np.ndarray, mask_yx: np.ndarray) -> np.ndarray:
-    """(Y, X, 3) uint8 BGR of training labels a person can read: ink white, not ink blue, unknown grey, black
-    outside the papyrus."""
-    colours_bgr = np.array([[170, 80, 20], [255, 255, 255], [120, 120, 120]], np.uint8)  # not ink, ink, unknown
-    image = colours_bgr[labels_yx]
-    image[~mask_yx] = 0
-    return image
+def labels_with_legend(labels_yx: np.ndarray, mask_yx: np.ndarray) -> np.ndarray:
+    """(legend + Y, X, 3) uint8 BGR: `label_colours` under its legend, for reading (labels_colour.png)."""
+    width = labels_yx.shape[1]
+    gap = max(4, width // 100)
+    return np.concatenate([text_strip(width, gap, [[(0, LEGEND_TEXT, CAPTION_BGR)]]),
+                           label_colours(labels_yx, mask_yx)], axis=0)
 
 
 def write_round_labels(folder: pathlib.Path, labels_yx: np.ndarray, mask_yx: np.ndarray) -> None:
@@ -117,7 +147,7 @@ def write_round_labels(folder: pathlib.Path, labels_yx: np.ndarray, mask_yx: np.
     write_png_atomic(folder / "inklabels.png", (labels_yx == 1).astype(np.uint8) * 255)
     if (labels_yx == UNKNOWN).any():
         write_png_atomic(folder / "negatives.png", (labels_yx == 0).astype(np.uint8) * 255)
-        write_png_atomic(folder / "labels_colour.png", label_colours(labels_yx, mask_yx))
+        write_png_atomic(folder / "labels_colour.png", labels_with_legend(labels_yx, mask_yx))
 
 
 def record_round(experiment_dir: pathlib.Path, round_number: int, labels_yx: np.ndarray, mask_yx: np.ndarray,
