@@ -1,6 +1,11 @@
 """One code path for CPU, one GPU, and `torchrun --nproc_per_node N` (DDP: gloo on CPU, nccl on GPU).
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op with rank 0 of 1.
+
+A rank that stalls (a hung read, a stopped process) or dies would keep the others waiting at their next
+collective operation; they give up after `timeout_minutes` (the entry script's setting), and
+`stalled_rank_line` turns gloo's error into one line naming the ranks. (With nccl, torch's watchdog aborts the
+process after the same timeout with its own message naming the rank.)
 """
 import datetime
 import os
@@ -8,9 +13,17 @@ import os
 import torch
 import torch.distributed
 
+# Long enough for rank-0-only work between collectives (checkpoints, images) and a slow read; short enough
+# that a stalled rank surfaces within minutes, not after torch's default of 30.
+DEFAULT_TIMEOUT_MINUTES = 10.0
+_timeout_minutes = DEFAULT_TIMEOUT_MINUTES
+GLOO_TIMEOUT_MESSAGE = "Timed out waiting"  # gloo's words when a peer did not answer in time
 
-def initialize() -> torch.device:
-    """Join the process group if launched by torchrun; return this process's device."""
+
+def initialize(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> torch.device:
+    """Join the process group if launched by torchrun (collectives give up after `timeout_minutes`); return
+    this process's device."""
+    global _timeout_minutes
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -19,8 +32,20 @@ def initialize() -> torch.device:
         device = torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        _timeout_minutes = timeout_minutes
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return device
+
+
+def stalled_rank_line(error: BaseException) -> str | None:
+    """One line for a collective operation that timed out waiting for another rank, or None for any other error.
+    With two processes the other rank is named; with more, gloo does not say which one it waited for."""
+    if not is_distributed() or GLOO_TIMEOUT_MESSAGE not in str(error):
+        return None
+    me, size = rank(), world_size()
+    others = f"rank {1 - me}" if size == 2 else "another rank"
+    return (f"rank {me} of {size}: {others} did not answer at a collective operation within {_timeout_minutes:g} min "
+            "(it stalled or died; the timeout is the setting dist_timeout_minutes); stopping")
 
 
 def autocast(device: torch.device, enabled: bool = True):

@@ -214,7 +214,7 @@ def build_loader(args: arg_util.Args, segments: list, device: torch.device) -> t
 
 def main() -> int:
     args = arg_util.parse_args()
-    device = dist.initialize()
+    device = dist.initialize(args.dist_timeout_minutes)
     args.fill_runtime(str(device), dist.world_size())
     if device.type == "cpu" and args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
@@ -244,8 +244,9 @@ def main() -> int:
     tensorboard.text("config", f"```\n{args.to_json()}\n```")
     ddp_model = dist.wrap(model, device)
     grid = f"; grid {model.grid} cells" if args.method == "spark" else ""
-    print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
-          f"{len(segments)} segment(s){grid}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)")
+    if dist.is_master():
+        print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
+              f"{len(segments)} segment(s){grid}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)")
 
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
     for epoch in range(start_epoch, last_epoch):
@@ -271,5 +272,11 @@ if __name__ == "__main__":
     except (arg_util.ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError, NonFiniteLossError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)
+    except RuntimeError as error:  # under torchrun: another rank stalled at a collective operation
+        stalled = dist.stalled_rank_line(error)
+        if stalled is None:
+            raise
+        print(f"error: {stalled}", file=sys.stderr)
+        sys.exit(3)
     dist.finalize()  # main() has returned, so its DDP model is gone before the process group
     sys.exit(exit_code)

@@ -11,8 +11,10 @@ import io
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -23,7 +25,8 @@ from pretrain.data import remote
 from pretrain.data.remote import (CacheWriteError, DamagedCacheError, RemoteReadError, RemoteURLError, blosc_problem,
                                   image_problem, split_credentials)
 from pretrain.data.segment import SegmentError, open_segment
-from tests.conftest import REPO_ROOT, SERVER_LAYER_SEGMENT_ID, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS
+from tests.conftest import (REPO_ROOT, SERVER_LAYER_SEGMENT_ID, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS,
+                            random_volume, rectangle_mask, write_png, write_zarr_segment)
 from tests.loopback_server import LoopbackServer
 
 FAST_RETRY = {"http_retries": 3, "http_backoff_seconds": 0.01}
@@ -323,3 +326,69 @@ def test_a_malformed_segment_id_is_refused_and_never_reported_complete(server_la
     line = assert_one_error_line(result)
     assert line.startswith(f"error: segment ID '{SERVER_SEGMENT_ID} ' is not one") and "no spaces" in line
     assert "complete" not in result.stdout and "done" not in result.stdout
+
+
+# ---------------------------------------------------------------- fault 5 under torchrun: a stalled rank
+
+
+def process_state(pid: int) -> str:
+    """The state letter of a process ("R", "S", "T" stopped, "Z" exited), or "" once it is gone."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def worker_pids(parent_pid: int) -> dict[int, int]:
+    """{rank: pid} of the workers torchrun started."""
+    workers = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent_pid:
+                continue
+            environment = (stat.parent / "environ").read_bytes().split(b"\0")
+            rank = next(int(item[5:]) for item in environment if item.startswith(b"RANK="))
+            workers[rank] = int(stat.parent.name)
+    return workers
+
+
+def wait_for(condition, what: str, limit_seconds: float = 120) -> None:
+    deadline = time.monotonic() + limit_seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.1)
+
+
+def test_a_stalled_torchrun_rank_stops_the_run_with_one_line_naming_it(tmp_path):
+    segment = write_zarr_segment(tmp_path / "tiny.zarr", random_volume((65, 128, 128), seed=3), chunks=(32, 64, 64))
+    write_png(segment / "mask.png", rectangle_mask((128, 128), margin=4))
+    settings = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--num_workers", "0",
+                "--decoder_width", "32", "--vis_every", "0", "--samples_per_ep", "100000", "--ep", "1",
+                "--dist_timeout_minutes", "0.2", "--data_path", str(segment), "--exp_dir", str(tmp_path / "run")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO_ROOT / "pretrain" / "main.py"), *settings]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        torchrun = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=stdout, stderr=stderr)
+    try:
+        # Both ranks are past their first collective (DDP's broadcast) once rank 0 prints its summary line.
+        wait_for(lambda: "iterations per epoch" in (tmp_path / "stdout").read_text(), "the run start")
+        workers = worker_pids(torchrun.pid)
+        assert sorted(workers) == [0, 1], (tmp_path / "stderr").read_text()
+        os.kill(workers[1], signal.SIGSTOP)  # rank 1 stalls as a hung read would: alive, silent
+        # Rank 0 gives up; torchrun then ends the stalled rank, which receives its SIGTERM once continued.
+        wait_for(lambda: "closing signal SIGTERM" in (tmp_path / "stderr").read_text(), "torchrun end rank 1")
+        os.kill(workers[1], signal.SIGCONT)
+        torchrun.wait(timeout=120)
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+    output, errors = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert torchrun.returncode != 0
+    assert output.count("iterations per epoch") == 1  # rank 0's line only
+    error_lines = [line for line in errors.splitlines() if line.startswith("error: ")]
+    assert error_lines == ["error: rank 0 of 2: rank 1 did not answer at a collective operation within 0.2 min "
+                           "(it stalled or died; the timeout is the setting dist_timeout_minutes); stopping"], errors
+    # No traceback from either rank (torchrun prefixes their lines with "[rankN]:"); torchrun's own summary of the
+    # failed run (its ChildFailedError) follows regardless.
+    assert "[rank0]" not in errors and "[rank1]" not in errors, errors

@@ -12,6 +12,7 @@ import sys
 from tap import Tap
 
 from pretrain.data.patches import NORMALIZATIONS, InputSettings
+from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.utils.misc import git_commit
 
@@ -44,6 +45,9 @@ class Args(Tap):
     # torch threads per process on CPU (0: torch's default, one per core). Set 1 when other jobs share the cores:
     # a 2-core machine running two jobs at their default thread counts was measured at 10-14 s per step, not 1.3.
     cpu_threads: int = 0
+    # torchrun: a rank that waits this long at a collective operation for another rank (stalled or dead) stops the run
+    # with one line naming it; torch's own default is 30 min
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
 
     # ---------------------------------------------------------------- model
     model: str = "resnet50_3d"  # encoder: resnet50_3d, resnet34_3d, resnet18_3d, resnet50_3d_narrow, resnet18_3d_tiny
@@ -109,6 +113,8 @@ class Args(Tap):
             problems.append(f"vicreg_weights needs 3 numbers (invariance, variance, covariance), got {self.vicreg_weights}")
         if self.opt not in ("lamb", "adamw"):
             problems.append(f"opt {self.opt!r} is not 'lamb' or 'adamw'")
+        if not self.dist_timeout_minutes > 0:
+            problems.append(f"dist_timeout_minutes {self.dist_timeout_minutes} is not a positive number of minutes")
         if self.ep < 1 or self.bs < 1 or self.samples_per_ep < self.bs:
             problems.append(f"need ep ≥ 1, bs ≥ 1 and samples_per_ep ≥ bs (got {self.ep}, {self.bs}, {self.samples_per_ep})")
         if problems:
