@@ -52,6 +52,16 @@ def build_model(args: arg_util.Args) -> SparK3d | VICReg:
                    mask_ratio=args.mask, mask_mode=args.mask_mode, target=args.target)
 
 
+def automatic_cpu_threads(num_workers: int) -> int:
+    """Torch threads for `cpu_threads` 0: this process's share of the cores it may run on, less one per DataLoader
+    worker, at least 1. torch's own default (a thread per core) ignores the workers; with more busy threads than
+    cores, its threads wait for each other at every operation: on a shared 2-core machine, 2 threads ran 3× slower
+    than 1 (README, "A CPU path")."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
+    return max(1, cores // processes_here - num_workers)
+
+
 def dense_encoder(model: SparK3d | VICReg) -> torch.nn.Module:
     """The encoder inside a pretraining model (SparK's sparse layers keep the dense names)."""
     return model.sparse_encoder.encoder if isinstance(model, SparK3d) else model.encoder
@@ -216,8 +226,8 @@ def main() -> int:
     args = arg_util.parse_args()
     device = dist.initialize(args.dist_timeout_minutes)
     args.fill_runtime(str(device), dist.world_size())
-    if device.type == "cpu" and args.cpu_threads > 0:
-        torch.set_num_threads(args.cpu_threads)
+    if device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads or automatic_cpu_threads(args.num_workers))
     torch.manual_seed(args.seed + dist.rank())
     # Every user error (data, settings, checkpoints) surfaces before anything is written to exp_dir.
     segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
@@ -246,7 +256,8 @@ def main() -> int:
     grid = f"; grid {model.grid} cells" if args.method == "spark" else ""
     if dist.is_master():
         print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
-              f"{len(segments)} segment(s){grid}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)")
+              f"{len(segments)} segment(s){grid}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)"
+              + (f", {torch.get_num_threads()} torch thread(s) each" if device.type == "cpu" else ""))
 
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
     for epoch in range(start_epoch, last_epoch):
