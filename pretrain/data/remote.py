@@ -85,7 +85,7 @@ DEFAULT_TIMEOUT_SECONDS = 60.0
 # One file (all its retries together) must arrive within this, plus one second per DEADLINE_ALLOWANCE_BYTES
 # it announces: a slow drip that never stalls long enough for the stall detector still ends.
 DEFAULT_DEADLINE_SECONDS = 300.0
-DEADLINE_ALLOWANCE_BYTES = 256 * 2**10  # a floor of 256 KiB/s: a 500 MB layer image gets 300 s + 33 min
+DEADLINE_ALLOWANCE_BYTES = 256 * 2**10  # a floor of 256 KiB/s: a 500 MiB layer image gets 300 s + 33 min
 
 
 def setting_seconds(name: str, default: float) -> float:
