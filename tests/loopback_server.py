@@ -52,7 +52,7 @@ class LoopbackServer:
         self.max_active = 0
         self.permanent_status: dict[str, int] = {}  # path → status, e.g. a 500 that never heals
         self.scripted_status: dict[str, list[int]] = {}  # path → statuses of its next requests, in order
-        self.body_faults: dict[str, list[str]] = {}  # path → bad bodies of its next requests ("html", "short", "drip")
+        self.body_faults: dict[str, list[str]] = {}  # path → its next requests' bad bodies: "html", "short", "drip"
         self.drip_seconds = 2.0
         self.stopping = threading.Event()
         self.expected_authorization = None

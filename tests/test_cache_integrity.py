@@ -20,10 +20,11 @@ import uuid
 import numpy as np
 import pytest
 import tifffile
+import zarr.core.sync
 
 from pretrain.data import remote
-from pretrain.data.remote import (CacheWriteError, DamagedCacheError, RemoteReadError, RemoteURLError, blosc_problem,
-                                  image_problem, split_credentials)
+from pretrain.data.remote import (CacheWriteError, DamagedCacheError, RemoteReadError, RemoteSettingError,
+                                  blosc_problem, image_problem, split_credentials)
 from pretrain.data.segment import SegmentError, open_segment
 from tests.conftest import (REPO_ROOT, SERVER_LAYER_SEGMENT_ID, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS,
                             random_volume, rectangle_mask, write_png, write_zarr_segment)
@@ -46,7 +47,7 @@ def cached(cache: pathlib.Path, server: LoopbackServer, path: str) -> pathlib.Pa
 
 
 def assert_cache_mirrors_server(cache: pathlib.Path, server: LoopbackServer) -> int:
-    """Every file cached from the server (metadata, chunks, images) is byte-identical to the server's. Returns the count."""
+    """Every file cached from the server (metadata, chunks, images) is byte-identical to the server's; their count."""
     files = [path for path in (cache / cache_host(server)).rglob("*")
              if path.is_file() and not path.name.endswith(remote.ABSENT_SUFFIX)]
     for path in files:
@@ -156,8 +157,9 @@ def test_damage_in_the_cache_is_found_on_read_and_fetched_again(server_layout, t
         with pytest.warns(UserWarning, match="in the cache is damaged") as damaged:
             segment = open_segment(SERVER_SEGMENT_ID, cache_dir=cache, data_url=server.url)
             assert np.array_equal(segment.volume[:, :, :], server_layout.volume)
-        assert {str(warning.message).split(" in the cache")[0] for warning in damaged if "damaged" in str(warning.message)} \
-            == {str(cached(cache, server, CHUNK)), str(cached(cache, server, MASK))}
+        refetched = {str(warning.message).split(" in the cache")[0] for warning in damaged
+                     if "damaged" in str(warning.message)}
+        assert refetched == {str(cached(cache, server, CHUNK)), str(cached(cache, server, MASK))}
         assert np.array_equal(segment.mask, server_layout.mask > 0)
         assert server.requests == {CHUNK: 1, MASK: 1}  # those two again, nothing else
     assert_cache_mirrors_server(cache, server)
@@ -220,7 +222,7 @@ def test_download_segment_checks_every_cached_file_and_repairs_the_damaged(serve
 def test_a_password_with_an_unencoded_separator_is_refused_without_echoing_it(tmp_path, separator):
     login, password = "alice7q", f"Xq7vz{separator}Kw93ph"
     url = f"http://{login}:{password}@127.0.0.1:9"
-    with pytest.raises(RemoteURLError, match="percent-encode"):
+    with pytest.raises(RemoteSettingError, match="percent-encode"):
         split_credentials(url)
     result = run_download(SERVER_SEGMENT_ID, {"VESUVIUS_DATA_URL": url, "SEGMENT_CACHE_DIR": str(tmp_path)})
     line = assert_one_error_line(result)
@@ -245,6 +247,17 @@ def test_a_slow_drip_fails_within_the_deadline_with_one_line_naming_the_url(serv
     assert line.startswith(f"error: cannot read {server.url}{ZARR_PATH}/0/.zarray: not complete within its deadline "
                            "of 2 s"), line
     assert server.requests[f"{ZARR_PATH}/0/.zarray"] == 1  # the deadline covers the retries too
+
+
+def test_retries_stop_at_the_deadline(server_layout, tmp_path):
+    with LoopbackServer(server_layout.root) as server:
+        server.permanent_status[MASK] = 503
+        store = remote.CachedHTTPStore(server.url, tmp_path / "cache", retries=50, backoff_seconds=0.1,
+                                       deadline_seconds=1.5)
+        with pytest.raises(RemoteReadError, match=re.escape(f"cannot read {server.url}{MASK}: not complete within its "
+                                                            "deadline of 1.5 s (")) as error:
+            zarr.core.sync.sync(store.fetch_url(server.url + MASK))
+    assert "HTTP 503" in str(error.value) and server.requests[MASK] < 50  # stopped by the deadline, not the retries
 
 
 def test_a_timeout_setting_that_is_not_a_number_is_one_line(tmp_path):

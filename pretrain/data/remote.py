@@ -66,8 +66,8 @@ class RemoteAuthError(RemoteReadError):
     """The server answered 401: it wants credentials, or refused the ones given."""
 
 
-class RemoteURLError(RemoteReadError):
-    """The data server URL cannot be used as given (the message never shows any part of its credentials)."""
+class RemoteSettingError(RemoteReadError):
+    """A data server setting (its URL, a timeout) cannot be used as given; the message never shows credentials."""
 
 
 class CacheWriteError(RemoteReadError):
@@ -98,7 +98,7 @@ def setting_seconds(name: str, default: float) -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise RemoteURLError(f"{name}={text!r} is not a positive number of seconds")
+        raise RemoteSettingError(f"{name}={text!r} is not a positive number of seconds")
     return value
 
 
@@ -301,7 +301,7 @@ def split_credentials(url: str) -> tuple[str, Credentials | None]:
     except ValueError:
         credentials_in_path = True
     if credentials_in_path:
-        raise RemoteURLError(
+        raise RemoteSettingError(
             "the data server URL (VESUVIUS_DATA_URL) cannot be parsed: if its password holds '/', '?' or '#', "
             "percent-encode them (%2F, %3F, %23), or put the credentials in ~/.netrc instead"
         )
@@ -483,6 +483,13 @@ class CachedHTTPStore(Store):
         return RemoteAuthError(f"{url} answered 401 Unauthorized: the data server needs credentials; give them as "
                                f"VESUVIUS_DATA_URL=https://USER:PASSWORD@{host} or in ~/.netrc")
 
+    @staticmethod
+    def _deadline_error(url: str, seconds: float, attempts: int, last_error: BaseException) -> RemoteReadError:
+        cause = "" if isinstance(last_error, TimeoutError) else f"; the last: {type(last_error).__name__}: {last_error}"
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        return RemoteReadError(f"cannot read {url}: not complete within its deadline of {round(seconds, 1):g} s "
+                               f"({tries}{cause}; SEGMENT_HTTP_DEADLINE sets it)")
+
     def _cache_write_error(self, error: OSError, url: str, needed: int | None) -> CacheWriteError:
         """One line for a write into the cache that failed: the disk's fault, never the server's."""
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -559,8 +566,8 @@ class CachedHTTPStore(Store):
         for attempt in range(self.retries + 1):
             if attempt:
                 delay = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())
-                if loop.time() + delay >= deadline:
-                    break
+                if loop.time() + delay >= deadline:  # no time left for another try
+                    raise self._deadline_error(url, deadline - first_request, attempts, last_error)
                 self.counters["retries"] += 1
                 await asyncio.sleep(delay)
             temporary = None
@@ -620,9 +627,7 @@ class CachedHTTPStore(Store):
                 raise
             except Exception as error:  # noqa: BLE001 - classified right below
                 if deadline is not None and loop.time() >= deadline:
-                    raise RemoteReadError(
-                        f"cannot read {url}: not complete within its deadline of {deadline - first_request:.0f} s "
-                        f"({attempts} attempts; SEGMENT_HTTP_DEADLINE sets it)") from None
+                    raise self._deadline_error(url, deadline - first_request, attempts, error) from None
                 if not _is_retryable(error):
                     if isinstance(error, OSError):  # not the network's (those are retryable): the local disk's
                         raise self._cache_write_error(error, url, announced) from None
