@@ -30,8 +30,8 @@ class Args(Tap):
     method: str = "spark"  # "spark" (sparse masked autoencoder) or "vicreg" (two views, variance-invariance-covariance)
 
     # ---------------------------------------------------------------- data
-    data_path: list[str] = ["demo"]  # segment specs for open_segment: IDs, zarr paths, layer folders, "demo[:seed]"
-    scroll: str = "1"  # scroll of segment IDs in data_path (sets the server folder)
+    data_path: list[str] = ["demo"]  # segment specs, mixed: IDs, "scroll4:ID", zarrs, layer folders, "demo[:seed]"
+    scroll: str = "1"  # scroll of the bare segment IDs in data_path (sets the server folder)
     depth: int = 16  # layers per input; with the encoder's depth downsample 8, 16 layers give 2 cells in depth
     depth_offset: int = 0  # shift of the depth window from the middle layer (or from the surface, below)
     follow_surface: bool = False  # depth window follows the recto surface found in each tile (fine-tune with the same)
