@@ -318,12 +318,15 @@ def small_tmpfs(folder: pathlib.Path, size: str):
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
-@pytest.mark.parametrize("segment_id, scroll", [(SERVER_SEGMENT_ID, "1"), (SERVER_LAYER_SEGMENT_ID, "4")])
-def test_download_onto_a_full_disk_is_one_line_without_noise(server_layout, tmp_path, segment_id, scroll):
-    with small_tmpfs(tmp_path / "small", "2m") as cache, LoopbackServer(server_layout.root) as server:
+# 2 MB: full while downloading; 14 MB: the 10 MB of layer images fit, their conversion into a zarr does not.
+@pytest.mark.parametrize("segment_id, scroll, size", [
+    (SERVER_SEGMENT_ID, "1", "2m"), (SERVER_LAYER_SEGMENT_ID, "4", "2m"), (SERVER_LAYER_SEGMENT_ID, "4", "14m")])
+def test_download_onto_a_full_disk_is_one_line_without_noise(server_layout, tmp_path, segment_id, scroll, size):
+    with small_tmpfs(tmp_path / "small", size) as cache, LoopbackServer(server_layout.root) as server:
         result = run_download(segment_id, {"VESUVIUS_DATA_URL": server.url, "SEGMENT_CACHE_DIR": str(cache)}, scroll)
     line = assert_one_error_line(result)
     assert line.startswith(f"error: the cache folder {cache} is out of disk space ("), line
+    assert ("the zarr converted from" in line) == (size == "14m"), line
     assert "Traceback" not in result.stderr and "Session is closed" not in result.stderr
     assert "never retrieved" not in result.stderr
 

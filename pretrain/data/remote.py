@@ -490,20 +490,20 @@ class CachedHTTPStore(Store):
         return RemoteReadError(f"cannot read {url}: not complete within its deadline of {round(seconds, 1):g} s "
                                f"({tries}{cause}; SEGMENT_HTTP_DEADLINE sets it)")
 
-    def _cache_write_error(self, error: OSError, url: str, needed: int | None) -> CacheWriteError:
-        """One line for a write into the cache that failed: the disk's fault, never the server's."""
+    def cache_write_error(self, error: OSError, what: str, needed: int | None) -> CacheWriteError:
+        """One line for a write of `what` (a URL) into the cache that failed: the disk's fault, never the server's."""
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(self.cache_dir).free if self.cache_dir.is_dir() else 0
-            need = f"{_size_text(needed)} for {url}" if needed else f"space for {url}"
+            need = f"{_size_text(needed)} for {what}" if needed else f"space for {what}"
             return CacheWriteError(f"the cache folder {self.cache_dir} is out of disk space ({_size_text(free)} "
                                    f"free; needs {need}): free space there, or set SEGMENT_CACHE_DIR to a larger disk")
-        return CacheWriteError(f"cannot write {url} into the cache folder {self.cache_dir}: {error.strerror}")
+        return CacheWriteError(f"cannot write {what} into the cache folder {self.cache_dir}: {error.strerror}")
 
     def _write_to_cache(self, path: pathlib.Path, data: bytes, url: str) -> None:
         try:
             write_atomic(path, data, self.cache_dir)
         except OSError as error:
-            raise self._cache_write_error(error, url, len(data)) from None
+            raise self.cache_write_error(error, url, len(data)) from None
 
     def _chunk_format(self, url: str) -> ChunkFormat | None:
         """The format of the array a chunk belongs to: the nearest `.zarray` or `zarr.json` in a cache folder
@@ -630,7 +630,7 @@ class CachedHTTPStore(Store):
                     raise self._deadline_error(url, deadline - first_request, attempts, error) from None
                 if not _is_retryable(error):
                     if isinstance(error, OSError):  # not the network's (those are retryable): the local disk's
-                        raise self._cache_write_error(error, url, announced) from None
+                        raise self.cache_write_error(error, url, announced) from None
                     raise RemoteReadError(f"cannot read {url}: {type(error).__name__}: {error}") from error
                 last_error = error
                 # str, never repr: an aiohttp error's repr holds the request headers, Authorization included.
