@@ -17,7 +17,9 @@ the papyrus is and, sometimes, ink labels. `spec` may be:
 3. a layer folder in the Kaggle / Grand Prize layout (`layers/00.tif …`, `mask.png`, `inklabels.png`,
    `negatives.png`);
 4. `demo` or `demo:<seed>`: the generated demo segment, built once and cached as a local zarr;
-5. a list of any of these (returns a list of segments).
+5. `scroll<N>:<id>` (`scroll4:20231107190228`): the segment ID of scroll N, whatever `scroll` says. A bare ID is
+   of `scroll` (pretraining's `--scroll`; 1 by default), so only segments of other scrolls need the prefix;
+6. a list of any of these, scrolls, zarrs, layer folders and demos mixed (returns a list of segments).
 
 Label and mask images may be padded at the bottom and right, as the villa and Grand Prize tools pad
 them to whole tiles: `read_label_image` crops or pads them to the volume, with a warning.
@@ -93,6 +95,9 @@ CONVERTED_CHUNKS = (4, 512, 512)
 LAYER_FOLDER_NAMES = ("layers", "surface_volume")
 LAYER_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 SEGMENT_ID_PATTERN = re.compile(r"\d{8,}(_[\w-]+)?")
+# `scroll4:20231107190228`: the scroll travels with its ID, so one list mixes scrolls. Written like `demo:7`, and read
+# before any path is looked for, so a file of that name cannot shadow it.
+SCROLL_SPEC_PATTERN = re.compile(r"scroll([^:/\s]*):(.*)", re.IGNORECASE)
 # Label tools and the villa / Grand Prize loaders pad images at the bottom and right to whole tiles of this size.
 LABEL_PADDING_TILE = 256
 
@@ -157,8 +162,18 @@ def open_segment(
         if not seed_text.isdigit():
             raise SegmentError(f"demo segment spec {spec!r}: the seed after 'demo:' must be a whole number")
         return _open_demo(int(seed_text), cache_dir, lru_bytes)
+    named_scroll = SCROLL_SPEC_PATTERN.fullmatch(spec)
+    if named_scroll:
+        scroll, spec = named_scroll.groups()
+        if scroll not in SCROLLS:
+            raise SegmentError(f"segment spec {named_scroll.string!r}: the data server {_server_root(data_url)[0]} has "
+                               f"no scroll {scroll!r} in SCROLLS (pretrain/data/segment.py); known scrolls: "
+                               f"{', '.join(sorted(SCROLLS))}")
+        if not SEGMENT_ID_PATTERN.fullmatch(spec):
+            raise SegmentError(f"segment spec {named_scroll.string!r}: {spec!r} after 'scroll{scroll}:' is not a segment "
+                               "ID (digits such as 20231107190228)")
     path = pathlib.Path(spec).expanduser()
-    if path.exists():
+    if named_scroll is None and path.exists():
         if _find_layer_folder(path) is not None:
             return _open_layer_folder(path, lru_bytes)
         return _open_local_zarr(path, lru_bytes)
@@ -526,7 +541,7 @@ def _open_remote(segment_id, scroll, cache_dir, lru_bytes, data_url, store_optio
     else:
         raise SegmentError(
             f"segment {segment_id} not found at {', '.join(tried)} (scroll={scroll}); "
-            "check the segment ID and the scroll setting"
+            f"check the segment ID and the scroll setting (one segment of scroll N: scrollN:{segment_id})"
         )
     try:
         volume = ChunkCachedVolume(opener, lru_bytes)
