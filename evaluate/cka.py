@@ -121,14 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) != len(args.checkpoints):
         raise encoder_input.EvaluationError(f"{len(labels)} labels for {len(args.checkpoints)} checkpoints")
 
-    settings = encoder_input.common_settings(args.checkpoints, args)
+    # The same tiles for every checkpoint, each scaled as its encoder was trained (VICReg's standardised, say).
+    settings_by_checkpoint = encoder_input.same_tiles_settings(args.checkpoints, args)
     device = encoder_input.device()
-    print(f"input: {settings.describe()}; on {device}")
-    tiles = fixed_tiles(args.segment, settings, args.tiles)
+    tiles_by_settings = {}
     representations = []
-    for path in args.checkpoints:
+    for path, settings in zip(args.checkpoints, settings_by_checkpoint):
+        if settings not in tiles_by_settings:
+            tiles_by_settings[settings] = fixed_tiles(args.segment, settings, args.tiles)
+        tiles = tiles_by_settings[settings]
         encoder, description = encoder_input.load_encoder(path, settings, device, seed=0)
-        print(f"{labels[len(representations)]}: {description}")
+        print(f"{labels[len(representations)]}: {description}; input {settings.describe()}; on {device}")
         representations.append(stage_representations(encoder, tiles))
     stages = range(len(representations[0])) if args.stages == "all" else [len(representations[0]) - 1]
 

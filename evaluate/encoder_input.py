@@ -6,6 +6,7 @@ default to the checkpoint's own settings. A value given that contradicts them is
 warns), exactly as in fine-tuning: `pretrain.checkpoint.resolve_input_settings`.
 """
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -85,6 +86,21 @@ def common_settings(paths: list[str], args: argparse.Namespace) -> InputSettings
         listing = "; ".join(f"{path}: {settings.describe()}" for path, settings in resolved.items())
         raise EvaluationError(f"the checkpoints were trained on different inputs ({listing}); compare them separately")
     return next(iter(resolved.values()))
+
+
+def same_tiles_settings(paths: list[str], args: argparse.Namespace) -> list[InputSettings]:
+    """Input settings of each checkpoint (in order) for reading the same tiles for all: they must agree on where a tile is cut
+    (model, depth window, tile size) and may differ in how its voxels are scaled, each as its encoder was trained.
+    "random" reads tiles as the first other checkpoint does, where the options do not say otherwise."""
+    trained = [path for path in paths if path != "random"]
+    resolved = [checkpoint.resolve_input_settings(encoder_weights(trained[0] if path == "random" and trained else path),
+                                                  given_settings(args), DEFAULTS, OPTION_NAMES) for path in paths]
+    cuts = {dataclasses.replace(settings, normalization="range", clip_window=InputSettings.clip_window)
+            for settings in resolved}
+    if len(cuts) > 1:
+        listing = "; ".join(f"{path}: {settings.describe()}" for path, settings in zip(paths, resolved))
+        raise EvaluationError(f"the checkpoints cut tiles differently ({listing}); compare them separately")
+    return resolved
 
 
 def load_encoder(path: str, settings: InputSettings, device: torch.device, seed: int = 0) -> tuple[torch.nn.Module, str]:

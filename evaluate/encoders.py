@@ -1,23 +1,28 @@
 """Which encoder sees ink? One command, identical settings for every encoder: the frozen-encoder probe
-(and optionally full fine-tuning) on the same segment, split, seed and schedule.
+(and optionally full fine-tuning) on the same segment, split, seeds and schedule.
 
     python evaluate/encoders.py --encoders random experiments/spark_demo/resnet50_3d_timm_style.pth \
         experiments/vicreg_demo/resnet50_3d_timm_style.pth --names random spark vicreg
     python evaluate/encoders.py --encoders random r3d50_KM_200ep.pth --names random kinetics --model resnet50_3d \
         --full_finetune -- --NUM_EPOCHS 6           # after "--": settings passed to every finetune/train.py run
 
-Each encoder is one `finetune/train.py` run (scheme "validation", `freeze_encoder=True` for the probe), so
-the probe is exactly the fine-tuning model and pipeline. `random` means no pretrained weights (the seeded
-random initialisation every run shares). Every run reads tiles the same way: as the checkpoints record they
-were trained (they must agree; `random` follows them), or as the input options say. Results come from each
-run's log.jsonl: the epoch of lowest validation loss (the `best` checkpoint) gives F0.5 at its best threshold,
-AUC and the loss; training time is the sum of epoch times. Writes `encoders.md`, `encoders.csv`, one
-labels-vs-prediction image per encoder and mode, and a TensorBoard summary, into `--output`.
+Each encoder is one `finetune/train.py` run per seed (scheme "validation", `freeze_encoder=True` for the probe),
+so the probe is exactly the fine-tuning model and pipeline; seed s is SEED s for every encoder, so runs are paired.
+`random` means no pretrained weights (the seeded random initialisation every run shares). Every run reads tiles
+the same way: as the checkpoints record they were trained (they must agree; `random` follows them), or as the input
+options say. Each run is scored from its whole-segment prediction with its best weights (the epoch of lowest
+validation loss), on the held-out band: F0.5 at the threshold that is best on the labelled tiles it trained on
+(never the band's own), AUC and average precision, and as an extra the band's oracle F0.5 at its own best threshold.
+The table gives, per encoder, the mean and min–max over seeds, and the mean paired difference from `random` with a
+95 % t interval. Writes `encoders.md`, `encoders.csv` (per encoder), `runs.csv` (per run), one labels-vs-prediction
+image per encoder and mode (seed 0), and a TensorBoard summary, into `--output`.
 """
 import argparse
 import csv
+import dataclasses
 import io
 import json
+import math
 import pathlib
 import shutil
 import subprocess
@@ -26,12 +31,18 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import numpy as np  # noqa: E402
+
 from evaluate import encoder_input  # noqa: E402
+from evaluate.statistics import describe_interval, paired_interval  # noqa: E402
+from finetune.data import Box  # noqa: E402
+from finetune.metrics import NoSkillBand, no_skill_band  # noqa: E402
 from pretrain.data.patches import InputSettings  # noqa: E402
+from pretrain.data.segment import open_segment  # noqa: E402
 from pretrain.utils.misc import TensorboardLogger, write_bytes_atomic  # noqa: E402
 
-COLUMNS = ["encoder", "mode", "val_f05", "val_threshold", "val_auc", "val_iou", "val_loss", "best_epoch",
-           "training_seconds"]
+SCORES = {"f05": "validation_calibrated_f05", "f05_oracle": "validation_f05", "auc": "validation_auc",
+          "average_precision": "validation_average_precision"}  # what a run reports: its prediction's metrics
 
 
 def input_overrides(settings: InputSettings) -> list[str]:
@@ -41,12 +52,14 @@ def input_overrides(settings: InputSettings) -> list[str]:
             "--TILE_SIZE", str(settings.tile_size)]
 
 
-def run_finetune(name: str, checkpoint: str, mode: str, settings: InputSettings, args, extra: list[str]) -> dict:
-    """One finetune/train.py run; returns its best epoch's validation metrics (or raises with its error line)."""
-    experiment = f"{name}_{mode}"
+def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: InputSettings, args,
+                 extra: list[str]) -> dict:
+    """One finetune/train.py run; returns its prediction's scores, its best epoch and training time (or raises with
+    its error line)."""
+    experiment = f"{name}_{mode}_seed{seed}"
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", experiment,
                "--OUTPUT_DIR", str(args.output / "runs"), "--scheme", "validation", "--segment_id", args.segment,
-               "--SEED", str(args.seed), "--freeze_encoder", str(mode == "probe"), *input_overrides(settings)]
+               "--SEED", str(seed), "--freeze_encoder", str(mode == "probe"), *input_overrides(settings)]
     if checkpoint != "random":
         command += ["--pretrained_path", checkpoint]
     print(f"== {experiment}: {' '.join(command[1:] + extra)}", flush=True)
@@ -56,33 +69,86 @@ def run_finetune(name: str, checkpoint: str, mode: str, settings: InputSettings,
     experiment_dir = args.output / "runs" / experiment
     records = [json.loads(line) for line in (experiment_dir / "log.jsonl").read_text().splitlines()]
     epochs = [record for record in records if record["event"] == "epoch"]
-    best = min(epochs, key=lambda record: record["val_loss"])
-    shutil.copyfile(experiment_dir / "labels_vs_prediction.png", args.output / f"{experiment}.png")
-    return {"encoder": name, "mode": mode, "best_epoch": best["epoch"], "training_seconds": epochs[-1]["training_seconds"],
-            **{column: best[column] for column in COLUMNS if column.startswith("val_")}}
+    prediction = [record for record in records if record["event"] == "prediction"][-1]
+    if SCORES["f05"] not in prediction:
+        raise RuntimeError(f"the {experiment} run's labelled tiles hold one class only: no threshold can be chosen on them")
+    if seed == 0:
+        shutil.copyfile(experiment_dir / "labels_vs_prediction.png", args.output / f"{name}_{mode}.png")
+    return {"encoder": name, "mode": mode, "seed": seed, **{key: prediction[field] for key, field in SCORES.items()},
+            "threshold": prediction["validation_calibrated_threshold"],
+            "best_epoch": min(epochs, key=lambda record: record["val_loss"])["epoch"],
+            "training_seconds": epochs[-1]["training_seconds"]}
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| encoder | mode | val F0.5 (threshold) | val AUC | val IoU | val loss | best epoch | training time |",
-             "|---|---|---|---|---|---|---|---|"]
+def band_no_skill(segment_spec: str, run_dir: pathlib.Path) -> NoSkillBand:
+    """The no-skill band of the held-out band a run was scored on (every run has the same), thresholds calibrated
+    on the rest of the papyrus."""
+    start = next(json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
+                 if json.loads(line)["event"] == "start")
+    segment = open_segment(segment_spec)
+    ink_yx = segment.inklabels > 0
+    band_yx = Box(**start["held_out"]).region_yx(ink_yx.shape) & segment.mask
+    return no_skill_band(ink_yx, segment.mask & ~band_yx, band_yx)
+
+
+def summarise(runs: list[dict], baseline: str) -> list[dict]:
+    """Per encoder and mode: mean and min–max over seeds of each score, and the mean paired F0.5 and AUC differences
+    from `baseline` (the same mode and seeds) with their intervals."""
+    by_key = {(run["encoder"], run["mode"], run["seed"]): run for run in runs}
+    rows = []
+    for encoder, mode in dict.fromkeys((run["encoder"], run["mode"]) for run in runs):
+        group = [run for run in runs if (run["encoder"], run["mode"]) == (encoder, mode)]
+        row = {"encoder": encoder, "mode": mode, "seeds": len(group)}
+        for key in (*SCORES, "training_seconds"):
+            values = [run[key] for run in group]
+            row.update({f"{key}_mean": float(np.mean(values)), f"{key}_min": min(values), f"{key}_max": max(values)})
+        for key in ("f05", "auc"):
+            paired = [run[key] - by_key[(baseline, mode, run["seed"])][key] for run in group
+                      if (baseline, mode, run["seed"]) in by_key]
+            mean, low, high = paired_interval(paired) if paired and encoder != baseline else (math.nan,) * 3
+            row.update({f"{key}_difference": mean, f"{key}_difference_low": low, f"{key}_difference_high": high})
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], baseline: str) -> str:
+    lines = [f"| encoder | mode | seeds | F0.5 (calibrated threshold), mean (min – max) | F0.5 − {baseline} (95 % interval) "
+             f"| AUC, mean (min – max) | AUC − {baseline} (95 % interval) | average precision | oracle F0.5 | "
+             "training time |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['encoder']} | {row['mode']} | {row['val_f05']:.3f} ({row['val_threshold']:.2f}) | "
-                     f"{row['val_auc']:.3f} | {row['val_iou']:.3f} | {row['val_loss']:.4f} | {row['best_epoch']} | "
-                     f"{row['training_seconds'] / 60:.1f} min |")
+        differences = [("–" if math.isnan(row[f"{key}_difference"]) else
+                        f"{row[f'{key}_difference']:+.3f} ({describe_interval(row[f'{key}_difference_low'], row[f'{key}_difference_high'])})")
+                       for key in ("f05", "auc")]
+        lines.append(f"| {row['encoder']} | {row['mode']} | {row['seeds']} | {row['f05_mean']:.3f} ({row['f05_min']:.3f} – "
+                     f"{row['f05_max']:.3f}) | {differences[0]} | {row['auc_mean']:.3f} ({row['auc_min']:.3f} – "
+                     f"{row['auc_max']:.3f}) | {differences[1]} | {row['average_precision_mean']:.3f} | "
+                     f"{row['f05_oracle_mean']:.3f} | {row['training_seconds_mean'] / 60:.1f} min |")
     return "\n".join(lines)
 
 
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(path, table.getvalue().encode())
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                     epilog="Settings after `--` go to every finetune/train.py run (-- --NUM_EPOCHS 6).",
+                                     formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--encoders", nargs="+", required=True, help="encoder checkpoints (any kind), or 'random'")
     parser.add_argument("--names", nargs="*", help="a short name per encoder for the table (default: file names)")
     parser.add_argument("--segment", default="demo", help="segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="finetune/train.py's SEED for every run")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: finetune/train.py's SEED, the same for every encoder")
     parser.add_argument("--full_finetune", action="store_true", help="also fine-tune every encoder fully")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/encoder_evaluation"),
                         help="folder for the table, the images and the runs")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed")
     encoder_input.name_encoders(args, ("random",))
     return args
 
@@ -94,28 +160,31 @@ def main() -> int:
     args.output.mkdir(parents=True, exist_ok=True)
 
     modes = ["probe", "finetune"] if args.full_finetune else ["probe"]
-    rows = []
+    runs = []
     try:
         for mode in modes:
-            for name, checkpoint in zip(args.names, args.encoders):
-                rows.append(run_finetune(name, checkpoint, mode, settings, args, extra))
+            for seed in range(args.seeds):
+                for name, checkpoint in zip(args.names, args.encoders):
+                    runs.append(run_finetune(name, checkpoint, mode, seed, settings, args, extra))
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    table = markdown_table(rows)
-    description = (f"segment {args.segment}, input {settings.describe()}, seed {args.seed}, extra settings: "
-                   f"{' '.join(extra) or 'none'}")
+    baseline = "random" if "random" in args.names else args.names[0]
+    rows = summarise(runs, baseline)
+    table = markdown_table(rows, baseline)
+    band = band_no_skill(args.segment, args.output / "runs" / f"{args.names[0]}_{modes[0]}_seed0")
+    description = (f"segment {args.segment}, input {settings.describe()}, seeds 0–{args.seeds - 1}, extra settings: "
+                   f"{' '.join(extra) or 'none'}; F0.5 on the held-out band at the threshold best on the labelled tiles "
+                   f"trained on. No-skill band of the held-out band: {band.describe()}")
+    write_bytes_atomic(args.output / "no_skill_band.json", json.dumps(dataclasses.asdict(band), indent=1).encode())
     write_bytes_atomic(args.output / "encoders.md", f"{description}\n\n{table}\n".encode())
-    csv_text = io.StringIO()
-    writer = csv.DictWriter(csv_text, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_bytes_atomic(args.output / "encoders.csv", csv_text.getvalue().encode())
+    write_csv(args.output / "encoders.csv", rows)
+    write_csv(args.output / "runs.csv", runs)
     tensorboard = TensorboardLogger(args.output / "tensorboard_logs")
     tensorboard.text("encoders", f"{description}\n\n{table}")
     for index, row in enumerate(rows):
-        tensorboard.scalars(index, **{f"{row['mode']}__{row['encoder']}__val_f05": row["val_f05"],
-                                      f"{row['mode']}__{row['encoder']}__val_auc": row["val_auc"]})
+        tensorboard.scalars(index, **{f"{row['mode']}__{row['encoder']}__f05": row["f05_mean"],
+                                      f"{row['mode']}__{row['encoder']}__auc": row["auc_mean"]})
     tensorboard.close()
     print(f"\n{description}\n\n{table}\n\nwritten to {args.output}")
     return 0

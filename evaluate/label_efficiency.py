@@ -47,7 +47,6 @@ import io
 import json
 import math
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -56,10 +55,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import scipy.stats  # noqa: E402
 import tqdm  # noqa: E402
 
 from evaluate import encoder_input  # noqa: E402
+from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval  # noqa: E402
 from evaluate.encoders import input_overrides  # noqa: E402
 from finetune.metrics import (NoSkillBand, average_precision, best_threshold, f05_at, ink_metrics,  # noqa: E402
                               no_skill_band)
@@ -72,7 +71,6 @@ SCRATCH = ("scratch", "random")  # names that mean: no pretrained weights
 GOAL_MARGIN = 0.05  # mean paired F0.5 gain over scratch that counts as "finds ink with fewer labels"
 GOAL_MAX_GLYPHS = 4
 GOAL_MIN_SEEDS = 8
-CONFIDENCE = 0.95
 CLAIMS = ("no", "inconclusive", "suggestive", "yes")  # weakest first
 NEGATIVES_REACH = 32  # pixels around a labelled glyph that a simulated labeler paints as not ink
 NEGATIVES_CLEARANCE = 3  # pixels the painted negatives keep off any ink
@@ -294,15 +292,6 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
-def paired_interval(differences: list[float]) -> tuple[float, float, float]:
-    """Mean of paired differences and its CONFIDENCE t interval over seeds ((nan, nan) bounds for one seed)."""
-    count, mean = len(differences), float(np.mean(differences))
-    if count < 2:
-        return mean, float("nan"), float("nan")
-    half_width = scipy.stats.t.ppf((1 + CONFIDENCE) / 2, count - 1) * np.std(differences, ddof=1) / math.sqrt(count)
-    return mean, mean - half_width, mean + half_width
-
-
 def claim(seeds: int, glyphs: int, mean: float, low: float, high: float) -> str:
     """How strongly one paired comparison says "this encoder finds ink with fewer labels" (see the module doc)."""
     if seeds < 2:
@@ -405,7 +394,7 @@ def markdown(rows: list[dict], compared: list[dict], description: str, band: NoS
               "| encoder | against | mode | glyphs | seeds | mean difference | 95 % interval | claim |",
               "|---|---|---|---|---|---|---|---|"]
     for row in compared:
-        interval = "–" if math.isnan(row["low"]) else f"{row['low']:+.3f} to {row['high']:+.3f}"
+        interval = describe_interval(row["low"], row["high"])
         lines.append(f"| {row['encoder']} | {row['against']} | {row['mode']} | {row['glyphs']} | {row['seeds']} | "
                      f"{row['mean_difference']:+.3f} | {interval} | {row['claim']} |")
     lines += ["", f"Does a pretrained encoder find ink with fewer labels? {verdict(compared, band)}", "",

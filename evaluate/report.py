@@ -44,17 +44,21 @@ class StepError(RuntimeError):
 
 def run_step(name: str, command: list[str], output: pathlib.Path | None = None) -> str:
     """Run a repository script with this Python; returns the command as a person would type it. With `output` (a
-    file the step writes last), a step that already finished with the same command is not run again."""
+    file the step writes last), a step that already finished with the same command and the same code (the commit and
+    any uncommitted changes, `git_commit`) is not run again."""
     printable = shlex.join(["python", *command])
     record = output.with_name(output.name + ".command") if output is not None else None
-    if record is not None and output.is_file() and record.is_file() and record.read_text() == printable:
-        print(f"\n== {name}: finished earlier with the same command: {printable}", flush=True)
-        return printable
+    signature = f"{printable}\ncode {git_commit()}"
+    if record is not None and output.is_file() and record.is_file():
+        if record.read_text() == signature:
+            print(f"\n== {name}: finished earlier with the same command and code: {printable}", flush=True)
+            return printable
+        print(f"\n== {name}: finished earlier, but not with this command and code: running it again", flush=True)
     print(f"\n== {name}: {printable}", flush=True)
     if subprocess.run([sys.executable, *command], cwd=REPO_ROOT).returncode != 0:
         raise StepError(f"step '{name}' failed; its error is printed above")
     if record is not None:
-        write_bytes_atomic(record, printable.encode())
+        write_bytes_atomic(record, signature.encode())
     return printable
 
 
@@ -155,18 +159,19 @@ def probes(args, encoders: dict) -> None:
         names = [random_name, *group["encoders"]]
         command = run_step(f"frozen-encoder probes, {', '.join(names)}", [
             "evaluate/encoders.py", "--encoders", "random", *group["encoders"].values(), "--names", *names,
-            "--segment", args.segment, *input_options(group["settings"], args.finetune_tile_size),
-            "--output", str(output), "--", *shlex.split(args.finetune_args)])
+            "--segment", args.segment, "--seeds", str(args.probe_seeds),
+            *input_options(group["settings"], args.finetune_tile_size), "--output", str(output), "--",
+            *shlex.split(args.finetune_args)])
         rows = list(csv.DictReader(open(output / "encoders.csv")))
-        for row in rows:  # how much one probe's F0.5 moves from epoch to epoch: its noise
-            row["epoch_f05"] = [record["val_f05"] for record in epoch_records(output / "runs" / f"{row['encoder']}_probe")]
         results["groups"].append({"command": command, "baseline": random_name, "input": group["settings"].as_dict(),
-                                  "rows": rows, "images": {name: str(output / f"{name}_probe.png") for name in names}})
+                                  "rows": rows, "images": {name: str(output / f"{name}_probe.png") for name in names},
+                                  "no_skill_band": json.loads((output / "no_skill_band.json").read_text())})
     if args.kinetics:
         output = args.work / "probes_kinetics"
         command = run_step("full-width probes, random vs Kinetics-700", [
             "evaluate/encoders.py", "--encoders", "random", args.kinetics, "--names", "random", "kinetics", "--segment",
-            args.segment, "--model", "resnet50_3d", "--tile_size", str(args.finetune_tile_size), "--output", str(output),
+            args.segment, "--model", "resnet50_3d", "--tile_size", str(args.finetune_tile_size), "--seeds",
+            str(args.probe_seeds), "--output", str(output),
             "--", *shlex.split(args.finetune_args)])
         results["kinetics"] = {"command": command, "rows": list(csv.DictReader(open(output / "encoders.csv")))}
     save_results(args, "probes", results)
@@ -176,13 +181,21 @@ def representations(args, encoders: dict) -> None:
     """Steps 4 and 5: CKA across SparK's epochs and methods, and the unsupervised ink maps."""
     spark_epochs = sorted({*range(args.cka_every, args.spark_epochs + 1, args.cka_every), args.spark_epochs})
     settings = checkpoint.input_settings(checkpoint.read(encoders["spark"]))
-    feature_options = [*input_options(settings, settings.tile_size), "--segment", args.segment,
-                       *shlex.split(args.feature_args)]
+
+    def feature_options(encoder_settings, scaling: bool = True) -> list[str]:
+        """cka.py's and ink_map.py's options for tiles cut as `encoder_settings` say (and scaled so, with `scaling`:
+        without it, each checkpoint scales tiles as it was trained)."""
+        options = input_options(encoder_settings, settings.tile_size)
+        if not scaling:
+            at = options.index("--normalization")
+            options = options[:at] + options[at + 2:]
+        return [*options, "--segment", args.segment, *shlex.split(args.feature_args)]
+
     cka_checkpoints = {"random": "random", **{f"spark ep{epoch}": str(
         args.work / "spark" / "epochs" / f"{args.model}_timm_style_ep{epoch:03d}.pth") for epoch in spark_epochs},
         "vicreg": encoders["vicreg"]}
     command = run_step("CKA", ["evaluate/cka.py", "--checkpoints", *cka_checkpoints.values(), "--labels",
-                               *cka_checkpoints, "--output", str(args.work / "cka"), *feature_options],
+                               *cka_checkpoints, "--output", str(args.work / "cka"), *feature_options(settings, False)],
                        args.work / "cka" / "cka.csv")
     save_results(args, "cka", {"command": command, "spark_epochs": spark_epochs,
                                "rows": list(csv.DictReader(open(args.work / "cka" / "cka.csv"))),
@@ -190,8 +203,9 @@ def representations(args, encoders: dict) -> None:
     ink_maps = {}
     for name in ("random", "spark", "vicreg"):
         folder = args.work / "ink_map" / name
+        own = settings if name == "random" else checkpoint.input_settings(checkpoint.read(encoders[name]))
         command = run_step(f"ink map, {name}", ["evaluate/ink_map.py", "--checkpoint", encoders.get(name, "random"),
-                                                "--output", str(folder), *feature_options], folder / "ink_map.json")
+                                                "--output", str(folder), *feature_options(own)], folder / "ink_map.json")
         ink_maps[name] = {"command": command, **json.loads((folder / "ink_map.json").read_text()),
                           "map": str(folder / "pca_best.png")}
     save_results(args, "ink_maps", ink_maps)
@@ -210,7 +224,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curves", nargs="+", default=["spark", "vicreg"],
                         help="encoders (spark, vicreg, spark_<variant>) whose few-label curves are measured against scratch")
     parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4, 8], help="labelled glyphs per curve point")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per curve point")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per curve point (a 'yes' needs 8)")
+    parser.add_argument("--probe_seeds", type=int, default=3, help="seeds per frozen-encoder probe")
     parser.add_argument("--curve_args", default="", help="more evaluate/label_efficiency.py settings")
     parser.add_argument("--cka_every", type=int, default=8,
                         help="SparK epochs between the checkpoints CKA compares; the first is also probed")

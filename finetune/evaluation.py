@@ -9,7 +9,7 @@ import torch
 
 from pretrain import dist
 from finetune.data import UNKNOWN, Box, tiles_region
-from finetune.metrics import all_ink_f05, ink_metrics
+from finetune.metrics import all_ink_f05, average_precision, best_threshold, f05_at, ink_metrics
 
 
 @torch.no_grad()
@@ -47,13 +47,24 @@ def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, regi
                        held_out: Box | None, train_origins: np.ndarray, tile_size: int,
                        full_labels_yx: np.ndarray | None) -> dict:
     """Metrics of a whole-segment prediction, prefixed by where they were measured (see the module doc); pixels
-    whose label is UNKNOWN are not scored. `full_labels_yx`: the segment's own labels when training used others
-    (None otherwise). `train_origins`: the tiles the human labels chose (so self-training rounds stay comparable)."""
+    whose label is UNKNOWN are not scored. With a held-out band, also its average precision and its F0.5 at the
+    threshold that is best on the labelled tiles trained on (`validation_calibrated_f05`), not on the band itself.
+    `full_labels_yx`: the segment's own labels when training used others (None otherwise). `train_origins`: the
+    tiles the human labels chose (so self-training rounds stay comparable)."""
     known_yx = labels_yx != UNKNOWN
+    seen_yx = tiles_region(train_origins, tile_size, labels_yx.shape) & region_yx
     if held_out is not None:
         band_yx = held_out.region_yx(labels_yx.shape) & region_yx & known_yx
-        return ink_metrics(probabilities_yx[band_yx], labels_yx[band_yx] == 1).as_dict("validation_")
-    seen_yx = tiles_region(train_origins, tile_size, labels_yx.shape) & region_yx
+        report = ink_metrics(probabilities_yx[band_yx], labels_yx[band_yx] == 1).as_dict("validation_")
+        report["validation_average_precision"] = average_precision(probabilities_yx[band_yx], labels_yx[band_yx] == 1)
+        # The band's F0.5 at a threshold it did not choose: the best one on the labelled tiles trained on.
+        calibration_yx = seen_yx & known_yx & ~held_out.region_yx(labels_yx.shape)
+        calibration_labels = labels_yx[calibration_yx] == 1
+        if calibration_labels.any() and not calibration_labels.all():
+            threshold = best_threshold(probabilities_yx[calibration_yx], calibration_labels)
+            report.update(validation_calibrated_threshold=threshold, validation_calibrated_f05=f05_at(
+                probabilities_yx[band_yx], labels_yx[band_yx] == 1, threshold))
+        return report
     report = ink_metrics(probabilities_yx[seen_yx & known_yx], labels_yx[seen_yx & known_yx] == 1).as_dict("labelled_tiles_")
     if full_labels_yx is not None:
         unseen_yx = region_yx & ~seen_yx

@@ -94,3 +94,26 @@ def test_cka_script_writes_heatmaps_and_csv(tmp_path):
     # "random" is the seed-0 initialisation, which is what encoder0.pth holds.
     random_is_a = [float(row["cka"]) for row in rows if {row["a"], row["b"]} == {"a", "random"}]
     assert random_is_a == pytest.approx([1.0] * 8)
+
+
+def test_checkpoints_scaled_differently_share_tiles_each_read_as_trained(tmp_path):
+    """A VICReg encoder (standardised tiles) and a SparK one (range) are compared on the same tiles, each scaled as
+    it was trained; encoders that cut tiles differently are one error."""
+    import argparse
+
+    from evaluate import encoder_input
+    from pretrain import checkpoint
+    from pretrain.data.patches import InputSettings
+
+    state = build_encoder("resnet18_3d_tiny").state_dict()
+    spark, vicreg, wide = tmp_path / "spark.pth", tmp_path / "vicreg.pth", tmp_path / "wide.pth"
+    checkpoint.save(spark, "encoder", state, InputSettings(model="resnet18_3d_tiny", tile_size=64), method="spark")
+    checkpoint.save(vicreg, "encoder", state, InputSettings(model="resnet18_3d_tiny", tile_size=64,
+                                                            normalization="zscore"), method="vicreg")
+    checkpoint.save(wide, "encoder", state, InputSettings(model="resnet18_3d_tiny", tile_size=96), method="spark")
+    options = argparse.Namespace(**{field: None for field in encoder_input.OPTION_NAMES})
+    settings = encoder_input.same_tiles_settings(["random", str(spark), str(vicreg)], options)
+    assert [value.normalization for value in settings] == ["range", "range", "zscore"]
+    assert {value.tile_size for value in settings} == {64}
+    with pytest.raises(encoder_input.EvaluationError, match="cut tiles differently"):
+        encoder_input.same_tiles_settings([str(spark), str(wide)], options)

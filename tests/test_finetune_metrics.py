@@ -70,3 +70,22 @@ def test_no_skill_band_holds_skill_less_maps_and_not_a_good_one():
     good_yx = np.clip(labels_yx * 0.7 + rng.random(labels_yx.shape) * 0.3, 0, 1)
     threshold = best_threshold(good_yx[calibration_yx], labels_yx[calibration_yx])
     assert f05_at(good_yx[scored_yx], labels_yx[scored_yx], threshold) > band.blind_p95 + 0.3
+
+
+def test_held_out_band_is_scored_at_the_threshold_of_the_labelled_tiles():
+    from finetune.data import Box
+    from finetune.evaluation import prediction_metrics
+
+    rng = np.random.default_rng(2)
+    labels_yx = (rng.random((64, 96)) < 0.2).astype(np.uint8)
+    # Training tiles predict ink at 0.6, the band at 0.9: the band's own best threshold would be 0.9.
+    probabilities_yx = np.where(labels_yx == 1, 0.6, 0.3).astype(np.float32)
+    band = Box(0, 64, 64, 96)
+    probabilities_yx[:, 64:] = np.where(labels_yx[:, 64:] == 1, 0.9, 0.5)
+    metrics = prediction_metrics(probabilities_yx, labels_yx, np.ones_like(labels_yx, bool), band,
+                                 np.array([[0, 0], [0, 32], [32, 0], [32, 32]]), 32, None)
+    assert metrics["validation_calibrated_threshold"] == pytest.approx(0.35)  # 0.3 < t ≤ 0.6, the lowest such
+    band_labels = labels_yx[:, 64:] == 1
+    assert metrics["validation_calibrated_f05"] == pytest.approx(f05_at(probabilities_yx[:, 64:], band_labels, 0.35))
+    assert metrics["validation_calibrated_f05"] < metrics["validation_f05"] == 1.0
+    assert metrics["validation_average_precision"] == pytest.approx(1.0)

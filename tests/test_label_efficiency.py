@@ -12,7 +12,7 @@ import pytest
 import scipy.ndimage
 import torch
 
-from evaluate import label_efficiency
+from evaluate import label_efficiency, statistics
 from pretrain import checkpoint
 from pretrain.data.patches import InputSettings
 from pretrain.data.segment import open_segment
@@ -110,7 +110,7 @@ def test_simulated_negatives_surround_the_glyphs_and_never_touch_ink(labelled_se
 
 def test_paired_interval_and_claims():
     differences = [0.10, 0.12, 0.08, 0.11, 0.09, 0.13, 0.10, 0.07]
-    mean, low, high = label_efficiency.paired_interval(differences)
+    mean, low, high = statistics.paired_interval(differences)
     expected = scipy.stats.t.interval(0.95, len(differences) - 1, loc=np.mean(differences),
                                       scale=scipy.stats.sem(differences))
     assert mean == pytest.approx(np.mean(differences)) and (low, high) == pytest.approx(expected)
