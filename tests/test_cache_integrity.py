@@ -215,6 +215,21 @@ def test_download_segment_checks_every_cached_file_and_repairs_the_damaged(serve
     assert_cache_mirrors_server(cache, server)
 
 
+def test_download_segment_checks_a_converted_layer_segment(server_layout, tmp_path):
+    cache = tmp_path / "cache"
+    env = {"SEGMENT_CACHE_DIR": str(cache)}
+    with LoopbackServer(server_layout.root) as server:
+        env["VESUVIUS_DATA_URL"] = server.url
+        first = run_download(SERVER_LAYER_SEGMENT_ID, env, scroll="4")
+        assert first.returncode == 0 and "complete in the cache" in first.stdout, first.stderr
+        chunk = sorted((cache / cache_host(server)).rglob("layers.zarr/0/c/*/*/*"))[3]
+        cut_on_disk(chunk)
+        result = run_download(SERVER_LAYER_SEGMENT_ID, env, scroll="4")
+    line = assert_one_error_line(result)
+    assert line.startswith(f"error: segment {SERVER_LAYER_SEGMENT_ID}: {chunk} is damaged (it does not decode"), line
+    assert f"pretrain.data.cache remove {SERVER_LAYER_SEGMENT_ID}" in line and "complete" not in result.stdout
+
+
 # ---------------------------------------------------------------- fault 4: a password that breaks the URL
 
 

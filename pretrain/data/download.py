@@ -13,6 +13,7 @@ completion fetches nothing else.
 import argparse
 import asyncio
 import itertools
+import json
 import pathlib
 import sys
 
@@ -20,7 +21,8 @@ import tqdm
 import zarr
 import zarr.core.sync
 
-from pretrain.data.remote import CachedHTTPStore, RemoteReadError, default_cache_dir
+from pretrain.data.remote import (CachedHTTPStore, RemoteReadError, chunk_format_from_metadata, chunk_problem,
+                                  default_cache_dir)
 from pretrain.data.segment import SEGMENT_ID_PATTERN, SegmentError, open_segment, segment_zarr_url
 from pretrain.utils import misc
 
@@ -52,7 +54,13 @@ def download_segment(segment_id: str, scroll: str = "1", cache_dir: pathlib.Path
                            "run the download from another folder")
     if segment.location != segment_zarr_url(segment_id, str(scroll), data_url):
         # Converted from layer images: open_segment checked each layer image as it arrived, and conversion
-        # read every one of them.
+        # read every one of them; what is left to check is the converted zarr on disk.
+        converted = pathlib.Path(segment.volume.backend.store.root)
+        damage = converted_zarr_damage(converted)
+        if damage is not None:
+            raise SegmentError(f"segment {segment_id}: {damage}, in the zarr converted from the layer images; it cannot "
+                               f"be fetched again chunk by chunk: remove the segment from the cache (.venv/bin/python "
+                               f"-m pretrain.data.cache remove {segment_id}) and run download_segment.sh again")
         print(f"{segment!r}: converted from the layer images at {segment.location}/ and complete in the cache")
         return {"chunks": 0, "fetched": 0, "bytes": 0, "absent": 0, "recovered": 0, "repaired": 0}
     array = segment.volume.backend
@@ -76,6 +84,19 @@ def download_segment(segment_id: str, scroll: str = "1", cache_dir: pathlib.Path
         raise SegmentError(f"segment {segment_id}: only {in_cache} of its {len(keys)} chunks are in the cache "
                            f"{store.cache_root} after the download; run it again")
     return counts
+
+
+def converted_zarr_damage(converted: pathlib.Path) -> str | None:
+    """The first damaged chunk of a zarr converted from layer images (every chunk decoded), as "{path} is damaged
+    (what)", or None."""
+    array_folder = converted / "0"
+    chunk_format = chunk_format_from_metadata("zarr.json", json.loads((array_folder / "zarr.json").read_bytes()))
+    chunk_paths = sorted(path for path in (array_folder / "c").rglob("*") if path.is_file())
+    for path in tqdm.tqdm(chunk_paths, unit="chunk", desc=f"checking {converted.name}"):
+        problem = chunk_problem(path.read_bytes(), chunk_format, decode=True)
+        if problem is not None:
+            return f"{path} is damaged ({problem})"
+    return None
 
 
 def run_batches(store: CachedHTTPStore, keys: list[str], progress: tqdm.tqdm, decode: bool) -> None:
