@@ -4,9 +4,14 @@ Why a store of our own: zarr's fsspec HTTP store re-downloads a chunk each time 
 truncated response aborts the read (the complaints against the `vesuvius` library, villa #1325 and
 #1666). Here each key (chunk or metadata) is fetched at most once, ever:
 
-    zarr  --get(key)-->  CachedHTTPStore  --hit-->  {cache_dir}/{host}/{path}/{key}
-                                         --miss-->  aiohttp GET (bounded concurrency, retries)
-                                                    --> written atomically into the cache
+    zarr  --get(key)-->  CachedHTTPStore  --hit-->  {cache_dir}/{host}/{path}/{key}  --> header check
+                                         --miss-->  aiohttp GET (bounded concurrency, retries, deadline)
+                                                    --> full check --> written atomically into the cache
+
+A server's 200 is not trusted: a body is checked before it enters the cache (`body_problem`: its length,
+a chunk's codec header and a full decode, JSON for metadata, an image's structure) and retried like a 5xx
+when bad, and every read of a cached file checks it again, cheaply, before a decoder sees it (c-blosc
+trusts its own header: a chunk cut short on disk could crash it); a damaged file is fetched again.
 
 A key the server does not have is remembered as `{key}.absent`: for zarr a missing chunk means "fill
 value", so a warm run never asks again. A 404 is believed only when a second request repeats it, so
