@@ -40,6 +40,7 @@ from pretrain.data.segment import SCROLL_SPEC_PATTERN, SEGMENT_ID_PATTERN, Segme
 from pretrain.utils import misc  # noqa: E402
 
 OVERLAY_INK_BGR = np.array([0, 0, 255], np.float32)  # red: no layer's grey is mistaken for it
+OVERLAY_OPACITY = 0.6  # of certain ink: the layer stays visible under it, to judge the prediction by
 OVERLAY_STRETCH_PERCENTILES = (1, 99)  # of the papyrus's grey: raw CT layers are dim and low in contrast
 SAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -147,7 +148,7 @@ def overlay_image(segment, prediction_yx: np.ndarray, settings: InputSettings) -
     layer_yx = normalize_patch(np.asarray(segment.volume[middle]), "range", float_range=settings.float_range)
     low, high = np.percentile(layer_yx[segment.mask], OVERLAY_STRETCH_PERCENTILES)
     grey_yx = np.clip((layer_yx - low) / max(high - low, 1e-6), 0, 1) * 255.0
-    ink_yx1 = prediction_yx[..., None].astype(np.float32) / 255.0
+    ink_yx1 = prediction_yx[..., None].astype(np.float32) / 255.0 * OVERLAY_OPACITY
     blended_yx3 = grey_yx[..., None] * (1 - ink_yx1) + OVERLAY_INK_BGR * ink_yx1
     image = np.rint(blended_yx3).astype(np.uint8)
     width = image.shape[1]

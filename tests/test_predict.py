@@ -78,6 +78,14 @@ def test_prediction_is_exactly_train_py_s_own(trained_run, labelled_segment_path
     assert overlay.ndim == 3 and overlay.shape[1:] == (FINETUNE_SHAPE[2], 3) and overlay.shape[0] > FINETUNE_SHAPE[1]
     assert "row" in result.stderr  # the progress bar, in rows of the segment
 
+    # An overlay asked for later is drawn from the prediction already written, which is kept.
+    (output / "tiny_overlay.png").unlink()
+    predicted_at = (output / "tiny.png").stat().st_mtime_ns
+    assert predict.main(["--checkpoint", str(trained_run / "best.pth"), "--segment_id", str(labelled_segment_path),
+                         "--output_dir", str(output), "--overlay"]) == 0
+    assert (output / "tiny.png").stat().st_mtime_ns == predicted_at
+    assert np.array_equal(read_grey(output / "tiny_overlay.png"), overlay)
+
 
 def test_killed_after_the_first_segment_resumes_with_the_rest(trained_run, other_segments, tmp_path):
     output = tmp_path / "predictions"
