@@ -114,6 +114,20 @@ def test_killed_after_the_first_segment_resumes_with_the_rest(trained_run, other
         assert np.array_equal(read_grey(output / name), read_grey(straight / name)), name
 
 
+def test_torchrun_splits_the_tiles_and_writes_what_one_process_writes(trained_run, other_segments, tmp_path):
+    arguments = ["--checkpoint", str(trained_run / "best.pth"), "--segment_id", *other_segments]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(PREDICT), *arguments, "--output_dir", str(tmp_path / "two")], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("to predict on 2 process(es)") == 1  # rank 0 speaks (and writes) alone
+    assert predict.main([*arguments, "--output_dir", str(tmp_path / "one")]) == 0
+    for name in ("segment_0.png", "segment_1.png", "fragment.png"):
+        two, one = read_grey(tmp_path / "two" / name), read_grey(tmp_path / "one" / name)
+        # The band sums are added in another order across processes: a pixel may round to the next grey level.
+        assert np.abs(two.astype(int) - one).max() <= 1, name
+
+
 @pytest.mark.parametrize("case", ["pretraining checkpoint", "too few layers", "unknown scroll", "wrong scroll",
                                   "missing checkpoint"])
 def test_bad_input_is_one_clear_error_and_writes_nothing(trained_run, labelled_segment_path, server_layout, tmp_path,
