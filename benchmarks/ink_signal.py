@@ -24,14 +24,13 @@ import tempfile
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from evaluate.ink_map import FINE_THRESHOLDS, scale_to_unit  # noqa: E402
+from evaluate.local_contrast import contrast_map  # noqa: E402
 from finetune.metrics import ink_metrics  # noqa: E402
 from pretrain.data.demo import build_demo_segment  # noqa: E402
-from pretrain.data.patches import GridTileDataset, InputSettings, RandomPatchDataset  # noqa: E402
+from pretrain.data.patches import InputSettings, RandomPatchDataset  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from pretrain.spark import cell_statistics, local_contrast, split_into_cells  # noqa: E402
 
@@ -64,18 +63,10 @@ def ink_shares(inked_segment, plain_segment, follow_surface: bool, samples: int,
             for target, groups in totals.items()}
 
 
-def surface_contrast_map(segment, depth: int = 16, tile_size: int = 64, smoothing_px: float = 3.0) -> dict:
-    """F0.5 and AUC over the mask of the hand-made map: mean local contrast of the two layers under the
-    surface (input layers depth // 2 and depth // 2 + 1 of the surface-following window), smoothed."""
-    tiles = GridTileDataset(segment, InputSettings(depth=depth, tile_size=tile_size, follow_surface=True),
-                            stride=tile_size, min_mask_fraction=1e-6)
-    contrast_yx = np.zeros(segment.shape[1:], np.float32)
-    for index in range(len(tiles)):
-        item = tiles[index]
-        y, x = item["origin"].tolist()
-        surface_layers = item["volume"][None, :, depth // 2 : depth // 2 + 2]  # (1, 1, 2, T, T)
-        contrast_yx[y : y + tile_size, x : x + tile_size] = local_contrast(surface_layers)[0, 0].mean(dim=0).numpy()
-    contrast_yx = cv2.GaussianBlur(contrast_yx, (0, 0), smoothing_px)
+def surface_contrast_map(segment) -> dict:
+    """F0.5 and AUC over the mask of the hand-made map (evaluate/local_contrast.py's): mean local contrast of the
+    two layers under the surface, smoothed."""
+    contrast_yx = contrast_map(segment)
     inside = segment.mask & (contrast_yx > 0)
     # Scaled by percentiles: the mask's rim and the blur's edge make a few outliers.
     metrics = ink_metrics(scale_to_unit(contrast_yx[inside]), segment.inklabels[inside] > 0, FINE_THRESHOLDS)
