@@ -62,6 +62,7 @@ def other_segments(tmp_path_factory) -> list[str]:
     layers.mkdir(parents=True)
     for index, layer in enumerate(random_volume((12, 48, 80), seed=30)):
         write_png(layers / f"{index:02d}.png", layer)
+    write_png(layers.parent / "mask.png", rectangle_mask((48, 80), margin=4))
     specs.append(str(layers.parent))
     return specs
 
