@@ -34,7 +34,7 @@ import tqdm  # noqa: E402
 from finetune import inference, outputs  # noqa: E402
 from finetune.model import InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
-from pretrain.data.patches import DepthWindow, InputSettings, normalize_patch  # noqa: E402
+from pretrain.data.patches import DepthWindow, InputSettings, check_voxel_dtype, normalize_patch  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SCROLL_SPEC_PATTERN, SEGMENT_ID_PATTERN, SegmentError, open_segment  # noqa: E402
 from pretrain.utils import misc  # noqa: E402
@@ -42,6 +42,8 @@ from pretrain.utils import misc  # noqa: E402
 OVERLAY_INK_BGR = np.array([0, 0, 255], np.float32)  # red: no layer's grey is mistaken for it
 OVERLAY_OPACITY = 0.6  # of certain ink: the layer stays visible under it, to judge the prediction by
 OVERLAY_STRETCH_PERCENTILES = (1, 99)  # of the papyrus's grey: raw CT layers are dim and low in contrast
+# Rows of the overlay blended at a time: in float at once, a 20 000 × 15 000 segment would take some 10 GB.
+OVERLAY_ROWS = 512
 SAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -109,7 +111,7 @@ def read_fine_tuned(path: pathlib.Path) -> tuple[dict, InputSettings]:
 def build_model(saved: dict, path: pathlib.Path, settings: InputSettings) -> InkUNet:
     """The run's InkUNet (train.py's factory, with the run's decoder settings), holding the checkpoint's weights."""
     config = saved["config"]
-    model = build_ink_unet(settings.model, config.get("DEPTH_POOL", "max"), config.get("OUTPUT_STRIDE", 4))
+    model = build_ink_unet(settings.model, config["DEPTH_POOL"], config["OUTPUT_STRIDE"])
     mismatch = checkpoint.describe_state_dict_mismatch(model.state_dict(), saved["model"])
     if mismatch:
         raise checkpoint.CheckpointError(f"checkpoint {path} does not fit the {settings.model} UNet it names ({mismatch})")
@@ -119,8 +121,10 @@ def build_model(saved: dict, path: pathlib.Path, settings: InputSettings) -> Ink
 
 def check_segment(spec: str, settings: InputSettings) -> None:
     """Open the segment (downloading it once, as a run needs it anyway) and check that the model can read it: one
-    error naming the segment when it has too few layers for the model's depth window."""
+    error naming the segment when it has too few layers for the model's depth window, or float voxels the model
+    has no range for."""
     segment = open_segment(spec)
+    check_voxel_dtype(segment, settings)
     try:
         DepthWindow(segment.shape[0], settings)
     except SegmentError as error:
@@ -143,15 +147,20 @@ class ProgressImage:
 
 def overlay_image(segment, prediction_yx: np.ndarray, settings: InputSettings) -> np.ndarray:
     """(caption + Y, X, 3) uint8 BGR: the prediction in red over the segment's middle layer, its grey stretched
-    over the papyrus, under a caption saying so."""
+    over the papyrus, under a caption saying so. Made OVERLAY_ROWS rows at a time."""
     middle = segment.shape[0] // 2
-    layer_yx = normalize_patch(np.asarray(segment.volume[middle]), "range", float_range=settings.float_range)
+    height, width = prediction_yx.shape
+    blocks = [slice(y, y + OVERLAY_ROWS) for y in range(0, height, OVERLAY_ROWS)]
+    layer_yx = np.zeros((height, width), np.uint16)  # the layer scaled to 0..1 as the model reads it, in 1/65535
+    for rows in blocks:
+        scaled_yx = normalize_patch(segment.volume[middle, rows], "range", float_range=settings.float_range)
+        layer_yx[rows] = np.rint(np.clip(scaled_yx, 0, 1) * 65535)
     low, high = np.percentile(layer_yx[segment.mask], OVERLAY_STRETCH_PERCENTILES)
-    grey_yx = np.clip((layer_yx - low) / max(high - low, 1e-6), 0, 1) * 255.0
-    ink_yx1 = prediction_yx[..., None].astype(np.float32) / 255.0 * OVERLAY_OPACITY
-    blended_yx3 = grey_yx[..., None] * (1 - ink_yx1) + OVERLAY_INK_BGR * ink_yx1
-    image = np.rint(blended_yx3).astype(np.uint8)
-    width = image.shape[1]
+    image = np.zeros((height, width, 3), np.uint8)
+    for rows in blocks:
+        grey_yx = np.clip((layer_yx[rows] - np.float32(low)) / np.float32(max(high - low, 1)), 0, 1) * 255
+        ink_yx1 = prediction_yx[rows, :, None].astype(np.float32) / 255 * OVERLAY_OPACITY
+        image[rows] = np.rint(grey_yx[..., None] * (1 - ink_yx1) + OVERLAY_INK_BGR * ink_yx1)
     caption = outputs.text_strip(width, max(4, width // 100),
                                  [[(0, f"ink probability in red over layer {middle}", outputs.CAPTION_BGR)]])
     return np.concatenate([caption, image], axis=0)
