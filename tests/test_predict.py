@@ -203,6 +203,19 @@ def test_pretraining_opens_a_list_mixing_scrolls_and_local_zarrs(server_layout, 
     assert set(checkpoint.input_settings(encoder).voxel_dtype.split("+")) == {"uint8", "uint16"}
 
 
+def test_prediction_over_a_list_mixing_scrolls_from_the_server(trained_run, server_layout, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGMENT_CACHE_DIR", str(tmp_path / "cache"))
+    output = tmp_path / "predictions"
+    with LoopbackServer(server_layout.root) as server:
+        monkeypatch.setenv("VESUVIUS_DATA_URL", server.url)
+        assert predict.main(["--checkpoint", str(trained_run / "best.pth"), "--segment_id", SERVER_SEGMENT_ID,
+                             f"scroll4:{SERVER_LAYER_SEGMENT_ID}", "--output_dir", str(output), "--stride", "32"]) == 0
+    for name, mask in ((SERVER_SEGMENT_ID, server_layout.mask), (f"scroll4_{SERVER_LAYER_SEGMENT_ID}",
+                                                                 server_layout.layer_mask)):
+        prediction = read_grey(output / f"{name}.png")
+        assert prediction.shape == mask.shape and not prediction[mask == 0].any() and prediction[mask > 0].any()
+
+
 def test_scroll_spec_opens_the_segment_of_that_scroll_whatever_scroll_says(server_layout, tmp_path):
     from pretrain.data.segment import open_segment
 
