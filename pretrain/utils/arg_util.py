@@ -43,7 +43,7 @@ class Args(Tap):
     num_workers: int = 2  # DataLoader workers per process (0: load in the main process)
     lru_mb: int = 512  # in-process cache of decoded chunks, per worker
     # torch threads per process on CPU. 0: the cores left after the DataLoader workers (1 on a 2-core machine with
-    # 2 workers), not torch's one per core: on the shared 2-core machine at load average 7-9, 2 threads ran 53 s
+    # 2 workers), not torch's one per core: on the shared 2-core machine at load average 6.5-9.4, 2 threads ran 53 s
     # per step and 1 thread 18 s (README, "A CPU path"). Set 1 when other jobs share the cores.
     cpu_threads: int = 0
     # torchrun: a rank that waits this long at a collective operation for another rank (stalled or dead) stops the run
