@@ -16,7 +16,7 @@ import torch
 
 from finetune import data, evaluation
 from finetune.loss import ink_loss
-from finetune.metrics import ink_metrics
+from finetune.metrics import average_precision, best_threshold, f05_at, ink_metrics
 from pretrain.data.segment import SegmentError, open_segment
 from tests.conftest import (FINETUNE_TINY, REPO_ROOT, SERVER_SEGMENT_ID, random_volume, rectangle_mask, write_png,
                             write_server_segment, write_zarr_segment)
@@ -62,11 +62,17 @@ def test_unknown_pixels_add_nothing_to_the_metrics():
     labels = rng.integers(0, 3, (40, 60)).astype(np.uint8)
     region = np.ones((40, 60), bool)
     box = data.Box(0, 40, 20, 50)
-    metrics = evaluation.prediction_metrics(probabilities, labels, region, box, np.zeros((0, 2), np.int64), 8, None)
+    origins = np.array([[0, 0], [8, 0], [16, 8], [32, 52]])  # the tiles trained on, outside the band
+    metrics = evaluation.prediction_metrics(probabilities, labels, region, box, origins, 8, None)
     band = box.region_yx((40, 60)) & (labels != UNKNOWN)
-    assert metrics == ink_metrics(probabilities[band], labels[band] == 1).as_dict("validation_")
+    calibration = data.tiles_region(origins, 8, (40, 60)) & (labels != UNKNOWN)
+    threshold = best_threshold(probabilities[calibration], labels[calibration] == 1)
+    assert metrics == {**ink_metrics(probabilities[band], labels[band] == 1).as_dict("validation_"),
+                       "validation_average_precision": average_precision(probabilities[band], labels[band] == 1),
+                       "validation_calibrated_threshold": threshold,
+                       "validation_calibrated_f05": f05_at(probabilities[band], labels[band] == 1, threshold)}
     other = np.where(labels == UNKNOWN, 1 - probabilities, probabilities)
-    assert evaluation.prediction_metrics(other, labels, region, box, np.zeros((0, 2), np.int64), 8, None) == metrics
+    assert evaluation.prediction_metrics(other, labels, region, box, origins, 8, None) == metrics
 
 
 def test_negatives_are_found_by_name_like_ink_labels_and_may_not_overlap(tmp_path):
@@ -126,8 +132,11 @@ def test_self_training_rounds_are_recorded_keep_the_human_labels_and_resume_insi
     write_png(tmp_path / "negatives.png", negatives)
     arguments = ["--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(tmp_path), "--scheme", "iterative",
                  "--inklabel_path", "two_letters.png", "--negatives_path", str(tmp_path / "negatives.png"),
-                 "--SELF_TRAINING_ROUNDS", "2", "--PSEUDO_INK_THRESHOLD", "0.6", "--PSEUDO_NOT_INK_THRESHOLD", "0.4",
-                 "--MIN_TILES_PER_EPOCH", "48"]  # enough steps for the prediction to find some ink of its own
+                 "--SELF_TRAINING_ROUNDS", "2", "--PSEUDO_INK_THRESHOLD", "0.5", "--PSEUDO_NOT_INK_THRESHOLD", "0.3",
+                 # Enough steps for the prediction to find some ink of its own. The tiny model's round-1 maximum off
+                 # the human labels was 0.596 on one machine and above 0.6 on another: 0.5 keeps the test about the
+                 # rounds' bookkeeping, not about how far 2 tiny epochs learn on a given CPU.
+                 "--MIN_TILES_PER_EPOCH", "48"]
     straight = run_train([*arguments, "--exp_name", "straight"])
     assert straight.returncode == 0, straight.stderr[-3000:]
     human_ink = read_png(labelled_segment_path / "two_letters.png") > 0
