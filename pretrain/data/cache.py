@@ -48,19 +48,26 @@ METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
 _held_for_life: dict[pathlib.Path, object] = {}
 
 
-def max_bytes() -> int | None:
-    """The bound from `SEGMENT_CACHE_MAX_GB` in bytes, or None when it is unset. Raises ValueError naming the
-    variable when it is not a positive number."""
-    text = os.environ.get(MAX_GB_VARIABLE, "").strip()
+def positive_setting(name: str, unit: str) -> float | None:
+    """The positive number in environment variable `name`, or None when it is unset. Raises ValueError naming the
+    variable (and `unit`, what the number counts) when it is anything else."""
+    text = os.environ.get(name, "").strip()
     if not text:
         return None
     try:
-        gigabytes = float(text)
+        value = float(text)
     except ValueError:
-        gigabytes = -1.0
-    if not gigabytes > 0:
-        raise ValueError(f"{MAX_GB_VARIABLE}={text!r} is not a positive number of gigabytes (unset it for no bound)")
-    return int(gigabytes * 10**9)
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name}={text!r} is not a positive number of {unit}")
+    return value
+
+
+def max_bytes() -> int | None:
+    """The bound from `SEGMENT_CACHE_MAX_GB` in bytes, or None when it is unset. Raises ValueError naming the
+    variable when it is not a positive number."""
+    gigabytes = positive_setting(MAX_GB_VARIABLE, "gigabytes (unset it for no bound)")
+    return None if gigabytes is None else int(gigabytes * 10**9)
 
 
 def _mark_used(descriptor: int) -> None:

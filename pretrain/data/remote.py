@@ -95,16 +95,11 @@ DEADLINE_ALLOWANCE_BYTES = 256 * 2**10  # a floor of 256 KiB/s: a 500 MiB layer 
 
 def setting_seconds(name: str, default: float) -> float:
     """A positive number of seconds from environment variable `name`, else `default`."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise RemoteSettingError(f"{name}={text!r} is not a positive number of seconds")
-    return value
+        value = cache.positive_setting(name, "seconds")
+    except ValueError as error:
+        raise RemoteSettingError(str(error)) from None
+    return default if value is None else value
 
 
 # ---------------------------------------------------------------- what a body must look like
