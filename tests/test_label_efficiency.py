@@ -3,6 +3,7 @@ chosen on the calibration strip; the verdict follows the paired statistics; a ti
 table, CSV, plot and each run's prediction, a rerun reuses every finished run of the same code, and a run of other
 code is run again with the earlier one kept."""
 import csv
+import json
 import subprocess
 import sys
 
@@ -86,26 +87,23 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     assert again.returncode == 0, again.stderr[-3000:]
     assert log.stat().st_mtime_ns == before and list(csv.DictReader(open(curves / "runs.csv"))) == runs
 
-    # A run recorded by other code is run again, and the earlier one kept aside.
-    result_path = curves / "runs" / "scratch_full_k1_seed0" / "result.json"
-    result_path.write_text(result_path.read_text().replace(f'"code": "{runs[0]["code"]}"', '"code": "0ldc0de"'))
-    third = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert log.stat().st_mtime_ns != before and "0ldc0de" in third.stdout + third.stderr
-    assert (curves / "runs" / ".superseded" / "scratch_full_k1_seed0-0ldc0de" / "prediction.png").is_file()
+    assert label_efficiency.earlier_run(log.parent, json.loads((log.parent / "result.json").read_text())["command"],
+                                        runs[0]["code"], reuse_other_code=False) is not None
 
 
-def test_simulated_negatives_surround_the_glyphs_and_never_touch_ink(labelled_segment_path):
-    segment = open_segment(labelled_segment_path)
-    found = label_efficiency.glyphs(segment.inklabels, label_efficiency.regions(segment, 0.4, 0.4).label_yx, 100)
-    glyphs_yx = label_efficiency.glyph_labels(found, segment.shape[1:], 0, 1) > 0
-    negatives_yx = label_efficiency.painted_negatives(glyphs_yx.astype(np.uint8) * 255, segment.inklabels, segment.mask) > 0
-    distance_to_ink = scipy.ndimage.distance_transform_edt(segment.inklabels == 0)
-    distance_to_glyph = scipy.ndimage.distance_transform_edt(~glyphs_yx)
-    assert negatives_yx.any() and (distance_to_ink[negatives_yx] > label_efficiency.NEGATIVES_CLEARANCE).all()
-    assert (distance_to_glyph[negatives_yx] <= label_efficiency.NEGATIVES_REACH * 2 ** 0.5).all()
-    assert not (negatives_yx & ~segment.mask).any()
-    assert label_efficiency.arm("full", True, 2) == "full, negatives, round 2" and label_efficiency.arm("lpft", False, None) == "lpft"
+def test_a_run_of_other_code_is_kept_aside_and_run_again(tmp_path):
+    folder = tmp_path / "runs" / "scratch_full_k1_seed0"
+    folder.mkdir(parents=True)
+    command = ["python", "finetune/train.py", "--SEED", "0"]
+    (folder / "result.json").write_text(json.dumps({"command": command, "code": "0ldc0de", "f05": 0.5}))
+    (folder / "prediction.png").write_bytes(b"earlier")
+    assert label_efficiency.earlier_run(folder, command, "0ldc0de", reuse_other_code=False)["f05"] == 0.5
+    assert label_efficiency.earlier_run(folder, command, "n3wc0de", reuse_other_code=True)["f05"] == 0.5
+    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="other settings"):
+        label_efficiency.earlier_run(folder, [*command, "--LR", "1"], "0ldc0de", reuse_other_code=False)
+    assert label_efficiency.earlier_run(folder, command, "n3wc0de", reuse_other_code=False) is None  # to run again
+    assert not folder.exists()
+    assert (tmp_path / "runs" / ".superseded" / "scratch_full_k1_seed0-0ldc0de" / "prediction.png").read_bytes() == b"earlier"
 
 
 def test_paired_interval_and_claims():
@@ -148,17 +146,18 @@ def test_verdict_follows_the_paired_comparisons_and_the_longer_scratch_arm():
     assert label_efficiency.verdict(compared, band).startswith("**Inconclusive**")
 
 
-def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_segment_path, tmp_path):
+def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_segment_path, tmp_path, capsys):
     assert label_efficiency.without_epochs(["--LR", "1e-3", "--NUM_EPOCHS", "3", "--NUM_EPOCHS=4"]) == (["--LR", "1e-3"], 4)
     assert label_efficiency.default_epochs() >= 1
-    for options, message in ((["--seeds", "0"], "--seeds 0"), (["--glyphs", "0", "1"], "--glyphs 0 1")):
-        result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders",
-                                 "scratch", "--segment", str(labelled_segment_path), "--output", str(tmp_path), *options],
-                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-        assert result.returncode != 0 and result.stderr.strip().splitlines() == [result.stderr.strip()]
-        assert result.stderr.startswith("error: ") and message in result.stderr
-    help_text = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--help"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=120).stdout
-    help_text = " ".join(help_text.split())
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders",
+                             "scratch", "--segment", str(labelled_segment_path), "--output", str(tmp_path), "--seeds", "0"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --seeds 0: at least 1 seed is needed (and 8 for a 'yes')"]
+    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--glyphs 0 1"):
+        label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "0", "1"])
+    with pytest.raises(SystemExit):
+        label_efficiency.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
     assert "compare every encoder with training from scratch, paired by seed." in help_text
     assert "-- --NUM_EPOCHS 10" in help_text
