@@ -41,15 +41,34 @@ class OverlapServer(LoopbackServer):
         self.overlap = overlap
         self.waiting = 0
         self.gate_open = threading.Event()
+        # Chunk requests the client has in flight: counted from arrival until the response starts. The server's
+        # own `active` counts until its handler returns, after the body is sent; a client that read the body may
+        # already have sent its next request by then, so `active` can exceed what the client really had in flight.
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     def _respond(self, handler, path: str, send_body: bool) -> None:
-        if self._is_chunk(path):
-            with self.lock:
-                self.waiting += 1
-                if self.waiting >= self.overlap:
-                    self.gate_open.set()
-            if not self.gate_open.wait(timeout=30):
+        if not self._is_chunk(path):
+            super()._respond(handler, path, send_body)
+            return
+        with self.lock:
+            self.waiting += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.waiting >= self.overlap:
                 self.gate_open.set()
+        if not self.gate_open.wait(timeout=30):
+            self.gate_open.set()
+        write, answered = handler.wfile.write, []
+
+        def write_once_answered(data: bytes):  # the first write (the headers) ends the request's time in flight
+            if not answered:
+                answered.append(True)
+                with self.lock:
+                    self.in_flight -= 1
+            return write(data)
+
+        handler.wfile.write = write_once_answered
         super()._respond(handler, path, send_body)
 
 
@@ -137,7 +156,7 @@ def test_concurrency_is_bounded(server_layout, tmp_path):
         segment = open_segment(SERVER_SEGMENT_ID, cache_dir=tmp_path / "cache", data_url=server.url,
                                http_concurrency=3)
         assert np.array_equal(segment.volume[:, :, :], server_layout.volume)
-        assert server.max_active == 3  # three at once (zarr asks for many chunks together), never more
+        assert server.max_in_flight == 3  # three at once (zarr asks for many chunks together), never more
 
 
 def test_unknown_segment_id_lists_every_url_tried_and_leaves_no_file(server_layout, tmp_path):
