@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
-from pretrain.data.remote import CachedHTTPStore  # noqa: E402
+from benchmarks.cache_warm_read import per_read_microseconds  # noqa: E402
+from pretrain.data.remote import CachedHTTPStore, cache_path_for_url  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from tests.conftest import rectangle_mask, write_server_segment  # noqa: E402
 from tests.loopback_server import LoopbackServer  # noqa: E402
@@ -48,23 +49,18 @@ def ct_like_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 
 def per_chunk_microseconds(store: CachedHTTPStore, urls: list[str]) -> dict[str, float]:
     """Median over rounds of each step's time per chunk; the steps take turns in a rotating order."""
-    paths = {url: store.cache_dir / url.split("//", 1)[1].replace(":", "_", 1) for url in urls}
+    paths = {url: cache_path_for_url(store.cache_dir, url) for url in urls}
     contents = {url: path.read_bytes() for url, path in paths.items()}
+
+    def passes(problem: str | None) -> None:
+        assert problem is None, problem
+
     steps = {  # the checks on bytes already read, as fetch_url runs them
-        "read_us": lambda url: paths[url].read_bytes() and None,
-        "header_check_us": lambda url: store.body_problem(url, contents[url], decode=False),
-        "full_decode_check_us": lambda url: store.body_problem(url, contents[url], decode=True),
+        "read_us": lambda url: paths[url].read_bytes(),
+        "header_check_us": lambda url: passes(store.body_problem(url, contents[url], decode=False)),
+        "full_decode_check_us": lambda url: passes(store.body_problem(url, contents[url], decode=True)),
     }
-    rounds = {name: [] for name in steps}
-    for round_index in range(ROUNDS):
-        names = list(steps)
-        names = names[round_index % len(names):] + names[:round_index % len(names)]
-        for name in names:
-            start = time.perf_counter()
-            for url in urls:
-                assert steps[name](url) is None
-            rounds[name].append((time.perf_counter() - start) / len(urls))
-    return {name: statistics.median(times) * 1e6 for name, times in rounds.items()}
+    return per_read_microseconds(urls, steps, ROUNDS)
 
 
 def main() -> None:

@@ -36,18 +36,18 @@ ROUNDS = 20
 SEGMENT_ID = "20230827161847"
 
 
-def per_read_microseconds(paths: list[pathlib.Path], reads: dict) -> dict[str, float]:
-    """Median over rounds of each read's time per file; within a round the reads take turns in a rotating
-    order, so that neither the machine's load nor the order favours one."""
+def per_read_microseconds(items: list, reads: dict, round_count: int = ROUNDS) -> dict[str, float]:
+    """Median over `round_count` rounds of each read's time per item (file, URL); within a round the reads take
+    turns in a rotating order, so that neither the machine's load nor the order favours one."""
     rounds = {name: [] for name in reads}
-    for round_index in range(ROUNDS):
+    for round_index in range(round_count):
         names = list(reads)
         names = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in names:
             start = time.perf_counter()
-            for path in paths:
-                reads[name](path)
-            rounds[name].append((time.perf_counter() - start) / len(paths))
+            for item in items:
+                reads[name](item)
+            rounds[name].append((time.perf_counter() - start) / len(items))
     return {name: statistics.median(times) * 1e6 for name, times in rounds.items()}
 
 

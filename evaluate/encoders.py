@@ -83,8 +83,8 @@ def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: Inp
 def band_no_skill(segment_spec: str, run_dir: pathlib.Path) -> NoSkillBand:
     """The no-skill band of the held-out band a run was scored on (every run has the same), thresholds calibrated
     on the rest of the papyrus."""
-    start = next(json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
-                 if json.loads(line)["event"] == "start")
+    records = (json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines())
+    start = next(record for record in records if record["event"] == "start")
     segment = open_segment(segment_spec)
     ink_yx = segment.inklabels > 0
     band_yx = Box(**start["held_out"]).region_yx(ink_yx.shape) & segment.mask

@@ -140,7 +140,7 @@ def no_skill_band(labels_yx: np.ndarray, calibration_yx: np.ndarray, scored_yx: 
         map_yx = (noise_yx - noise_yx.min()) / max(float(noise_yx.max() - noise_yx.min()), 1e-12)
         threshold = best_threshold(map_yx[calibration_yx], labels_yx[calibration_yx])
         blind.append(f05_at(map_yx[scored_yx], labels_yx[scored_yx], threshold))
-        oracle.append(ink_metrics(map_yx[scored_yx], labels_yx[scored_yx]).f05)
+        oracle.append(float(_f_scores(map_yx[scored_yx], labels_yx[scored_yx], THRESHOLDS)[0].max()))  # no AUC needed
     return NoSkillBand(chance_f05=all_ink_f05(float(labels_yx[scored_yx].astype(bool).mean())),
                        blind_mean=float(np.mean(blind)), blind_p95=float(np.percentile(blind, 95)),
                        oracle_mean=float(np.mean(oracle)), oracle_p95=float(np.percentile(oracle, 95)))
