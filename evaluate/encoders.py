@@ -18,6 +18,7 @@ The table gives, per encoder, the mean and min–max over seeds, and the mean pa
 image per encoder and mode (seed 0), and a TensorBoard summary, into `--output`.
 """
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import io
@@ -62,11 +63,17 @@ def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: Inp
                "--SEED", str(seed), "--freeze_encoder", str(mode == "probe"), *input_overrides(settings)]
     if checkpoint != "random":
         command += ["--pretrained_path", checkpoint]
-    print(f"== {experiment}: {' '.join(command[1:] + extra)}", flush=True)
-    result = subprocess.run(command + extra, cwd=REPO_ROOT)
-    if result.returncode != 0:
-        raise RuntimeError(f"the {experiment} run failed (exit {result.returncode}); its error is printed above")
     experiment_dir = args.output / "runs" / experiment
+    print(f"== {experiment}: {' '.join(command[1:] + extra)}", flush=True)
+    if args.jobs == 1:
+        result = subprocess.run(command + extra, cwd=REPO_ROOT)
+    else:  # runs side by side: each one's output to its own file, not interleaved on the terminal
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        with open(experiment_dir / "train.log", "w") as log:
+            result = subprocess.run(command + extra, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        where = "above" if args.jobs == 1 else f"in {experiment_dir / 'train.log'}"
+        raise RuntimeError(f"the {experiment} run failed (exit {result.returncode}); its error is {where}")
     records = [json.loads(line) for line in (experiment_dir / "log.jsonl").read_text().splitlines()]
     epochs = [record for record in records if record["event"] == "epoch"]
     prediction = [record for record in records if record["event"] == "prediction"][-1]
@@ -144,11 +151,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: finetune/train.py's SEED, the same for every encoder")
     parser.add_argument("--full_finetune", action="store_true", help="also fine-tune every encoder fully")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time (on one GPU, several small runs keep it busier than one); with more than "
+                             "one, each run's output goes to its train.log")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/encoder_evaluation"),
                         help="folder for the table, the images and the runs")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed")
+    if args.jobs < 1:
+        raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
     encoder_input.name_encoders(args, ("random",))
     return args
 
@@ -160,15 +172,15 @@ def main() -> int:
     args.output.mkdir(parents=True, exist_ok=True)
 
     modes = ["probe", "finetune"] if args.full_finetune else ["probe"]
-    runs = []
-    try:
-        for mode in modes:
-            for seed in range(args.seeds):
-                for name, checkpoint in zip(args.names, args.encoders):
-                    runs.append(run_finetune(name, checkpoint, mode, seed, settings, args, extra))
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    planned = [(name, checkpoint, mode, seed) for mode in modes for seed in range(args.seeds)
+               for name, checkpoint in zip(args.names, args.encoders)]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        try:
+            runs = list(pool.map(lambda run: run_finetune(*run, settings, args, extra), planned))
+        except RuntimeError as error:
+            pool.shutdown(cancel_futures=True)  # runs not yet started never start
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     baseline = "random" if "random" in args.names else args.names[0]
     rows = summarise(runs, baseline)
     table = markdown_table(rows, baseline)

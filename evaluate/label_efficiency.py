@@ -41,6 +41,7 @@ to `runs/.superseded/` and run again, unless --reuse_other_code keeps it, and th
 """
 import argparse
 import ast
+import concurrent.futures
 import csv
 import dataclasses
 import io
@@ -455,8 +456,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--segment", default="demo", help="segment spec with ink labels (ID, zarr, layer folder, demo)")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of labelled glyphs")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help=f"seeds 0 … n-1: glyph choice and fine-tuning SEED (a 'yes' needs {GOAL_MIN_SEEDS})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3],
+                        help=f"seeds 0 … n-1: glyph choice and fine-tuning SEED (a 'yes' needs {GOAL_MIN_SEEDS}); one "
+                             "count for every --glyphs value, or one count per value (--glyphs 1 2 4 --seeds 8 8 3)")
     parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft"],
                         help="full fine-tuning, and/or LP-FT (frozen encoder first, then everything)")
     parser.add_argument("--lp_epochs", type=int, default=5, help="LP-FT: epochs with the encoder frozen")
@@ -469,15 +471,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--label_part", type=float, default=0.4, help="fraction of the longer side where glyphs are labelled")
     parser.add_argument("--score_part", type=float, default=0.5, help="fraction of the longer side, at its far end, scored")
     parser.add_argument("--min_glyph_pixels", type=int, default=200, help="smaller components are not glyphs (specks)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fine-tuning runs at a time (on one GPU, several small runs keep it busier than one)")
     parser.add_argument("--reuse_other_code", action="store_true",
                         help="reuse finished runs made by other code (the report then names their code)")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/label_efficiency"),
                         help="folder for the tables, the plot and the runs")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed (and {GOAL_MIN_SEEDS} for a 'yes')")
+    if min(args.seeds) < 1:
+        raise encoder_input.EvaluationError(f"--seeds {' '.join(map(str, args.seeds))}: at least 1 seed is needed "
+                                            f"(and {GOAL_MIN_SEEDS} for a 'yes')")
+    if len(args.seeds) not in (1, len(args.glyphs)):
+        raise encoder_input.EvaluationError(f"--seeds gives {len(args.seeds)} counts for {len(args.glyphs)} --glyphs values: "
+                                            "give one count, or one per value")
     if min(args.glyphs) < 1:
         raise encoder_input.EvaluationError(f"--glyphs {' '.join(map(str, args.glyphs))}: every count must be at least 1")
+    if args.jobs < 1:
+        raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
+    args.seeds_per_glyphs = dict(zip(args.glyphs, args.seeds * len(args.glyphs) if len(args.seeds) == 1 else args.seeds))
     if args.scratch_epochs_factor < 1:
         raise encoder_input.EvaluationError(f"--scratch_epochs_factor {args.scratch_epochs_factor} must be at least 1")
     encoder_input.name_encoders(args, SCRATCH)
@@ -505,19 +516,27 @@ def main() -> int:
     runs = [{"name": f"{name}_{mode}{'_negatives' if negatives == 'on' else ''}{suffix}_k{count}_seed{seed}",
              "encoder": name, "checkpoint": checkpoint, "epochs": epochs, "mode": mode, "negatives": negatives == "on",
              "glyphs": count, "seed": seed}
-            for mode in args.modes for negatives in args.negatives for count in args.glyphs for seed in range(args.seeds)
-            for name, checkpoint, epochs in arms]
+            for mode in args.modes for negatives in args.negatives for count in args.glyphs
+            for seed in range(args.seeds_per_glyphs[count]) for name, checkpoint, epochs in arms]
+    seeds = ", ".join(f"{count}: {seeds}" for count, seeds in args.seeds_per_glyphs.items())
     description = (f"Segment `{segment.name}`: {scoring.description}; {len(all_glyphs)} glyphs to draw from; "
-                   f"input {settings.describe()}; {args.seeds} seed(s); extra fine-tuning settings: "
+                   f"input {settings.describe()}; seeds per glyph count: {seeds}; extra fine-tuning settings: "
                    f"{' '.join(extra) or 'none'}.")
     print(description)
     code = git_commit()
     results = []
-    for run in tqdm.tqdm(runs, desc="fine-tuning runs", unit="run"):
-        results += [score(result, segment, scoring) for result in run_one(run, args, settings, extra, segment, all_glyphs, code)]
-        tqdm.tqdm.write(f"{run['name']}: F0.5 {results[-1]['f05']:.3f} (threshold {results[-1]['threshold']:.2f}, chosen on "
-                        f"the calibration strip), AUC {results[-1]['auc']:.3f}; chance {scoring.chance_f05:.3f}, no-skill "
-                        f"band up to {scoring.band.blind_p95:.3f}")
+    # Runs go --jobs at a time, each its own process; they are scored here, in order, as they finish.
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        finished = pool.map(lambda run: run_one(run, args, settings, extra, segment, all_glyphs, code), runs)
+        try:
+            for run_results in tqdm.tqdm(finished, total=len(runs), desc="fine-tuning runs", unit="run"):
+                results += [score(result, segment, scoring) for result in run_results]
+                tqdm.tqdm.write(f"{run_results[-1]['name']}: F0.5 {results[-1]['f05']:.3f} (threshold "
+                                f"{results[-1]['threshold']:.2f}, chosen on the calibration strip), AUC {results[-1]['auc']:.3f}; "
+                                f"chance {scoring.chance_f05:.3f}, no-skill band up to {scoring.band.blind_p95:.3f}")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # runs not yet started never start; those running finish and are kept
+            raise
     rows, compared = summarise(results), comparisons(results)
     codes = sorted({result["code"] if "code" in result else "unrecorded" for result in results})
     report = markdown(rows, compared, description, scoring.band, codes)

@@ -20,6 +20,7 @@ Running again reuses what is finished: pretraining resumes (a finished run only 
 are reused or only predict again.
 """
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -42,10 +43,11 @@ class StepError(RuntimeError):
     """A step's command failed; its own error line was printed above."""
 
 
-def run_step(name: str, command: list[str], output: pathlib.Path | None = None) -> str:
+def run_step(name: str, command: list[str], output: pathlib.Path | None = None, log: pathlib.Path | None = None) -> str:
     """Run a repository script with this Python; returns the command as a person would type it. With `output` (a
     file the step writes last), a step that already finished with the same command and the same code (the commit and
-    any uncommitted changes, `git_commit`) is not run again."""
+    any uncommitted changes, `git_commit`) is not run again. With `log`, the step's output goes there (steps that
+    run side by side)."""
     printable = shlex.join(["python", *command])
     record = output.with_name(output.name + ".command") if output is not None else None
     signature = f"{printable}\ncode {git_commit()}"
@@ -54,9 +56,15 @@ def run_step(name: str, command: list[str], output: pathlib.Path | None = None) 
             print(f"\n== {name}: finished earlier with the same command and code: {printable}", flush=True)
             return printable
         print(f"\n== {name}: finished earlier, but not with this command and code: running it again", flush=True)
-    print(f"\n== {name}: {printable}", flush=True)
-    if subprocess.run([sys.executable, *command], cwd=REPO_ROOT).returncode != 0:
-        raise StepError(f"step '{name}' failed; its error is printed above")
+    print(f"\n== {name}: {printable}" + (f" (output in {log})" if log else ""), flush=True)
+    if log is None:
+        returncode = subprocess.run([sys.executable, *command], cwd=REPO_ROOT).returncode
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as stream:
+            returncode = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, stdout=stream, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        raise StepError(f"step '{name}' failed; its error is printed " + (f"in {log}" if log else "above"))
     if record is not None:
         write_bytes_atomic(record, signature.encode())
     return printable
@@ -86,12 +94,20 @@ def pretrain(args) -> dict:
         name, _, settings = variant.partition("=")
         runs[f"spark_{name}"] = (["--method", "spark", "--ep", str(args.variant_epochs), *shlex.split(settings)],
                                  f"SparK with `{settings}`")
+    exp_dirs = {name: args.work / name if name in ("spark", "vicreg") else args.work / "variants" / name.removeprefix("spark_")
+                for name in runs}
+
+    def run_pretraining(name: str) -> str:
+        return run_step(f"pretraining, {name}", [
+            "pretrain/main.py", "--model", args.model, "--data_path", args.segment, "--exp_name", f"report_{name}",
+            "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", *shlex.split(args.pretrain_args),
+            *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if args.jobs > 1 else None)
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # the runs are independent: side by side on a GPU
+        commands = dict(zip(runs, pool.map(run_pretraining, runs)))
     results, encoders = {}, {}
     for name, (settings, description) in runs.items():
-        exp_dir = args.work / name if name in ("spark", "vicreg") else args.work / "variants" / name.removeprefix("spark_")
-        command = run_step(f"pretraining, {name}", [
-            "pretrain/main.py", "--model", args.model, "--data_path", args.segment, "--exp_name", f"report_{name}",
-            "--exp_dir", str(exp_dir), "--keep_epoch_encoders", "True", *shlex.split(args.pretrain_args), *settings])
+        exp_dir, command = exp_dirs[name], commands[name]
         encoders[name] = str(exp_dir / f"{args.model}_timm_style.pth")
         settings_used = checkpoint.input_settings(checkpoint.read(encoders[name]))
         arguments = [json.loads(line) for line in (exp_dir / "log.jsonl").read_text().splitlines()][0]["args"]
@@ -131,7 +147,8 @@ def label_efficiency(args, encoders: dict) -> None:
         output = args.work / ("label_efficiency" if index == 0 else f"label_efficiency_{names[0]}")
         command = run_step(f"label efficiency, {', '.join(names)}", [
             "evaluate/label_efficiency.py", "--encoders", "scratch", *group["encoders"].values(), "--names", "scratch",
-            *names, "--segment", args.segment, "--seeds", str(args.seeds), "--glyphs", *map(str, args.glyphs),
+            *names, "--segment", args.segment, "--seeds", *map(str, args.seeds), "--glyphs", *map(str, args.glyphs),
+            "--scratch_epochs_factor", str(args.scratch_epochs_factor), "--jobs", str(args.jobs),
             *input_options(group["settings"], args.finetune_tile_size), *shlex.split(args.curve_args),
             "--output", str(output), "--",
             *shlex.split(args.finetune_args)])
@@ -159,7 +176,7 @@ def probes(args, encoders: dict) -> None:
         names = [random_name, *group["encoders"]]
         command = run_step(f"frozen-encoder probes, {', '.join(names)}", [
             "evaluate/encoders.py", "--encoders", "random", *group["encoders"].values(), "--names", *names,
-            "--segment", args.segment, "--seeds", str(args.probe_seeds),
+            "--segment", args.segment, "--seeds", str(args.probe_seeds), "--jobs", str(args.jobs),
             *input_options(group["settings"], args.finetune_tile_size), "--output", str(output), "--",
             *shlex.split(args.finetune_args)])
         rows = list(csv.DictReader(open(output / "encoders.csv")))
@@ -223,14 +240,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variant_epochs", type=int, default=20, help="epochs of each variant")
     parser.add_argument("--curves", nargs="+", default=["spark", "vicreg"],
                         help="encoders (spark, vicreg, spark_<variant>) whose few-label curves are measured against scratch")
-    parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4, 8], help="labelled glyphs per curve point")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds per curve point (a 'yes' needs 8)")
+    parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4], help="labelled glyphs per curve point")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[8, 8, 3],
+                        help="seeds per curve point (a 'yes' needs 8): one count, or one per --glyphs value")
+    parser.add_argument("--scratch_epochs_factor", type=int, default=2,
+                        help="the curves' second scratch arm trains this many times the epochs (1: none), so that a "
+                             "win is about labels, not optimisation speed")
     parser.add_argument("--probe_seeds", type=int, default=3, help="seeds per frozen-encoder probe")
     parser.add_argument("--curve_args", default="", help="more evaluate/label_efficiency.py settings")
     parser.add_argument("--cka_every", type=int, default=8,
                         help="SparK epochs between the checkpoints CKA compares; the first is also probed")
     parser.add_argument("--kinetics", default="", help="a Hara r3d50_K*/KM* checkpoint: adds a full-width probe table")
     parser.add_argument("--finetune_tile_size", type=int, default=64, help="TILE_SIZE of every fine-tuning run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time: pretraining runs, fine-tuning curves and probes (on one GPU, several small "
+                             "runs keep it busier than one); with more than one, pretraining output goes to <run>.log")
     parser.add_argument("--pretrain_args", default="", help="more pretrain/main.py settings for every pretraining run")
     parser.add_argument("--finetune_args", default="", help="more finetune/train.py settings for every fine-tuning run")
     parser.add_argument("--feature_args", default="", help="more settings for cka.py and ink_map.py")
@@ -238,6 +262,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--notes", type=pathlib.Path, default=pathlib.Path("notes/encoder_report.md"), help="the report")
     parser.add_argument("--images", type=pathlib.Path, default=pathlib.Path("images"), help="the report's figures")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs} must be at least 1")
     if args.kinetics and not pathlib.Path(args.kinetics).is_file():
         parser.error(f"Kinetics checkpoint {args.kinetics} does not exist")
     return args

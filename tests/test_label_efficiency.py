@@ -53,7 +53,7 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders", "scratch",
                str(tmp_path / "pretrained.pth"), "--names", "scratch", "pretrained", "--segment",
                str(labelled_segment_path), "--glyphs", "1", "2", "--seeds", "1", "--label_part", "0.4", "--score_part",
-               "0.4", "--min_glyph_pixels", "100", "--output", str(tmp_path / "curves"), "--", *finetune]
+               "0.4", "--min_glyph_pixels", "100", "--jobs", "2", "--output", str(tmp_path / "curves"), "--", *finetune]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     curves = tmp_path / "curves"
@@ -156,6 +156,14 @@ def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_seg
         "error: --seeds 0: at least 1 seed is needed (and 8 for a 'yes')"]
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--glyphs 0 1"):
         label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "0", "1"])
+    # Seeds: one count for every number of glyphs, or one count per number.
+    assert label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "1", "2", "4", "--seeds", "8", "8", "3"]
+                                       ).seeds_per_glyphs == {1: 8, 2: 8, 4: 3}
+    assert label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "1", "2"]).seeds_per_glyphs == {1: 3, 2: 3}
+    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--seeds gives 2 counts for 3 --glyphs"):
+        label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "1", "2", "4", "--seeds", "8", "3"])
+    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--jobs 0"):
+        label_efficiency.parse_args(["--encoders", "scratch", "--jobs", "0"])
     with pytest.raises(SystemExit):
         label_efficiency.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())

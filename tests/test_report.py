@@ -15,6 +15,7 @@ def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_pa
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "report.py"), "--segment", str(labelled_segment_path),
                "--model", "resnet18_3d_tiny", "--spark_epochs", "2", "--vicreg_epochs", "1", "--vicreg_bs", "4",
                "--cka_every", "1", "--variant_epochs", "1", "--variants", "zscore=--normalization zscore", "--glyphs", "1", "--seeds", "1", "--probe_seeds", "1", "--finetune_tile_size", "32",
+               "--scratch_epochs_factor", "1", "--jobs", "2",
                "--curve_args", "--min_glyph_pixels 100 --score_part 0.4",
                "--pretrain_args", "--depth 16 --input_size 64 --samples_per_ep 8 --decoder_width 32 --projector 64-64 "
                                   "--num_workers 0 --vis_every 0",
@@ -60,6 +61,9 @@ def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_pa
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "epoch 1/" not in again.stderr and again.stdout.count("finished earlier with the same command and code") == 4
+    # With --jobs 2 the pretraining runs went side by side, their output to <run>.log, rewritten by the second run.
+    assert all("epoch 1/" not in log.read_text() for log in (tmp_path / "work").glob("*.log"))
+    assert sorted(log.name for log in (tmp_path / "work").glob("*.log")) == ["spark.log", "vicreg.log"]
     rendered = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "render_report.py"), "--results",
                                str(tmp_path / "work" / "results"), "--notes", str(tmp_path / "notes" / "again.md"),
                                "--images", str(tmp_path / "images")], cwd=REPO_ROOT, capture_output=True, text=True,
