@@ -32,6 +32,9 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
   paint around them (the papyrus within NEGATIVES_REACH pixels that the labels call not ink, kept off any ink), so
   that the rest of the segment is unknown rather than background; `--self_training_rounds N` runs N pseudo-label
   rounds after each, and every round's prediction is scored (the arms read "full, negatives, round 2").
+- **A prior**: `--prior MAP --prior_name NAME` adds runs whose first labels come from a prior map of the segment
+  (finetune/train.py's PRIOR_PATH: its confident pixels, under any labelled glyphs), at every k and at k = 0 (no
+  human label at all; allowed in --glyphs only with a prior). The arms read "full, prior NAME".
 Writes to --output: `label_efficiency.md`, `.csv` and `.json` (per encoder, mode and k: mean and min–max over seeds,
 the paired comparisons, training time, the verdict), `label_efficiency.png` (F0.5 against the number of labelled
 glyphs, the seed spread shaded, with chance and the no-skill band), `runs.csv` (every run), and per run
@@ -61,6 +64,7 @@ import tqdm  # noqa: E402
 from evaluate import encoder_input  # noqa: E402
 from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval  # noqa: E402
 from evaluate.encoders import input_overrides  # noqa: E402
+from finetune.data import read_prior  # noqa: E402
 from finetune.metrics import (NoSkillBand, average_precision, best_threshold, f05_at, ink_metrics,  # noqa: E402
                               no_skill_band)
 from finetune.outputs import write_png_atomic  # noqa: E402
@@ -181,8 +185,11 @@ def without_epochs(extra: list[str]) -> tuple[list[str], int | None]:
 def run_command(run: dict, args, settings: InputSettings, extra: list[str], folder: pathlib.Path) -> list[str]:
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", run["name"],
                "--OUTPUT_DIR", str(args.output / "runs"), "--segment_id", args.segment, "--scheme", "iterative",
-               "--inklabel_path", str(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png"),
                "--data_augmentation", "True", "--SEED", str(run["seed"]), *input_overrides(settings)]
+    if run["glyphs"]:  # k = 0: the prior alone
+        command += ["--inklabel_path", str(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png")]
+    if run["prior"]:
+        command += ["--PRIOR_PATH", str(args.prior.resolve())]
     if run["negatives"]:
         command += ["--negatives_path", str(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png")]
     if run["checkpoint"] not in SCRATCH:
@@ -248,7 +255,8 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
         epochs = [record for record in records
                   if record["event"] == "epoch" and record.get("round", 1) == self_training_round + 1]
         results.append({**{key: run[key] for key in ("name", "encoder", "glyphs", "seed")},
-                        "mode": arm(run["mode"], run["negatives"], self_training_round if args.self_training_rounds else None),
+                        "mode": arm(run["mode"], run["negatives"], self_training_round if args.self_training_rounds else None,
+                                    args.prior_name if run["prior"] else None),
                         "round": self_training_round, "labelled_pixels": int((glyphs_yx > 0).sum()),
                         "prediction": str(prediction), "training_seconds": epochs[-1]["training_seconds"], "code": code})
     write_bytes_atomic(folder / "result.json", json.dumps(
@@ -257,24 +265,29 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
 
 
 def score(result: dict, segment: Segment, scoring: Regions) -> dict:
-    """A run's record with its prediction's scores: F0.5 at the threshold chosen on the calibration strip (`f05`),
-    AUC and average precision on the scored region, and the oracle F0.5 at the scored region's own best threshold."""
+    """A run's record with its prediction's scores (`scores`)."""
     prediction_yx = cv2.imread(result["prediction"], cv2.IMREAD_UNCHANGED)
     if prediction_yx is None or prediction_yx.shape != segment.shape[1:]:
         raise encoder_input.EvaluationError(f"{result['prediction']} is not a {segment.shape[1:]} prediction image")
-    probabilities_yx = prediction_yx / 255.0
+    return {**result, **scores(prediction_yx / 255.0, segment, scoring)}
+
+
+def scores(probabilities_yx: np.ndarray, segment: Segment, scoring: Regions) -> dict:
+    """F0.5 at the threshold chosen on the calibration strip (`f05`), AUC and average precision on the scored region,
+    and the oracle F0.5 at the scored region's own best threshold, of a (Y, X) map in [0, 1]."""
     ink_yx = segment.inklabels > 0
     threshold = best_threshold(probabilities_yx[scoring.calibration_yx], ink_yx[scoring.calibration_yx])
     scored, labels = probabilities_yx[scoring.score_yx], ink_yx[scoring.score_yx]
     oracle = ink_metrics(scored, labels)
-    return {**result, "f05": f05_at(scored, labels, threshold), "threshold": threshold, "auc": oracle.auc,
+    return {"f05": f05_at(scored, labels, threshold), "threshold": threshold, "auc": oracle.auc,
             "average_precision": average_precision(scored, labels), "f05_oracle": oracle.f05,
             "threshold_oracle": oracle.threshold, "scored_pixels": oracle.pixels}
 
 
-def arm(mode: str, negatives: bool, self_training_round: int | None) -> str:
-    """How a curve was trained, as its label: "full", "lpft", with ", negatives" and ", round N" as they apply."""
-    return mode + (", negatives" if negatives else "") + (f", round {self_training_round}"
+def arm(mode: str, negatives: bool, self_training_round: int | None, prior: str | None = None) -> str:
+    """How a curve was trained, as its label: "full", "lpft", with ", negatives", ", prior NAME" and ", round N" as
+    they apply."""
+    return mode + (", negatives" if negatives else "") + (f", prior {prior}" if prior else "") + (f", round {self_training_round}"
                                                            if self_training_round is not None else "")
 
 
@@ -365,7 +378,8 @@ def verdict(compared: list[dict], band: NoSkillBand) -> str:
     return f"**Inconclusive** ({rule}): the intervals are too wide to tell; the largest mean gain is {account(best)}."
 
 
-def markdown(rows: list[dict], compared: list[dict], description: str, band: NoSkillBand, codes: list[str]) -> str:
+def markdown(rows: list[dict], compared: list[dict], description: str, band: NoSkillBand, codes: list[str],
+             prior_alone: str = "") -> str:
     counts = sorted({row["glyphs"] for row in rows})
     curves = {}
     for row in rows:
@@ -385,6 +399,7 @@ def markdown(rows: list[dict], compared: list[dict], description: str, band: NoS
     lines = [description, "",
              f"No-skill band of the scored region: {band.describe()}. A score at or below the band's 95th percentile "
              f"({band.blind_p95:.3f}) is not evidence of skill."]
+    lines += [prior_alone] if prior_alone else []
     lines += table("F0.5 at the threshold chosen on the calibration strip (mean over seeds, min – max):", "f05", True)
     lines += table("AUC (threshold-free):", "auc")
     lines += table("Average precision (threshold-free):", "average_precision")
@@ -422,7 +437,7 @@ def plot(rows: list[dict], band: NoSkillBand, path: pathlib.Path, title: str) ->
         line, = axes.plot(glyph_counts, [row["f05_mean"] for row in curve], marker="o", label=label)
         axes.fill_between(glyph_counts, [row["f05_min"] for row in curve], [row["f05_max"] for row in curve],
                           color=line.get_color(), alpha=0.2)
-    axes.set_xscale("log", base=2)
+    axes.set_xscale("symlog", base=2, linthresh=1)  # doubling glyphs, evenly spaced; 0 (a prior alone) fits too
     axes.set_xticks(counts, [str(count) for count in counts])
     axes.set_ylim(0, 1)  # the whole scale: a zoomed axis makes noise look like a gap
     axes.set_xlabel("labelled glyphs")
@@ -468,6 +483,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="also (or only) runs whose glyphs come with painted negatives around them, the rest unknown")
     parser.add_argument("--self_training_rounds", type=int, default=0,
                         help="SELF_TRAINING_ROUNDS of every run; each round's prediction is scored")
+    parser.add_argument("--prior", type=pathlib.Path,
+                        help="a prior map of the segment (greyscale PNG): adds runs whose first labels come from it")
+    parser.add_argument("--prior_name", default="prior", help="the prior's name in the arms and tables")
     parser.add_argument("--label_part", type=float, default=0.4, help="fraction of the longer side where glyphs are labelled")
     parser.add_argument("--score_part", type=float, default=0.5, help="fraction of the longer side, at its far end, scored")
     parser.add_argument("--min_glyph_pixels", type=int, default=200, help="smaller components are not glyphs (specks)")
@@ -484,8 +502,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if len(args.seeds) not in (1, len(args.glyphs)):
         raise encoder_input.EvaluationError(f"--seeds gives {len(args.seeds)} counts for {len(args.glyphs)} --glyphs values: "
                                             "give one count, or one per value")
-    if min(args.glyphs) < 1:
-        raise encoder_input.EvaluationError(f"--glyphs {' '.join(map(str, args.glyphs))}: every count must be at least 1")
+    if min(args.glyphs) < (0 if args.prior else 1):
+        raise encoder_input.EvaluationError(f"--glyphs {' '.join(map(str, args.glyphs))}: every count must be at least 1 "
+                                            "(0, no human label, needs a --prior)")
+    if args.prior is not None and not args.prior.is_file():
+        raise encoder_input.EvaluationError(f"--prior {args.prior} does not exist")
     if args.jobs < 1:
         raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
     args.seeds_per_glyphs = dict(zip(args.glyphs, args.seeds * len(args.glyphs) if len(args.seeds) == 1 else args.seeds))
@@ -513,14 +534,18 @@ def main() -> int:
         epochs = (without_epochs(extra)[1] or default_epochs()) * args.scratch_epochs_factor
         arms.append((f"scratch_x{args.scratch_epochs_factor}", "scratch", epochs))
     suffix = f"_st{args.self_training_rounds}" if args.self_training_rounds else ""
-    runs = [{"name": f"{name}_{mode}{'_negatives' if negatives == 'on' else ''}{suffix}_k{count}_seed{seed}",
+    priors = [False, True] if args.prior else [False]
+    runs = [{"name": f"{name}_{mode}{'_negatives' if negatives == 'on' else ''}{'_prior' if prior else ''}{suffix}"
+                     f"_k{count}_seed{seed}",
              "encoder": name, "checkpoint": checkpoint, "epochs": epochs, "mode": mode, "negatives": negatives == "on",
-             "glyphs": count, "seed": seed}
-            for mode in args.modes for negatives in args.negatives for count in args.glyphs
-            for seed in range(args.seeds_per_glyphs[count]) for name, checkpoint, epochs in arms]
+             "prior": prior, "glyphs": count, "seed": seed}
+            for mode in args.modes for negatives in args.negatives for prior in priors for count in args.glyphs
+            for seed in range(args.seeds_per_glyphs[count]) for name, checkpoint, epochs in arms
+            if count > 0 or (prior and negatives == "off")]  # no glyph: the prior alone, nothing to paint around
     seeds = ", ".join(f"{count}: {seeds}" for count, seeds in args.seeds_per_glyphs.items())
     description = (f"Segment `{segment.name}`: {scoring.description}; {len(all_glyphs)} glyphs to draw from; "
-                   f"input {settings.describe()}; seeds per glyph count: {seeds}; extra fine-tuning settings: "
+                   f"input {settings.describe()}; seeds per glyph count: {seeds}; "
+                   + (f"prior `{args.prior_name}`: {args.prior}; " if args.prior else "") + f"extra fine-tuning settings: "
                    f"{' '.join(extra) or 'none'}.")
     print(description)
     code = git_commit()
@@ -539,13 +564,20 @@ def main() -> int:
             raise
     rows, compared = summarise(results), comparisons(results)
     codes = sorted({result["code"] if "code" in result else "unrecorded" for result in results})
-    report = markdown(rows, compared, description, scoring.band, codes)
+    prior_alone, prior_text = None, ""
+    if args.prior:  # round 0: the prior map itself, scored like every prediction
+        prior_alone = scores(read_prior(args.prior, segment), segment, scoring)
+        prior_text = (f"\nThe prior `{args.prior_name}` alone (no training): F0.5 {prior_alone['f05']:.3f} at the threshold "
+                      f"chosen on the calibration strip, AUC {prior_alone['auc']:.3f}, average precision "
+                      f"{prior_alone['average_precision']:.3f}, oracle F0.5 {prior_alone['f05_oracle']:.3f}.")
+    report = markdown(rows, compared, description, scoring.band, codes, prior_text)
     write_csv(args.output / "runs.csv", results)
     write_csv(args.output / "label_efficiency.csv", rows)
     write_bytes_atomic(args.output / "label_efficiency.md", report.encode())
     write_bytes_atomic(args.output / "label_efficiency.json", json.dumps(
         {"description": description, "no_skill_band": dataclasses.asdict(scoring.band), "summary": rows,
-         "comparisons": compared, "verdict": verdict(compared, scoring.band), "codes": codes}, indent=1).encode())
+         "comparisons": compared, "verdict": verdict(compared, scoring.band), "codes": codes,
+         "prior_alone": prior_alone}, indent=1).encode())
     plot(rows, scoring.band, args.output / "label_efficiency.png", f"{segment.name}: {settings.describe()}")
     print(report)
     print(f"written to {args.output}")

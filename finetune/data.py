@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import torch
 
+from pretrain.data.images import decode_image, image_header
 from pretrain.data.patches import GridTileDataset, InputSettings, depth_window, tile_origins
 from pretrain.data.segment import Segment, SegmentError, read_label_image
 
@@ -58,17 +59,80 @@ def training_labels(inklabels_yx: np.ndarray, negatives_yx: np.ndarray | None) -
 
 
 def pseudo_labels(probabilities_yx: np.ndarray, region_yx: np.ndarray, human_ink_yx: np.ndarray,
-                  human_negatives_yx: np.ndarray | None, ink_threshold: float, not_ink_threshold: float) -> np.ndarray:
+                  human_negatives_yx: np.ndarray | None, ink_threshold: float, not_ink_threshold: float,
+                  min_ink_pixels: int = 0) -> np.ndarray:
     """(Y, X) uint8 training labels for a self-training round: in the region, ink where the prediction is at least
-    `ink_threshold`, not ink where it is at most `not_ink_threshold`, unknown in between and outside; the human
-    labels (ink, and painted negatives if any) win over the prediction wherever they say something."""
+    `ink_threshold` (in specks of at least `min_ink_pixels`), not ink where it is at most `not_ink_threshold`,
+    unknown in between and outside; the human labels (ink, and painted negatives if any) win over the prediction
+    wherever they say something."""
     labels_yx = np.full(probabilities_yx.shape, UNKNOWN, np.uint8)
     labels_yx[region_yx & (probabilities_yx <= not_ink_threshold)] = 0
     labels_yx[region_yx & (probabilities_yx >= ink_threshold)] = 1
+    return with_human_labels(without_specks(labels_yx, min_ink_pixels), human_ink_yx, human_negatives_yx)
+
+
+def read_prior(path: pathlib.Path, segment: Segment) -> np.ndarray:
+    """(Y, X) float32 in [0, 1]: a prior map of the segment, a greyscale PNG or TIFF (8 or 16 bits) exactly the
+    segment's size, as `finetune/predict.py`, `evaluate/ink_map.py` and `evaluate/local_contrast.py` write them.
+    A colour image whose channels differ, or any other size, is an error naming the problem."""
+    description = f"PRIOR_PATH {path}"
+    try:
+        header = image_header(path)
+    except (OSError, ValueError) as error:
+        raise SegmentError(f"{description} {error}") from error
+    if header.shape_yx != tuple(segment.shape[1:]):
+        raise SegmentError(f"{description} is {header.shape_yx[0]} × {header.shape_yx[1]} pixels, not the segment's "
+                           f"{segment.shape[1]} × {segment.shape[2]} (Y × X): a prior must be a map of this segment")
+    try:
+        pixels = decode_image(path, header.shape_yx)
+    except (OSError, ValueError) as error:
+        raise SegmentError(f"{description} {error}") from error
+    if pixels.ndim == 3:
+        colours = pixels[..., :3]
+        if (colours != colours[..., :1]).any():
+            raise SegmentError(f"{description} is a colour image: a prior is one greyscale channel of ink probability")
+        pixels = colours[..., 0]
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise SegmentError(f"{description} holds {pixels.dtype} pixels: a prior is 8- or 16-bit greyscale")
+    return pixels.astype(np.float32) / np.iinfo(pixels.dtype).max
+
+
+def prior_labels(prior_yx: np.ndarray, region_yx: np.ndarray, ink_fraction: float, not_ink_fraction: float,
+                 min_ink_pixels: int) -> np.ndarray:
+    """(Y, X) uint8 training labels from a prior map, by rank in the region: the `ink_fraction` of its pixels the
+    prior ranks highest are ink, the `not_ink_fraction` it ranks lowest not ink, the rest and everything outside
+    unknown. Ranks, not values, so an uncalibrated prior (a contrast map, an encoder's feature) works as well as a
+    probability. Ink specks under `min_ink_pixels` pixels (8-connected) become unknown (`without_specks`)."""
+    values = prior_yx[region_yx]
+    labels_yx = np.full(prior_yx.shape, UNKNOWN, np.uint8)
+    if values.size == 0:
+        return labels_yx
+    ink_at, not_ink_at = np.quantile(values, [1 - ink_fraction, not_ink_fraction])
+    labels_yx[region_yx & (prior_yx <= not_ink_at)] = 0
+    labels_yx[region_yx & (prior_yx >= ink_at) & (prior_yx > not_ink_at)] = 1  # ties at a flat prior: not ink wins
+    return without_specks(labels_yx, min_ink_pixels)
+
+
+def without_specks(labels_yx: np.ndarray, min_ink_pixels: int) -> np.ndarray:
+    """`labels_yx` with every 8-connected ink component under `min_ink_pixels` pixels made unknown: a stroke of a
+    letter covers hundreds of pixels, an isolated confident speck is more likely noise than ink."""
+    if min_ink_pixels <= 1:
+        return labels_yx
+    count, components_yx, statistics, _ = cv2.connectedComponentsWithStats((labels_yx == 1).astype(np.uint8), connectivity=8)
+    small = np.flatnonzero(statistics[:, cv2.CC_STAT_AREA] < min_ink_pixels)
+    small = small[small > 0]  # component 0 is the background
+    cleaned = labels_yx.copy()
+    cleaned[np.isin(components_yx, small)] = UNKNOWN
+    return cleaned
+
+
+def with_human_labels(labels_yx: np.ndarray, human_ink_yx: np.ndarray, human_negatives_yx: np.ndarray | None) -> np.ndarray:
+    """`labels_yx` (from a prior or a prediction) with the human labels winning wherever they say something."""
+    merged = labels_yx.copy()
     if human_negatives_yx is not None:
-        labels_yx[human_negatives_yx > 0] = 0
-    labels_yx[human_ink_yx > 0] = 1
-    return labels_yx
+        merged[human_negatives_yx > 0] = 0
+    merged[human_ink_yx > 0] = 1
+    return merged
 
 
 def read_label_file(path: pathlib.Path, segment: Segment, setting: str) -> np.ndarray:

@@ -65,7 +65,9 @@ def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, regi
             report.update(validation_calibrated_threshold=threshold, validation_calibrated_f05=f05_at(
                 probabilities_yx[band_yx], labels_yx[band_yx] == 1, threshold))
         return report
-    report = ink_metrics(probabilities_yx[seen_yx & known_yx], labels_yx[seen_yx & known_yx] == 1).as_dict("labelled_tiles_")
+    report = {}
+    if (seen_yx & known_yx).any():  # a run from a prior alone has no labelled tiles
+        report = ink_metrics(probabilities_yx[seen_yx & known_yx], labels_yx[seen_yx & known_yx] == 1).as_dict("labelled_tiles_")
     if full_labels_yx is not None:
         unseen_yx = region_yx & ~seen_yx
         report.update(ink_metrics(probabilities_yx[unseen_yx], full_labels_yx[unseen_yx]).as_dict("unlabelled_area_"))

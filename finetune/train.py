@@ -92,6 +92,19 @@ data_augmentation: bool = False
 SELF_TRAINING_ROUNDS: int = 0
 PSEUDO_INK_THRESHOLD: float = 0.8  # a prediction at least this high becomes an ink pseudo-label
 PSEUDO_NOT_INK_THRESHOLD: float = 0.2  # at most this low: a not-ink pseudo-label; in between: unknown
+# A prior in place of the first labels (scheme "iterative"): a greyscale map of this segment, such as
+# finetune/predict.py's prediction by a model trained on other segments, evaluate/ink_map.py's map or
+# evaluate/local_contrast.py's. The first round trains on its confident pixels, ranked within the region: the top
+# PRIOR_INK_FRACTION as ink, the bottom PRIOR_NOT_INK_FRACTION as not ink, the rest unknown. Human labels
+# (inklabel_path, negatives_path) win wherever they say something; without inklabel_path no human label is used,
+# not even the segment's own (they only score the prediction). SELF_TRAINING_ROUNDS then refine.
+PRIOR_PATH: str | None = None
+# Ink covers a few per cent to about 15 % of a segment's papyrus (0.12 of the demo's): a fraction well under that
+# keeps only what the prior is surest of.
+PRIOR_INK_FRACTION: float = 0.03
+PRIOR_NOT_INK_FRACTION: float = 0.5  # ink seldom covers half the papyrus, so its lower half is mostly not ink
+# Ink pseudo-labels (the prior's or a round's) in 8-connected specks of fewer pixels become unknown (0: keep all).
+PSEUDO_MIN_INK_PIXELS: int = 0
 # optimisation
 NUM_EPOCHS: int = 20  # passes over the training tiles
 # stop cleanly once this many epochs are done (the schedule still spans NUM_EPOCHS); run again to continue
@@ -166,6 +179,12 @@ def check_settings(config, settings: InputSettings) -> None:
         problems.append(f"VALIDATION_FRACTION {config.VALIDATION_FRACTION} is not between 0 and 1")
     if config.SELF_TRAINING_ROUNDS and config.scheme != "iterative":
         problems.append("SELF_TRAINING_ROUNDS needs scheme 'iterative': pseudo-labels would cover the held-out band")
+    if config.PRIOR_PATH is not None and config.scheme != "iterative":
+        problems.append("PRIOR_PATH needs scheme 'iterative': its labels would cover the held-out band")
+    if not (0 < config.PRIOR_INK_FRACTION and 0 < config.PRIOR_NOT_INK_FRACTION
+            and config.PRIOR_INK_FRACTION + config.PRIOR_NOT_INK_FRACTION <= 1):
+        problems.append(f"need PRIOR_INK_FRACTION and PRIOR_NOT_INK_FRACTION above 0, together at most 1 (got "
+                        f"{config.PRIOR_INK_FRACTION}, {config.PRIOR_NOT_INK_FRACTION})")
     if not 0 <= config.PSEUDO_NOT_INK_THRESHOLD < config.PSEUDO_INK_THRESHOLD <= 1:
         problems.append(f"need 0 ≤ PSEUDO_NOT_INK_THRESHOLD < PSEUDO_INK_THRESHOLD ≤ 1 (got "
                         f"{config.PSEUDO_NOT_INK_THRESHOLD}, {config.PSEUDO_INK_THRESHOLD})")
@@ -177,17 +196,21 @@ def check_settings(config, settings: InputSettings) -> None:
 
 @dataclasses.dataclass
 class Labels:
-    """The human labels of a run: what trains, where they came from, and where to predict."""
+    """The labels of a run: the human labels, what the first round trains on (they, or a prior's labels under
+    them), where they came from, and where to predict."""
 
-    training_yx: np.ndarray  # (Y, X) uint8: 1 ink, 0 not ink, data.UNKNOWN (only with negatives)
+    human_yx: np.ndarray  # (Y, X) uint8: 1 ink, 0 not ink, data.UNKNOWN (only with negatives)
     negatives_yx: np.ndarray | None  # (Y, X) uint8, pixels painted as not ink, or None
     source: str
     region_yx: np.ndarray  # (Y, X) bool
+    training_yx: np.ndarray  # (Y, X) uint8: the first round's labels, human_yx itself without a prior
+    from_prior: bool = False
 
     def digest(self) -> str:
-        """Identifies the labels: other labels start the next iterative round."""
+        """Identifies the labels: other labels (or another prior) start the next iterative round."""
         ink = np.packbits(self.training_yx == 1).tobytes()
-        known = np.packbits(self.training_yx != data.UNKNOWN).tobytes() if self.negatives_yx is not None else b""
+        partial = self.negatives_yx is not None or self.from_prior
+        known = np.packbits(self.training_yx != data.UNKNOWN).tobytes() if partial else b""
         return hashlib.sha256(ink + known).hexdigest()
 
 
@@ -198,7 +221,9 @@ def load_labels(config, segment: Segment) -> Labels:
         mask_file = data.resolve_label_path(config.mask_path, segment, "mask_path")
         region_yx = segment.mask & data.read_label_file(mask_file, segment, "mask_path").astype(bool)
     negatives_yx, negatives_source = None, ""
-    if config.inklabel_path is None:
+    if config.inklabel_path is None and config.PRIOR_PATH is not None:
+        ink_yx, source = np.zeros(segment.shape[1:], np.uint8), "no human labels"
+    elif config.inklabel_path is None:
         if segment.inklabels is None:
             raise SegmentError(f"segment {segment.name} has no ink labels of its own; set inklabel_path")
         ink_yx, source = segment.inklabels, f"{segment.name}'s own ink labels (with the segment, {segment.location})"
@@ -207,13 +232,25 @@ def load_labels(config, segment: Segment) -> Labels:
     else:
         path = data.resolve_label_path(config.inklabel_path, segment, "inklabel_path")
         ink_yx, source = data.read_label_file(path, segment, "inklabel_path"), str(path)
-        if config.scheme == "iterative" and not ink_yx.any():
+        if config.scheme == "iterative" and not ink_yx.any() and config.PRIOR_PATH is None:
             raise SegmentError(f"inklabel_path {path} holds no ink: scheme 'iterative' needs at least one labelled letter")
     if config.negatives_path is not None:
         path = data.resolve_label_path(config.negatives_path, segment, "negatives_path")
         negatives_yx, negatives_source = data.read_label_file(path, segment, "negatives_path"), f" and negatives {path}"
         check_negatives(ink_yx, negatives_yx, f"negatives_path {path}")
-    return Labels(data.training_labels(ink_yx, negatives_yx), negatives_yx, source + negatives_source, region_yx)
+    human_yx = data.training_labels(ink_yx, negatives_yx)
+    if config.PRIOR_PATH is None:
+        return Labels(human_yx, negatives_yx, source + negatives_source, region_yx, human_yx)
+    path = data.resolve_label_path(config.PRIOR_PATH, segment, "PRIOR_PATH")
+    from_prior_yx = data.prior_labels(data.read_prior(path, segment), region_yx, config.PRIOR_INK_FRACTION,
+                                      config.PRIOR_NOT_INK_FRACTION, config.PSEUDO_MIN_INK_PIXELS)
+    source = (f"prior {path} (its top {config.PRIOR_INK_FRACTION:.0%} of the region as ink, its bottom "
+              f"{config.PRIOR_NOT_INK_FRACTION:.0%} as not ink) under {source + negatives_source}")
+    training_yx = data.with_human_labels(from_prior_yx, ink_yx, negatives_yx)
+    if not (training_yx == 1).any():
+        raise SegmentError(f"PRIOR_PATH {path} gives no ink label: its top {config.PRIOR_INK_FRACTION:.0%} is all "
+                           f"specks under PSEUDO_MIN_INK_PIXELS {config.PSEUDO_MIN_INK_PIXELS}, or the map is flat")
+    return Labels(human_yx, negatives_yx, source, region_yx, training_yx, from_prior=True)
 
 
 def build_model(config, settings: InputSettings, weights: checkpoint.EncoderWeights | None) -> InkUNet:
@@ -334,8 +371,9 @@ def predict_and_write(config, settings, model, segment, human: Labels, labels_yx
     probabilities_yx = inference.predict_segment(
         model, segment, human.region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(),
         device, config.TTA, config.NUM_WORKERS)
-    full_labels_yx = segment.inklabels if config.inklabel_path is not None else None
-    metrics = evaluation.prediction_metrics(probabilities_yx, human.training_yx, human.region_yx, held_out,
+    # The segment's own labels score the prediction where training used others (or none: a prior alone).
+    full_labels_yx = segment.inklabels if config.inklabel_path is not None or human.from_prior else None
+    metrics = evaluation.prediction_metrics(probabilities_yx, human.human_yx, human.region_yx, held_out,
                                             human_origins, settings.tile_size, full_labels_yx)
     if not dist.is_master():
         return probabilities_yx
@@ -347,24 +385,28 @@ def predict_and_write(config, settings, model, segment, human: Labels, labels_yx
     comparison = outputs.labels_vs_prediction(labels_yx, probabilities_yx, segment.mask, held_out)
     outputs.write_png_atomic(experiment_dir / "labels_vs_prediction.png", comparison)
     tensorboard.image("prediction/labels_vs_prediction", outputs.preview_chw(comparison), state.global_step)
+    group = generalisation_group(metrics)
     if config.scheme == "iterative":  # no held-out band scored each epoch: the round's prediction is its val/ point
-        group = generalisation_group(metrics)
-        tensorboard.scalars(state.global_step, val__f05=metrics[group + "f05"], val__auc=metrics[group + "auc"],
-                            val__f05_chance=all_ink_f05(metrics[group + "ink_fraction"]))
+        if group is not None:
+            tensorboard.scalars(state.global_step, val__f05=metrics[group + "f05"], val__auc=metrics[group + "auc"],
+                                val__f05_chance=all_ink_f05(metrics[group + "ink_fraction"]))
         folder = outputs.record_round(experiment_dir, state.round, labels_yx, segment.mask, label_source, prediction_png,
                                       metrics)
         print(f"round {state.round} recorded in {folder}")
     log.write(event="prediction", seconds=round(time.time() - started, 1), save_path=str(save_path),
               round=state.round, **metrics)
+    if group is None:  # no human label and none of the segment's own: nothing to score against
+        print(f"prediction: {save_path} ({time.time() - started:.0f} s); no labels to score it against")
+        return probabilities_yx
     print(f"prediction: {save_path} ({time.time() - started:.0f} s). Scored from the whole-segment prediction "
           f"(overlapping tiles, blended): " + evaluation.describe(metrics))
     warn_if_no_skill(metrics, f"round {state.round}" if config.scheme == "iterative" else "the run")
     return probabilities_yx
 
 
-def generalisation_group(metrics: dict) -> str:
+def generalisation_group(metrics: dict) -> str | None:
     """The prefix of the first of GENERALISATION_GROUPS that `metrics` (as prediction_metrics returns them) holds."""
-    return next(prefix for prefix in GENERALISATION_GROUPS if prefix + "f05" in metrics)
+    return next((prefix for prefix in GENERALISATION_GROUPS if prefix + "f05" in metrics), None)
 
 
 def warn_if_no_skill(metrics: dict, what: str) -> None:
@@ -443,8 +485,9 @@ def next_round(config, state: RunState, probabilities_yx: np.ndarray, model, set
                segment: Segment, experiment_dir: pathlib.Path) -> RunState:
     """Write the pseudo-labels of this round's prediction, and the model that made it (the next round starts from
     it), into the next round's folder; returns the next round's fresh state."""
-    pseudo_yx = data.pseudo_labels(probabilities_yx, human.region_yx, human.training_yx == 1, human.negatives_yx,
-                                   config.PSEUDO_INK_THRESHOLD, config.PSEUDO_NOT_INK_THRESHOLD)
+    pseudo_yx = data.pseudo_labels(probabilities_yx, human.region_yx, human.human_yx == 1, human.negatives_yx,
+                                   config.PSEUDO_INK_THRESHOLD, config.PSEUDO_NOT_INK_THRESHOLD,
+                                   config.PSEUDO_MIN_INK_PIXELS)
     following = RunState(round=state.round + 1, labels_digest=state.labels_digest,
                          self_training_round=state.self_training_round + 1)
     if dist.is_master():
@@ -466,8 +509,10 @@ def train_round(config, settings, weights, segment: Segment, human: Labels, held
     did not take off within the demo's 20 epochs (notes/finetune.md)."""
     labels_yx, label_source = round_labels(config, state, human, segment, experiment_dir)
     labelled = dataclasses.replace(segment, inklabels=labels_yx)
-    painted_chooses = human.negatives_yx is not None and state.self_training_round == 0
-    train_origins = split(config, settings, labelled, painted_chooses)[1] if state.self_training_round else human_origins
+    first = state.self_training_round == 0
+    painted_chooses = first and (human.negatives_yx is not None or human.from_prior)
+    # The first round trains on the tiles the human labels chose, unless a prior's labels lie under them.
+    train_origins = human_origins if first and not human.from_prior else split(config, settings, labelled, painted_chooses)[1]
     torch.manual_seed(config.SEED)  # the decoder's initialisation
     model = build_model(config, settings, weights).to(device)
     optimizer = torch.optim.AdamW(schedule.parameter_groups(model), lr=config.LR, weight_decay=config.WEIGHT_DECAY)
@@ -522,8 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(config, settings)
     segment = open_segment(config.segment_id)
     human = load_labels(config, segment)
-    held_out, human_origins = split(config, settings, dataclasses.replace(segment, inklabels=human.training_yx),
-                                    painted_chooses=human.negatives_yx is not None)
+    if human.from_prior and not (human.human_yx == 1).any():  # no human label chooses a tile: the prior's labels do
+        held_out, human_origins = None, np.zeros((0, 2), np.int64)
+    else:
+        held_out, human_origins = split(config, settings, dataclasses.replace(segment, inklabels=human.human_yx),
+                                        painted_chooses=human.negatives_yx is not None)
     state, saved = resume_point(config, settings, experiment_dir / "last.pth", human.digest())
     while True:
         probabilities_yx, model = train_round(config, settings, weights, segment, human, held_out, human_origins,

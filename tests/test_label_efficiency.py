@@ -169,3 +169,30 @@ def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_seg
     help_text = " ".join(capsys.readouterr().out.split())
     assert "compare every encoder with training from scratch, paired by seed." in help_text
     assert "-- --NUM_EPOCHS 10" in help_text
+
+
+def test_a_prior_adds_arms_at_every_k_and_alone_at_k_0(labelled_segment_path, tmp_path):
+    labels = cv2.imread(str(labelled_segment_path / "inklabels.png"), cv2.IMREAD_UNCHANGED).astype(np.float32)
+    cv2.imwrite(str(tmp_path / "prior.png"), cv2.GaussianBlur(labels, (0, 0), 2).astype(np.uint8))
+    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="0, no human label, needs a --prior"):
+        label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "0", "1"])
+    pairs = list(zip(FINETUNE_TINY[::2], FINETUNE_TINY[1::2]))
+    finetune = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders", "scratch",
+               "--segment", str(labelled_segment_path), "--glyphs", "0", "1", "--seeds", "1", "--label_part", "0.4",
+               "--score_part", "0.4", "--min_glyph_pixels", "100", "--model", "resnet18_3d_tiny", "--depth", "8",
+               "--tile_size", "32", "--prior", str(tmp_path / "prior.png"), "--prior_name", "blurred",
+               "--output", str(tmp_path / "curves"), "--", *finetune]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {(row["mode"], row["glyphs"]): row for row in csv.DictReader(open(tmp_path / "curves" / "runs.csv"))}
+    assert set(runs) == {("full", "1"), ("full, prior blurred", "0"), ("full, prior blurred", "1")}
+    for (mode, glyphs), row in runs.items():
+        recorded = json.loads((tmp_path / "curves" / "runs" / row["name"] / "result.json").read_text())["command"]
+        assert ("--PRIOR_PATH" in recorded) == ("prior" in mode)
+        assert ("--inklabel_path" in recorded) == (glyphs != "0")
+    table = (tmp_path / "curves" / "label_efficiency.md").read_text()
+    assert "| scratch | full, prior blurred | " in table
+    # Round 0: the prior itself, scored like every prediction (blind threshold, scored region).
+    prior_alone = json.loads((tmp_path / "curves" / "label_efficiency.json").read_text())["prior_alone"]
+    assert f"The prior `blurred` alone (no training): F0.5 {prior_alone['f05']:.3f}" in table and prior_alone["auc"] > 0.5
