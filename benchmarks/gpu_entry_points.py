@@ -45,6 +45,7 @@ from finetune.inference import covering_origins  # noqa: E402
 from pretrain.data.patches import tile_origins  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
+from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
 
 # tqdm takes its defaults from TQDM_* variables: every progress bar of a run then ends with a line giving its
@@ -183,15 +184,14 @@ def last_progress(output: str, description: str) -> tuple[int, float] | None:
     return matches[-1] if matches else None
 
 
-def log_records(path: pathlib.Path, event: str) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [record for record in map(json.loads, path.read_text().splitlines()) if record.get("event") == event]
+def log_records(run_dir: pathlib.Path, event: str) -> list[dict]:
+    """The run's `event` records, none if it wrote no log (it failed before its first epoch)."""
+    return run_log.records(run_dir, event) if (run_dir / "log.jsonl").is_file() else []
 
 
 def pretraining_measures(exp_dir: pathlib.Path) -> dict:
     """The last epoch's samples/s (all processes together) and data-wait fraction, from log.jsonl."""
-    epochs = log_records(exp_dir / "log.jsonl", "epoch")
+    epochs = log_records(exp_dir, "epoch")
     if not epochs:
         return {}
     return {"samples_per_s": epochs[-1]["samples_per_s"], "data_wait_fraction": epochs[-1]["data_wait_fraction"],
@@ -217,7 +217,7 @@ def finetune_measures(args, result: dict, experiment_dir: pathlib.Path, segment)
         steps, elapsed = progress
         measures.update(samples_per_s=steps * args.finetune_batch / elapsed, training_steps=steps,
                         training_seconds=elapsed)
-    predictions = log_records(experiment_dir / "log.jsonl", "prediction")
+    predictions = log_records(experiment_dir, "prediction")
     if predictions:
         tiles = len(covering_origins(segment.mask, args.input_size, args.inference_stride))
         measures.update(prediction_tiles=tiles, prediction_seconds=predictions[-1]["seconds"],

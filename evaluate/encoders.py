@@ -40,6 +40,7 @@ from finetune.data import Box  # noqa: E402
 from finetune.metrics import NoSkillBand, no_skill_band  # noqa: E402
 from pretrain.data.patches import InputSettings  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
+from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import TensorboardLogger, write_bytes_atomic  # noqa: E402
 
 SCORES = {"f05": "validation_calibrated_f05", "f05_oracle": "validation_f05", "auc": "validation_auc",
@@ -74,24 +75,21 @@ def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: Inp
     if result.returncode != 0:
         where = "above" if args.jobs == 1 else f"in {experiment_dir / 'train.log'}"
         raise RuntimeError(f"the {experiment} run failed (exit {result.returncode}); its error is {where}")
-    records = [json.loads(line) for line in (experiment_dir / "log.jsonl").read_text().splitlines()]
-    epochs = [record for record in records if record["event"] == "epoch"]
-    prediction = [record for record in records if record["event"] == "prediction"][-1]
+    prediction = run_log.records(experiment_dir, "prediction")[-1]
     if SCORES["f05"] not in prediction:
         raise RuntimeError(f"the {experiment} run's labelled tiles hold one class only: no threshold can be chosen on them")
     if seed == 0:
         shutil.copyfile(experiment_dir / "labels_vs_prediction.png", args.output / f"{name}_{mode}.png")
     return {"encoder": name, "mode": mode, "seed": seed, **{key: prediction[field] for key, field in SCORES.items()},
             "threshold": prediction["validation_calibrated_threshold"],
-            "best_epoch": min(epochs, key=lambda record: record["val_loss"])["epoch"],
-            "training_seconds": epochs[-1]["training_seconds"]}
+            "best_epoch": run_log.best_epoch(experiment_dir)["epoch"],
+            "training_seconds": run_log.epochs(experiment_dir)[-1]["training_seconds"]}
 
 
 def band_no_skill(segment_spec: str, run_dir: pathlib.Path) -> NoSkillBand:
     """The no-skill band of the held-out band a run was scored on (every run has the same), thresholds calibrated
     on the rest of the papyrus."""
-    records = (json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines())
-    start = next(record for record in records if record["event"] == "start")
+    start = run_log.records(run_dir, "start")[0]
     segment = open_segment(segment_spec)
     ink_yx = segment.inklabels > 0
     band_yx = Box(**start["held_out"]).region_yx(ink_yx.shape) & segment.mask

@@ -70,6 +70,7 @@ from finetune.metrics import (NoSkillBand, average_precision, best_threshold, f0
 from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain.data.patches import InputSettings  # noqa: E402
 from pretrain.data.segment import Segment, open_segment  # noqa: E402
+from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
 
 SCRATCH = ("scratch", "random")  # names that mean: no pretrained weights
@@ -248,12 +249,10 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
     if finished.returncode != 0:
         tail = (folder / "train.log").read_text().strip().splitlines()[-1:]
         raise encoder_input.EvaluationError(f"run {run['name']} failed: {' '.join(tail)} (whole log: {folder / 'train.log'})")
-    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     results = []
     for self_training_round in range(args.self_training_rounds + 1):
         prediction = folder / (f"round_{self_training_round + 1:02d}" if args.self_training_rounds else "") / "prediction.png"
-        epochs = [record for record in records
-                  if record["event"] == "epoch" and record.get("round", 1) == self_training_round + 1]
+        epochs = run_log.epochs(folder, round_number=self_training_round + 1)
         results.append({**{key: run[key] for key in ("name", "encoder", "glyphs", "seed")},
                         "mode": arm(run["mode"], run["negatives"], self_training_round if args.self_training_rounds else None,
                                     args.prior_name if run["prior"] else None),

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from evaluate import encoder_input, render_report  # noqa: E402
 from evaluate.encoders import input_overrides  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
+from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
 
 
@@ -75,16 +76,6 @@ def save_results(args, step: str, results) -> None:
     write_bytes_atomic(args.work / "results" / f"{step}.json", json.dumps(results, indent=1, default=str).encode())
 
 
-def epoch_records(exp_dir: pathlib.Path) -> list[dict]:
-    """One record per epoch, the last one written (an epoch killed before its checkpoint is logged twice)."""
-    by_epoch = {}
-    for line in (exp_dir / "log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["event"] == "epoch":
-            by_epoch[record["epoch"]] = record
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
-
-
 def pretrain(args) -> dict:
     """Step 1: every pretraining run; returns {name: encoder checkpoint path}."""
     runs = {"spark": (["--method", "spark", "--ep", str(args.spark_epochs)], "SparK, default settings"),
@@ -110,10 +101,10 @@ def pretrain(args) -> dict:
         exp_dir, command = exp_dirs[name], commands[name]
         encoders[name] = str(exp_dir / f"{args.model}_timm_style.pth")
         settings_used = checkpoint.input_settings(checkpoint.read(encoders[name]))
-        arguments = [json.loads(line) for line in (exp_dir / "log.jsonl").read_text().splitlines()][0]["args"]
+        arguments = run_log.records(exp_dir, "start")[0]["args"]
         results[name] = {"command": command, "description": description, "exp_dir": str(exp_dir),
                          "input": settings_used.as_dict(), "samples_per_epoch": arguments["samples_per_ep"],
-                         "batch_size": arguments["bs"], "epochs": epoch_records(exp_dir)}
+                         "batch_size": arguments["bs"], "epochs": run_log.epochs(exp_dir)}
     early = args.work / "spark" / "epochs" / f"{args.model}_timm_style_ep{args.cka_every:03d}.pth"
     encoders[f"spark_ep{args.cka_every}"] = str(early)
     save_results(args, "pretraining", results)

@@ -42,6 +42,22 @@ def assert_same_weights(path: pathlib.Path, reference: pathlib.Path) -> None:
     assert not differing, f"{path.name} differs from an uninterrupted run's in {differing[:5]}"
 
 
+def kill_and_resume_training(arguments: list[str], kill_step: int, folder: pathlib.Path, environment: dict) -> str:
+    """finetune/train.py with `arguments` and exp_name "killed" under `folder`, killed -9 right after optimizer step
+    `kill_step`, then run again to the end; its last.pth must hold, bit for bit, the weights of the uninterrupted
+    run "straight" beside it. Returns the resumed run's stdout."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "finetune" / "train.py"
+    died = run_killed(["--step", str(kill_step)], script, [*arguments, "--exp_name", "killed"], folder / "killed.log",
+                      environment)
+    assert died["step"] == kill_step
+    resumed = subprocess.run([sys.executable, str(script), *arguments, "--exp_name", "killed"], capture_output=True,
+                             text=True, timeout=300, env=environment, cwd=script.parents[1])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_same_weights(folder / "killed" / "last.pth", folder / "straight" / "last.pth")
+    return resumed.stdout
+
+
 def run_killed(kill_point: list[str], script: pathlib.Path, arguments: list[str], output: pathlib.Path,
                environment: dict) -> dict:
     """Run `script` with `arguments` under this launcher, killed at `kill_point` (["--rename", "3"] or

@@ -20,7 +20,7 @@ from finetune.metrics import average_precision, best_threshold, f05_at, ink_metr
 from pretrain.data.segment import SegmentError, open_segment
 from tests.conftest import (FINETUNE_TINY, REPO_ROOT, SERVER_SEGMENT_ID, random_volume, rectangle_mask, write_png,
                             write_server_segment, write_zarr_segment)
-from tests.kill_at import assert_same_weights, run_killed
+from tests.kill_at import kill_and_resume_training
 from tests.loopback_server import LoopbackServer
 
 UNKNOWN = data.UNKNOWN
@@ -160,14 +160,9 @@ def test_self_training_rounds_are_recorded_keep_the_human_labels_and_resume_insi
     first_epoch_of_round_3 = next(record["global_step"] for record in records
                                   if record["event"] == "epoch" and record["round"] == 3)
     kill_step = steps[1] + steps[2] + first_epoch_of_round_3 + 1
-    died = run_killed(["--step", str(kill_step)], REPO_ROOT / "finetune" / "train.py",
-                      [*FINETUNE_TINY, *arguments, "--exp_name", "killed"], tmp_path / "killed.log",
-                      {**os.environ, "OMP_NUM_THREADS": "1"})
-    assert died["step"] == kill_step
-    resumed = run_train([*arguments, "--exp_name", "killed"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "round 3, epoch 1 of 2 done" in resumed.stdout
-    assert_same_weights(tmp_path / "killed" / "last.pth", tmp_path / "straight" / "last.pth")
+    resumed = kill_and_resume_training([*FINETUNE_TINY, *arguments], kill_step, tmp_path,
+                                       {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "round 3, epoch 1 of 2 done" in resumed
     for number in (2, 3):
         for name in ("inklabels.png", "negatives.png", "prediction.png"):
             assert np.array_equal(read_png(tmp_path / "killed" / f"round_{number:02d}" / name),
