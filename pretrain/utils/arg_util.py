@@ -12,7 +12,7 @@ import sys
 from tap import Tap
 
 from pretrain import methods
-from pretrain.data.patches import NORMALIZATIONS, InputSettings
+from pretrain.data.patches import MOSTLY_PAPYRUS, NORMALIZATIONS, InputSettings
 from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.utils.misc import git_commit
@@ -40,7 +40,7 @@ class Args(Tap):
     input_size: int = 96  # tile side in pixels (a multiple of 32); 96 gives a 3 × 3 grid of 32-pixel cells
     normalization: str = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per patch)
     float_range: list[float] = []  # LOW HIGH: a float volume's voxel values that stand for 0 and 1 (else refused)
-    min_mask_fraction: float = 0.5  # a crop needs at least this much papyrus (mask) under it
+    min_mask_fraction: float = MOSTLY_PAPYRUS  # a crop needs at least this much papyrus (mask) under it: 0.5
     samples_per_ep: int = 180  # crops per epoch (all processes together)
     num_workers: int = 2  # DataLoader workers per process (0: load in the main process)
     lru_mb: int = 512  # in-process cache of decoded chunks, per worker
