@@ -5,6 +5,7 @@ The defaults pretrain the 3D ResNet-50 on the generated demo segment (the README
 took on a 2-core CPU, and its "A CPU path" what suits a CPU). For real segments on a GPU, see the README
 (ScrollMAE-like: depth 32, input_size 256, bs 8, ep 500+).
 """
+import argparse
 import json
 import os
 import sys
@@ -20,6 +21,26 @@ from pretrain.utils.misc import git_commit
 
 class ArgumentError(ValueError):
     """A setting that cannot work; the message names it."""
+
+
+# The fields filled at runtime, and what fills them (for the line that refuses one given on the command line).
+RUNTIME_FIELDS = {
+    "lr": "base_lr × bs / 256: set base_lr",
+    "batch_size_per_process": "bs ÷ processes: set bs",
+    "world_size": "the number of processes torchrun starts",
+    "device": "the GPU of this process when there is one, else the CPU",
+    "commit": "the repository's git commit",
+    "command": "the command line",
+    "voxel_dtype": "the segments' voxel dtype",
+}
+
+
+class RefuseRuntimeField(argparse.Action):
+    """A field of the "filled at runtime" block given on the command line: refused, since fill_runtime would
+    overwrite it without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is filled at runtime ({RUNTIME_FIELDS[self.dest]}), not a setting")
 
 
 class Args(Tap):
@@ -82,7 +103,7 @@ class Args(Tap):
     vis_every: int = 50  # iterations between TensorBoard reconstruction images (0: only at epoch ends)
     keep_epoch_encoders: bool = False  # also keep each epoch's encoder in exp_dir/epochs/ (for CKA across epochs)
 
-    # ---------------------------------------------------------------- filled at runtime
+    # ---------------------------------------------------------------- filled at runtime (refused on the command line)
     lr: float = 0.0  # base_lr × bs / 256
     batch_size_per_process: int = 0
     world_size: int = 1
@@ -90,6 +111,10 @@ class Args(Tap):
     commit: str = ""
     command: str = ""
     voxel_dtype: str = ""  # the segments' voxel dtype(s), recorded with the input settings
+
+    def configure(self) -> None:
+        for name in RUNTIME_FIELDS:
+            self.add_argument(f"--{name}", type=str, action=RefuseRuntimeField, help=argparse.SUPPRESS)
 
     def process_args(self) -> None:
         problems = []
