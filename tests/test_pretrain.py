@@ -106,8 +106,9 @@ def test_torchrun_two_processes_gloo(segment_path, tmp_path):
         (["--input_size", "70"], "input_size 70 is not a multiple of 32"),
         (["--depth", "8"], "grid (d, h, w) = (1, 2, 2) of cells (8, 32, 32); 'cell' masking needs at least 2 cells in depth"),
         (["--data_path", "20990101000000"], "20990101000000"),
+        (["--lr", "0.5"], "--lr is filled at runtime (base_lr × bs / 256: set base_lr), not a setting"),
     ],
-    ids=["missing-resume", "non-numeric", "input-size", "grid-too-small", "unknown-segment"],
+    ids=["missing-resume", "non-numeric", "input-size", "grid-too-small", "unknown-segment", "runtime-field"],
 )
 def test_bad_settings_give_one_clear_line(segment_path, tmp_path, monkeypatch, arguments, message):
     monkeypatch.setenv("VESUVIUS_DATA_URL", "http://127.0.0.1:9")  # nothing listens there: unknown IDs fail fast
