@@ -37,7 +37,7 @@ from pretrain.utils.misc import git_commit, save_atomic
 
 # The kinds besides the pretraining methods' (each method names its own, and where its encoder sits): where the
 # encoder's weights sit inside the state dict of each kind's model, and the kind's name in messages.
-ENCODER_PREFIXES = {"finetune": "encoder.", "encoder": ""}
+ENCODER_PREFIXES = {"encoder": "", "finetune": "encoder."}
 KIND_NAMES = {"encoder": "encoder-only", "finetune": "fine-tuning", "kinetics": "Kinetics"}
 # What a weights-only load allows beyond torch's own types: numpy arrays, for numpy's RNG state.
 ALLOWED_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
@@ -47,10 +47,15 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe, or made for another model; the message names which."""
 
 
+def kinds() -> tuple[str, ...]:
+    """Every kind a file is written as: each registered method's (full pretraining checkpoints), then the others."""
+    return (*methods.METHODS, *ENCODER_PREFIXES)
+
+
 def save(path: str | os.PathLike, kind: str, model_state: dict, settings: InputSettings, **entries) -> None:
     """Write a checkpoint of `kind` atomically: its model state, input settings, git commit and `entries`."""
-    if kind not in (*ENCODER_PREFIXES, *methods.METHODS):
-        raise ValueError(f"checkpoint kind {kind!r} is not one of {(*ENCODER_PREFIXES, *methods.METHODS)}")
+    if kind not in kinds():
+        raise ValueError(f"checkpoint kind {kind!r} is not one of {kinds()}")
     contents = {"kind": kind, "input": settings.as_dict(), "model": model_state, "commit": git_commit(), **entries}
     save_atomic({**contents, "checksum": tensors_checksum(contents)}, path)
 
@@ -80,8 +85,8 @@ def tensors_checksum(contents) -> str:
 
 
 def read(path: str | os.PathLike) -> dict:
-    """The checkpoint at `path` as a dict with `kind` (a method's, one of ENCODER_PREFIXES, or "kinetics") and
-    `input` (a dict of InputSettings, or None when the file does not say); older files are brought to that form."""
+    """The checkpoint at `path` as a dict with `kind` (one of kinds(), or "kinetics") and `input` (a dict of
+    InputSettings, or None when the file does not say); older files are brought to that form."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -105,7 +110,7 @@ def read(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"checkpoint {path} is damaged: its tensors no longer match the SHA-256 recorded "
                                   "when it was written (a corrupted copy or download); copy it again")
     if "kind" in checkpoint:
-        if checkpoint["kind"] not in (*ENCODER_PREFIXES, *methods.METHODS):
+        if checkpoint["kind"] not in kinds():
             raise CheckpointError(f"checkpoint {path} is of unknown kind {checkpoint['kind']!r}")
         return checkpoint
     return _older_format(checkpoint, path)
