@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 from benchmarks.cache_warm_read import per_read_microseconds  # noqa: E402
 from pretrain.data.remote import CachedHTTPStore, cache_path_for_url  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
-from tests.conftest import rectangle_mask, write_server_segment  # noqa: E402
 from tests.loopback_server import LoopbackServer  # noqa: E402
+from tests.synthetic import rectangle_mask, write_server_segment  # noqa: E402
 
 SEGMENT_ID = "20230827161847"
 SHAPE = (65, 1024, 1024)

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 
 from pretrain.data import cache  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
-from tests.conftest import random_volume, rectangle_mask, write_server_segment  # noqa: E402
 from tests.loopback_server import LoopbackServer  # noqa: E402
+from tests.synthetic import random_volume, rectangle_mask, write_server_segment  # noqa: E402
 
 FILES = 64
 ROUNDS = 20

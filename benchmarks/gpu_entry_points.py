@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from finetune.inference import covering_origins  # noqa: E402
-from pretrain.data.patches import tile_origins  # noqa: E402
+from pretrain.data.patches import SOME_PAPYRUS, tile_origins  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
@@ -230,8 +230,8 @@ def ink_map_measures(args, result: dict, segment) -> dict:
     if progress is None:
         return {}
     batches, elapsed = progress
-    # The tiles of evaluate/ink_map.py's feature_grid: half-tile stride, mask coverage ≥ 0.05.
-    tiles = len(tile_origins(segment, args.input_size, args.input_size // 2, min_mask_fraction=0.05))
+    # The tiles of evaluate/ink_map.py's feature_grid: half-tile stride, mask coverage ≥ SOME_PAPYRUS.
+    tiles = len(tile_origins(segment, args.input_size, args.input_size // 2, min_mask_fraction=SOME_PAPYRUS))
     return {"tiles": tiles, "batches": batches, "encoding_seconds": elapsed, "tiles_per_s": tiles / elapsed}
 
 

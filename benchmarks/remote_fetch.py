@@ -13,7 +13,7 @@ server counts requests and bytes. Over-fetch = bytes sent ÷ bytes of the unique
 on the warm disk cache must fetch nothing; tests/test_remote.py checks the same from a second process.
 Writes benchmarks/results/remote_fetch.json and prints a Markdown table.
 
-`--open` lays the segment out as the real server does (tests/conftest.py `write_server_segment`:
+`--open` lays the segment out as the real server does (tests/synthetic.py `write_server_segment`:
 (4, 512, 512) Blosc-zstd chunks, ink labels beside the zarr padded to whole 256-px tiles, the mask only in
 the volume package), opens it three times on one cache (cold, then warm twice) and counts the requests
 of each open by kind (zarr metadata, images, chunks; 404s among them). `--exact_labels` serves labels of
@@ -40,9 +40,9 @@ import numpy as np  # noqa: E402
 
 from pretrain.data.patches import InputSettings, RandomPatchDataset  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
-from tests.conftest import (SERVER_SEGMENTS, rectangle_mask, server_folder, write_png,  # noqa: E402
-                            write_server_segment)
 from tests.loopback_server import LoopbackServer  # noqa: E402
+from tests.synthetic import (SERVER_SEGMENTS, rectangle_mask, server_folder, write_png,  # noqa: E402
+                             write_server_segment)
 
 SEGMENT_ID = "20230827161847"
 

@@ -39,7 +39,7 @@ from finetune.data import choose_validation_box  # noqa: E402
 from finetune.metrics import ink_metrics  # noqa: E402
 from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain import dist  # noqa: E402
-from pretrain.data.patches import GridTileDataset, InputSettings  # noqa: E402
+from pretrain.data.patches import SOME_PAPYRUS, GridTileDataset, InputSettings  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
 
@@ -62,7 +62,7 @@ def feature_grid(encoder, segment, stage: int, settings: InputSettings, device: 
     tile grid), so tiles overlap by half and each contributes only its central half.
     """
     tile_size, factor = settings.tile_size, stage_stride(encoder, stage)
-    dataset = GridTileDataset(segment, settings, stride=tile_size // 2, min_mask_fraction=0.05)
+    dataset = GridTileDataset(segment, settings, stride=tile_size // 2, min_mask_fraction=SOME_PAPYRUS)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
     height, width = segment.shape[1] // factor, segment.shape[2] // factor
     features = None

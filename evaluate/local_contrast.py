@@ -35,7 +35,7 @@ from evaluate import encoder_input  # noqa: E402
 from evaluate.ink_map import scale_to_unit  # noqa: E402
 from finetune.metrics import average_precision, ink_metrics  # noqa: E402
 from finetune.outputs import write_png_atomic  # noqa: E402
-from pretrain.data.patches import GridTileDataset, InputSettings  # noqa: E402
+from pretrain.data.patches import ANY_PAPYRUS, GridTileDataset, InputSettings  # noqa: E402
 from pretrain.data.segment import Segment, open_segment  # noqa: E402
 from pretrain.spark import local_contrast  # noqa: E402
 from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
@@ -48,7 +48,7 @@ def contrast_map(segment: Segment, depth: int = 16, tile_size: int = 64, layers:
     depth // 2 … of a surface-following window of `depth` layers), per tile of `tile_size`, smoothed by a Gaussian
     of `smoothing_px` (0: none); 0 where no tile touches the mask."""
     tiles = GridTileDataset(segment, InputSettings(depth=depth, tile_size=tile_size, follow_surface=True),
-                            stride=tile_size, min_mask_fraction=1e-6)
+                            stride=tile_size, min_mask_fraction=ANY_PAPYRUS)
     contrast_yx = np.zeros(segment.shape[1:], np.float32)
     for index in tqdm.trange(len(tiles), desc="local contrast", unit="tile", disable=not progress):
         item = tiles[index]

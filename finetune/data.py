@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pretrain.data.images import decode_image, image_header
-from pretrain.data.patches import GridTileDataset, InputSettings, depth_window, tile_origins
+from pretrain.data.patches import ANY_PAPYRUS, MOSTLY_PAPYRUS, GridTileDataset, InputSettings, depth_window, tile_origins
 from pretrain.data.segment import Segment, SegmentError, read_label_image
 
 # Training labels are (Y, X) uint8: 1 ink, 0 not ink, UNKNOWN neither (no loss, no metric). Without a negatives
@@ -232,7 +232,7 @@ def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Bo
     least that fraction of `labelled_yx` (the pixels whose labels choose tiles: ink, or whatever was painted)."""
     region = None if held_out is None else ~held_out.region_yx(segment.shape[1:])
     chooser = segment if labelled_yx is None else dataclasses.replace(segment, inklabels=labelled_yx)
-    origins = tile_origins(chooser, tile_size, stride, min_mask_fraction=0.5, min_ink_fraction=min_labelled_fraction,
+    origins = tile_origins(chooser, tile_size, stride, min_mask_fraction=MOSTLY_PAPYRUS, min_ink_fraction=min_labelled_fraction,
                            region_yx=region)
     if held_out is not None:
         origins = drop_tiles_touching(origins, tile_size, held_out)
@@ -244,7 +244,7 @@ def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Bo
 def validation_origins(segment: Segment, tile_size: int, box: Box) -> np.ndarray:
     """Non-overlapping tiles on the box wherever it holds papyrus. The box starts and ends on the tile
     grid, so every held-out pixel is counted once (up to a segment edge that is not a whole tile)."""
-    return tile_origins(segment, tile_size, tile_size, min_mask_fraction=1e-6, region_yx=box.region_yx(segment.shape[1:]))
+    return tile_origins(segment, tile_size, tile_size, min_mask_fraction=ANY_PAPYRUS, region_yx=box.region_yx(segment.shape[1:]))
 
 
 # ---------------------------------------------------------------- augmentation

@@ -102,7 +102,7 @@ def read_fine_tuned(path: pathlib.Path) -> tuple[dict, InputSettings]:
     saved = checkpoint.read(path)
     if saved["kind"] != "finetune":
         raise checkpoint.CheckpointError(
-            f"checkpoint {path} holds {checkpoint.KIND_NAMES[saved['kind']]} weights, not a fine-tuned ink model: "
+            f"checkpoint {path} holds {checkpoint.kind_name(saved['kind'])} weights, not a fine-tuned ink model: "
             f"predict.py needs a fine-tuning run's best.pth or last.pth (to fine-tune from this one: "
             f"finetune/train.py --pretrained_path {path})")
     return saved, checkpoint.input_settings(saved)

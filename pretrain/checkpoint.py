@@ -1,8 +1,8 @@
 """Every checkpoint file, written and read in one place.
 
 Each file written carries its `kind` and the `InputSettings` its encoder was trained with:
-- "spark", "vicreg": a full pretraining checkpoint, for resuming (the whole model: encoder with SparK's decoder
-  or VICReg's projector, optimizer, epoch, settings, git commit);
+- a pretraining method's name ("spark", "vicreg": pretrain/methods.py): a full pretraining checkpoint, for resuming
+  (the whole model: encoder with SparK's decoder or VICReg's projector, optimizer, epoch, settings, git commit);
 - "encoder": an encoder's weights with the dense module names of `pretrain.models.build_encoder`
   (`<model>_timm_style.pth`, the per-epoch encoders), for fine-tuning and evaluation;
 - "finetune": a fine-tuning checkpoint (`best.pth`, `last.pth`): the ink UNet, its config and run state.
@@ -30,15 +30,15 @@ import warnings
 import numpy as np
 import torch
 
+from pretrain import methods
 from pretrain.data.patches import InputSettings
 from pretrain.models import ENCODER_NAMES, build_encoder
 from pretrain.utils.misc import git_commit, save_atomic
 
-KINDS = ("spark", "vicreg", "encoder", "finetune")
-# Where the encoder's weights sit inside the state dict of each kind's model.
-ENCODER_PREFIXES = {"spark": "sparse_encoder.encoder.", "vicreg": "encoder.", "finetune": "encoder.", "encoder": ""}
-KIND_NAMES = {"spark": "SparK pretraining", "vicreg": "VICReg pretraining", "encoder": "encoder-only",
-              "finetune": "fine-tuning", "kinetics": "Kinetics"}
+# The kinds besides the pretraining methods' (each method names its own, and where its encoder sits): where the
+# encoder's weights sit inside the state dict of each kind's model, and the kind's name in messages.
+ENCODER_PREFIXES = {"encoder": "", "finetune": "encoder."}
+KIND_NAMES = {"encoder": "encoder-only", "finetune": "fine-tuning", "kinetics": "Kinetics"}
 # What a weights-only load allows beyond torch's own types: numpy arrays, for numpy's RNG state.
 ALLOWED_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
@@ -47,10 +47,15 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe, or made for another model; the message names which."""
 
 
+def kinds() -> tuple[str, ...]:
+    """Every kind a file is written as: each registered method's (full pretraining checkpoints), then the others."""
+    return (*methods.METHODS, *ENCODER_PREFIXES)
+
+
 def save(path: str | os.PathLike, kind: str, model_state: dict, settings: InputSettings, **entries) -> None:
     """Write a checkpoint of `kind` atomically: its model state, input settings, git commit and `entries`."""
-    if kind not in KINDS:
-        raise ValueError(f"checkpoint kind {kind!r} is not one of {KINDS}")
+    if kind not in kinds():
+        raise ValueError(f"checkpoint kind {kind!r} is not one of {kinds()}")
     contents = {"kind": kind, "input": settings.as_dict(), "model": model_state, "commit": git_commit(), **entries}
     save_atomic({**contents, "checksum": tensors_checksum(contents)}, path)
 
@@ -80,7 +85,7 @@ def tensors_checksum(contents) -> str:
 
 
 def read(path: str | os.PathLike) -> dict:
-    """The checkpoint at `path` as a dict with `kind` (one of KINDS, or "kinetics") and `input` (a dict of
+    """The checkpoint at `path` as a dict with `kind` (one of kinds(), or "kinetics") and `input` (a dict of
     InputSettings, or None when the file does not say); older files are brought to that form."""
     path = pathlib.Path(path)
     if not path.is_file():
@@ -105,7 +110,7 @@ def read(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"checkpoint {path} is damaged: its tensors no longer match the SHA-256 recorded "
                                   "when it was written (a corrupted copy or download); copy it again")
     if "kind" in checkpoint:
-        if checkpoint["kind"] not in KINDS:
+        if checkpoint["kind"] not in kinds():
             raise CheckpointError(f"checkpoint {path} is of unknown kind {checkpoint['kind']!r}")
         return checkpoint
     return _older_format(checkpoint, path)
@@ -140,13 +145,17 @@ def input_settings(checkpoint: dict) -> InputSettings | None:
     if checkpoint["input"] is None:
         return None
     settings = InputSettings.from_dict(checkpoint["input"])
-    pretrained_by_vicreg = checkpoint["kind"] == "vicreg" or (checkpoint["kind"] == "encoder"
-                                                              and checkpoint.get("method") == "vicreg")
-    if pretrained_by_vicreg and settings.normalization == "range":
-        # Files written before VICReg recorded its own standardisation name the reader's "range", but the
-        # encoder saw every view standardised: "zscore" is what it was trained on.
-        return dataclasses.replace(settings, normalization="zscore")
+    method = checkpoint["kind"] if checkpoint["kind"] in methods.METHODS else checkpoint.get("method")
+    if method in methods.METHODS:
+        # Files written before a method recorded what its encoder sees name the reader's settings (VICReg's the
+        # reader's "range", though its encoder saw every view standardised): the method's own account applies.
+        return methods.get(method).input_settings(settings)
     return settings
+
+
+def kind_name(kind: str) -> str:
+    """A checkpoint kind's name in messages ("SparK pretraining", "encoder-only")."""
+    return methods.get(kind).title if kind in methods.METHODS else KIND_NAMES[kind]
 
 
 @dataclasses.dataclass
@@ -172,15 +181,15 @@ def encoder_weights(path: str | os.PathLike, in_channels: int = 1) -> EncoderWei
             # A grey volume then gives the response the RGB filter gave to grey video (as the Kaggle 4th place did).
             state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
         return EncoderWeights(state, None, f"Kinetics ({checkpoint['arch']}) weights from {path}")
-    prefix = ENCODER_PREFIXES[kind]
+    prefix = methods.get(kind).encoder_prefix if kind in methods.METHODS else ENCODER_PREFIXES[kind]
     state = {key[len(prefix):]: value for key, value in checkpoint["model"].items() if key.startswith(prefix)}
     epoch = checkpoint.get("epoch")
-    if kind in ("spark", "vicreg") and epoch is not None:
+    if kind in methods.METHODS and epoch is not None:
         epoch += 1  # full pretraining checkpoints count finished epochs from 0
     elif kind == "finetune":
         epoch = checkpoint.get("state", {}).get("epoch")
     when = f", epoch {epoch}" if epoch is not None else ""
-    return EncoderWeights(state, input_settings(checkpoint), f"{KIND_NAMES[kind]} weights{when} from {path}")
+    return EncoderWeights(state, input_settings(checkpoint), f"{kind_name(kind)} weights{when} from {path}")
 
 
 def restore(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, source: str) -> None:

@@ -1,12 +1,13 @@
-"""Self-supervised pretraining of a 3D ResNet encoder on unlabeled segments: SparK-3D (default) or VICReg.
+"""Self-supervised pretraining of a 3D ResNet encoder on unlabeled segments: SparK-3D (default), VICReg, or any
+method of pretrain/methods.py.
 
     python pretrain/main.py                      # the defaults of pretrain/utils/arg_util.py (demo segment)
     python pretrain/main.py --ep 3 --data_path 20230827161847
     python pretrain/main.py --method vicreg --exp_dir experiments/vicreg_demo
     torchrun --nproc_per_node 4 pretrain/main.py --bs 32
 
-Writes to exp_dir, every epoch and atomically: the full checkpoint (`<model>_withdecoder_spark_style.pth`
-or `<model>_withprojector_vicreg_style.pth`: everything needed to resume) and `<model>_timm_style.pth`
+Writes to exp_dir, every epoch and atomically: the full checkpoint (`<model>_withdecoder_spark_style.pth`,
+`<model>_withprojector_vicreg_style.pth`: everything needed to resume) and `<model>_timm_style.pth`
 (encoder weights only, dense names, for fine-tuning), plus `log.jsonl` and `tensorboard_logs/`. Running
 the same command again continues where it stopped.
 """
@@ -22,34 +23,20 @@ import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
 import torch  # noqa: E402
 import tqdm  # noqa: E402
 
-from pretrain import checkpoint, dist  # noqa: E402
-from pretrain.data.patches import EpochSampler, RandomPatchDataset, voxel_dtypes  # noqa: E402
+from pretrain import checkpoint, dist, methods  # noqa: E402
+from pretrain.data.patches import EpochSampler, voxel_dtypes  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.data.views import TwoViewDataset  # noqa: E402
-from pretrain.decoder import LightDecoder3d  # noqa: E402
-from pretrain.encoder import SparseEncoder  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
-from pretrain.spark import SparK3d  # noqa: E402
 from pretrain.utils import arg_util, misc, schedule  # noqa: E402
-from pretrain.vicreg import VICReg  # noqa: E402
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_model(args: arg_util.Args) -> SparK3d | VICReg:
-    encoder = build_encoder(args.model)
-    if args.method == "vicreg":
-        if args.sbn and dist.is_distributed():
-            encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
-        return VICReg(encoder, [int(width) for width in args.projector.split("-")], *args.vicreg_weights)
-    sparse_encoder = SparseEncoder(encoder, sync_batchnorm=args.sbn and dist.is_distributed())
-    decoder = LightDecoder3d(args.decoder_width, sparse_encoder.get_downsample_ratio(),
-                             sync_batchnorm=args.sbn and dist.is_distributed())
-    return SparK3d(sparse_encoder, decoder, input_size=args.input_size, depth=args.depth,
-                   mask_ratio=args.mask, mask_mode=args.mask_mode, target=args.target)
+def build_model(args: arg_util.Args) -> torch.nn.Module:
+    return methods.get(args.method).build_model(args, build_encoder(args.model), args.sbn and dist.is_distributed())
 
 
 def automatic_cpu_threads(num_workers: int) -> int:
@@ -62,11 +49,6 @@ def automatic_cpu_threads(num_workers: int) -> int:
     return max(1, cores // processes_here - num_workers)
 
 
-def dense_encoder(model: SparK3d | VICReg) -> torch.nn.Module:
-    """The encoder inside a pretraining model (SparK's sparse layers keep the dense names)."""
-    return model.sparse_encoder.encoder if isinstance(model, SparK3d) else model.encoder
-
-
 def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = schedule.parameter_groups(model)
     if args.opt == "lamb":
@@ -76,15 +58,15 @@ def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.95))
 
 
-def load_start_state(args: arg_util.Args, model: SparK3d | VICReg, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+def load_start_state(args: arg_util.Args, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Resume (model, optimizer, epoch) or load init weights. Returns (start epoch, global step). No RNG state is
     restored: every epoch seeds its own (train_one_epoch), so each rank keeps its own randomness on resume."""
     resume_from = args.resume_from or (args.checkpoint_path if os.path.isfile(args.checkpoint_path) else "")
     if resume_from:
         saved = checkpoint.read(resume_from)
-        if saved["kind"] not in ("spark", "vicreg"):
+        if saved["kind"] not in methods.METHODS:
             raise checkpoint.CheckpointError(f"{resume_from} is not a full pretraining checkpoint (*_with*_style.pth) "
-                                             f"but a {checkpoint.KIND_NAMES[saved['kind']]} one")
+                                             f"but a {checkpoint.kind_name(saved['kind'])} one")
         if saved["kind"] != args.method:
             raise checkpoint.CheckpointError(f"{resume_from} is a {saved['kind']} checkpoint; this run pretrains with "
                                              f"{args.method} (use init_weight to start from its encoder)")
@@ -101,12 +83,12 @@ def load_start_state(args: arg_util.Args, model: SparK3d | VICReg, optimizer: to
         return saved["epoch"] + 1, saved["global_step"]
     if args.init_weight:
         weights = checkpoint.encoder_weights(args.init_weight)
-        checkpoint.load_encoder(dense_encoder(model), weights, args.model, "--model")
+        checkpoint.load_encoder(methods.get(args.method).dense_encoder(model), weights, args.model, "--model")
         print(f"initialised the encoder with {weights.description}")
     return 0, 0
 
 
-def save_encoders(args: arg_util.Args, model: SparK3d | VICReg, epoch: int) -> None:
+def save_encoders(args: arg_util.Args, model: torch.nn.Module, epoch: int) -> None:
     """The encoder alone, with the input settings it learnt from: what fine-tuning and evaluation load."""
     if not dist.is_master():
         return
@@ -114,12 +96,13 @@ def save_encoders(args: arg_util.Args, model: SparK3d | VICReg, epoch: int) -> N
     if args.keep_epoch_encoders:
         os.makedirs(os.path.join(args.exp_dir, "epochs"), exist_ok=True)
         paths.append(os.path.join(args.exp_dir, "epochs", f"{args.model}_timm_style_ep{epoch + 1:03d}.pth"))
+    encoder = methods.get(args.method).dense_encoder(model)
     for path in paths:
-        checkpoint.save(path, "encoder", dense_encoder(model).state_dict(), args.input_settings(), method=args.method,
+        checkpoint.save(path, "encoder", encoder.state_dict(), args.input_settings(), method=args.method,
                         epoch=epoch + 1)
 
 
-def save_full_checkpoint(args: arg_util.Args, model: SparK3d | VICReg, optimizer: torch.optim.Optimizer, epoch: int,
+def save_full_checkpoint(args: arg_util.Args, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                          global_step: int) -> None:
     if dist.is_master():
         checkpoint.save(args.checkpoint_path, args.method, model.state_dict(), args.input_settings(),
@@ -134,20 +117,6 @@ def middle_layer_image(volumes_bcdhw: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([(panel - panel.min()) / (panel.max() - panel.min() + 1e-6) for panel in panels], dim=1).unsqueeze(0)
 
 
-def training_step(args, ddp_model, batch, device, show: bool) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-    """One method's forward: (loss, scalars to log, image to log or None)."""
-    if args.method == "vicreg":
-        view1_bcdhw, view2_bcdhw = (view.to(device, non_blocking=True) for view in batch)
-        loss, details = ddp_model(view1_bcdhw, view2_bcdhw)
-        scalars = {f"vicreg__{name}": float(value) for name, value in details.items()}
-        return loss, scalars, middle_layer_image([view1_bcdhw, view2_bcdhw]) if show else None
-    inp_bcdhw = batch.to(device, non_blocking=True)  # (B, 1, D, H, W)
-    if not show:
-        return ddp_model(inp_bcdhw), {}, None
-    loss, visuals = ddp_model(inp_bcdhw, return_visuals=True)
-    return loss, {}, middle_layer_image(list(visuals))
-
-
 def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard) -> tuple[dict, int]:
     model.train()
     # This epoch's crops come from (seed, epoch, index) keys that the sampler hands to the DataLoader workers,
@@ -159,6 +128,7 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
     total_iterations = args.ep * iterations_per_epoch
     warmup_iterations = max(1, args.wp_ep * iterations_per_epoch)
     device = torch.device(args.device)
+    method = methods.get(args.method)
     loss_sum, wait_seconds, step_seconds = 0.0, 0.0, 0.0
     method_sums = {}  # epoch sums of the method's own scalars (VICReg's terms and embedding std) for log.jsonl
     progress = tqdm.tqdm(loader, desc=f"epoch {epoch + 1}/{args.ep}", disable=not dist.is_master(), leave=True)
@@ -171,7 +141,7 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
         show = dist.is_master() and (
             (args.vis_every and global_step % args.vis_every == 0) or iteration == iterations_per_epoch - 1)
         with dist.autocast(device, enabled=args.amp):
-            loss, method_scalars, image = training_step(args, ddp_model, batch, device, show)
+            loss, method_scalars, panels = method.training_step(ddp_model, batch, device, show)
         # Decided on the mean over processes, so every rank stops at the same step with the same message
         # (a rank stopping alone would leave the others waiting in backward for the collective timeout).
         loss_value = dist.all_reduce_mean(loss).item()
@@ -192,9 +162,8 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
         samples_per_second = args.bs / max(step_seconds_now, 1e-9)
         tensorboard.scalars(global_step, train__loss=loss_value, hp__lr=lr, hp__wd=wd, train__grad_norm=float(grad_norm),
                             perf__samples_per_s=samples_per_second, **method_scalars)
-        if image is not None:
-            tag = "views/view1_view2" if args.method == "vicreg" else "reconstruction/input_masked_reconstruction"
-            tensorboard.image(tag, image, global_step)
+        if panels is not None:
+            tensorboard.image(method.image_tag, middle_layer_image(panels), global_step)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         global_step += 1
         tick = time.perf_counter()
@@ -207,7 +176,7 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
 
 def build_loader(args: arg_util.Args, segments: list, device: torch.device) -> torch.utils.data.DataLoader:
     """The method's random-crop dataset behind an EpochSampler: this rank's share of every epoch's crops."""
-    dataset_class = TwoViewDataset if args.method == "vicreg" else RandomPatchDataset
+    dataset_class = methods.get(args.method).dataset_class
     try:
         dataset = dataset_class(segments, args.reader_settings(), samples_per_epoch=args.samples_per_ep,
                                 min_mask_fraction=args.min_mask_fraction, seed=args.seed)
@@ -253,10 +222,10 @@ def main() -> int:
     tensorboard = misc.TensorboardLogger(os.path.join(args.exp_dir, "tensorboard_logs"))
     tensorboard.text("config", f"```\n{args.to_json()}\n```")
     ddp_model = dist.wrap(model, device)
-    grid = f"; grid {model.grid} cells" if args.method == "spark" else ""
+    summary = methods.get(args.method).summary(model)
     if dist.is_master():
         print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
-              f"{len(segments)} segment(s){grid}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)"
+              f"{len(segments)} segment(s){summary}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)"
               + (f", {torch.get_num_threads()} torch thread(s) each" if device.type == "cpu" else ""))
 
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep

@@ -13,6 +13,7 @@ from torch import nn
 
 from pretrain.decoder import LightDecoder3d
 from pretrain.encoder import MaskContext, SparseBatchNorm3d, SparseEncoder, SparseSyncBatchNorm3d, upsample_active
+from pretrain.methods import Method
 
 MASK_MODES = ("cell", "column")
 DENSIFY_NORMS = ("bn", "none")
@@ -250,3 +251,32 @@ class SparK3d(nn.Module):
                 reconstruction_bcdhw=torch.where(active_full, target_bcdhw, denormalised),
             )
         return loss, visuals
+
+
+class SparKMethod(Method):
+    """Each sample is one crop (1, D, T, T); the model masks it and reconstructs the masked cells."""
+
+    name = "spark"
+    title = "SparK pretraining"
+    checkpoint_part = "withdecoder_spark"
+    encoder_prefix = "sparse_encoder.encoder."
+    image_tag = "reconstruction/input_masked_reconstruction"
+
+    def build_model(self, args, encoder: nn.Module, sync_batchnorm: bool) -> SparK3d:
+        sparse_encoder = SparseEncoder(encoder, sync_batchnorm=sync_batchnorm)
+        decoder = LightDecoder3d(args.decoder_width, sparse_encoder.get_downsample_ratio(), sync_batchnorm=sync_batchnorm)
+        return SparK3d(sparse_encoder, decoder, input_size=args.input_size, depth=args.depth, mask_ratio=args.mask,
+                       mask_mode=args.mask_mode, target=args.target)
+
+    def training_step(self, model, batch, device, show):
+        inp_bcdhw = batch.to(device, non_blocking=True)  # (B, 1, D, H, W)
+        if not show:
+            return model(inp_bcdhw), {}, None
+        loss, visuals = model(inp_bcdhw, return_visuals=True)
+        return loss, {}, list(visuals)
+
+    def summary(self, model: SparK3d) -> str:
+        return f"; grid {model.grid} cells"
+
+
+METHOD = SparKMethod()

@@ -16,12 +16,16 @@ The standardisation runs inside the model, after the augmentations (noise, blur 
 range-scaled voxels), with the tile reader's "zscore" formula: a VICReg run records "zscore" as its input
 normalisation, so fine-tuning and evaluation feed its encoder what it was trained on.
 """
+import dataclasses
+
 import torch
 import torch.distributed.nn
 from torch import nn
 
 from pretrain import dist
-from pretrain.data.patches import ZSCORE_EPSILON
+from pretrain.data.patches import ZSCORE_EPSILON, InputSettings
+from pretrain.data.views import TwoViewDataset
+from pretrain.methods import Method
 from pretrain.models.resnet3d import ResNet3d
 
 VARIANCE_EPSILON = 1e-4
@@ -91,3 +95,42 @@ class VICReg(nn.Module):
         # The collapse monitor: the mean per-dimension standard deviation of the encoder's embeddings.
         details["embedding_std"] = embedding1_bc.detach().std(dim=0).mean()
         return loss, details
+
+
+class VICRegMethod(Method):
+    """Each sample is two augmented views of one crop, (1, D, T, T) each; the model standardises and embeds both."""
+
+    name = "vicreg"
+    title = "VICReg pretraining"
+    checkpoint_part = "withprojector_vicreg"
+    encoder_prefix = "encoder."
+    image_tag = "views/view1_view2"
+    dataset_class = TwoViewDataset
+
+    def problems(self, args) -> list[str]:
+        problems = []
+        if args.normalization == "clip":
+            problems.append("normalization 'clip' does not fit method 'vicreg': VICReg standardises every view, so "
+                            "its encoder would see a scaling no tile reader gives; use 'range' or 'zscore'")
+        if args.bs < 2:
+            problems.append("VICReg needs bs ≥ 2: its variance and covariance are taken over the batch")
+        return problems
+
+    def input_settings(self, reader_settings: InputSettings) -> InputSettings:
+        # The encoder sees every view standardised (`standardize`, the reader's "zscore" formula), whatever the
+        # reader's scaling. Files written before VICReg recorded this name the reader's "range".
+        return dataclasses.replace(reader_settings, normalization="zscore")
+
+    def build_model(self, args, encoder: ResNet3d, sync_batchnorm: bool) -> VICReg:
+        if sync_batchnorm:
+            encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+        return VICReg(encoder, [int(width) for width in args.projector.split("-")], *args.vicreg_weights)
+
+    def training_step(self, model, batch, device, show):
+        view1_bcdhw, view2_bcdhw = (view.to(device, non_blocking=True) for view in batch)
+        loss, details = model(view1_bcdhw, view2_bcdhw)
+        scalars = {f"vicreg__{name}": float(value) for name, value in details.items()}
+        return loss, scalars, [view1_bcdhw, view2_bcdhw] if show else None
+
+
+METHOD = VICRegMethod()

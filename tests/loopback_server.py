@@ -1,5 +1,5 @@
 """A loopback (127.0.0.1 only) HTTP server for tests and benchmarks; the folder it serves is laid out like
-the Vesuvius data server by `tests.conftest` (`write_server_segment`, `write_server_layers`).
+the Vesuvius data server by `tests.synthetic` (`write_server_segment`, `write_server_layers`).
 
 It serves a folder, counts every request by path (and the 404s), and can misbehave on purpose:
 - `faults` maps a fault kind to the fraction of chunk requests that get it ("429", "500", "truncate",

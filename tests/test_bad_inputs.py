@@ -10,8 +10,9 @@ import torch
 import zarr
 
 from pretrain.models import build_encoder
-from tests.conftest import REPO_ROOT, random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.conftest import REPO_ROOT
 from tests.loopback_server import LoopbackServer
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 PRETRAIN = [sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), "--model", "resnet18_3d_tiny", "--depth", "16",
             "--input_size", "64", "--samples_per_ep", "4", "--num_workers", "0", "--decoder_width", "32", "--ep", "1"]

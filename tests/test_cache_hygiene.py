@@ -16,16 +16,10 @@ import zarr.core.sync
 from pretrain.data import cache, remote, segment
 from pretrain.data.segment import open_segment
 from pretrain.utils import misc, temporaries
-from tests.conftest import (
-    REPO_ROOT,
-    SERVER_LAYER_SEGMENT_ID,
-    SERVER_PATHS,
-    SERVER_SEGMENTS,
-    random_volume,
-    rectangle_mask,
-    write_server_segment,
-)
+from tests.conftest import REPO_ROOT
 from tests.loopback_server import LoopbackServer
+from tests.synthetic import (SERVER_LAYER_SEGMENT_ID, SERVER_PATHS, SERVER_SEGMENTS, random_volume, rectangle_mask,
+                             write_server_segment)
 
 
 class Holder:

@@ -26,9 +26,10 @@ from pretrain.data import remote
 from pretrain.data.remote import (CacheWriteError, DamagedCacheError, RemoteReadError, RemoteSettingError,
                                   blosc_problem, image_problem, split_credentials)
 from pretrain.data.segment import SegmentError, open_segment
-from tests.conftest import (REPO_ROOT, SERVER_LAYER_SEGMENT_ID, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS,
-                            random_volume, rectangle_mask, write_png, write_zarr_segment)
+from tests.conftest import REPO_ROOT
 from tests.loopback_server import LoopbackServer
+from tests.synthetic import (SERVER_LAYER_SEGMENT_ID, SERVER_PATHS, SERVER_SEGMENTS, SERVER_SEGMENT_ID, random_volume,
+                             rectangle_mask, write_png, write_zarr_segment)
 
 FAST_RETRY = {"http_retries": 3, "http_backoff_seconds": 0.01}
 ZARR_PATH = f"/{SERVER_SEGMENTS}/{SERVER_SEGMENT_ID}.zarr"

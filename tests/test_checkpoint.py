@@ -39,7 +39,7 @@ def test_every_kind_written_gives_its_encoder_and_its_settings(tmp_path):
         checkpoint.save(tmp_path / f"{kind}.pth", kind, state, SETTINGS, epoch=2, state={"epoch": 3})
         weights = checkpoint.encoder_weights(tmp_path / f"{kind}.pth")
         assert weights.settings == SETTINGS, kind
-        assert weights.description.startswith(checkpoint.KIND_NAMES[kind]), weights.description
+        assert weights.description.startswith(checkpoint.kind_name(kind)), weights.description
         encoder = build_encoder("resnet18_3d_tiny")
         checkpoint.load_encoder(encoder, weights, "resnet18_3d_tiny", "--model")
         for key, value in encoders[kind].state_dict().items():

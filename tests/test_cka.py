@@ -9,7 +9,8 @@ import torch
 
 from evaluate.cka import cka
 from pretrain.models import build_encoder
-from tests.conftest import REPO_ROOT, random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.conftest import REPO_ROOT
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from pretrain import checkpoint
 from pretrain.data.patches import InputSettings, RandomPatchDataset
 from pretrain.data.remote import INCOMPLETE_DIR
 from pretrain.data.segment import open_segment
-from tests.conftest import (REPO_ROOT, SERVER_SEGMENTS, assert_cache_holds_only_whole_chunks, random_volume,
-                            rectangle_mask, server_folder, write_png, write_zarr_segment)
+from tests.conftest import REPO_ROOT, assert_cache_holds_only_whole_chunks
 from tests.kill_at import assert_same_weights, run_killed, temporary_files
+from tests.synthetic import SERVER_SEGMENTS, random_volume, rectangle_mask, server_folder, write_png, write_zarr_segment
 from tests.loopback_server import LoopbackServer
 
 EPOCHS = 3

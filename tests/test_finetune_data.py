@@ -9,7 +9,7 @@ from finetune import data
 from finetune.config import ConfigError, apply_overrides, settings_in
 from pretrain.data.patches import InputSettings
 from pretrain.data.segment import SegmentError, open_segment
-from tests.conftest import random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 DEFAULTS = {"exp_name": "demo", "segment_id": "demo", "NUM_EPOCHS": 12, "LR": 1e-3, "freeze_encoder": False,
             "pretrained_path": None}

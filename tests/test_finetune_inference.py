@@ -9,7 +9,7 @@ from finetune import inference
 from finetune.model import build_ink_unet
 from pretrain.data.patches import InputSettings, depth_window, normalize_patch
 from pretrain.data.segment import open_segment
-from tests.conftest import random_volume, write_png, write_zarr_segment
+from tests.synthetic import random_volume, write_png, write_zarr_segment
 
 SHAPE = (20, 150, 173)  # neither side a multiple of the tile or the stride
 TILE, STRIDE, DEPTH = 32, 24, 8

@@ -5,7 +5,8 @@ import sys
 
 import numpy as np
 
-from tests.conftest import REPO_ROOT, rectangle_mask, write_png, write_zarr_segment
+from tests.conftest import REPO_ROOT
+from tests.synthetic import rectangle_mask, write_png, write_zarr_segment
 
 
 def test_ink_map_finds_obvious_ink_without_labels_and_scores_it(tmp_path):

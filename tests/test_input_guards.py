@@ -19,7 +19,8 @@ from pretrain.data import images
 from pretrain.data.patches import GridTileDataset, InputSettings, RandomPatchDataset, normalize_patch
 from pretrain.data.segment import SegmentError, open_segment, read_label_image
 from pretrain.data.volume import LayerStack
-from tests.conftest import REPO_ROOT, random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.conftest import REPO_ROOT
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 SHAPE = (16, 64, 64)
 

@@ -11,7 +11,8 @@ import scipy.ndimage
 
 from evaluate.local_contrast import contrast_map, prior_image
 from pretrain.data.segment import Segment, open_segment
-from tests.conftest import REPO_ROOT, write_png, write_zarr_segment
+from tests.conftest import REPO_ROOT
+from tests.synthetic import write_png, write_zarr_segment
 
 SURFACE = 10  # the first papyrus layer of the flat test sheet
 

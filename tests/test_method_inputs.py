@@ -14,7 +14,7 @@ from pretrain.data.views import TwoViewDataset
 from pretrain.models import build_encoder
 from pretrain.utils import arg_util
 from pretrain.vicreg import standardize
-from tests.conftest import random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,10 @@ from finetune import data, evaluation
 from finetune.loss import ink_loss
 from finetune.metrics import average_precision, best_threshold, f05_at, ink_metrics
 from pretrain.data.segment import SegmentError, open_segment
-from tests.conftest import (FINETUNE_TINY, REPO_ROOT, SERVER_SEGMENT_ID, random_volume, rectangle_mask, write_png,
-                            write_server_segment, write_zarr_segment)
+from tests.conftest import FINETUNE_TINY, REPO_ROOT
 from tests.kill_at import kill_and_resume_training
+from tests.synthetic import (SERVER_SEGMENT_ID, random_volume, rectangle_mask, write_png, write_server_segment,
+                             write_zarr_segment)
 from tests.loopback_server import LoopbackServer
 
 UNKNOWN = data.UNKNOWN

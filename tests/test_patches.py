@@ -11,7 +11,8 @@ import torch
 from pretrain.data.patches import (EpochSampler, GridTileDataset, InputSettings, RandomPatchDataset, depth_window,
                                    normalize_patch, tile_origins)
 from pretrain.data.segment import SegmentError, open_segment
-from tests.conftest import REPO_ROOT, random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.conftest import REPO_ROOT
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 
 @pytest.fixture

@@ -14,9 +14,10 @@ from pretrain import checkpoint
 from pretrain.data.patches import InputSettings
 from pretrain.data.segment import SegmentError
 from pretrain.models import build_encoder
-from tests.conftest import (FINETUNE_SHAPE, FINETUNE_TINY, REPO_ROOT, SERVER_LAYER_SEGMENT_ID, SERVER_SEGMENT_ID,
-                            random_volume, rectangle_mask, write_png, write_zarr_segment)
+from tests.conftest import FINETUNE_SHAPE, FINETUNE_TINY, REPO_ROOT
 from tests.kill_at import run_killed, temporary_files
+from tests.synthetic import (SERVER_LAYER_SEGMENT_ID, SERVER_SEGMENT_ID, random_volume, rectangle_mask, write_png,
+                             write_zarr_segment)
 from tests.loopback_server import LoopbackServer
 from tests.test_pretrain import TINY as PRETRAIN_TINY
 from tests.test_pretrain import run_pretrain

@@ -11,7 +11,8 @@ import torch
 from pretrain import checkpoint
 from pretrain.data.patches import InputSettings
 from pretrain.models import build_encoder
-from tests.conftest import REPO_ROOT, hara_checkpoint, random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.conftest import REPO_ROOT, hara_checkpoint
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 TINY = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--samples_per_ep", "4",
         "--num_workers", "0", "--vis_every", "1", "--decoder_width", "32", "--base_lr", "0.1"]
@@ -105,8 +106,9 @@ def test_torchrun_two_processes_gloo(segment_path, tmp_path):
         (["--input_size", "70"], "input_size 70 is not a multiple of 32"),
         (["--depth", "8"], "grid (d, h, w) = (1, 2, 2) of cells (8, 32, 32); 'cell' masking needs at least 2 cells in depth"),
         (["--data_path", "20990101000000"], "20990101000000"),
+        (["--lr", "0.5"], "--lr is filled at runtime (base_lr × bs / 256: set base_lr), not a setting"),
     ],
-    ids=["missing-resume", "non-numeric", "input-size", "grid-too-small", "unknown-segment"],
+    ids=["missing-resume", "non-numeric", "input-size", "grid-too-small", "unknown-segment", "runtime-field"],
 )
 def test_bad_settings_give_one_clear_line(segment_path, tmp_path, monkeypatch, arguments, message):
     monkeypatch.setenv("VESUVIUS_DATA_URL", "http://127.0.0.1:9")  # nothing listens there: unknown IDs fail fast
@@ -198,3 +200,45 @@ def test_vicreg_run_from_a_kinetics_encoder_logs_its_terms_and_refuses_a_spark_r
     assert spark.returncode == 0, spark.stderr
     refused = run_pretrain([*vicreg, "--resume_from", str(tmp_path / "spark" / "resnet18_3d_tiny_withdecoder_spark_style.pth")])
     assert refused.returncode == 2 and "is a spark checkpoint; this run pretrains with vicreg" in refused.stderr
+
+
+# What a tiny run of each method wrote at commit 258a180, before methods became modules of one interface (issue 24):
+# each epoch's logged loss (and VICReg's terms), and sums over the tensors of the full checkpoint and of the encoder.
+# One torch thread: another thread count sums in another order. On this machine the runs are bit-identical
+# (also with num_workers 0); 1e-6 leaves room for another CPU's rounding, and any change of crop, view, mask,
+# schedule or step moves these numbers by far more.
+REFERENCE_RUNS = {
+    "spark": ([], {
+        "epoch 1 loss": 1.1944900155067444, "epoch 2 loss": 1.194882869720459,
+        "model_sum": 1618.190378791781, "model_square_sum": 2964.1320777966057, "encoder_sum": 1177.8772606380433}),
+    "vicreg": (["--method", "vicreg", "--bs", "4", "--samples_per_ep", "8", "--projector", "64-64"], {
+        "epoch 1 loss": 22.686811447143555, "epoch 1 vicreg__invariance": 0.2429780811071396,
+        "epoch 1 vicreg__variance": 0.6456049978733063, "epoch 1 vicreg__covariance": 0.4722348749637604,
+        "epoch 1 vicreg__embedding_std": 0.28488247096538544,
+        "epoch 2 loss": 21.301609992980957, "epoch 2 vicreg__invariance": 0.1927611231803894,
+        "epoch 2 vicreg__variance": 0.6389736533164978, "epoch 2 vicreg__covariance": 0.5082404315471649,
+        "epoch 2 vicreg__embedding_std": 0.2865765243768692,
+        "model_sum": 1344.3939888648724, "model_square_sum": 3575.6442180231725, "encoder_sum": 1251.5748822615656}),
+}
+
+
+@pytest.mark.parametrize("method", REFERENCE_RUNS)
+def test_a_tiny_run_writes_what_it_wrote_before_methods_became_modules(method, tmp_path):
+    volume = random_volume((65, 128, 128), seed=11)  # the module's segment, rebuilt: its fixture may change
+    segment = write_zarr_segment(tmp_path / "tiny.zarr", volume, chunks=(32, 64, 64))
+    write_png(segment / "mask.png", rectangle_mask((128, 128), margin=4))
+    default_workers = [argument for argument in TINY if argument not in ("--num_workers", "0")]  # as users run it
+    settings, expected = REFERENCE_RUNS[method]
+    result = run_pretrain([*default_workers, "--cpu_threads", "1", "--ep", "2", "--data_path", str(segment),
+                           "--exp_dir", str(tmp_path / "run"), *settings])
+    assert result.returncode == 0, result.stderr
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    written = {f"epoch {record['epoch']} {name}": value for record in records if record["event"] == "epoch"
+               for name, value in record.items() if name == "loss" or name.startswith("vicreg__")}
+    model_state = checkpoint.read(next((tmp_path / "run").glob("*_with*_style.pth")))["model"]
+    encoder_state = checkpoint.read(tmp_path / "run" / "resnet18_3d_tiny_timm_style.pth")["model"]
+    written["model_sum"] = sum(float(tensor.double().sum()) for tensor in model_state.values())
+    written["model_square_sum"] = sum(float(tensor.double().pow(2).sum()) for tensor in model_state.values())
+    written["encoder_sum"] = sum(float(tensor.double().sum()) for tensor in encoder_state.values())
+    assert written == pytest.approx(expected, rel=1e-6)

@@ -12,7 +12,7 @@ import torch.multiprocessing
 import pretrain.main
 from pretrain.data.segment import open_segment
 from pretrain.utils import arg_util, misc
-from tests.conftest import random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 
 @pytest.fixture(scope="module")

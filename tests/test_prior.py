@@ -14,7 +14,8 @@ import pytest
 from finetune import data
 from pretrain.data.segment import open_segment
 from pretrain.utils import run_log
-from tests.conftest import FINETUNE_TINY, REPO_ROOT, write_png
+from tests.conftest import FINETUNE_TINY, REPO_ROOT
+from tests.synthetic import write_png
 from tests.kill_at import kill_and_resume_training
 
 UNKNOWN = data.UNKNOWN

@@ -17,10 +17,10 @@ import pytest
 
 from pretrain.data.remote import INCOMPLETE_DIR, RemoteReadError
 from pretrain.data.segment import SegmentError, open_segment
-from tests.conftest import (REPO_ROOT, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS,
-                            assert_cache_holds_only_whole_chunks, cached_chunk_files, random_volume, rectangle_mask,
-                            server_folder, write_png, write_zarr_segment)
+from tests.conftest import REPO_ROOT, assert_cache_holds_only_whole_chunks, cached_chunk_files
 from tests.loopback_server import LoopbackServer
+from tests.synthetic import (SERVER_PATHS, SERVER_SEGMENTS, SERVER_SEGMENT_ID, random_volume, rectangle_mask,
+                             server_folder, write_png, write_zarr_segment)
 
 FAST_RETRY = {"http_retries": 6, "http_backoff_seconds": 0.01}
 CHUNKS_PRESENT = 17 * 2 * 2 - 17  # (65, 600, 530) in (4, 512, 512) chunks, less the all-zero column (1, 1)

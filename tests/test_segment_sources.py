@@ -6,7 +6,7 @@ import pytest
 import tifffile
 
 from pretrain.data.segment import SegmentError, open_segment, read_label_image
-from tests.conftest import random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])

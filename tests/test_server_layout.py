@@ -16,10 +16,11 @@ from finetune import data as finetune_data
 from pretrain.data import download
 from pretrain.data.segment import SegmentError, open_segment, read_label_image
 from pretrain.data.volume import convert_layers_to_zarr
-from tests.conftest import (REPO_ROOT, SERVER_LAYER_SEGMENT_ID, SERVER_PATHS, SERVER_SEGMENT_ID, SERVER_SEGMENTS,
-                            pad_to_tiles, random_volume, rectangle_mask, server_folder, write_png,
-                            write_server_layers, write_server_segment, write_zarr_segment)
+from tests.conftest import REPO_ROOT
 from tests.loopback_server import LoopbackServer
+from tests.synthetic import (SERVER_LAYER_SEGMENT_ID, SERVER_PATHS, SERVER_SEGMENTS, SERVER_SEGMENT_ID, pad_to_tiles,
+                             random_volume, rectangle_mask, server_folder, write_png, write_server_layers,
+                             write_server_segment, write_zarr_segment)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*cropped its bottom/right padding")
 LOGIN, PASSWORD = "reader", "s3cr3t-Pw"

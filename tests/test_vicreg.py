@@ -8,7 +8,7 @@ from pretrain.data.segment import open_segment
 from pretrain.data.views import DEPTH_OFFSETS, PIXEL_OFFSETS, TwoViewDataset
 from pretrain.models import build_encoder
 from pretrain.vicreg import VICReg, off_diagonal, vicreg_terms
-from tests.conftest import random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 
 def test_off_diagonal():

@@ -27,6 +27,12 @@ ZSCORE_EPSILON = 1e-6
 # A surface-following window searches this many layers above and below the centred window for the surface.
 SURFACE_SEARCH_LAYERS = 8
 SURFACE_SMOOTHING_PX = 4.0  # in-plane smoothing of the found surface: noise moves single columns, not the sheet
+# How much of a tile the segment's mask must cover (`min_mask_fraction`): three uses, three values on purpose.
+MOSTLY_PAPYRUS = 0.5  # tiles to learn from (pretraining crops, fine-tuning tiles): mostly papyrus, not background
+# tiles of an unsupervised feature map (evaluate/ink_map.py): its PCA is not spent on tiles of almost only
+# background, yet the papyrus' edges are mapped
+SOME_PAPYRUS = 0.05
+ANY_PAPYRUS = 1e-6  # tiles to predict or score (a held-out band, a contrast map): every tile that touches papyrus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +232,7 @@ def tile_origins(
     segment: Segment,
     tile_size: int,
     stride: int,
-    min_mask_fraction: float = 0.5,
+    min_mask_fraction: float = MOSTLY_PAPYRUS,
     min_ink_fraction: float = 0.0,
     region_yx: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -300,7 +306,7 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         segments: list[Segment],
         settings: InputSettings,
         samples_per_epoch: int,
-        min_mask_fraction: float = 0.5,
+        min_mask_fraction: float = MOSTLY_PAPYRUS,
         min_ink_fraction: float = 0.0,
         seed: int = 0,
     ) -> None:
@@ -352,7 +358,7 @@ class GridTileDataset(torch.utils.data.Dataset):
         segment: Segment,
         settings: InputSettings,
         stride: int,
-        min_mask_fraction: float = 0.5,
+        min_mask_fraction: float = MOSTLY_PAPYRUS,
         min_ink_fraction: float = 0.0,
         region_yx: np.ndarray | None = None,
         transform=None,

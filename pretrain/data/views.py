@@ -36,8 +36,9 @@ class TwoViewDataset(RandomPatchDataset):
     """Pairs of (1, depth, tile, tile) float32 views of the same random tile, keyed by (epoch, index) as
     RandomPatchDataset.
 
-    The base window starts `max(DEPTH_OFFSETS)` layers above the usual centred window, so both views stay
-    inside the volume; `augment=False` leaves only the z and pixel offsets (for checking them).
+    Both views are cut from one block: the usual window with `max(DEPTH_OFFSETS)` more layers below it (the
+    segment must have them), so each view's window starts 0 to `max(DEPTH_OFFSETS)` layers below the usual one;
+    `augment=False` leaves only the z and pixel offsets (for checking them).
     """
 
     def __init__(self, *args, augment: bool = True, **kwargs) -> None:

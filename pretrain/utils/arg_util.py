@@ -5,14 +5,15 @@ The defaults pretrain the 3D ResNet-50 on the generated demo segment (the README
 took on a 2-core CPU, and its "A CPU path" what suits a CPU). For real segments on a GPU, see the README
 (ScrollMAE-like: depth 32, input_size 256, bs 8, ep 500+).
 """
-import dataclasses
+import argparse
 import json
 import os
 import sys
 
 from tap import Tap
 
-from pretrain.data.patches import NORMALIZATIONS, InputSettings
+from pretrain import methods
+from pretrain.data.patches import MOSTLY_PAPYRUS, NORMALIZATIONS, InputSettings
 from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.utils.misc import git_commit
@@ -22,13 +23,34 @@ class ArgumentError(ValueError):
     """A setting that cannot work; the message names it."""
 
 
+# The fields filled at runtime, and what fills them (for the line that refuses one given on the command line).
+RUNTIME_FIELDS = {
+    "lr": "base_lr × bs / 256: set base_lr",
+    "batch_size_per_process": "bs ÷ processes: set bs",
+    "world_size": "the number of processes torchrun starts",
+    "device": "the GPU of this process when there is one, else the CPU",
+    "commit": "the repository's git commit",
+    "command": "the command line",
+    "voxel_dtype": "the segments' voxel dtype",
+}
+
+
+class RefuseRuntimeField(argparse.Action):
+    """A field of the "filled at runtime" block given on the command line: refused, since fill_runtime would
+    overwrite it without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is filled at runtime ({RUNTIME_FIELDS[self.dest]}), not a setting")
+
+
 class Args(Tap):
     # ---------------------------------------------------------------- experiment
     exp_name: str = "spark_demo"  # a label for this run (TensorBoard text, logs)
     exp_dir: str = "experiments/spark_demo"  # checkpoints, log.jsonl and tensorboard_logs/ go here
     resume_from: str = ""  # a *_withdecoder_spark_style.pth to continue; empty: continue exp_dir's own if it has one
     init_weight: str = ""  # encoder weights only: an encoder-only, SparK, VICReg or Kinetics (Hara r3d50_K*) checkpoint
-    method: str = "spark"  # "spark" (sparse masked autoencoder) or "vicreg" (two views, variance-invariance-covariance)
+    # "spark" (sparse masked autoencoder), "vicreg" (two views, variance-invariance-covariance): pretrain/methods.py
+    method: str = "spark"
 
     # ---------------------------------------------------------------- data
     data_path: list[str] = ["demo"]  # segment specs, mixed: IDs, "scroll4:ID", zarrs, layer folders, "demo[:seed]"
@@ -39,7 +61,7 @@ class Args(Tap):
     input_size: int = 96  # tile side in pixels (a multiple of 32); 96 gives a 3 × 3 grid of 32-pixel cells
     normalization: str = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per patch)
     float_range: list[float] = []  # LOW HIGH: a float volume's voxel values that stand for 0 and 1 (else refused)
-    min_mask_fraction: float = 0.5  # a crop needs at least this much papyrus (mask) under it
+    min_mask_fraction: float = MOSTLY_PAPYRUS  # a crop needs at least this much papyrus (mask) under it: 0.5
     samples_per_ep: int = 180  # crops per epoch (all processes together)
     num_workers: int = 2  # DataLoader workers per process (0: load in the main process)
     lru_mb: int = 512  # in-process cache of decoded chunks, per worker
@@ -81,7 +103,7 @@ class Args(Tap):
     vis_every: int = 50  # iterations between TensorBoard reconstruction images (0: only at epoch ends)
     keep_epoch_encoders: bool = False  # also keep each epoch's encoder in exp_dir/epochs/ (for CKA across epochs)
 
-    # ---------------------------------------------------------------- filled at runtime
+    # ---------------------------------------------------------------- filled at runtime (refused on the command line)
     lr: float = 0.0  # base_lr × bs / 256
     batch_size_per_process: int = 0
     world_size: int = 1
@@ -89,6 +111,10 @@ class Args(Tap):
     commit: str = ""
     command: str = ""
     voxel_dtype: str = ""  # the segments' voxel dtype(s), recorded with the input settings
+
+    def configure(self) -> None:
+        for name in RUNTIME_FIELDS:
+            self.add_argument(f"--{name}", type=str, action=RefuseRuntimeField, help=argparse.SUPPRESS)
 
     def process_args(self) -> None:
         problems = []
@@ -104,13 +130,10 @@ class Args(Tap):
             problems.append(f"float_range {self.float_range} is not two numbers LOW HIGH with LOW below HIGH")
         if not 0 < self.mask < 1:
             problems.append(f"mask {self.mask} is not between 0 and 1")
-        if self.method not in ("spark", "vicreg"):
-            problems.append(f"method {self.method!r} is not 'spark' or 'vicreg'")
-        if self.method == "vicreg" and self.normalization == "clip":
-            problems.append("normalization 'clip' does not fit method 'vicreg': VICReg standardises every view, so "
-                            "its encoder would see a scaling no tile reader gives; use 'range' or 'zscore'")
-        if self.method == "vicreg" and self.bs < 2:
-            problems.append("VICReg needs bs ≥ 2: its variance and covariance are taken over the batch")
+        if self.method not in methods.METHODS:
+            problems.append(f"method {self.method!r} is not {' or '.join(map(repr, methods.METHODS))}")
+        else:
+            problems += methods.get(self.method).problems(self)
         if len(self.vicreg_weights) != 3:
             problems.append(f"vicreg_weights needs 3 numbers (invariance, variance, covariance), got {self.vicreg_weights}")
         if self.opt not in ("lamb", "adamw"):
@@ -124,20 +147,19 @@ class Args(Tap):
 
     @property
     def checkpoint_path(self) -> str:
-        """The full checkpoint (resume): the encoder with SparK's decoder or VICReg's projector."""
-        part = "withdecoder_spark" if self.method == "spark" else "withprojector_vicreg"
-        return os.path.join(self.exp_dir, f"{self.model}_{part}_style.pth")
+        """The full checkpoint (resume): the encoder with the rest of the method's model (SparK's decoder,
+        VICReg's projector)."""
+        return os.path.join(self.exp_dir, f"{self.model}_{methods.get(self.method).checkpoint_part}_style.pth")
 
     @property
     def encoder_checkpoint_path(self) -> str:
         return os.path.join(self.exp_dir, f"{self.model}_timm_style.pth")
 
     def input_settings(self) -> InputSettings:
-        """How the encoder sees tiles: recorded in every checkpoint, so the encoder is used as it was trained.
-        VICReg standardises every view inside its model (pretrain.vicreg.standardize, the "zscore" formula), so
-        its encoder sees "zscore" tiles whatever the reader's scaling."""
-        settings = self.reader_settings()
-        return dataclasses.replace(settings, normalization="zscore") if self.method == "vicreg" else settings
+        """How the encoder sees tiles: recorded in every checkpoint, so the encoder is used as it was trained. A
+        method may change its input inside its model: VICReg standardises every view (pretrain.vicreg.standardize,
+        the "zscore" formula), so its encoder sees "zscore" tiles whatever the reader's scaling."""
+        return methods.get(self.method).input_settings(self.reader_settings())
 
     def reader_settings(self) -> InputSettings:
         """How the pretraining datasets cut and scale tiles, before a method's own normalisation."""

@@ -24,7 +24,7 @@ def wd_at(iteration: int, wd: float, wd_end: float, total_iterations: int) -> fl
 
 def apply(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
         group["weight_decay"] = weight_decay * group.get("weight_decay_scale", 1.0)
 
 
