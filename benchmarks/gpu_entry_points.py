@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from finetune.inference import covering_origins  # noqa: E402
+from pretrain import checkpoint  # noqa: E402
 from pretrain.data.patches import SOME_PAPYRUS, tile_origins  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
@@ -245,7 +246,7 @@ def run_all(args, work_dir: pathlib.Path, segment, gpu_count: int) -> list[dict]
                             f"2 epochs × {args.steps} steps", **pretraining_measures(work_dir / method))
         results.append(result)
 
-    encoder_path = work_dir / "spark" / f"{args.model}_timm_style.pth"
+    encoder_path = checkpoint.encoder_file(work_dir / "spark", args.model)
     if encoder_path.is_file():
         command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", "finetune",
                    "--OUTPUT_DIR", str(work_dir), "--segment_id", args.segment, "--pretrained_path", str(encoder_path),

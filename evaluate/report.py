@@ -99,14 +99,13 @@ def pretrain(args) -> dict:
     results, encoders = {}, {}
     for name, (settings, description) in runs.items():
         exp_dir, command = exp_dirs[name], commands[name]
-        encoders[name] = str(exp_dir / f"{args.model}_timm_style.pth")
+        encoders[name] = str(checkpoint.encoder_file(exp_dir, args.model))
         settings_used = checkpoint.input_settings(checkpoint.read(encoders[name]))
         arguments = run_log.records(exp_dir, "start")[0]["args"]
         results[name] = {"command": command, "description": description, "exp_dir": str(exp_dir),
                          "input": settings_used.as_dict(), "samples_per_epoch": arguments["samples_per_ep"],
                          "batch_size": arguments["bs"], "epochs": run_log.epochs(exp_dir)}
-    early = args.work / "spark" / "epochs" / f"{args.model}_timm_style_ep{args.cka_every:03d}.pth"
-    encoders[f"spark_ep{args.cka_every}"] = str(early)
+    encoders[f"spark_ep{args.cka_every}"] = str(checkpoint.encoder_file(args.work / "spark", args.model, args.cka_every))
     save_results(args, "pretraining", results)
     return encoders
 
@@ -199,8 +198,8 @@ def representations(args, encoders: dict) -> None:
             options = options[:at] + options[at + 2:]
         return [*options, "--segment", args.segment, *shlex.split(args.feature_args)]
 
-    cka_checkpoints = {"random": "random", **{f"spark ep{epoch}": str(
-        args.work / "spark" / "epochs" / f"{args.model}_timm_style_ep{epoch:03d}.pth") for epoch in spark_epochs},
+    cka_checkpoints = {"random": "random", **{f"spark ep{epoch}": str(checkpoint.encoder_file(args.work / "spark", args.model, epoch))
+                                              for epoch in spark_epochs},
         "vicreg": encoders["vicreg"]}
     command = run_step("CKA", ["evaluate/cka.py", "--checkpoints", *cka_checkpoints.values(), "--labels",
                                *cka_checkpoints, "--output", str(args.work / "cka"), *feature_options(settings, False)],

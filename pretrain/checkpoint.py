@@ -47,6 +47,14 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe, or made for another model; the message names which."""
 
 
+def encoder_file(exp_dir: str | os.PathLike, model: str, epoch: int | None = None) -> pathlib.Path:
+    """Where a pretraining run in `exp_dir` writes its encoder for fine-tuning: `<model>_timm_style.pth` (SparK's
+    name, which every method keeps), or with `epoch`, that epoch's copy (--keep_epoch_encoders) in epochs/."""
+    if epoch is None:
+        return pathlib.Path(exp_dir) / f"{model}_timm_style.pth"
+    return pathlib.Path(exp_dir) / "epochs" / f"{model}_timm_style_ep{epoch:03d}.pth"
+
+
 def kinds() -> tuple[str, ...]:
     """Every kind a file is written as: each registered method's (full pretraining checkpoints), then the others."""
     return (*methods.METHODS, *ENCODER_PREFIXES)

@@ -94,8 +94,8 @@ def save_encoders(args: arg_util.Args, model: torch.nn.Module, epoch: int) -> No
         return
     paths = [args.encoder_checkpoint_path]
     if args.keep_epoch_encoders:
-        os.makedirs(os.path.join(args.exp_dir, "epochs"), exist_ok=True)
-        paths.append(os.path.join(args.exp_dir, "epochs", f"{args.model}_timm_style_ep{epoch + 1:03d}.pth"))
+        paths.append(checkpoint.encoder_file(args.exp_dir, args.model, epoch + 1))
+        paths[-1].parent.mkdir(exist_ok=True)
     encoder = methods.get(args.method).dense_encoder(model)
     for path in paths:
         checkpoint.save(path, "encoder", encoder.state_dict(), args.input_settings(), method=args.method,

@@ -12,7 +12,7 @@ import sys
 
 from tap import Tap
 
-from pretrain import methods
+from pretrain import checkpoint, methods
 from pretrain.data.patches import MOSTLY_PAPYRUS, NORMALIZATIONS, InputSettings
 from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
@@ -153,7 +153,7 @@ class Args(Tap):
 
     @property
     def encoder_checkpoint_path(self) -> str:
-        return os.path.join(self.exp_dir, f"{self.model}_timm_style.pth")
+        return str(checkpoint.encoder_file(self.exp_dir, self.model))
 
     def input_settings(self) -> InputSettings:
         """How the encoder sees tiles: recorded in every checkpoint, so the encoder is used as it was trained. A
