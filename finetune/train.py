@@ -139,10 +139,6 @@ NO_SKILL_MARGIN = 0.05
 GENERALISATION_GROUPS = ("validation_", "unlabelled_area_", "labelled_tiles_")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 @dataclasses.dataclass
 class RunState:
     """What resuming needs besides weights and optimizer; saved in every checkpoint."""
@@ -308,17 +304,11 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, state, tensorbo
         with dist.autocast(device):
             logits_b1hw = ddp_model(volume_b1dhw)
         loss = ink_loss(logits_b1hw.float(), labels_b1hw, config.LABEL_SMOOTHING)
-        loss_value = dist.all_reduce_mean(loss).item()  # the mean over processes: every rank stops together
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"loss is {loss_value} at epoch {state.epoch + 1}, step {state.global_step}; "
-                                     "stopping (last.pth holds the last good epoch); try a lower LR")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], config.CLIP if config.CLIP > 0 else math.inf)
-        optimizer.step()
+        loss_value, grad_norm = schedule.optimizer_step(loss, model, optimizer, config.CLIP,
+                                                        f"epoch {state.epoch + 1}, step {state.global_step}",
+                                                        "last.pth holds the last good epoch; try a lower LR")
         loss_sum += loss_value
-        tensorboard.scalars(state.global_step, train__loss=loss_value, train__grad_norm=float(grad_norm), hp__lr=lr)
+        tensorboard.scalars(state.global_step, train__loss=loss_value, train__grad_norm=grad_norm, hp__lr=lr)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
         state.global_step += 1
     return loss_sum / iterations_per_epoch
@@ -585,8 +575,9 @@ if __name__ == "__main__":
     misc.show_warnings_as_lines()
     try:
         exit_code = main()
-    except (ConfigError, SegmentError, RemoteReadError, checkpoint.CheckpointError, NonFiniteLossError) as error:
+    except (ConfigError, SegmentError, RemoteReadError, checkpoint.CheckpointError,
+            schedule.NonFiniteLossError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
-        sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)
+        sys.exit(2 if not isinstance(error, schedule.NonFiniteLossError) else 1)
     dist.finalize()  # main() has returned, so its DDP model is gone before the process group
     sys.exit(exit_code)

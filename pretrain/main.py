@@ -11,7 +11,6 @@ Writes to exp_dir, every epoch and atomically: the full checkpoint (`<model>_wit
 (encoder weights only, dense names, for fine-tuning), plus `log.jsonl` and `tensorboard_logs/`. Running
 the same command again continues where it stopped.
 """
-import math
 import os
 import pathlib
 import sys
@@ -29,10 +28,6 @@ from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
 from pretrain.utils import arg_util, misc, schedule  # noqa: E402
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def build_model(args: arg_util.Args) -> torch.nn.Module:
@@ -142,17 +137,9 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
             (args.vis_every and global_step % args.vis_every == 0) or iteration == iterations_per_epoch - 1)
         with dist.autocast(device, enabled=args.amp):
             loss, method_scalars, panels = method.training_step(ddp_model, batch, device, show)
-        # Decided on the mean over processes, so every rank stops at the same step with the same message
-        # (a rank stopping alone would leave the others waiting in backward for the collective timeout).
-        loss_value = dist.all_reduce_mean(loss).item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {epoch + 1}, iteration {iteration}; stopping. The last good "
-                f"checkpoint is {args.checkpoint_path}; try a lower base_lr or a stricter clip")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
-        optimizer.step()
+        loss_value, grad_norm = schedule.optimizer_step(
+            loss, model, optimizer, args.clip, f"epoch {epoch + 1}, iteration {iteration}",
+            f"The last good checkpoint is {args.checkpoint_path}; try a lower base_lr or a stricter clip")
 
         loss_sum += loss_value
         for name, value in method_scalars.items():
@@ -160,7 +147,7 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
         step_seconds_now = time.perf_counter() - tick
         step_seconds += step_seconds_now
         samples_per_second = args.bs / max(step_seconds_now, 1e-9)
-        tensorboard.scalars(global_step, train__loss=loss_value, hp__lr=lr, hp__wd=wd, train__grad_norm=float(grad_norm),
+        tensorboard.scalars(global_step, train__loss=loss_value, hp__lr=lr, hp__wd=wd, train__grad_norm=grad_norm,
                             perf__samples_per_s=samples_per_second, **method_scalars)
         if panels is not None:
             tensorboard.image(method.image_tag, middle_layer_image(panels), global_step)
@@ -249,9 +236,10 @@ if __name__ == "__main__":
     misc.show_warnings_as_lines()
     try:
         exit_code = main()
-    except (arg_util.ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError, NonFiniteLossError) as error:
+    except (arg_util.ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError,
+            schedule.NonFiniteLossError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
-        sys.exit(2 if not isinstance(error, NonFiniteLossError) else 1)
+        sys.exit(2 if not isinstance(error, schedule.NonFiniteLossError) else 1)
     except RuntimeError as error:  # under torchrun: another rank stalled at a collective operation
         stalled = dist.stalled_rank_line(error)
         if stalled is None:

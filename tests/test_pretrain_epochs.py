@@ -89,7 +89,7 @@ def distributed_worker(rank: int, port: int, segment_path: str, folder: str, epo
     try:
         run_epochs(args, epochs, model)
         results.put((rank, "done", [draw.tolist() for draw in model.draws]))
-    except pretrain.main.NonFiniteLossError as error:
+    except pretrain.utils.schedule.NonFiniteLossError as error:
         results.put((rank, "stopped", str(error)))
     torch.distributed.destroy_process_group()
 

@@ -1,4 +1,5 @@
-"""Learning-rate and weight-decay schedules, per iteration (as SparK's lr_control does).
+"""Learning-rate and weight-decay schedules, per iteration (as SparK's lr_control does), and the optimizer step
+both training scripts take.
 
 lr: linear warm-up from ~0 to the peak over the warm-up iterations, then half-cosine down to
 `min_lr_ratio` × peak. wd: half-cosine from `wd` to `wd_end` over the whole run (SparK raises weight
@@ -8,6 +9,29 @@ tokens) keep zero weight decay.
 import math
 
 import torch
+
+from pretrain import dist
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: the run stops, its last checkpoint intact."""
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip: float,
+                   where: str, advice: str) -> tuple[float, float]:
+    """One training step of either script: the loss checked, backward, the gradients clipped to norm `clip` (0: no
+    clip), the step. Returns (the loss averaged over processes, the gradient norm before clipping). The check uses
+    the average, so every rank stops at the same step with the same message (a rank stopping alone would leave the
+    others waiting in backward for the collective timeout). `where` and `advice` complete its message."""
+    loss_value = dist.all_reduce_mean(loss).item()
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(f"loss is {loss_value} at {where}; stopping. {advice}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([parameter for parameter in model.parameters() if parameter.requires_grad],
+                                               clip if clip > 0 else math.inf)
+    optimizer.step()
+    return loss_value, float(grad_norm)
 
 
 def lr_at(iteration: int, peak_lr: float, warmup_iterations: int, total_iterations: int, min_lr_ratio: float = 0.01) -> float:
