@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 from finetune import inference, outputs  # noqa: E402
-from finetune.outputs import output_name, output_names  # noqa: E402,F401 - output_name: how a segment's files are named
+from finetune.outputs import output_name, output_names  # noqa: E402,F401 - predict.output_name stays its public name
 from finetune.model import InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import DepthWindow, InputSettings, check_voxel_dtype, normalize_patch  # noqa: E402

@@ -239,7 +239,8 @@ class LabelFiles(typing.NamedTuple):
 
 
 def label_files(config) -> list[LabelFiles]:
-    """Each segment's label files (specs_of's order): a label setting gives one file for all, or one per segment."""
+    """Each segment's label files (specs_of's order): a label setting is None for every segment, or gives one file
+    per segment (a single file for a one-segment run)."""
     count = len(specs_of(config))
     columns = []
     for name in ("inklabel_path", "negatives_path", "mask_path"):
@@ -300,17 +301,18 @@ class RunSegment:
 
 def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
     """Every segment of the run (specs_of's order), opened, with its labels read and its tiles split."""
-    training_specs = as_list(config.segment_id)
-    for spec in as_list(config.VALIDATION_SEGMENTS):
-        if spec in training_specs:
+    training_specs, specs = as_list(config.segment_id), specs_of(config)
+    for index, spec in enumerate(specs):
+        if spec in training_specs and index >= len(training_specs):
             raise ConfigError(f"segment {spec} is in both segment_id and VALIDATION_SEGMENTS: a validation segment "
                               "must be one the model never trains on")
-    specs = specs_of(config)
+        if spec in specs[:index]:
+            raise ConfigError(f"segment {spec} is given twice")
     run_segments = []
-    for spec, name, files in zip(specs, outputs.output_names(specs), label_files(config)):
+    for index, (spec, name, files) in enumerate(zip(specs, outputs.output_names(specs), label_files(config))):
         segment = open_segment(spec)
         human = load_labels(config, segment, files)
-        trains = len(run_segments) < len(training_specs)
+        trains = index < len(training_specs)
         if trains:
             held_out, origins = split(config, settings, dataclasses.replace(segment, inklabels=human.training_yx),
                                       painted_chooses=human.negatives_yx is not None)

@@ -133,10 +133,12 @@ def test_a_band_of_each_segment_is_held_out_and_pooled(demo_family_cache, labell
     (["--segment_id", "demo:1", "demo:2", "--VALIDATION_SEGMENTS", "demo:2"],
      "segment demo:2 is in both segment_id and VALIDATION_SEGMENTS"),
     (["--segment_id", "demo:1", "demo:2", "--scheme", "iterative"], "scheme 'iterative' labels one segment at a time"),
+    (["--segment_id", "demo:1", "demo:2", "demo:1"], "segment demo:1 is given twice"),
     (["--segment_id", "demo:1", "--VALIDATION_SEGMENTS", "demo:2", "--save_path", "prediction.png"],
      "save_path names one prediction PNG"),
     (["--SEGMENT_SAMPLING", "most"], "SEGMENT_SAMPLING 'most' is not one of area, equal"),
-], ids=["too-few-label-files", "too-many-label-files", "trained-and-validated", "iterative", "save-path", "sampling"])
+], ids=["too-few-label-files", "too-many-label-files", "trained-and-validated", "iterative", "twice", "save-path",
+        "sampling"])
 def test_segment_setting_errors_name_the_problem_and_write_nothing(demo_family_cache, tmp_path, monkeypatch, extra,
                                                                    message):
     monkeypatch.setenv("SEGMENT_CACHE_DIR", str(demo_family_cache))
