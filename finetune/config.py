@@ -9,7 +9,8 @@ Given the entry script's file, it also reads the script's own words about each s
 shows them: the comment on a setting's line, or else the comment lines just above it. Comment lines above
 a setting that has its own line comment open a group of settings (`# optimisation`) and are shown as that
 group's heading. A setting annotated `int` (or `int | None`, `Optional[int]`) takes that type, a None default
-included.
+included. One annotated `str | list[str]` (with or without `| None`) takes one value or several: `--segment_id A B`
+gives the list ["A", "B"], `--segment_id A` the plain "A", so a one-value setting reads as it always has.
 
 The script's own values are checked too (`check_in_file_settings`), since they are edited as often as the
 command line: a setting the script never reads (`NUM_EPOCH = 2` for NUM_EPOCHS) is one error with the
@@ -52,33 +53,49 @@ class SettingSource:
     heading: str = ""  # the comment lines that open a group of settings here ('' when none does)
     description: str = ""  # the setting's line comment, or the comment lines just above it
     annotation: str = ""  # as written (`int | None`), '' when there is none
-    value_type: type | None = None  # X of an `X` or `X | None` annotation (X one of bool, int, float, str)
+    value_type: type | None = None  # X of an `X`, `X | None` or `X | list[X]` annotation (X one of bool, int, float, str)
     allows_none: bool = False  # the annotation is `X | None` or `Optional[X]`
     line: int = 0  # where the setting is assigned (the last time)
+    allows_list: bool = False  # the annotation is `X | list[X]` (or `X | list[X] | None`): one value or several
+
+
+def _is_setting_value(value) -> bool:
+    """A plain value, or a list of them (a setting that takes several values)."""
+    if type(value) is list:
+        return all(type(item) in SETTING_TYPES for item in value)
+    return type(value) in SETTING_TYPES
 
 
 def settings_in(namespace: dict) -> dict:
-    """The plain-valued, public names of a module namespace (its settings), in definition order."""
-    return {name: value for name, value in namespace.items()
-            if not name.startswith("_") and type(value) in SETTING_TYPES}
+    """The plain-valued (or list-of-plain-valued), public names of a module namespace (its settings), in
+    definition order."""
+    return {name: value for name, value in namespace.items() if not name.startswith("_") and _is_setting_value(value)}
 
 
-def _annotated_type(annotation: ast.expr | None) -> tuple[type | None, bool]:
-    """(X, whether None is allowed) for an `X`, `X | None` or `Optional[X]` annotation with X one of bool, int,
-    float, str; (None, False) for anything else."""
-    if annotation is None:
-        return None, False
+def _union_members(annotation: ast.expr) -> list[ast.expr]:
+    """The members of `A | B | C` or `Optional[A]` (as `A | None`), however nested; [annotation] for anything else."""
     if isinstance(annotation, ast.BinOp) and isinstance(annotation.op, ast.BitOr):
-        members = [annotation.left, annotation.right]
-    elif isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) in ("Optional", "typing.Optional"):
-        members = [annotation.slice]
-    else:
-        members = [annotation]
+        return _union_members(annotation.left) + _union_members(annotation.right)
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) in ("Optional", "typing.Optional"):
+        return [*_union_members(annotation.slice), ast.Constant(None)]
+    return [annotation]
+
+
+def _annotated_type(annotation: ast.expr | None) -> tuple[type | None, bool, bool]:
+    """(X, whether None is allowed, whether a list is) for an `X`, `X | None`, `Optional[X]`, `X | list[X]` or
+    `X | list[X] | None` annotation with X one of bool, int, float, str; (None, False, False) for anything else."""
+    if annotation is None:
+        return None, False, False
+    members = _union_members(annotation)
     named = [ast.unparse(member) for member in members
              if not (isinstance(member, ast.Constant) and member.value is None)]
+    if len(named) == 2 and named[1] == f"list[{named[0]}]":
+        named, allows_list = named[:1], True
+    else:
+        allows_list = False
     if len(named) != 1 or named[0] not in ANNOTATION_TYPES:
-        return None, False
-    return ANNOTATION_TYPES[named[0]], len(named) < len(members)
+        return None, False, False
+    return ANNOTATION_TYPES[named[0]], len(named) + allows_list < len(members), allows_list
 
 
 def _assigned_name(statement: ast.stmt) -> tuple[str | None, ast.expr | None]:
@@ -115,13 +132,16 @@ def read_script(source_file: str | os.PathLike, names) -> tuple[str, dict[str, S
             row -= 1
         above_text = " ".join(line for line in above if not RULE_COMMENT.fullmatch(line))
         heading, description = (above_text, line_comment) if line_comment else ("", above_text)
+        value_type, allows_none, allows_list = _annotated_type(annotation)
         sources[name] = SettingSource(heading, description, ast.unparse(annotation) if annotation else "",
-                                      *_annotated_type(annotation), statement.lineno)
+                                      value_type, allows_none, statement.lineno, allows_list)
     return (ast.get_docstring(module, clean=False) or "").strip(), sources
 
 
 def _shown(value) -> str:
     """A default as it would be typed after `--NAME=`."""
+    if isinstance(value, list):
+        return " ".join(map(_shown, value))
     return shlex.quote(value) if isinstance(value, str) else str(value)
 
 
@@ -137,8 +157,8 @@ def settings_help(defaults: dict, source_file: str | os.PathLike | None = None) 
         source = sources.get(name, SettingSource())
         if source.heading:
             parts += ["", textwrap.fill(source.heading, HELP_WIDTH, break_on_hyphens=False)]
-        # The type is shown where the default does not show it: a None default, or one that may become None.
-        shows_type = source.annotation and (value is None or source.allows_none)
+        # The type is shown where the default does not show it: a None default, or one that may become None or a list.
+        shows_type = source.annotation and (value is None or source.allows_none or source.allows_list)
         parts.append(f"  --{name}={_shown(value)}" + (f"  ({source.annotation})" if shows_type else ""))
         if source.description:
             parts.append(textwrap.fill(source.description, HELP_WIDTH, initial_indent=" " * 6,
@@ -210,20 +230,30 @@ def apply_overrides(defaults: dict, argv: list[str], source_file: str | os.PathL
         name, has_value, text = argument[2:].partition("=")
         if name not in defaults:
             raise ConfigError(unknown_setting_message(name, defaults))
-        if not has_value:
-            if index + 1 >= len(argv):
-                raise ConfigError(f"--{name} needs a value")
-            index += 1
-            text = argv[index]
-        values[name] = _convert(name, text, defaults[name], sources.get(name, SettingSource()))
+        source = sources.get(name, SettingSource())
+        texts = [text] if has_value else []
         index += 1
+        if source.allows_list:  # every value up to the next --NAME
+            while index < len(argv) and not argv[index].startswith("--"):
+                texts.append(argv[index])
+                index += 1
+        elif not has_value and index < len(argv):
+            texts.append(argv[index])
+            index += 1
+        if not texts:
+            raise ConfigError(f"--{name} needs a value")
+        converted = [_convert(name, text, defaults[name], source) for text in texts]
+        values[name] = converted[0] if len(converted) == 1 else converted
     return Config(**values)
 
 
-def _has_type(value, expected: type, allows_none: bool) -> bool:
-    """Whether `value` is of the annotated type; an int is a float too, but a bool is not an int."""
+def _has_type(value, expected: type, allows_none: bool, allows_list: bool = False) -> bool:
+    """Whether `value` is of the annotated type; an int is a float too, but a bool is not an int. A list setting's
+    value may be a non-empty list of such values."""
     if value is None:
         return allows_none
+    if type(value) is list:
+        return allows_list and bool(value) and all(_has_type(item, expected, allows_none) for item in value)
     return type(value) is expected or (expected is float and type(value) is int)
 
 
@@ -260,8 +290,9 @@ def check_in_file_settings(defaults: dict, source_file: str | os.PathLike, reade
         elif source.value_type is None:
             problems.append(f"{where}: setting {name} = {value!r} has no type annotation, so its value cannot be "
                             f"checked; write it as {name}: <type> = ..., as every setting is written")
-        elif not _has_type(value, source.value_type, source.allows_none):
+        elif not _has_type(value, source.value_type, source.allows_none, source.allows_list):
             expected = source.value_type.__name__ + (" or None" if source.allows_none else "")
+            expected += f" or a list of {source.value_type.__name__}" if source.allows_list else ""
             problems.append(f"{where}: {name} expects {expected}, got {value!r}")
     problems += [f"setting {name} is missing from the top of {script.name}, which reads it"
                  for name in sorted(missing - suggested)]

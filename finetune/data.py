@@ -7,8 +7,12 @@ The split. Scheme "validation" holds out one contiguous band of the segment that
 and no-ink, and no training tile touches it: ScrollMAE's early evaluation leaked because its
 validation crops overlapped training crops. Scheme "iterative" trains on every tile that holds
 labelled ink and has no held-out set: its test is a person looking at the prediction.
+
+Several segments. Their training tiles form one dataset (`TrainingTiles`), and `SegmentMixSampler` draws each
+epoch from it so that each segment gives its share of the tiles: in proportion to its labelled area, or equally.
 """
 import dataclasses
+import math
 import pathlib
 import random
 
@@ -245,6 +249,68 @@ def validation_origins(segment: Segment, tile_size: int, box: Box) -> np.ndarray
     """Non-overlapping tiles on the box wherever it holds papyrus. The box starts and ends on the tile
     grid, so every held-out pixel is counted once (up to a segment edge that is not a whole tile)."""
     return tile_origins(segment, tile_size, tile_size, min_mask_fraction=ANY_PAPYRUS, region_yx=box.region_yx(segment.shape[1:]))
+
+
+class TrainingTiles(torch.utils.data.ConcatDataset):
+    """The training tiles of every training segment, one segment's after another's, with the augmentation they
+    share (`reseed_worker` reseeds it in each DataLoader worker)."""
+
+    def __init__(self, datasets: list[GridTileDataset], transform) -> None:
+        super().__init__(datasets)
+        self.transform = transform
+
+
+def segment_shares(labelled_pixels: list[int], equal: bool) -> list[float]:
+    """Each training segment's share of an epoch's tiles: in proportion to its labelled pixels, or equal."""
+    total = sum(labelled_pixels)
+    if equal or total == 0:
+        return [1 / len(labelled_pixels)] * len(labelled_pixels)
+    return [pixels / total for pixels in labelled_pixels]
+
+
+class SegmentMixSampler(torch.utils.data.Sampler):
+    """This process's indices into `TrainingTiles` for one epoch, reshuffled per (seed, epoch).
+
+    An epoch holds the tiles of every segment, repeated as a whole until it holds at least `min_tiles`; of those
+    draws each segment takes its share (`segment_shares`): all of its tiles as often as the share allows, and the
+    rest a random subset of them, drawn anew each epoch. The draws are then shuffled and dealt to the processes as
+    DistributedSampler (drop_last) deals them, so that with one segment an epoch is exactly DistributedSampler's
+    over the tiles repeated up to `min_tiles`."""
+
+    def __init__(self, tile_counts: list[int], shares: list[float], min_tiles: int, seed: int, rank: int,
+                 world_size: int) -> None:
+        total = sum(tile_counts)
+        self.length = max(1, math.ceil(min_tiles / total)) * total  # draws per epoch, all processes together
+        self.tile_counts, self.seed, self.rank, self.world_size = tile_counts, seed, rank, world_size
+        # Largest remainder: the draws add up to exactly `length` however the shares round.
+        wanted = [share * self.length for share in shares]
+        self.draws = [int(value) for value in wanted]
+        by_remainder = sorted(range(len(wanted)), key=lambda index: self.draws[index] - wanted[index])
+        for index in by_remainder[:self.length - sum(self.draws)]:
+            self.draws[index] += 1
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length // self.world_size
+
+    def __iter__(self):
+        drawn, offset = [], 0
+        for index, (tiles, draws) in enumerate(zip(self.tile_counts, self.draws)):
+            whole, rest = divmod(draws, tiles)
+            picked = np.tile(np.arange(tiles), whole)
+            if rest:
+                subset = np.random.default_rng([self.seed, self.epoch, index]).permutation(tiles)[:rest]
+                picked = np.concatenate([picked, subset])
+            drawn.append(offset + picked)
+            offset += tiles
+        drawn = np.concatenate(drawn)  # (length,) indices, segment by segment
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)  # DistributedSampler's shuffle
+        shuffled = drawn[torch.randperm(self.length, generator=generator).numpy()]
+        return iter(shuffled[self.rank:len(self) * self.world_size:self.world_size].tolist())
 
 
 # ---------------------------------------------------------------- augmentation

@@ -3,7 +3,12 @@
 Each set of labels is scored only where it is fair: the held-out band (scheme "validation"); in scheme
 "iterative", the tiles trained on (how well the labels are fitted) and, when the segment has full labels
 of its own, everywhere training saw no label (how well it found the letters nobody labelled).
+
+A run on several segments scores each held-out region alone and all of them pooled: the pooled F0.5 and AUC
+are those of every held-out pixel of every segment together, not a mean of the segments' scores.
 """
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -12,11 +17,29 @@ from finetune.data import UNKNOWN, Box, tiles_region
 from finetune.metrics import all_ink_f05, average_precision, best_threshold, f05_at, ink_metrics
 
 
+@dataclasses.dataclass
+class HeldOutScores:
+    """What the validation of one segment's held-out region scored, kept so that several segments can be pooled."""
+
+    loss_sum: float  # over its tiles
+    tile_count: int
+    probabilities: np.ndarray  # (P,) float32 of the scored pixels
+    is_ink: np.ndarray  # (P,) bool
+
+
+def pooled_metrics(parts: list[HeldOutScores]) -> dict:
+    """Loss per tile, and F0.5 / AUC / IoU over every scored pixel of `parts` together."""
+    loss = sum(part.loss_sum for part in parts) / max(1, sum(part.tile_count for part in parts))
+    pixel_metrics = ink_metrics(np.concatenate([part.probabilities for part in parts]),
+                                np.concatenate([part.is_ink for part in parts]))
+    return {"loss": loss, **pixel_metrics.as_dict()}
+
+
 @torch.no_grad()
 def validate(model, loader, loss_function, device: torch.device, labels_yx: np.ndarray, mask_yx: np.ndarray,
-             box: Box) -> tuple[dict, np.ndarray]:
-    """Loss over the held-out tiles and F0.5 / AUC / IoU over their papyrus pixels, and the band's (h, w)
-    probability map. Held-out tiles do not overlap, so each pixel is predicted and counted once."""
+             box: Box) -> tuple[HeldOutScores, np.ndarray]:
+    """The held-out tiles' loss and scored papyrus pixels (`pooled_metrics([scores])` gives their metrics), and
+    the band's (h, w) probability map. Held-out tiles do not overlap, so each pixel is predicted and counted once."""
     model.eval()
     loss_sum, tile_count, tiles = 0.0, 0, []
     for batch in loader:
@@ -38,9 +61,9 @@ def validate(model, loader, loss_function, device: torch.device, labels_yx: np.n
             covered_hw[rows, columns] = True
     band_labels_hw = labels_yx[box.y0:box.y1, box.x0:box.x1]
     scored_hw = covered_hw & mask_yx[box.y0:box.y1, box.x0:box.x1] & (band_labels_hw != UNKNOWN)
-    pixel_metrics = ink_metrics(band_probabilities_hw[scored_hw], band_labels_hw[scored_hw] == 1)
-    loss = sum(item[0] for item in gathered) / max(1, sum(item[1] for item in gathered))
-    return {"loss": loss, **pixel_metrics.as_dict()}, band_probabilities_hw
+    scores = HeldOutScores(sum(item[0] for item in gathered), sum(item[1] for item in gathered),
+                           band_probabilities_hw[scored_hw], band_labels_hw[scored_hw] == 1)
+    return scores, band_probabilities_hw
 
 
 def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, region_yx: np.ndarray,
@@ -54,9 +77,8 @@ def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, regi
     known_yx = labels_yx != UNKNOWN
     seen_yx = tiles_region(train_origins, tile_size, labels_yx.shape) & region_yx
     if held_out is not None:
-        band_yx = held_out.region_yx(labels_yx.shape) & region_yx & known_yx
-        report = ink_metrics(probabilities_yx[band_yx], labels_yx[band_yx] == 1).as_dict("validation_")
-        report["validation_average_precision"] = average_precision(probabilities_yx[band_yx], labels_yx[band_yx] == 1)
+        band_yx = held_out_pixels(labels_yx, region_yx, held_out)
+        report = validation_metrics(probabilities_yx[band_yx], labels_yx[band_yx] == 1)
         # The band's F0.5 at a threshold it did not choose: the best one on the labelled tiles trained on.
         calibration_yx = seen_yx & known_yx & ~held_out.region_yx(labels_yx.shape)
         calibration_labels = labels_yx[calibration_yx] == 1
@@ -74,10 +96,23 @@ def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, regi
     return report
 
 
-def describe(metrics: dict) -> str:
-    """F0.5 (its threshold, and chance: calling every pixel ink) and AUC of metrics as `validate` or
-    `prediction_metrics` return them, for a person: an F0.5 means nothing without the chance level of its pixels."""
-    groups = {"": "", "validation_": "held-out band ", "labelled_tiles_": "labelled tiles ",
+def held_out_pixels(labels_yx: np.ndarray, region_yx: np.ndarray, held_out: Box) -> np.ndarray:
+    """(Y, X) bool: the pixels a prediction is scored on in the held-out region (known labels, in the region)."""
+    return held_out.region_yx(labels_yx.shape) & region_yx & (labels_yx != UNKNOWN)
+
+
+def validation_metrics(probabilities: np.ndarray, is_ink: np.ndarray) -> dict:
+    """The `validation_` metrics of a prediction's held-out pixels, one segment's or several pooled (P,) each."""
+    report = ink_metrics(probabilities, is_ink).as_dict("validation_")
+    report["validation_average_precision"] = average_precision(probabilities, is_ink)
+    return report
+
+
+def describe(metrics: dict, held_out: str = "held-out band ") -> str:
+    """F0.5 (its threshold, and chance: calling every pixel ink) and AUC of metrics as `pooled_metrics` or
+    `prediction_metrics` return them, for a person: an F0.5 means nothing without the chance level of its pixels.
+    `held_out` names the `validation_` pixels (a validation segment is held out whole, not as a band)."""
+    groups = {"": "", "validation_": held_out, "labelled_tiles_": "labelled tiles ",
               "unlabelled_area_": "where nothing was labelled "}
     parts = [f"{label}F0.5 {metrics[prefix + 'f05']:.3f} (threshold {metrics[prefix + 'threshold']:.2f}; chance "
              f"{all_ink_f05(metrics[prefix + 'ink_fraction']):.3f}), AUC {metrics[prefix + 'auc']:.3f}"

@@ -10,12 +10,14 @@ ink white, not ink blue, unknown grey, black outside the mask) and draws its leg
 import json
 import os
 import pathlib
+import re
 
 import cv2
 import numpy as np
 import torch
 
 from finetune.data import UNKNOWN, Box
+from pretrain.data.segment import SCROLL_SPEC_PATTERN, SEGMENT_ID_PATTERN, SegmentError
 from pretrain.utils import misc
 
 PREVIEW_SIDE = 1024  # longest side of TensorBoard images
@@ -33,6 +35,26 @@ LEGEND_TEXT = "   ".join(f"{SWATCH} {name}" for name, _ in LEGEND)
 LABELS_TITLE = "labels"
 PREDICTION_TITLE = "prediction (ink probability: black 0, white 1)"
 HELD_OUT_NOTE = "red box: held-out validation band"
+SAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def output_name(spec: str) -> str:
+    """The file name (without suffix) of a segment's outputs: the spec, fit for a file name and readable."""
+    spec = spec.strip()
+    if not (spec == "demo" or spec.startswith("demo:") or SCROLL_SPEC_PATTERN.fullmatch(spec)
+            or SEGMENT_ID_PATTERN.fullmatch(spec)):
+        spec = pathlib.Path(spec).expanduser().resolve().name.removesuffix(".zarr")  # a path: its folder's name
+    return SAFE_NAME_CHARACTERS.sub("_", spec).strip("._") or "segment"
+
+
+def output_names(specs: list[str]) -> list[str]:
+    """One output name per spec; two specs that would write the same file are an error naming both."""
+    names = [output_name(spec) for spec in specs]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise SegmentError(f"segments {specs[names.index(name)]!r} and {specs[index]!r} would both be written to "
+                               f"{name}.png; write them to separate folders (--output_dir, exp_name)")
+    return names
 
 
 def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:

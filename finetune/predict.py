@@ -20,7 +20,6 @@ processes, and rank 0 writes.
 """
 import argparse
 import pathlib
-import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
@@ -32,11 +31,12 @@ import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 from finetune import inference, outputs  # noqa: E402
+from finetune.outputs import output_name, output_names  # noqa: E402,F401 - predict.output_name stays its public name
 from finetune.model import InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import DepthWindow, InputSettings, check_voxel_dtype, normalize_patch  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
-from pretrain.data.segment import SCROLL_SPEC_PATTERN, SEGMENT_ID_PATTERN, SegmentError, open_segment  # noqa: E402
+from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.utils import misc  # noqa: E402
 
 OVERLAY_INK_BGR = np.array([0, 0, 255], np.float32)  # red: no layer's grey is mistaken for it
@@ -44,7 +44,6 @@ OVERLAY_OPACITY = 0.6  # of certain ink: the layer stays visible under it, to ju
 OVERLAY_STRETCH_PERCENTILES = (1, 99)  # of the papyrus's grey: raw CT layers are dim and low in contrast
 # Rows of the overlay blended at a time: in float at once, a 20 000 × 15 000 segment would take some 10 GB.
 OVERLAY_ROWS = 512
-SAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class ArgumentError(ValueError):
@@ -76,25 +75,6 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return arguments
-
-
-def output_name(spec: str) -> str:
-    """The file name (without suffix) of a segment's outputs: the spec, fit for a file name and readable."""
-    spec = spec.strip()
-    if not (spec == "demo" or spec.startswith("demo:") or SCROLL_SPEC_PATTERN.fullmatch(spec)
-            or SEGMENT_ID_PATTERN.fullmatch(spec)):
-        spec = pathlib.Path(spec).expanduser().resolve().name.removesuffix(".zarr")  # a path: its folder's name
-    return SAFE_NAME_CHARACTERS.sub("_", spec).strip("._") or "segment"
-
-
-def output_names(specs: list[str]) -> list[str]:
-    """One output name per spec; two specs that would write the same file are an error naming both."""
-    names = [output_name(spec) for spec in specs]
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            raise SegmentError(f"segments {specs[names.index(name)]!r} and {specs[index]!r} would both be written to "
-                               f"{name}.png; predict them into separate --output_dir folders")
-    return names
 
 
 def read_fine_tuned(path: pathlib.Path) -> tuple[dict, InputSettings]:

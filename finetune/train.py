@@ -4,6 +4,7 @@
     python finetune/train.py --scheme iterative --inklabel_path inklabels_two_letters.png --data_augmentation True
     python finetune/train.py --pretrained_path experiments/spark_demo/resnet50_3d_timm_style.pth
     torchrun --nproc_per_node 4 finetune/train.py --segment_id 20230827161847 --BATCH_SIZE 32
+    python finetune/train.py --segment_id demo:1 demo:2 demo:3 --VALIDATION_SEGMENTS demo:4   # train on 3, validate on 1
     python finetune/train.py --help                                # every setting, its value and what it means
 
 With `pretrained_path`, the model and the way tiles are cut and scaled (MODEL, DEPTH, DEPTH_OFFSET,
@@ -15,6 +16,10 @@ prediction.png, labels_vs_prediction.png, log.jsonl and tensorboard_logs/; the p
 save_path. Iterative labeling: open save_path in an image editor, paint better labels, run again with them as
 inklabel_path. Each label file makes one round_NN/ (labels, prediction, metrics); new labels start the next
 round, trained afresh.
+
+Several segments (scheme "validation"): each brings its own labels, training tiles are drawn from all of them
+(SEGMENT_SAMPLING), and each held-out region (a band of every segment, or the VALIDATION_SEGMENTS whole) is scored
+alone and pooled; each segment's prediction goes to predictions/<segment>.png, with its labels_vs_prediction beside.
 """
 import dataclasses
 import functools
@@ -23,6 +28,7 @@ import math
 import pathlib
 import sys
 import time
+import typing
 import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
@@ -48,16 +54,22 @@ from pretrain.utils import misc, schedule  # noqa: E402
 # experiment
 exp_name: str = "finetune_demo"  # experiment folder under OUTPUT_DIR; the same name again resumes it
 OUTPUT_DIR: str = "experiments"  # where experiment folders go
-segment_id: str = "demo"  # any open_segment spec: a segment ID, a zarr or layer folder, "demo[:seed]"
+# the segment(s) to train on, each any open_segment spec: a segment ID, scrollN:ID, a zarr or layer folder, "demo[:seed]"
+segment_id: str | list[str] = "demo"
+# whole segments to validate on, never trained on (scheme "validation"), instead of a band held out of each segment
+VALIDATION_SEGMENTS: str | list[str] | None = None
 scheme: str = "validation"  # "validation": hold out a band and measure; "iterative": train on all labels, predict
-# ink label PNG (a bare name is looked up in the segment's folder); None: the segment's own
-inklabel_path: str | None = None
+# Label files: one, or with several segments one per segment (segment_id's, then VALIDATION_SEGMENTS', in order;
+# None for a segment's own). Ink label PNG (a bare name is looked up in the segment's folder); None: the segment's own
+inklabel_path: str | list[str] | None = None
 # PNG of pixels painted as not ink. With one, only painted pixels (ink or not ink) train and score; the rest is
 # unknown instead of background. None: with the segment's own ink labels, its own negatives (`{id}_negatives.png` or
 # `negatives.png` beside them) if it has any; with inklabel_path, none.
-negatives_path: str | None = None
-mask_path: str | None = None  # PNG of where to predict (within the segment's mask); None: the whole segment mask
-# the uint8 prediction PNG to open in an image editor; None: OUTPUT_DIR/exp_name/prediction.png
+negatives_path: str | list[str] | None = None
+# PNG of where to predict (within the segment's mask); None: the whole segment mask
+mask_path: str | list[str] | None = None
+# the uint8 prediction PNG to open in an image editor; None: OUTPUT_DIR/exp_name/prediction.png (one segment; with
+# several, each goes to OUTPUT_DIR/exp_name/predictions/<segment>.png)
 save_path: str | None = None
 # encoder weights: <model>_timm_style.pth, any pretraining, fine-tuning or Kinetics checkpoint; None: random
 pretrained_path: str | None = None
@@ -79,6 +91,9 @@ STRIDE: int = 32  # training tile stride
 VALIDATION_FRACTION: float = 0.2  # width of the held-out band, as a fraction of the segment's longer side
 # "iterative": a training tile must hold this much labelled ink (with negatives: painted pixels)
 MIN_INK_FRACTION: float = 0.05
+# Several training segments: "area" draws each one's share of the tiles in proportion to its labelled area (papyrus
+# outside any held-out band; with negatives, painted pixels), "equal" draws as many from each
+SEGMENT_SAMPLING: str = "area"
 # An epoch repeats the (augmented) training tiles until it holds at least this many: a few labelled letters
 # make only a few dozen tiles.
 MIN_TILES_PER_EPOCH: int = 512
@@ -181,6 +196,14 @@ def check_settings(config, settings: InputSettings) -> None:
             and config.PRIOR_INK_FRACTION + config.PRIOR_NOT_INK_FRACTION <= 1):
         problems.append(f"need PRIOR_INK_FRACTION and PRIOR_NOT_INK_FRACTION above 0, together at most 1 (got "
                         f"{config.PRIOR_INK_FRACTION}, {config.PRIOR_NOT_INK_FRACTION})")
+    if config.SEGMENT_SAMPLING not in ("area", "equal"):
+        problems.append(f"SEGMENT_SAMPLING {config.SEGMENT_SAMPLING!r} is not one of area, equal")
+    if config.scheme == "iterative" and several_segments(config):
+        problems.append("scheme 'iterative' labels one segment at a time: give one segment_id and no "
+                        "VALIDATION_SEGMENTS, or use scheme 'validation' for several segments")
+    if config.save_path is not None and several_segments(config):
+        problems.append("save_path names one prediction PNG; with several segments each goes to "
+                        "OUTPUT_DIR/exp_name/predictions/<segment>.png")
     if not 0 <= config.PSEUDO_NOT_INK_THRESHOLD < config.PSEUDO_INK_THRESHOLD <= 1:
         problems.append(f"need 0 ≤ PSEUDO_NOT_INK_THRESHOLD < PSEUDO_INK_THRESHOLD ≤ 1 (got "
                         f"{config.PSEUDO_NOT_INK_THRESHOLD}, {config.PSEUDO_INK_THRESHOLD})")
@@ -210,28 +233,66 @@ class Labels:
         return hashlib.sha256(ink + known).hexdigest()
 
 
-def load_labels(config, segment: Segment) -> Labels:
+def as_list(value) -> list:
+    """A setting that takes one value or several, as a list ([] for None)."""
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def specs_of(config) -> list[str]:
+    """The run's segment specs: segment_id's (trained on), then VALIDATION_SEGMENTS' (only validated on)."""
+    return as_list(config.segment_id) + as_list(config.VALIDATION_SEGMENTS)
+
+
+def several_segments(config) -> bool:
+    """A run on several segments names its outputs by segment and logs each one's metrics beside the pooled ones;
+    a run on one writes what it always has."""
+    return len(specs_of(config)) > 1
+
+
+class LabelFiles(typing.NamedTuple):
+    """One segment's inklabel_path, negatives_path and mask_path (None: its own labels, no negatives, its mask)."""
+
+    inklabel: str | None
+    negatives: str | None
+    mask: str | None
+
+
+def label_files(config) -> list[LabelFiles]:
+    """Each segment's label files (specs_of's order): a label setting is None for every segment, or gives one file
+    per segment (a single file for a one-segment run)."""
+    count = len(specs_of(config))
+    columns = []
+    for name in ("inklabel_path", "negatives_path", "mask_path"):
+        files = as_list(getattr(config, name)) or [None] * count
+        if len(files) != count:
+            raise ConfigError(f"{name} gives {len(files)} file(s) for {count} segments: give one per segment, in the "
+                              "order of segment_id then VALIDATION_SEGMENTS (None for a segment's own)")
+        columns.append(files)
+    return [LabelFiles(*files) for files in zip(*columns)]
+
+
+def load_labels(config, segment: Segment, files: LabelFiles) -> Labels:
     """The labels to train on, from inklabel_path / negatives_path or the segment's own, and the region to predict."""
     region_yx = segment.mask
-    if config.mask_path is not None:
-        mask_file = data.resolve_label_path(config.mask_path, segment, "mask_path")
+    if files.mask is not None:
+        mask_file = data.resolve_label_path(files.mask, segment, "mask_path")
         region_yx = segment.mask & data.read_label_file(mask_file, segment, "mask_path").astype(bool)
     negatives_yx, negatives_source = None, ""
-    if config.inklabel_path is None and config.PRIOR_PATH is not None:
+    if files.inklabel is None and config.PRIOR_PATH is not None:
         ink_yx, source = np.zeros(segment.shape[1:], np.uint8), "no human labels"
-    elif config.inklabel_path is None:
+    elif files.inklabel is None:
         if segment.inklabels is None:
             raise SegmentError(f"segment {segment.name} has no ink labels of its own; set inklabel_path")
         ink_yx, source = segment.inklabels, f"{segment.name}'s own ink labels (with the segment, {segment.location})"
         if segment.negatives is not None:
             negatives_yx, negatives_source = segment.negatives, " and its own negatives"
     else:
-        path = data.resolve_label_path(config.inklabel_path, segment, "inklabel_path")
+        path = data.resolve_label_path(files.inklabel, segment, "inklabel_path")
         ink_yx, source = data.read_label_file(path, segment, "inklabel_path"), str(path)
         if config.scheme == "iterative" and not ink_yx.any() and config.PRIOR_PATH is None:
             raise SegmentError(f"inklabel_path {path} holds no ink: scheme 'iterative' needs at least one labelled letter")
-    if config.negatives_path is not None:
-        path = data.resolve_label_path(config.negatives_path, segment, "negatives_path")
+    if files.negatives is not None:
+        path = data.resolve_label_path(files.negatives, segment, "negatives_path")
         negatives_yx, negatives_source = data.read_label_file(path, segment, "negatives_path"), f" and negatives {path}"
         check_negatives(ink_yx, negatives_yx, f"negatives_path {path}")
     human_yx = data.training_labels(ink_yx, negatives_yx)
@@ -247,6 +308,69 @@ def load_labels(config, segment: Segment) -> Labels:
         raise SegmentError(f"PRIOR_PATH {path} gives no ink label: its top {config.PRIOR_INK_FRACTION:.0%} is all "
                            f"specks under PSEUDO_MIN_INK_PIXELS {config.PSEUDO_MIN_INK_PIXELS}, or the map is flat")
     return Labels(human_yx, negatives_yx, source, region_yx, training_yx, from_prior=True)
+
+
+@dataclasses.dataclass
+class RunSegment:
+    """One segment of the run and what the run does with it: its human labels, the tiles it trains on, what of it
+    is held out, and the labels of the current round (the human ones, or in self-training pseudo-labels)."""
+
+    spec: str  # as given in segment_id or VALIDATION_SEGMENTS
+    name: str  # names its outputs (predictions/<name>.png) and its entries in the log and TensorBoard
+    segment: Segment
+    human: Labels
+    trains: bool  # False: a VALIDATION_SEGMENTS segment, only validated on
+    held_out: data.Box | None  # the validation band, or the whole of a validation segment; None: nothing held out
+    human_origins: np.ndarray  # (N, 2) training tile origins the human labels chose ((0, 2) when it does not train)
+    full_labels_yx: np.ndarray | None  # (Y, X) the segment's own ink labels when it trains on others, else None
+    labels_yx: np.ndarray  # (Y, X) uint8 labels of the current round (see data.UNKNOWN)
+    label_source: str
+    train_origins: np.ndarray  # (N, 2) the current round's training tiles
+
+    def labelled(self) -> Segment:
+        """The segment reader, with the current round's labels as the labels its tiles carry."""
+        return dataclasses.replace(self.segment, inklabels=self.labels_yx)
+
+
+def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
+    """Every segment of the run (specs_of's order), opened, with its labels read and its tiles split."""
+    training_specs, specs = as_list(config.segment_id), specs_of(config)
+    for index, spec in enumerate(specs):
+        if spec in training_specs and index >= len(training_specs):
+            raise ConfigError(f"segment {spec} is in both segment_id and VALIDATION_SEGMENTS: a validation segment "
+                              "must be one the model never trains on")
+        if spec in specs[:index]:
+            raise ConfigError(f"segment {spec} is given twice")
+    run_segments = []
+    for index, (spec, name, files) in enumerate(zip(specs, outputs.output_names(specs), label_files(config))):
+        segment = open_segment(spec)
+        human = load_labels(config, segment, files)
+        trains = index < len(training_specs)
+        no_tiles = np.zeros((0, 2), np.int64)
+        if not trains:
+            held_out, origins = data.Box(0, segment.shape[1], 0, segment.shape[2]), no_tiles
+        elif human.from_prior and not (human.human_yx == 1).any():  # no human label chooses a tile
+            held_out, origins = None, no_tiles
+        else:
+            held_out, origins = split(config, settings, dataclasses.replace(segment, inklabels=human.human_yx),
+                                      painted_chooses=human.negatives_yx is not None)
+        # The first round trains on the tiles the human labels chose, unless a prior's labels lie under them.
+        train_origins = split(config, settings, dataclasses.replace(segment, inklabels=human.training_yx),
+                              painted_chooses=True)[1] if human.from_prior else origins
+        # The segment's own labels score the prediction where training used others (or none: a prior alone).
+        own_labels = files.inklabel is not None or human.from_prior
+        run_segments.append(RunSegment(
+            spec=spec, name=name, segment=segment, human=human, trains=trains, held_out=held_out,
+            human_origins=origins, full_labels_yx=segment.inklabels if own_labels else None,
+            labels_yx=human.training_yx, label_source=human.source, train_origins=train_origins))
+    return run_segments
+
+
+def labels_digest(run_segments: list[RunSegment]) -> str:
+    """Identifies the human labels of every segment (see Labels.digest)."""
+    if len(run_segments) == 1:
+        return run_segments[0].human.digest()
+    return hashlib.sha256("".join(run_segment.human.digest() for run_segment in run_segments).encode()).hexdigest()
 
 
 def build_model(config, settings: InputSettings, weights: checkpoint.EncoderWeights | None) -> InkUNet:
@@ -315,10 +439,11 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, state, tensorbo
 
 
 def split(config, settings: InputSettings, labelled: Segment, painted_chooses: bool) -> tuple[data.Box | None, np.ndarray]:
-    """The held-out band (scheme "validation"; None in "iterative") and the (N, 2) training tile origins. In scheme
-    "iterative" a tile needs MIN_INK_FRACTION of ink or, when `painted_chooses`, of painted pixels (ink or not)."""
+    """The held-out band (scheme "validation" without VALIDATION_SEGMENTS; else None) and the (N, 2) training tile
+    origins. In scheme "iterative" a tile needs MIN_INK_FRACTION of ink or, when `painted_chooses`, of painted pixels
+    (ink or not)."""
     held_out = None
-    if config.scheme == "validation":
+    if config.scheme == "validation" and config.VALIDATION_SEGMENTS is None:
         held_out = data.choose_validation_box(labelled.mask, labelled.inklabels, settings.tile_size,
                                               config.VALIDATION_FRACTION)
     chooser_yx = labelled.inklabels != data.UNKNOWN if painted_chooses else labelled.inklabels == 1
@@ -327,70 +452,121 @@ def split(config, settings: InputSettings, labelled: Segment, painted_chooses: b
     return held_out, train_origins
 
 
-def build_loaders(config, settings: InputSettings, labelled: Segment, train_origins: np.ndarray, held_out, device):
-    """(training loader, its augmentation, validation loader or None). An epoch repeats the training tiles up to
-    MIN_TILES_PER_EPOCH; each process takes its share, reshuffled per (SEED, epoch), from one sampler."""
-    margin = data.depth_margin(labelled.shape[0], settings) if config.data_augmentation else 0
+def labelled_area(run_segment: RunSegment) -> int:
+    """Pixels of the segment that train with a label: papyrus outside any held-out band, whose label is known."""
+    known_yx = (run_segment.labels_yx != data.UNKNOWN) & run_segment.segment.mask
+    if run_segment.held_out is not None:
+        known_yx &= ~run_segment.held_out.region_yx(known_yx.shape)
+    return int(np.count_nonzero(known_yx))
+
+
+def build_loaders(config, settings: InputSettings, run_segments: list[RunSegment], device):
+    """(training loader, its augmentation, [(segment, its validation loader)] for each segment that holds something
+    out). An epoch repeats the training tiles up to MIN_TILES_PER_EPOCH, each training segment taking its share
+    (SEGMENT_SAMPLING); each process takes its part, reshuffled per (SEED, epoch), from one sampler."""
+    training = [run_segment for run_segment in run_segments if run_segment.trains]
+    for run_segment in training:
+        if len(run_segment.train_origins) == 0:
+            raise SegmentError(f"segment {run_segment.spec} holds no training tile of {settings.tile_size} pixels "
+                               f"({run_segment.label_source})")
+    margin = (min(data.depth_margin(run_segment.segment.shape[0], settings) for run_segment in training)
+              if config.data_augmentation else 0)
     augmentation = data.TileAugmentation(settings.depth, margin, config.data_augmentation, config.SEED)
-    repeats = max(1, math.ceil(config.MIN_TILES_PER_EPOCH / len(train_origins)))
-    train_set = data.tile_dataset(labelled, np.tile(train_origins, (repeats, 1)), settings, augmentation, margin)
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank(),
-                                                  shuffle=True, seed=config.SEED, drop_last=True)
+    train_set = data.TrainingTiles([data.tile_dataset(run_segment.labelled(), run_segment.train_origins, settings,
+                                                      augmentation, margin) for run_segment in training], augmentation)
+    shares = data.segment_shares([labelled_area(run_segment) for run_segment in training],
+                                 equal=config.SEGMENT_SAMPLING == "equal")
+    sampler = data.SegmentMixSampler([len(run_segment.train_origins) for run_segment in training], shares,
+                                     config.MIN_TILES_PER_EPOCH, config.SEED, dist.rank(), dist.world_size())
     batch_per_process = config.BATCH_SIZE // dist.world_size()
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=batch_per_process, sampler=sampler, num_workers=config.NUM_WORKERS, drop_last=True,
         worker_init_fn=data.reseed_worker, pin_memory=device.type == "cuda")
     if len(train_loader) == 0:
-        raise ConfigError(f"{len(train_set)} training tiles make no batch of {config.BATCH_SIZE}; lower BATCH_SIZE")
-    if held_out is None:
-        return train_loader, augmentation, None
-    validation_origins = data.validation_origins(labelled, settings.tile_size, held_out)[dist.rank()::dist.world_size()]
-    validation_set = data.tile_dataset(labelled, validation_origins, settings)
-    return train_loader, augmentation, torch.utils.data.DataLoader(validation_set, batch_size=batch_per_process,
-                                                                   num_workers=config.NUM_WORKERS)
+        raise ConfigError(f"{sampler.length} training tiles make no batch of {config.BATCH_SIZE}; lower BATCH_SIZE")
+    validation_loaders = []
+    for run_segment in run_segments:
+        if run_segment.held_out is None:
+            continue
+        labelled = run_segment.labelled()
+        origins = data.validation_origins(labelled, settings.tile_size, run_segment.held_out)
+        validation_set = data.tile_dataset(labelled, origins[dist.rank()::dist.world_size()], settings)
+        validation_loaders.append((run_segment, torch.utils.data.DataLoader(
+            validation_set, batch_size=batch_per_process, num_workers=config.NUM_WORKERS)))
+    return train_loader, augmentation, validation_loaders
 
 
-def predict_and_write(config, settings, model, segment, human: Labels, labels_yx, label_source, held_out,
-                      human_origins, state, experiment_dir, device, log, tensorboard) -> np.ndarray:
-    """The whole-segment prediction with the best weights, its metrics (against the human labels, where the human
-    labels chose the tiles, so every round is measured alike), and every output file. Returns the (Y, X) map."""
-    if held_out is not None:  # scheme "validation"; in "iterative" the best weights are the last epoch's, in `model`
+def prediction_paths(config, run_segment: RunSegment, several: bool, experiment_dir: pathlib.Path):
+    """(the prediction PNG, its labels_vs_prediction image): a run on one segment writes prediction.png (and
+    save_path); on several, predictions/<segment>.png as predict.py names them, and <segment>_labels_vs_prediction.png."""
+    if several:
+        folder = experiment_dir / "predictions"
+        return folder / f"{run_segment.name}.png", folder / f"{run_segment.name}_labels_vs_prediction.png"
+    save_path = pathlib.Path(config.save_path) if config.save_path else experiment_dir / "prediction.png"
+    return save_path, experiment_dir / "labels_vs_prediction.png"
+
+
+def predict_and_write(config, settings, model, run_segments: list[RunSegment], state, experiment_dir, device, log,
+                      tensorboard) -> np.ndarray:
+    """Each segment's whole prediction with the best weights, its metrics (against the human labels, where the human
+    labels chose the tiles, so every round is measured alike), and every output file; with several segments also
+    the metrics of every held-out pixel pooled. Returns the last segment's (Y, X) map: in scheme "iterative", which
+    has one segment, the one self-training reads."""
+    if config.scheme == "validation":  # in "iterative" the best weights are the last epoch's, in `model`
         dist.barrier()  # rank 0 wrote best.pth
         model.load_state_dict(checkpoint.read(experiment_dir / "best.pth")["model"])
-    started = time.time()
-    probabilities_yx = inference.predict_segment(
-        model, segment, human.region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(),
-        device, config.TTA, config.NUM_WORKERS)
-    # The segment's own labels score the prediction where training used others (or none: a prior alone).
-    full_labels_yx = segment.inklabels if config.inklabel_path is not None or human.from_prior else None
-    metrics = evaluation.prediction_metrics(probabilities_yx, human.human_yx, human.region_yx, held_out,
-                                            human_origins, settings.tile_size, full_labels_yx)
-    if not dist.is_master():
-        return probabilities_yx
-    save_path = pathlib.Path(config.save_path) if config.save_path else experiment_dir / "prediction.png"
-    prediction_png = outputs.probability_image(probabilities_yx)
-    outputs.write_png_atomic(save_path, prediction_png)
-    if save_path.resolve() != (experiment_dir / "prediction.png").resolve():
-        outputs.write_png_atomic(experiment_dir / "prediction.png", prediction_png)
-    comparison = outputs.labels_vs_prediction(labels_yx, probabilities_yx, segment.mask, held_out)
-    outputs.write_png_atomic(experiment_dir / "labels_vs_prediction.png", comparison)
-    tensorboard.image("prediction/labels_vs_prediction", outputs.preview_chw(comparison), state.global_step)
-    group = generalisation_group(metrics)
-    if config.scheme == "iterative":  # no held-out band scored each epoch: the round's prediction is its val/ point
-        if group is not None:
-            tensorboard.scalars(state.global_step, val__f05=metrics[group + "f05"], val__auc=metrics[group + "auc"],
-                                val__f05_chance=all_ink_f05(metrics[group + "ink_fraction"]))
-        folder = outputs.record_round(experiment_dir, state.round, labels_yx, segment.mask, label_source, prediction_png,
-                                      metrics)
-        print(f"round {state.round} recorded in {folder}")
-    log.write(event="prediction", seconds=round(time.time() - started, 1), save_path=str(save_path),
-              round=state.round, **metrics)
-    if group is None:  # no human label and none of the segment's own: nothing to score against
-        print(f"prediction: {save_path} ({time.time() - started:.0f} s); no labels to score it against")
-        return probabilities_yx
-    print(f"prediction: {save_path} ({time.time() - started:.0f} s). Scored from the whole-segment prediction "
-          f"(overlapping tiles, blended): " + evaluation.describe(metrics))
-    warn_if_no_skill(metrics, f"round {state.round}" if config.scheme == "iterative" else "the run")
+    several = several_segments(config)
+    held_out_probabilities, held_out_ink = [], []  # (P,) each, per segment, pooled at the end
+    for run_segment in run_segments:
+        segment, human = run_segment.segment, run_segment.human
+        started = time.time()
+        probabilities_yx = inference.predict_segment(
+            model, segment, human.region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(),
+            device, config.TTA, config.NUM_WORKERS)
+        metrics = evaluation.prediction_metrics(probabilities_yx, human.human_yx, human.region_yx,
+                                                run_segment.held_out, run_segment.human_origins, settings.tile_size,
+                                                run_segment.full_labels_yx)
+        if not dist.is_master():
+            continue
+        if run_segment.held_out is not None:
+            scored_yx = evaluation.held_out_pixels(human.training_yx, human.region_yx, run_segment.held_out)
+            held_out_probabilities.append(probabilities_yx[scored_yx])
+            held_out_ink.append(human.training_yx[scored_yx] == 1)
+        save_path, comparison_path = prediction_paths(config, run_segment, several, experiment_dir)
+        prediction_png = outputs.probability_image(probabilities_yx)
+        outputs.write_png_atomic(save_path, prediction_png)
+        if not several and save_path.resolve() != (experiment_dir / "prediction.png").resolve():
+            outputs.write_png_atomic(experiment_dir / "prediction.png", prediction_png)
+        band = run_segment.held_out if run_segment.trains else None  # a validation segment is held out whole: no box
+        comparison = outputs.labels_vs_prediction(run_segment.labels_yx, probabilities_yx, segment.mask, band)
+        outputs.write_png_atomic(comparison_path, comparison)
+        tensorboard.image(f"prediction/{run_segment.name}" if several else "prediction/labels_vs_prediction",
+                          outputs.preview_chw(comparison), state.global_step)
+        group = generalisation_group(metrics)
+        if config.scheme == "iterative":  # no held-out band scored each epoch: the round's prediction is its val/ point
+            if group is not None:
+                tensorboard.scalars(state.global_step, val__f05=metrics[group + "f05"], val__auc=metrics[group + "auc"],
+                                    val__f05_chance=all_ink_f05(metrics[group + "ink_fraction"]))
+            folder = outputs.record_round(experiment_dir, state.round, run_segment.labels_yx, segment.mask,
+                                          run_segment.label_source, prediction_png, metrics)
+            print(f"round {state.round} recorded in {folder}")
+        which = {"segment": run_segment.spec, "name": run_segment.name} if several else {}
+        log.write(event="prediction", **which, seconds=round(time.time() - started, 1), save_path=str(save_path),
+                  round=state.round, **metrics)
+        if group is None:  # a prior alone on a segment without labels of its own: nothing to score against
+            print(f"prediction: {save_path} ({time.time() - started:.0f} s); no labels to score it against")
+            continue
+        print(f"prediction{f' of {run_segment.name}' if several else ''}: {save_path} ({time.time() - started:.0f} s). "
+              f"Scored from the whole-segment prediction (overlapping tiles, blended): "
+              + evaluation.describe(metrics, "held-out band " if run_segment.trains else "held-out segment "))
+        if not several:
+            warn_if_no_skill(metrics, f"round {state.round}" if config.scheme == "iterative" else "the run")
+    if several and dist.is_master():
+        pooled = evaluation.validation_metrics(np.concatenate(held_out_probabilities), np.concatenate(held_out_ink))
+        names = [run_segment.name for run_segment in run_segments if run_segment.held_out is not None]
+        log.write(event="pooled_prediction", segments=names, round=state.round, **pooled)
+        print(f"pooled over the held-out pixels of {', '.join(names)}: " + evaluation.describe(pooled, ""))
+        warn_if_no_skill(pooled, "the run")
     return probabilities_yx
 
 
@@ -409,11 +585,38 @@ def warn_if_no_skill(metrics: dict, what: str) -> None:
                       f"chance {chance:.3f}, what calling every pixel ink scores; it has not learnt to find ink")
 
 
-def train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard, labels_yx,
-          mask_yx, held_out) -> None:
-    """The epoch loop, from state.epoch on; every epoch ends with last.pth, which commits it."""
-    train_loader, augmentation, validation_loader = loaders
+VALIDATION_SCALARS = ("loss", "f05", "threshold", "auc", "iou")  # of each validation, to TensorBoard
+
+
+def validate_epoch(config, model, validation_loaders, device, state: RunState, tensorboard):
+    """Every held-out region scored with one tile per pixel: (the pooled metrics, {segment name: its metrics}),
+    both also to TensorBoard (the pooled ones as val/, each segment's as val_<name>/ when there are several)."""
     loss_function = functools.partial(ink_loss, label_smoothing=config.LABEL_SMOOTHING)
+    several = several_segments(config)
+    scores, per_segment = [], {}
+    for run_segment, loader in validation_loaders:
+        segment_scores, band_probabilities_hw = evaluation.validate(
+            model, loader, loss_function, device, run_segment.labels_yx, run_segment.segment.mask, run_segment.held_out)
+        scores.append(segment_scores)
+        per_segment[run_segment.name] = evaluation.pooled_metrics([segment_scores])
+        box = run_segment.held_out
+        band = (slice(box.y0, box.y1), slice(box.x0, box.x1))
+        tensorboard.image(f"validation/{run_segment.name}" if several else "validation/labels_vs_prediction",
+                          outputs.preview_chw(outputs.labels_vs_prediction(
+                              run_segment.labels_yx[band], band_probabilities_hw, run_segment.segment.mask[band])),
+                          state.global_step)
+        if several:
+            tensorboard.scalars(state.global_step, **{f"val_{run_segment.name}__{key}": per_segment[run_segment.name][key]
+                                                      for key in VALIDATION_SCALARS})
+    pooled = evaluation.pooled_metrics(scores)
+    tensorboard.scalars(state.global_step, val__f05_chance=all_ink_f05(pooled["ink_fraction"]),
+                        **{f"val__{key}": pooled[key] for key in VALIDATION_SCALARS})
+    return pooled, per_segment
+
+
+def train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard) -> None:
+    """The epoch loop, from state.epoch on; every epoch ends with last.pth, which commits it."""
+    train_loader, augmentation, validation_loaders = loaders
     last_epoch = min(config.NUM_EPOCHS, config.STOP_AFTER_EPOCHS) if config.STOP_AFTER_EPOCHS else config.NUM_EPOCHS
     for epoch in range(state.epoch, last_epoch):
         started = time.time()
@@ -424,18 +627,13 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
         ddp_model = dist.wrap(model, device)  # again each epoch: DDP syncs only what needs gradients when it is built
         statistics = {"train_loss": train_one_epoch(config, model, ddp_model, optimizer, train_loader, state,
                                                     tensorboard, device)}
-        if validation_loader is not None:
-            validation, band_probabilities_hw = evaluation.validate(model, validation_loader, loss_function, device,
-                                                                    labels_yx, mask_yx, held_out)
+        if validation_loaders:
+            validation, per_segment = validate_epoch(config, model, validation_loaders, device, state, tensorboard)
             statistics.update({f"val_{key}": value for key, value in validation.items()})
-            tensorboard.scalars(state.global_step, val__f05_chance=all_ink_f05(validation["ink_fraction"]),
-                                **{f"val__{key}": validation[key] for key in ("loss", "f05", "threshold", "auc", "iou")})
-            band = (slice(held_out.y0, held_out.y1), slice(held_out.x0, held_out.x1))
-            tensorboard.image("validation/labels_vs_prediction", outputs.preview_chw(
-                outputs.labels_vs_prediction(labels_yx[band], band_probabilities_hw, mask_yx[band])),
-                state.global_step)
+            if several_segments(config):
+                statistics["val_segments"] = per_segment
         # Scheme "validation": best is the lowest validation loss. "iterative" holds nothing out: best is the last epoch.
-        is_best = validation_loader is None or statistics["val_loss"] < state.best_loss
+        is_best = not validation_loaders or statistics["val_loss"] < state.best_loss
         state.best_loss = statistics.get("val_loss", statistics["train_loss"]) if is_best else state.best_loss
         state.epoch = epoch + 1
         state.training_seconds += time.time() - started
@@ -448,33 +646,44 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
                   training_seconds=round(state.training_seconds, 1), best=is_best, **statistics)
         save_checkpoint(experiment_dir / "last.pth", config, settings, model, state, optimizer)
         if dist.is_master():
-            held_out_text = "" if validation_loader is None else (
-                f"; held-out band, one tile per pixel: {evaluation.describe(validation)}"
-                + (" (lowest validation loss so far: best.pth)" if is_best else ""))
+            held_out_text = ""
+            if validation_loaders:
+                held_out_text = (f"; held-out band, one tile per pixel: {evaluation.describe(validation)}"
+                                 if not several_segments(config) else
+                                 f"; held out, one tile per pixel, pooled: {evaluation.describe(validation)}"
+                                 + "".join(f"; {name}: {evaluation.describe(metrics)}"
+                                           for name, metrics in per_segment.items()))
+                held_out_text += " (lowest validation loss so far: best.pth)" if is_best else ""
             print(f"epoch {state.epoch}: train loss {statistics['train_loss']:.4f}{held_out_text}; "
                   f"{state.training_seconds:.0f} s of training")
         tensorboard.flush()
 
 
-def round_labels(config, state: RunState, human: Labels, segment: Segment, experiment_dir: pathlib.Path):
-    """(Y, X) uint8 training labels of the current round and where they came from: the human labels, or, in a
-    self-training round, the round folder's inklabels.png and negatives.png (as next_round wrote them, or as a
-    person repainted them before continuing the run)."""
+def round_segments(config, settings: InputSettings, state: RunState, run_segments: list[RunSegment],
+                   experiment_dir: pathlib.Path) -> list[RunSegment]:
+    """The segments with the current round's labels and training tiles: as the human labels chose them, or, in a
+    self-training round (scheme "iterative": one segment), the round folder's inklabels.png and negatives.png (as
+    next_round wrote them, or as a person repainted them before continuing the run)."""
     if state.self_training_round == 0:
-        return human.training_yx, human.source
+        return run_segments
+    (run_segment,) = run_segments
     folder = experiment_dir / f"round_{state.round:02d}"
-    ink_yx = data.read_label_file(folder / "inklabels.png", segment, "pseudo-labels")
-    negatives_yx = data.read_label_file(folder / "negatives.png", segment, "pseudo-labels")
+    ink_yx = data.read_label_file(folder / "inklabels.png", run_segment.segment, "pseudo-labels")
+    negatives_yx = data.read_label_file(folder / "negatives.png", run_segment.segment, "pseudo-labels")
+    labels_yx = data.training_labels(ink_yx, negatives_yx)
     source = (f"self-training round {state.self_training_round}: pseudo-labels of round {state.round - 1}'s prediction "
-              f"(ink ≥ {config.PSEUDO_INK_THRESHOLD}, not ink ≤ {config.PSEUDO_NOT_INK_THRESHOLD}) under {human.source} "
-              f"({folder})")
-    return data.training_labels(ink_yx, negatives_yx), source
+              f"(ink ≥ {config.PSEUDO_INK_THRESHOLD}, not ink ≤ {config.PSEUDO_NOT_INK_THRESHOLD}) under "
+              f"{run_segment.human.source} ({folder})")
+    labelled = dataclasses.replace(run_segment.segment, inklabels=labels_yx)
+    train_origins = split(config, settings, labelled, painted_chooses=False)[1]
+    return [dataclasses.replace(run_segment, labels_yx=labels_yx, label_source=source, train_origins=train_origins)]
 
 
-def next_round(config, state: RunState, probabilities_yx: np.ndarray, model, settings: InputSettings, human: Labels,
-               segment: Segment, experiment_dir: pathlib.Path) -> RunState:
+def next_round(config, state: RunState, probabilities_yx: np.ndarray, model, settings: InputSettings,
+               run_segment: RunSegment, experiment_dir: pathlib.Path) -> RunState:
     """Write the pseudo-labels of this round's prediction, and the model that made it (the next round starts from
     it), into the next round's folder; returns the next round's fresh state."""
+    human = run_segment.human
     pseudo_yx = data.pseudo_labels(probabilities_yx, human.region_yx, human.human_yx == 1, human.negatives_yx,
                                    config.PSEUDO_INK_THRESHOLD, config.PSEUDO_NOT_INK_THRESHOLD,
                                    config.PSEUDO_MIN_INK_PIXELS)
@@ -482,7 +691,7 @@ def next_round(config, state: RunState, probabilities_yx: np.ndarray, model, set
                          self_training_round=state.self_training_round + 1)
     if dist.is_master():
         folder = experiment_dir / f"round_{following.round:02d}"
-        outputs.write_round_labels(folder, pseudo_yx, segment.mask)
+        outputs.write_round_labels(folder, pseudo_yx, run_segment.segment.mask)
         checkpoint.save(folder / "start.pth", "finetune", model.state_dict(), settings, config=config.as_dict(),
                         state=dataclasses.asdict(state))
         print(f"self-training round {following.self_training_round}: pseudo-labels in {folder} "
@@ -491,18 +700,38 @@ def next_round(config, state: RunState, probabilities_yx: np.ndarray, model, set
     return following
 
 
-def train_round(config, settings, weights, segment: Segment, human: Labels, held_out, human_origins, state: RunState,
-                saved: dict | None, experiment_dir: pathlib.Path, device):
-    """Train one round and predict; returns (the prediction, the model), or (None, the model) when the run stopped
-    early (STOP_AFTER_EPOCHS). A round starts from `saved` when it continues mid-round; a self-training round
-    otherwise from the previous round's model (round_NN/start.pth): trained afresh, a round on the pseudo-labels
-    did not take off within the demo's 20 epochs (notes/finetune.md)."""
-    labels_yx, label_source = round_labels(config, state, human, segment, experiment_dir)
-    labelled = dataclasses.replace(segment, inklabels=labels_yx)
-    first = state.self_training_round == 0
-    painted_chooses = first and (human.negatives_yx is not None or human.from_prior)
-    # The first round trains on the tiles the human labels chose, unless a prior's labels lie under them.
-    train_origins = human_origins if first and not human.from_prior else split(config, settings, labelled, painted_chooses)[1]
+def describe_segments(run_segments: list[RunSegment], settings: InputSettings) -> tuple[dict, str, str]:
+    """What the start record of the log says about the segments, and the header's words on them and the input, and
+    lines after it: for one segment its labels and held-out band in the header, as always; for several, a line on
+    each."""
+    if len(run_segments) == 1:
+        (run_segment,) = run_segments
+        held_out = run_segment.held_out
+        return ({"labels": run_segment.label_source, "held_out": dataclasses.asdict(held_out) if held_out else None},
+                f"{run_segment.segment}; input {settings.describe()}; labels: {run_segment.label_source}; "
+                f"{len(run_segment.train_origins)} training tiles" + (f", validation band {held_out}" if held_out else ""),
+                "")
+    records, lines = [], []
+    for run_segment in run_segments:
+        held_out = run_segment.held_out
+        records.append({"segment": run_segment.spec, "name": run_segment.name, "labels": run_segment.label_source,
+                        "trains": run_segment.trains, "training_tiles": len(run_segment.train_origins),
+                        "held_out": dataclasses.asdict(held_out) if held_out else None})
+        role = (f"{len(run_segment.train_origins)} training tiles" + (f", validation band {held_out}" if held_out else "")
+                if run_segment.trains else "validation segment, held out whole")
+        lines.append(f"\n  {run_segment.name}: {run_segment.segment}; labels: {run_segment.label_source}; {role}")
+    training = sum(run_segment.trains for run_segment in run_segments)
+    return ({"segments": records}, f"input {settings.describe()}; {len(run_segments)} segments ({training} training)",
+            "".join(lines))
+
+
+def train_round(config, settings, weights, run_segments: list[RunSegment], state: RunState, saved: dict | None,
+                experiment_dir: pathlib.Path, device):
+    """Train one round and predict; returns (the last segment's prediction, the model), or (None, the model) when
+    the run stopped early (STOP_AFTER_EPOCHS). A round starts from `saved` when it continues mid-round; a
+    self-training round otherwise from the previous round's model (round_NN/start.pth): trained afresh, a round on
+    the pseudo-labels did not take off within the demo's 20 epochs (notes/finetune.md)."""
+    run_segments = round_segments(config, settings, state, run_segments, experiment_dir)
     torch.manual_seed(config.SEED)  # the decoder's initialisation
     model = build_model(config, settings, weights).to(device)
     optimizer = torch.optim.AdamW(schedule.parameter_groups(model), lr=config.LR, weight_decay=config.WEIGHT_DECAY)
@@ -514,32 +743,29 @@ def train_round(config, settings, weights, segment: Segment, human: Labels, held
         start = experiment_dir / f"round_{state.round:02d}" / "start.pth"
         model.load_state_dict(checkpoint.read(start)["model"])
         print(f"round {state.round} starts from round {state.round - 1}'s model ({start})")
-    loaders = build_loaders(config, settings, labelled, train_origins, held_out, device)
+    loaders = build_loaders(config, settings, run_segments, device)
 
     # From here on the run writes.
     if dist.is_master():
         experiment_dir.mkdir(parents=True, exist_ok=True)
         misc.remove_stale_temporaries(experiment_dir)
     log = misc.JsonLinesLog(experiment_dir / "log.jsonl")
+    segments_record, segments_text, segment_lines = describe_segments(run_segments, settings)
     log.write(event="start", command=" ".join([sys.executable, *sys.argv]), commit=misc.git_commit(),
-              config=config.as_dict(), input=settings.as_dict(), round=state.round, labels=label_source,
-              held_out=dataclasses.asdict(held_out) if held_out is not None else None)
+              config=config.as_dict(), input=settings.as_dict(), round=state.round, **segments_record)
     board_dir = experiment_dir / "tensorboard_logs"
     tensorboard = misc.TensorboardLogger(board_dir / f"round_{state.round:02d}" if config.scheme == "iterative" else board_dir)
     tensorboard.text("config", "\n".join(f"    {name} = {value!r}" for name, value in config.as_dict().items()))
     if dist.is_master():
-        print(f"{settings.model} UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; {segment}; "
-              f"input {settings.describe()}; labels: {label_source}; {len(train_origins)} training tiles"
-              + (f", validation band {held_out}" if held_out else "")
-              + f"; {len(loaders[0])} steps per epoch on {dist.world_size()} process(es)")
-    train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard, labels_yx,
-          segment.mask, held_out)
+        print(f"{settings.model} UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
+              f"{segments_text}; {len(loaders[0])} steps per epoch on {dist.world_size()} process(es)" + segment_lines)
+    train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard)
     probabilities_yx = None
     if state.epoch < config.NUM_EPOCHS:
         print(f"stopped after epoch {state.epoch} of {config.NUM_EPOCHS}: run the same command again to continue")
     else:
-        probabilities_yx = predict_and_write(config, settings, model, segment, human, labels_yx, label_source, held_out,
-                                             human_origins, state, experiment_dir, device, log, tensorboard)
+        probabilities_yx = predict_and_write(config, settings, model, run_segments, state, experiment_dir, device, log,
+                                             tensorboard)
     tensorboard.close()
     return probabilities_yx, model
 
@@ -555,20 +781,14 @@ def main(argv: list[str] | None = None) -> int:
     # Every user error (settings, files, shapes, checkpoints) surfaces before anything is written.
     weights, settings = encoder_and_input(config)
     check_settings(config, settings)
-    segment = open_segment(config.segment_id)
-    human = load_labels(config, segment)
-    if human.from_prior and not (human.human_yx == 1).any():  # no human label chooses a tile: the prior's labels do
-        held_out, human_origins = None, np.zeros((0, 2), np.int64)
-    else:
-        held_out, human_origins = split(config, settings, dataclasses.replace(segment, inklabels=human.human_yx),
-                                        painted_chooses=human.negatives_yx is not None)
-    state, saved = resume_point(config, settings, experiment_dir / "last.pth", human.digest())
+    run_segments = open_run_segments(config, settings)
+    state, saved = resume_point(config, settings, experiment_dir / "last.pth", labels_digest(run_segments))
     while True:
-        probabilities_yx, model = train_round(config, settings, weights, segment, human, held_out, human_origins,
-                                              state, saved, experiment_dir, device)
+        probabilities_yx, model = train_round(config, settings, weights, run_segments, state, saved, experiment_dir,
+                                              device)
         if probabilities_yx is None or state.self_training_round >= config.SELF_TRAINING_ROUNDS:
             return 0
-        state, saved = next_round(config, state, probabilities_yx, model, settings, human, segment, experiment_dir), None
+        state, saved = next_round(config, state, probabilities_yx, model, settings, run_segments[0], experiment_dir), None
 
 
 if __name__ == "__main__":

@@ -102,3 +102,19 @@ def assert_cache_holds_only_whole_chunks(cache_dir: pathlib.Path, mirror: pathli
     for path in cached_chunk_files(cache_dir):
         relative = path.relative_to(cache_dir / server_url_host)
         assert path.read_bytes() == (mirror / relative).read_bytes(), f"partial or wrong chunk {relative}"
+
+
+DEMO_FAMILY_SHAPE = (65, 128, 192)  # (Z, Y, X) of each small demo segment below
+
+
+@pytest.fixture(scope="session")
+def demo_family_cache(tmp_path_factory) -> pathlib.Path:
+    """A segment cache (for SEGMENT_CACHE_DIR) in which `demo:1`, `demo:2` and `demo:3` are demo segments of
+    DEMO_FAMILY_SHAPE: separate segments from one generator, small enough that a run on several takes seconds."""
+    from pretrain.data.demo import build_demo_segment
+    from pretrain.data.segment import demo_cache_path
+
+    cache = tmp_path_factory.mktemp("demo_family")
+    for seed in (1, 2, 3):
+        build_demo_segment(demo_cache_path(seed, cache), seed=seed, shape=DEMO_FAMILY_SHAPE)
+    return cache

@@ -226,3 +226,59 @@ def test_a_typo_in_train_py_itself_is_one_error_line_before_anything_runs(tmp_pa
         f"error: train.py line {typo_line}: unknown setting NUM_EPOCH; did you mean NUM_EPOCHS or WARMUP_EPOCHS? "
         "(train.py reads no setting of that name)"]
     assert not (tmp_path / "runs").exists()
+
+
+LIST_SCRIPT = '''"""Settings that take one value or several."""
+segment_id: str | list[str] = "demo"  # one segment spec or several
+inklabel_path: str | list[str] | None = None  # one label file per segment
+NUM_EPOCHS: int = 20
+
+
+def run(config):
+    return config.segment_id, config.inklabel_path, config.NUM_EPOCHS
+'''
+
+
+@pytest.fixture
+def list_script(tmp_path):
+    path = tmp_path / "lists.py"
+    path.write_text(LIST_SCRIPT)
+    namespace = runpy.run_path(str(path))
+    return path, settings_in({name: namespace[name] for name in namespace})
+
+
+@pytest.mark.parametrize("argv, segment_id, inklabel_path, epochs", [
+    (["--segment_id", "A"], "A", None, 20),  # one value stays a plain value, as before
+    (["--segment_id", "A", "B", "--NUM_EPOCHS", "2"], ["A", "B"], None, 2),
+    (["--segment_id=A", "B", "--inklabel_path", "a.png", "None"], ["A", "B"], ["a.png", None], 20),
+    (["--inklabel_path", "None"], "demo", None, 20),
+    (["--NUM_EPOCHS", "3", "--segment_id", "20230827161847", "scroll4:1"], ["20230827161847", "scroll4:1"], None, 3),
+])
+def test_a_list_setting_takes_every_value_up_to_the_next_setting(list_script, argv, segment_id, inklabel_path, epochs):
+    path, defaults = list_script
+    config = apply_overrides(defaults, argv, source_file=path)
+    assert (config.segment_id, config.inklabel_path, config.NUM_EPOCHS) == (segment_id, inklabel_path, epochs)
+
+
+def test_list_settings_are_read_typed_shown_and_checked(list_script, tmp_path, capsys):
+    path, defaults = list_script
+    sources = read_script(path, defaults)[1]
+    assert (sources["segment_id"].value_type, sources["segment_id"].allows_list, sources["segment_id"].allows_none) \
+        == (str, True, False)
+    assert (sources["inklabel_path"].allows_list, sources["inklabel_path"].allows_none) == (True, True)
+    assert not sources["NUM_EPOCHS"].allows_list
+    with pytest.raises(ConfigError, match="--segment_id needs a value"):
+        apply_overrides(defaults, ["--segment_id", "--NUM_EPOCHS", "2"], source_file=path)
+    with pytest.raises(ConfigError, match="unexpected argument '3'"):  # only list settings take several values
+        apply_overrides(defaults, ["--NUM_EPOCHS", "2", "3"], source_file=path)
+    with pytest.raises(SystemExit):
+        apply_overrides(defaults, ["--help"], source_file=path)
+    assert "  --segment_id=demo  (str | list[str])" in capsys.readouterr().out.splitlines()
+    # In the file, a list is written as a list; anything else in one is refused by name.
+    edited = tmp_path / "edited.py"
+    edited.write_text(LIST_SCRIPT.replace('= "demo"', '= ["demo:1", "demo:2"]'))
+    namespace = runpy.run_path(str(edited))
+    check_in_file_settings(settings_in(namespace), edited)
+    edited.write_text(LIST_SCRIPT.replace('= "demo"', '= ["demo:1", 2]'))
+    with pytest.raises(ConfigError, match=r"line 2: segment_id expects str or a list of str, got \['demo:1', 2\]$"):
+        check_in_file_settings(settings_in(runpy.run_path(str(edited))), edited)

@@ -152,3 +152,48 @@ def test_depth_margin_shrinks_at_the_volume_ends():
     assert data.depth_margin(18, settings) == 1
     assert data.depth_margin(16, settings) == 0
 
+
+
+def test_one_segment_epochs_are_distributed_samplers_over_the_repeated_tiles():
+    """With one segment the mix sampler deals exactly what DistributedSampler dealt before there were several."""
+    import torch
+
+    tiles, min_tiles = 7, 20  # repeated 3 times: 21 draws
+    for world_size in (1, 2):
+        for rank in range(world_size):
+            mixed = data.SegmentMixSampler([tiles], [1.0], min_tiles, seed=3, rank=rank, world_size=world_size)
+            reference = torch.utils.data.DistributedSampler(range(3 * tiles), num_replicas=world_size, rank=rank,
+                                                            shuffle=True, seed=3, drop_last=True)
+            for epoch in (0, 4):
+                mixed.set_epoch(epoch)
+                reference.set_epoch(epoch)
+                assert list(mixed) == [index % tiles for index in reference]
+                assert len(mixed) == len(reference)
+
+
+def drawn_per_segment(sampler, tile_counts) -> list[int]:
+    bounds = np.cumsum([0, *tile_counts])
+    return np.histogram(list(sampler), bins=bounds)[0].tolist()
+
+
+def test_tiles_are_drawn_in_proportion_to_labelled_area_or_equally():
+    tile_counts = [30, 10]  # segment 0 has three times the tiles, but only as much labelled area
+    area = data.SegmentMixSampler(tile_counts, data.segment_shares([500, 500], equal=False), 40, 0, 0, 1)
+    assert drawn_per_segment(area, tile_counts) == [20, 20]
+    area = data.SegmentMixSampler(tile_counts, data.segment_shares([900, 100], equal=False), 40, 0, 0, 1)
+    assert drawn_per_segment(area, tile_counts) == [36, 4]
+    equal = data.SegmentMixSampler(tile_counts, data.segment_shares([900, 100], equal=True), 100, 0, 0, 1)
+    assert len(list(equal)) == 120 and drawn_per_segment(equal, tile_counts) == [60, 60]
+    # Segment 1's 10 tiles each drawn 6 times; segment 0's 30 twice: every tile, as evenly as the share allows.
+    counts = np.bincount(list(equal), minlength=40)
+    assert set(counts[:30]) == {2} and set(counts[30:]) == {6}
+    # A share smaller than a segment's tiles draws another subset each epoch, the same one on a rerun.
+    first, again = (data.SegmentMixSampler(tile_counts, [0.9, 0.1], 40, 0, 0, 1) for _ in range(2))
+    again.set_epoch(1)
+    assert sorted(first) != sorted(again)
+    first.set_epoch(1)
+    assert list(first) == list(again)
+    # Two processes get disjoint halves of the same epoch.
+    halves = [list(data.SegmentMixSampler(tile_counts, [0.5, 0.5], 40, 0, rank, 2)) for rank in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 20
+    assert sorted(halves[0] + halves[1]) == sorted(data.SegmentMixSampler(tile_counts, [0.5, 0.5], 40, 0, 0, 1))

@@ -1,6 +1,6 @@
 """kill -9 a tiny fine-tuning run at chosen points (after an optimizer step, right before a checkpoint's or an
 image's rename) and resume it each time: it ends exactly where an uninterrupted run ends, logs every epoch, and
-leaves only whole checkpoints and no temp files."""
+leaves only whole checkpoints and no temp files. On one segment, and on two training segments and a validation one."""
 import json
 import os
 import pathlib
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import cv2
+import pytest
 
 from pretrain import checkpoint
 from tests.conftest import FINETUNE_SHAPE as SHAPE
@@ -24,7 +25,13 @@ FINETUNE = [*TINY[:WORKERS_AT], *TINY[WORKERS_AT + 2:], "--NUM_EPOCHS", str(EPOC
 # epochs (so each kill leaves work for the next); last, right before an image's rename, after the last epoch.
 # One more run then finishes.
 KILLS = ("step", "rename", "step", "image")
-PREDICTION_IMAGES = ["prediction.png", "labels_vs_prediction.png"]
+# The segments of each run and the images its prediction renames into place last, in order.
+RUNS = {
+    "one-segment": (["--segment_id", "LABELLED"], ["prediction.png", "labels_vs_prediction.png"]),
+    "several-segments": (["--segment_id", "demo:1", "demo:2", "--VALIDATION_SEGMENTS", "demo:3"],
+                         [f"predictions/{name}{suffix}" for name in ("demo_1", "demo_2", "demo_3")
+                          for suffix in (".png", "_labels_vs_prediction.png")]),
+}
 
 
 def epoch_records(experiment: pathlib.Path) -> list[dict]:
@@ -44,11 +51,14 @@ def epochs_done(experiment: pathlib.Path) -> int:
     return checkpoint.read(last)["state"]["epoch"] if last.exists() else 0
 
 
-def test_finetuning_survives_kill_9_at_chosen_points(labelled_segment_path, tmp_path):
+@pytest.mark.parametrize("run", RUNS)
+def test_finetuning_survives_kill_9_at_chosen_points(labelled_segment_path, demo_family_cache, tmp_path, run):
+    segments, prediction_images = RUNS[run]
+    segments = [str(labelled_segment_path) if item == "LABELLED" else item for item in segments]
     script = REPO_ROOT / "finetune" / "train.py"
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "SEGMENT_CACHE_DIR": str(demo_family_cache)}
     uninterrupted, experiment = tmp_path / "uninterrupted", tmp_path / "killed"
-    arguments = [*FINETUNE, "--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(tmp_path)]
+    arguments = [*FINETUNE, *segments, "--OUTPUT_DIR", str(tmp_path)]
     reference = subprocess.run([sys.executable, str(script), *arguments, "--exp_name", uninterrupted.name],
                                cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -71,17 +81,18 @@ def test_finetuning_survives_kill_9_at_chosen_points(labelled_segment_path, tmp_
                 names = renames(best_epochs, done + 1, min(done + 2, EPOCHS))
                 rename = chooser.randint(1, len(names))
             else:
-                names = renames(best_epochs, done + 1, EPOCHS) + PREDICTION_IMAGES
-                rename = len(names) - chooser.randrange(len(PREDICTION_IMAGES))
+                names = renames(best_epochs, done + 1, EPOCHS) + prediction_images
+                rename = len(names) - chooser.randrange(len(prediction_images))
             died = run_killed(["--rename", str(rename)], script, arguments, output, environment)
             destination, temporary = experiment / names[rename - 1], pathlib.Path(died["temporary"])
             assert died["destination"] == str(destination), (died, names, rename)
-            assert temporary.parent == experiment and temporary.name.startswith(f".{destination.name}.")
+            assert temporary.parent == destination.parent and temporary.name.startswith(f".{destination.name}.")
             if destination.suffix == ".pth":  # whole: it loads, or decodes
                 checkpoint.read(temporary)
             else:
                 image = cv2.imread(str(temporary), cv2.IMREAD_UNCHANGED)
-                assert image.shape == cv2.imread(str(uninterrupted / destination.name), cv2.IMREAD_UNCHANGED).shape
+                reference_image = uninterrupted / destination.relative_to(experiment)
+                assert image.shape == cv2.imread(str(reference_image), cv2.IMREAD_UNCHANGED).shape
             # A killed epoch is not done (a resume trains it again); the epochs whose last.pth was renamed are.
             assert epochs_done(experiment) == done + names[:rename - 1].count("last.pth")
             left_behind = [temporary]
@@ -107,6 +118,11 @@ def test_finetuning_survives_kill_9_at_chosen_points(labelled_segment_path, tmp_
         assert_same_weights(experiment / name, uninterrupted / name)
     best = min(reference_records.values(), key=lambda record: record["val_loss"])["epoch"]
     assert checkpoint.read(experiment / "best.pth")["state"]["epoch"] == best
-    prediction = cv2.imread(str(experiment / "prediction.png"), cv2.IMREAD_UNCHANGED)
-    assert prediction.shape == SHAPE[1:]
-    assert (prediction == cv2.imread(str(uninterrupted / "prediction.png"), cv2.IMREAD_UNCHANGED)).all()
+    for image_name in prediction_images:
+        prediction = cv2.imread(str(experiment / image_name), cv2.IMREAD_UNCHANGED)
+        assert prediction.shape == cv2.imread(str(uninterrupted / image_name), cv2.IMREAD_UNCHANGED).shape
+        assert (prediction == cv2.imread(str(uninterrupted / image_name), cv2.IMREAD_UNCHANGED)).all(), image_name
+    if run == "one-segment":
+        assert cv2.imread(str(experiment / "prediction.png"), cv2.IMREAD_UNCHANGED).shape == SHAPE[1:]
+    else:  # the per-segment validation metrics, resumed too (compared above with every val_ entry)
+        assert all(list(record["val_segments"]) == ["demo_3"] for record in records)

@@ -611,11 +611,18 @@ def _open_layer_folder(path: pathlib.Path, lru_bytes: int) -> Segment:
 # ---------------------------------------------------------------- demo
 
 
+def demo_cache_path(seed: int, cache_dir: pathlib.Path) -> pathlib.Path:
+    """Where `demo:<seed>` lives in the segment cache (whatever built it: tests put small demos there)."""
+    from pretrain.data import demo  # deferred: only the demo needs the generator
+
+    return pathlib.Path(cache_dir) / "demo" / f"seed{seed}-v{demo.GENERATOR_VERSION}.zarr"
+
+
 def demo_segment_path(seed: int, cache_dir: pathlib.Path) -> pathlib.Path:
     """Build the demo segment of `seed` once (atomically: build aside, then rename) and return its path."""
     from pretrain.data import demo  # deferred: only the demo needs the generator
 
-    target = pathlib.Path(cache_dir) / "demo" / f"seed{seed}-v{demo.GENERATOR_VERSION}.zarr"
+    target = demo_cache_path(seed, cache_dir)
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

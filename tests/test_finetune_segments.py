@@ -1,0 +1,155 @@
+"""`python finetune/train.py` on several segments: two demo segments train while a third validates, a band of each
+segment held out with per-segment label files, each segment's prediction and metrics beside the pooled ones, and
+one error line (writing nothing) for each misuse of the segment settings."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from finetune import train
+from finetune.config import ConfigError
+from finetune.metrics import ink_metrics
+from pretrain.data.segment import open_segment
+from tests.conftest import DEMO_FAMILY_SHAPE, REPO_ROOT
+from tests.conftest import FINETUNE_TINY as TINY
+
+
+def run_train(arguments, cache, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "finetune" / "train.py"), *TINY, *arguments],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "SEGMENT_CACHE_DIR": str(cache)})
+
+
+def read_log(experiment):
+    return [json.loads(line) for line in (experiment / "log.jsonl").read_text().splitlines()]
+
+
+def read_png(path):
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None, path
+    return image
+
+
+@pytest.fixture(scope="module")
+def held_out_segment_run(demo_family_cache, tmp_path_factory):
+    """demo:1 and demo:2 train, demo:3 validates; returns (experiment folder, the process)."""
+    output = tmp_path_factory.mktemp("segments")
+    result = run_train(["--segment_id", "demo:1", "demo:2", "--VALIDATION_SEGMENTS", "demo:3", "--OUTPUT_DIR",
+                        str(output), "--exp_name", "unseen"], demo_family_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output / "unseen", result
+
+
+def test_two_segments_train_while_a_third_validates(held_out_segment_run, demo_family_cache, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    experiment, result = held_out_segment_run
+    records = read_log(experiment)
+    segments = records[0]["segments"]
+    assert [(item["segment"], item["name"], item["trains"]) for item in segments] == [
+        ("demo:1", "demo_1", True), ("demo:2", "demo_2", True), ("demo:3", "demo_3", False)]
+    assert segments[0]["training_tiles"] > 0 and segments[1]["training_tiles"] > 0
+    assert segments[2]["training_tiles"] == 0  # never trained on
+    assert segments[0]["held_out"] is None and segments[1]["held_out"] is None  # no band: they train whole
+    assert segments[2]["held_out"] == {"y0": 0, "y1": DEMO_FAMILY_SHAPE[1], "x0": 0, "x1": DEMO_FAMILY_SHAPE[2]}
+    # Every epoch validates on demo:3 alone: its metrics, and the pooled ones, which over one segment are its own.
+    epochs = [record for record in records if record["event"] == "epoch"]
+    assert [record["epoch"] for record in epochs] == [1, 2]
+    for record in epochs:
+        assert list(record["val_segments"]) == ["demo_3"]
+        assert {key: record[f"val_{key}"] for key in record["val_segments"]["demo_3"]} == record["val_segments"]["demo_3"]
+    assert "; demo_3: F0.5" in result.stdout
+    # A prediction per segment, named by it; demo:3's scored on the whole segment, recomputed from its PNG.
+    for name in ("demo_1", "demo_2", "demo_3"):
+        prediction = read_png(experiment / "predictions" / f"{name}.png")
+        assert prediction.shape == DEMO_FAMILY_SHAPE[1:] and prediction.dtype == np.uint8
+        assert (experiment / "predictions" / f"{name}_labels_vs_prediction.png").is_file()
+    assert not (experiment / "prediction.png").exists() and not (experiment / "labels_vs_prediction.png").exists()
+    predictions = {record["segment"]: record for record in records if record["event"] == "prediction"}
+    assert list(predictions) == ["demo:1", "demo:2", "demo:3"]
+    assert "validation_f05" not in predictions["demo:1"] and "labelled_tiles_f05" in predictions["demo:1"]
+    monkeypatch.setenv("SEGMENT_CACHE_DIR", str(demo_family_cache))
+    unseen = open_segment("demo:3")
+    rescored = ink_metrics(read_png(experiment / "predictions" / "demo_3.png")[unseen.mask] / 255.0,
+                           unseen.inklabels[unseen.mask])
+    assert predictions["demo:3"]["validation_pixels"] == rescored.pixels == np.count_nonzero(unseen.mask)
+    assert abs(predictions["demo:3"]["validation_f05"] - rescored.f05) < 0.02
+    assert abs(predictions["demo:3"]["validation_auc"] - rescored.auc) < 0.01
+    pooled = records[-1]
+    assert pooled["event"] == "pooled_prediction" and pooled["segments"] == ["demo_3"]
+    assert pooled["validation_f05"] == predictions["demo:3"]["validation_f05"]
+    assert pooled["validation_auc"] == predictions["demo:3"]["validation_auc"]
+    events = EventAccumulator(str(experiment / "tensorboard_logs")).Reload()
+    assert {"val/f05", "val/auc", "val/loss", "val_demo_3/f05", "val_demo_3/auc"} <= set(events.Tags()["scalars"])
+    assert {"validation/demo_3", "prediction/demo_1", "prediction/demo_3"} <= set(events.Tags()["images"])
+
+
+def test_a_band_of_each_segment_is_held_out_and_pooled(demo_family_cache, labelled_segment_path, tmp_path, monkeypatch):
+    """A demo segment with its own labels and a zarr with a label file given for it: each holds out a band, and the
+    pooled metrics are those of both bands' pixels together."""
+    result = run_train(["--segment_id", "demo:1", str(labelled_segment_path), "--inklabel_path", "None",
+                        "inklabels.png", "--SEGMENT_SAMPLING", "equal", "--OUTPUT_DIR", str(tmp_path), "--exp_name",
+                        "bands"], demo_family_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = tmp_path / "bands"
+    records = read_log(experiment)
+    segments = records[0]["segments"]
+    assert [item["name"] for item in segments] == ["demo_1", "tiny"] and all(item["trains"] for item in segments)
+    assert str(labelled_segment_path / "inklabels.png") in segments[1]["labels"]
+    assert "demo:1's own ink labels" in segments[0]["labels"]
+    for record in (record for record in records if record["event"] == "epoch"):
+        per_segment = record["val_segments"]
+        assert record["val_pixels"] == per_segment["demo_1"]["pixels"] + per_segment["tiny"]["pixels"]
+        losses = [per_segment[name]["loss"] for name in per_segment]
+        assert min(losses) <= record["val_loss"] <= max(losses)  # the mean over both bands' tiles
+    # The pooled prediction metrics, recomputed from both PNGs over both bands.
+    probabilities, is_ink = [], []
+    monkeypatch.setenv("SEGMENT_CACHE_DIR", str(demo_family_cache))
+    for item in segments:
+        segment = open_segment(item["segment"])
+        band = item["held_out"]
+        band_yx = np.zeros(segment.mask.shape, bool)
+        band_yx[band["y0"]:band["y1"], band["x0"]:band["x1"]] = True
+        band_yx &= segment.mask
+        probabilities.append(read_png(experiment / "predictions" / f"{item['name']}.png")[band_yx] / 255.0)
+        is_ink.append(segment.inklabels[band_yx] > 0)
+    pooled = records[-1]
+    rescored = ink_metrics(np.concatenate(probabilities), np.concatenate(is_ink))
+    assert pooled["event"] == "pooled_prediction" and pooled["segments"] == ["demo_1", "tiny"]
+    assert pooled["validation_pixels"] == rescored.pixels
+    assert abs(pooled["validation_f05"] - rescored.f05) < 0.02 and abs(pooled["validation_auc"] - rescored.auc) < 0.01
+    assert "pooled over the held-out pixels of demo_1, tiny" in result.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--segment_id", "demo:1", "demo:2", "--inklabel_path", "inklabels.png"],
+     r"inklabel_path gives 1 file\(s\) for 2 segments: give one per segment"),
+    (["--segment_id", "demo:1", "--VALIDATION_SEGMENTS", "demo:2", "--negatives_path", "a.png", "b.png", "c.png"],
+     r"negatives_path gives 3 file\(s\) for 2 segments"),
+    (["--segment_id", "demo:1", "demo:2", "--VALIDATION_SEGMENTS", "demo:2"],
+     "segment demo:2 is in both segment_id and VALIDATION_SEGMENTS"),
+    (["--segment_id", "demo:1", "demo:2", "--scheme", "iterative"], "scheme 'iterative' labels one segment at a time"),
+    (["--segment_id", "demo:1", "demo:2", "demo:1"], "segment demo:1 is given twice"),
+    (["--segment_id", "demo:1", "--VALIDATION_SEGMENTS", "demo:2", "--save_path", "prediction.png"],
+     "save_path names one prediction PNG"),
+    (["--SEGMENT_SAMPLING", "most"], "SEGMENT_SAMPLING 'most' is not one of area, equal"),
+], ids=["too-few-label-files", "too-many-label-files", "trained-and-validated", "iterative", "twice", "save-path",
+        "sampling"])
+def test_segment_setting_errors_name_the_problem_and_write_nothing(demo_family_cache, tmp_path, monkeypatch, extra,
+                                                                   message):
+    monkeypatch.setenv("SEGMENT_CACHE_DIR", str(demo_family_cache))
+    with pytest.raises(ConfigError, match=message):
+        train.main([*TINY, "--OUTPUT_DIR", str(tmp_path / "runs"), *extra])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_segment_error_is_one_line_with_exit_status_2(demo_family_cache, tmp_path):
+    result = run_train(["--segment_id", "demo:1", "demo:2", "--inklabel_path", "inklabels.png", "--OUTPUT_DIR",
+                        str(tmp_path)], demo_family_cache, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: inklabel_path gives 1 file")
+    assert not list(tmp_path.iterdir())
