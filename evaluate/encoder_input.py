@@ -13,17 +13,13 @@ import sys
 import torch
 
 from pretrain import checkpoint, dist
-from pretrain.data.patches import NORMALIZATIONS, InputSettings
+from pretrain.data.patches import NO_CHECKPOINT_INPUT, NORMALIZATIONS, OPTION_NAMES, InputSettings
 from pretrain.data.remote import RemoteReadError
 from pretrain.data.segment import SegmentError
 from pretrain.models import ENCODER_NAMES, build_encoder
 from pretrain.utils.misc import show_warnings_as_lines
 
-# Without a checkpoint that records them (a random encoder, a bare state dict, Kinetics weights).
-DEFAULTS = InputSettings(model="resnet50_3d", depth=16, depth_offset=0, follow_surface=False, normalization="range",
-                         tile_size=96)
-OPTION_NAMES = {field: f"--{field}" for field in ("model", "depth", "depth_offset", "follow_surface", "normalization",
-                                                  "tile_size")}
+DEFAULTS = NO_CHECKPOINT_INPUT  # without a checkpoint that records them: as fine-tuning reads tiles
 
 
 class EvaluationError(ValueError):

@@ -38,20 +38,13 @@ from evaluate import encoder_input  # noqa: E402
 from evaluate.statistics import describe_interval, paired_interval  # noqa: E402
 from finetune.data import Box  # noqa: E402
 from finetune.metrics import NoSkillBand, no_skill_band  # noqa: E402
-from pretrain.data.patches import InputSettings  # noqa: E402
+from pretrain.data.patches import InputSettings, finetune_options  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import TensorboardLogger, write_bytes_atomic  # noqa: E402
 
 SCORES = {"f05": "validation_calibrated_f05", "f05_oracle": "validation_f05", "auc": "validation_auc",
           "average_precision": "validation_average_precision"}  # what a run reports: its prediction's metrics
-
-
-def input_overrides(settings: InputSettings) -> list[str]:
-    """finetune/train.py settings that make a run read tiles as `settings` say."""
-    return ["--MODEL", settings.model, "--DEPTH", str(settings.depth), "--DEPTH_OFFSET", str(settings.depth_offset),
-            "--FOLLOW_SURFACE", str(settings.follow_surface), "--NORMALIZATION", settings.normalization,
-            "--TILE_SIZE", str(settings.tile_size)]
 
 
 def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: InputSettings, args,
@@ -61,7 +54,7 @@ def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: Inp
     experiment = f"{name}_{mode}_seed{seed}"
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", experiment,
                "--OUTPUT_DIR", str(args.output / "runs"), "--scheme", "validation", "--segment_id", args.segment,
-               "--SEED", str(seed), "--freeze_encoder", str(mode == "probe"), *input_overrides(settings)]
+               "--SEED", str(seed), "--freeze_encoder", str(mode == "probe"), *finetune_options(settings)]
     if checkpoint != "random":
         command += ["--pretrained_path", checkpoint]
     experiment_dir = args.output / "runs" / experiment

@@ -63,12 +63,11 @@ import tqdm  # noqa: E402
 
 from evaluate import encoder_input  # noqa: E402
 from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval  # noqa: E402
-from evaluate.encoders import input_overrides  # noqa: E402
 from finetune.data import read_prior  # noqa: E402
 from finetune.metrics import (NoSkillBand, average_precision, best_threshold, f05_at, ink_metrics,  # noqa: E402
                               no_skill_band)
 from finetune.outputs import write_png_atomic  # noqa: E402
-from pretrain.data.patches import InputSettings  # noqa: E402
+from pretrain.data.patches import InputSettings, finetune_options  # noqa: E402
 from pretrain.data.segment import Segment, open_segment  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
@@ -186,7 +185,7 @@ def without_epochs(extra: list[str]) -> tuple[list[str], int | None]:
 def run_command(run: dict, args, settings: InputSettings, extra: list[str], folder: pathlib.Path) -> list[str]:
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", run["name"],
                "--OUTPUT_DIR", str(args.output / "runs"), "--segment_id", args.segment, "--scheme", "iterative",
-               "--data_augmentation", "True", "--SEED", str(run["seed"]), *input_overrides(settings)]
+               "--data_augmentation", "True", "--SEED", str(run["seed"]), *finetune_options(settings)]
     if run["glyphs"]:  # k = 0: the prior alone
         command += ["--inklabel_path", str(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png")]
     if run["prior"]:

@@ -34,8 +34,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from evaluate import encoder_input, render_report  # noqa: E402
-from evaluate.encoders import input_overrides  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
+from pretrain.data.patches import InputSettings, evaluate_options, finetune_options  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
 
@@ -121,11 +121,9 @@ def groups_by_input(encoders: dict, tile_size: int) -> list[dict]:
     return list(groups.values())
 
 
-def input_options(settings, tile_size: int) -> list[str]:
+def input_options(settings: InputSettings, tile_size: int) -> list[str]:
     """The evaluate/ scripts' input options for `settings`, with the fine-tuning tile size."""
-    return ["--model", settings.model, "--depth", str(settings.depth), "--depth_offset", str(settings.depth_offset),
-            "--follow_surface", str(settings.follow_surface), "--normalization", settings.normalization,
-            "--tile_size", str(tile_size)]
+    return evaluate_options(dataclasses.replace(settings, tile_size=tile_size))
 
 
 def label_efficiency(args, encoders: dict) -> None:
@@ -156,7 +154,7 @@ def probes(args, encoders: dict) -> None:
                                          tile_size=args.finetune_tile_size)
     control = run_step("supervised control: full fine-tuning", [
         "finetune/train.py", "--exp_name", "supervised", "--OUTPUT_DIR", str(args.work / "control"), "--scheme",
-        "validation", "--segment_id", args.segment, "--SEED", "0", *input_overrides(spark_settings),
+        "validation", "--segment_id", args.segment, "--SEED", "0", *finetune_options(spark_settings),
         *shlex.split(args.finetune_args)])
     probed = {**encoders, "supervised": str(args.work / "control" / "supervised" / "best.pth")}
     results = {"control_command": control, "groups": []}

@@ -257,16 +257,18 @@ def _has_type(value, expected: type, allows_none: bool, allows_list: bool = Fals
     return type(value) is expected or (expected is float and type(value) is int)
 
 
-def check_in_file_settings(defaults: dict, source_file: str | os.PathLike, reader: str = "config") -> None:
+def check_in_file_settings(defaults: dict, source_file: str | os.PathLike, reader: str = "config",
+                           read_elsewhere: tuple[str, ...] = ()) -> None:
     """Raise one ConfigError naming every in-file setting of `source_file` that an override of it would be refused
     for: a setting the script never reads (a typo such as NUM_EPOCH for NUM_EPOCHS, which would silently be a new
     setting), one without a type annotation, or a value of another type than its annotation. The script reads a
     setting as `reader.NAME` or names it in a string (`getattr(config, "MODEL")`); a name read as `reader.NAME` that
-    is not a setting any more (renamed by a typo) is missing."""
+    is not a setting any more (renamed by a typo) is missing. `read_elsewhere`: names it reads through a table kept
+    in another module (the input settings' names, `pretrain.data.patches.FINETUNE_NAMES`)."""
     script = pathlib.Path(source_file)
     module = ast.parse(script.read_text(encoding="utf-8"))
     sources = read_script(script, defaults)[1]
-    mentioned, read_from_reader = set(), set()
+    mentioned, read_from_reader = set(read_elsewhere), set()
     for statement in module.body:
         if _assigned_name(statement)[0] in defaults:
             continue

@@ -44,7 +44,7 @@ from finetune.metrics import all_ink_f05  # noqa: E402
 from finetune.config import ConfigError, apply_overrides, check_in_file_settings, settings_in  # noqa: E402
 from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
-from pretrain.data.patches import NORMALIZATIONS, InputSettings  # noqa: E402
+from pretrain.data.patches import FINETUNE_NAMES, NO_CHECKPOINT_INPUT, NORMALIZATIONS, InputSettings  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import Segment, SegmentError, check_negatives, open_segment  # noqa: E402
 from pretrain.models import ENCODER_NAMES  # noqa: E402
@@ -141,10 +141,6 @@ TTA: bool = False  # average over flips and a rot90 (4× the inference time)
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = settings_in(globals())
 # The input settings without a pretrained encoder, and the setting that names each field.
-INPUT_DEFAULTS = InputSettings(model="resnet50_3d_narrow", depth=16, depth_offset=0, follow_surface=False,
-                               normalization="range", tile_size=64)
-INPUT_SETTING_NAMES = {"model": "MODEL", "depth": "DEPTH", "depth_offset": "DEPTH_OFFSET",
-                       "follow_surface": "FOLLOW_SURFACE", "normalization": "NORMALIZATION", "tile_size": "TILE_SIZE"}
 # A run whose final F0.5 is less than this above chance (calling every pixel ink) has shown no skill: the margin by
 # which evaluate/label_efficiency.py counts one encoder as beating another. A threshold sweep alone lifts a map
 # without skill a little above chance (self-training rounds that never took off ended at 0.141 against 0.140).
@@ -171,13 +167,13 @@ def encoder_and_input(config) -> tuple[checkpoint.EncoderWeights | None, InputSe
     """The pretrained encoder's weights (None without one) and the input settings to use: the encoder's own,
     except where the config gives a value (a contradiction is an error, see checkpoint.resolve_input_settings)."""
     weights = checkpoint.encoder_weights(config.pretrained_path) if config.pretrained_path is not None else None
-    given = {field: getattr(config, name) for field, name in INPUT_SETTING_NAMES.items() if getattr(config, name) is not None}
-    return weights, checkpoint.resolve_input_settings(weights, given, INPUT_DEFAULTS, INPUT_SETTING_NAMES)
+    given = {field: getattr(config, name) for field, name in FINETUNE_NAMES.items() if getattr(config, name) is not None}
+    return weights, checkpoint.resolve_input_settings(weights, given, NO_CHECKPOINT_INPUT, FINETUNE_NAMES)
 
 
 def check_settings(config, settings: InputSettings) -> None:
     problems = []
-    chosen = {**vars(config), **{name: getattr(settings, field) for field, name in INPUT_SETTING_NAMES.items()}}
+    chosen = {**vars(config), **{name: getattr(settings, field) for field, name in FINETUNE_NAMES.items()}}
     for name, allowed in (("scheme", ("validation", "iterative")), ("MODEL", ENCODER_NAMES),
                           ("DEPTH_POOL", DEPTH_POOLS), ("OUTPUT_STRIDE", OUTPUT_STRIDES),
                           ("NORMALIZATION", NORMALIZATIONS)):
@@ -771,7 +767,7 @@ def train_round(config, settings, weights, run_segments: list[RunSegment], state
 
 
 def main(argv: list[str] | None = None) -> int:
-    check_in_file_settings(DEFAULTS, __file__)  # the values written above, checked as overrides of them are
+    check_in_file_settings(DEFAULTS, __file__, read_elsewhere=tuple(FINETUNE_NAMES.values()))  # the values written above, checked as overrides of them are
     config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__)
     device = dist.initialize()
     if device.type == "cpu" and config.CPU_THREADS > 0:

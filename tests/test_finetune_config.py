@@ -206,7 +206,7 @@ def test_an_annotation_types_overrides_of_a_setting_whose_default_is_not_none(tm
 def test_the_shipped_train_py_passes_its_own_check():
     from finetune import train
 
-    check_in_file_settings(train.DEFAULTS, train.__file__)
+    check_in_file_settings(train.DEFAULTS, train.__file__, read_elsewhere=tuple(train.FINETUNE_NAMES.values()))
 
 
 def test_a_typo_in_train_py_itself_is_one_error_line_before_anything_runs(tmp_path):
