@@ -55,6 +55,6 @@ def test_a_stage_too_coarse_for_the_tile_is_one_error_line(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --stage 4 has one feature per 32 pixels: a 96-pixel tile gives too few to keep the central half of "
+        "error: --stage 4 has one feature per 32 pixels: a 64-pixel tile gives too few to keep the central half of "
         "each; use --tile_size 128 or more, or a finer stage")
     assert not (tmp_path / "out").exists()
