@@ -323,10 +323,6 @@ class RunSegment:
     label_source: str
     train_origins: np.ndarray  # (N, 2) the current round's training tiles
 
-    def labelled(self) -> Segment:
-        """The segment reader, with the current round's labels as the labels its tiles carry."""
-        return dataclasses.replace(self.segment, inklabels=self.labels_yx)
-
 
 def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
     """Every segment of the run (specs_of's order), opened, with its labels read and its tiles split."""
@@ -348,10 +344,10 @@ def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
         elif human.from_prior and not (human.human_yx == 1).any():  # no human label chooses a tile
             held_out, origins = None, no_tiles
         else:
-            held_out, origins = split(config, settings, dataclasses.replace(segment, inklabels=human.human_yx),
+            held_out, origins = split(config, settings, segment, human.human_yx,
                                       painted_chooses=human.negatives_yx is not None)
         # The first round trains on the tiles the human labels chose, unless a prior's labels lie under them.
-        train_origins = split(config, settings, dataclasses.replace(segment, inklabels=human.training_yx),
+        train_origins = split(config, settings, segment, human.training_yx,
                               painted_chooses=True)[1] if human.from_prior else origins
         # The segment's own labels score the prediction where training used others (or none: a prior alone).
         own_labels = files.inklabel is not None or human.from_prior
@@ -434,16 +430,16 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, state, tensorbo
     return loss_sum / iterations_per_epoch
 
 
-def split(config, settings: InputSettings, labelled: Segment, painted_chooses: bool) -> tuple[data.Box | None, np.ndarray]:
+def split(config, settings: InputSettings, segment: Segment, labels_yx: np.ndarray,
+          painted_chooses: bool) -> tuple[data.Box | None, np.ndarray]:
     """The held-out band (scheme "validation" without VALIDATION_SEGMENTS; else None) and the (N, 2) training tile
-    origins. In scheme "iterative" a tile needs MIN_INK_FRACTION of ink or, when `painted_chooses`, of painted pixels
-    (ink or not)."""
+    origins, as the (Y, X) training labels choose them. In scheme "iterative" a tile needs MIN_INK_FRACTION of ink
+    or, when `painted_chooses`, of painted pixels (ink or not)."""
     held_out = None
     if config.scheme == "validation" and config.VALIDATION_SEGMENTS is None:
-        held_out = data.choose_validation_box(labelled.mask, labelled.inklabels, settings.tile_size,
-                                              config.VALIDATION_FRACTION)
-    chooser_yx = labelled.inklabels != data.UNKNOWN if painted_chooses else labelled.inklabels == 1
-    train_origins = data.training_origins(labelled, settings.tile_size, config.STRIDE, held_out,
+        held_out = data.choose_validation_box(segment.mask, labels_yx, settings.tile_size, config.VALIDATION_FRACTION)
+    chooser_yx = labels_yx != data.UNKNOWN if painted_chooses else labels_yx == 1
+    train_origins = data.training_origins(segment, settings.tile_size, config.STRIDE, held_out,
                                           config.MIN_INK_FRACTION if config.scheme == "iterative" else 0.0, chooser_yx)
     return held_out, train_origins
 
@@ -468,8 +464,9 @@ def build_loaders(config, settings: InputSettings, run_segments: list[RunSegment
     margin = (min(data.depth_margin(run_segment.segment.shape[0], settings) for run_segment in training)
               if config.data_augmentation else 0)
     augmentation = data.TileAugmentation(settings.depth, margin, config.data_augmentation, config.SEED)
-    train_set = data.TrainingTiles([data.tile_dataset(run_segment.labelled(), run_segment.train_origins, settings,
-                                                      augmentation, margin) for run_segment in training], augmentation)
+    train_set = data.TrainingTiles([data.tile_dataset(run_segment.segment, run_segment.train_origins, settings,
+                                                      run_segment.labels_yx, augmentation, margin)
+                                    for run_segment in training], augmentation)
     shares = data.segment_shares([labelled_area(run_segment) for run_segment in training],
                                  equal=config.SEGMENT_SAMPLING == "equal")
     sampler = data.SegmentMixSampler([len(run_segment.train_origins) for run_segment in training], shares,
@@ -484,9 +481,9 @@ def build_loaders(config, settings: InputSettings, run_segments: list[RunSegment
     for run_segment in run_segments:
         if run_segment.held_out is None:
             continue
-        labelled = run_segment.labelled()
-        origins = data.validation_origins(labelled, settings.tile_size, run_segment.held_out)
-        validation_set = data.tile_dataset(labelled, origins[dist.rank()::dist.world_size()], settings)
+        origins = data.validation_origins(run_segment.segment, settings.tile_size, run_segment.held_out)
+        validation_set = data.tile_dataset(run_segment.segment, origins[dist.rank()::dist.world_size()], settings,
+                                           run_segment.labels_yx)
         validation_loaders.append((run_segment, torch.utils.data.DataLoader(
             validation_set, batch_size=batch_per_process, num_workers=config.NUM_WORKERS)))
     return train_loader, augmentation, validation_loaders
@@ -670,8 +667,7 @@ def round_segments(config, settings: InputSettings, state: RunState, run_segment
     source = (f"self-training round {state.self_training_round}: pseudo-labels of round {state.round - 1}'s prediction "
               f"(ink ≥ {config.PSEUDO_INK_THRESHOLD}, not ink ≤ {config.PSEUDO_NOT_INK_THRESHOLD}) under "
               f"{run_segment.human.source} ({folder})")
-    labelled = dataclasses.replace(run_segment.segment, inklabels=labels_yx)
-    train_origins = split(config, settings, labelled, painted_chooses=False)[1]
+    train_origins = split(config, settings, run_segment.segment, labels_yx, painted_chooses=False)[1]
     return [dataclasses.replace(run_segment, labels_yx=labels_yx, label_source=source, train_origins=train_origins)]
 
 
