@@ -223,11 +223,13 @@ def depth_margin(num_layers: int, settings: InputSettings) -> int:
     return 0
 
 
-def tile_dataset(segment: Segment, origins: np.ndarray, settings: InputSettings, transform=None,
-                 margin: int = 0) -> GridTileDataset:
-    """GridTileDataset over exactly the given (N, 2) origins, reading `margin` more layers on each side."""
+def tile_dataset(segment: Segment, origins: np.ndarray, settings: InputSettings, labels_yx: np.ndarray | None = None,
+                 transform=None, margin: int = 0) -> GridTileDataset:
+    """GridTileDataset over exactly the given (N, 2) origins, reading `margin` more layers on each side; its tiles
+    carry `labels_yx` (training labels, see UNKNOWN), or without them the segment's own ink labels."""
     widened = dataclasses.replace(settings, depth=settings.depth + 2 * margin)
-    return GridTileDataset(segment, widened, stride=settings.tile_size, transform=transform, origins=origins)
+    return GridTileDataset(segment, widened, stride=settings.tile_size, transform=transform, origins=origins,
+                           labels_yx=labels_yx)
 
 
 def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Box | None,
@@ -235,9 +237,8 @@ def training_origins(segment: Segment, tile_size: int, stride: int, held_out: Bo
     """Training tiles: mostly papyrus, touching no held-out pixel, and with `min_labelled_fraction` > 0 holding at
     least that fraction of `labelled_yx` (the pixels whose labels choose tiles: ink, or whatever was painted)."""
     region = None if held_out is None else ~held_out.region_yx(segment.shape[1:])
-    chooser = segment if labelled_yx is None else dataclasses.replace(segment, inklabels=labelled_yx)
-    origins = tile_origins(chooser, tile_size, stride, min_mask_fraction=MOSTLY_PAPYRUS, min_ink_fraction=min_labelled_fraction,
-                           region_yx=region)
+    origins = tile_origins(segment, tile_size, stride, min_mask_fraction=MOSTLY_PAPYRUS, min_ink_fraction=min_labelled_fraction,
+                           region_yx=region, chooser_yx=labelled_yx)
     if held_out is not None:
         origins = drop_tiles_touching(origins, tile_size, held_out)
         if len(origins) == 0:

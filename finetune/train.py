@@ -41,7 +41,7 @@ import tqdm  # noqa: E402
 from finetune import data, evaluation, inference, outputs  # noqa: E402
 from finetune.loss import ink_loss  # noqa: E402
 from finetune.metrics import all_ink_f05  # noqa: E402
-from finetune.config import ConfigError, apply_overrides, check_in_file_settings, settings_in  # noqa: E402
+from finetune.config import Config, ConfigError, apply_overrides, check_in_file_settings, settings_in  # noqa: E402
 from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import FINETUNE_NAMES, NO_CHECKPOINT_INPUT, NORMALIZATIONS, InputSettings  # noqa: E402
@@ -161,6 +161,20 @@ class RunState:
     labels_digest: str = ""
     training_seconds: float = 0.0
     self_training_round: int = 0  # 0: trained on the human labels; n: on the pseudo-labels of round n − 1's prediction
+
+
+@dataclasses.dataclass
+class Run:
+    """What every step of one run reads: its settings, the encoder it starts from, where it writes and on what
+    device; main() makes it once, and each round opens its own TensorBoard folder (train_round)."""
+
+    config: Config  # the settings above, with the command line's overrides
+    settings: InputSettings  # how tiles are cut and scaled (the pretrained encoder's own)
+    weights: checkpoint.EncoderWeights | None  # the pretrained encoder; None: random
+    experiment_dir: pathlib.Path  # OUTPUT_DIR/exp_name
+    device: torch.device
+    log: misc.JsonLinesLog  # log.jsonl (rank 0 writes)
+    tensorboard: misc.TensorboardLogger | None = None  # the current round's
 
 
 def encoder_and_input(config) -> tuple[checkpoint.EncoderWeights | None, InputSettings]:
@@ -323,10 +337,6 @@ class RunSegment:
     label_source: str
     train_origins: np.ndarray  # (N, 2) the current round's training tiles
 
-    def labelled(self) -> Segment:
-        """The segment reader, with the current round's labels as the labels its tiles carry."""
-        return dataclasses.replace(self.segment, inklabels=self.labels_yx)
-
 
 def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
     """Every segment of the run (specs_of's order), opened, with its labels read and its tiles split."""
@@ -348,10 +358,10 @@ def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
         elif human.from_prior and not (human.human_yx == 1).any():  # no human label chooses a tile
             held_out, origins = None, no_tiles
         else:
-            held_out, origins = split(config, settings, dataclasses.replace(segment, inklabels=human.human_yx),
+            held_out, origins = split(config, settings, segment, human.human_yx,
                                       painted_chooses=human.negatives_yx is not None)
         # The first round trains on the tiles the human labels chose, unless a prior's labels lie under them.
-        train_origins = split(config, settings, dataclasses.replace(segment, inklabels=human.training_yx),
+        train_origins = split(config, settings, segment, human.training_yx,
                               painted_chooses=True)[1] if human.from_prior else origins
         # The segment's own labels score the prediction where training used others (or none: a prior alone).
         own_labels = files.inklabel is not None or human.from_prior
@@ -369,7 +379,8 @@ def labels_digest(run_segments: list[RunSegment]) -> str:
     return hashlib.sha256("".join(run_segment.human.digest() for run_segment in run_segments).encode()).hexdigest()
 
 
-def build_model(config, settings: InputSettings, weights: checkpoint.EncoderWeights | None) -> InkUNet:
+def build_model(run: Run) -> InkUNet:
+    config, settings, weights = run.config, run.settings, run.weights
     model = build_ink_unet(settings.model, config.DEPTH_POOL, config.OUTPUT_STRIDE, config.freeze_encoder)
     depth_ratio, height_ratio, _ = model.encoder.get_downsample_ratio()
     if settings.depth % depth_ratio or settings.tile_size % height_ratio:
@@ -382,9 +393,10 @@ def build_model(config, settings: InputSettings, weights: checkpoint.EncoderWeig
     return model
 
 
-def resume_point(config, settings: InputSettings, checkpoint_path: pathlib.Path, labels_digest: str):
+def resume_point(run: Run, labels_digest: str):
     """(the state to start from, the saved checkpoint to load or None): last.pth's when it continues this run. In
     scheme "iterative", other labels start the next round afresh."""
+    config, settings, checkpoint_path = run.config, run.settings, run.experiment_dir / "last.pth"
     fresh = RunState(round=1 if config.scheme == "iterative" else 0, labels_digest=labels_digest)
     if not checkpoint_path.is_file():
         return fresh, None
@@ -401,15 +413,16 @@ def resume_point(config, settings: InputSettings, checkpoint_path: pathlib.Path,
     return state, saved
 
 
-def save_checkpoint(path: pathlib.Path, config, settings: InputSettings, model, state: RunState, optimizer=None) -> None:
+def save_checkpoint(run: Run, path: pathlib.Path, model, state: RunState, optimizer=None) -> None:
     """Weights, settings and state; with the optimizer too when it is for resuming."""
     if dist.is_master():
         entries = {"optimizer": optimizer.state_dict()} if optimizer is not None else {}
-        checkpoint.save(path, "finetune", model.state_dict(), settings, config=config.as_dict(),
+        checkpoint.save(path, "finetune", model.state_dict(), run.settings, config=run.config.as_dict(),
                         state=dataclasses.asdict(state), **entries)
 
 
-def train_one_epoch(config, model, ddp_model, optimizer, loader, state, tensorboard, device) -> float:
+def train_one_epoch(run: Run, model, ddp_model, optimizer, loader, state: RunState) -> float:
+    config, device = run.config, run.device
     model.train()
     iterations_per_epoch = len(loader)
     total_iterations = config.NUM_EPOCHS * iterations_per_epoch
@@ -428,22 +441,22 @@ def train_one_epoch(config, model, ddp_model, optimizer, loader, state, tensorbo
                                                         f"epoch {state.epoch + 1}, step {state.global_step}",
                                                         "last.pth holds the last good epoch; try a lower LR")
         loss_sum += loss_value
-        tensorboard.scalars(state.global_step, train__loss=loss_value, train__grad_norm=grad_norm, hp__lr=lr)
+        run.tensorboard.scalars(state.global_step, train__loss=loss_value, train__grad_norm=grad_norm, hp__lr=lr)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
         state.global_step += 1
     return loss_sum / iterations_per_epoch
 
 
-def split(config, settings: InputSettings, labelled: Segment, painted_chooses: bool) -> tuple[data.Box | None, np.ndarray]:
+def split(config, settings: InputSettings, segment: Segment, labels_yx: np.ndarray,
+          painted_chooses: bool) -> tuple[data.Box | None, np.ndarray]:
     """The held-out band (scheme "validation" without VALIDATION_SEGMENTS; else None) and the (N, 2) training tile
-    origins. In scheme "iterative" a tile needs MIN_INK_FRACTION of ink or, when `painted_chooses`, of painted pixels
-    (ink or not)."""
+    origins, as the (Y, X) training labels choose them. In scheme "iterative" a tile needs MIN_INK_FRACTION of ink
+    or, when `painted_chooses`, of painted pixels (ink or not)."""
     held_out = None
     if config.scheme == "validation" and config.VALIDATION_SEGMENTS is None:
-        held_out = data.choose_validation_box(labelled.mask, labelled.inklabels, settings.tile_size,
-                                              config.VALIDATION_FRACTION)
-    chooser_yx = labelled.inklabels != data.UNKNOWN if painted_chooses else labelled.inklabels == 1
-    train_origins = data.training_origins(labelled, settings.tile_size, config.STRIDE, held_out,
+        held_out = data.choose_validation_box(segment.mask, labels_yx, settings.tile_size, config.VALIDATION_FRACTION)
+    chooser_yx = labels_yx != data.UNKNOWN if painted_chooses else labels_yx == 1
+    train_origins = data.training_origins(segment, settings.tile_size, config.STRIDE, held_out,
                                           config.MIN_INK_FRACTION if config.scheme == "iterative" else 0.0, chooser_yx)
     return held_out, train_origins
 
@@ -456,10 +469,11 @@ def labelled_area(run_segment: RunSegment) -> int:
     return int(np.count_nonzero(known_yx))
 
 
-def build_loaders(config, settings: InputSettings, run_segments: list[RunSegment], device):
+def build_loaders(run: Run, run_segments: list[RunSegment]):
     """(training loader, its augmentation, [(segment, its validation loader)] for each segment that holds something
     out). An epoch repeats the training tiles up to MIN_TILES_PER_EPOCH, each training segment taking its share
     (SEGMENT_SAMPLING); each process takes its part, reshuffled per (SEED, epoch), from one sampler."""
+    config, settings = run.config, run.settings
     training = [run_segment for run_segment in run_segments if run_segment.trains]
     for run_segment in training:
         if len(run_segment.train_origins) == 0:
@@ -468,8 +482,9 @@ def build_loaders(config, settings: InputSettings, run_segments: list[RunSegment
     margin = (min(data.depth_margin(run_segment.segment.shape[0], settings) for run_segment in training)
               if config.data_augmentation else 0)
     augmentation = data.TileAugmentation(settings.depth, margin, config.data_augmentation, config.SEED)
-    train_set = data.TrainingTiles([data.tile_dataset(run_segment.labelled(), run_segment.train_origins, settings,
-                                                      augmentation, margin) for run_segment in training], augmentation)
+    train_set = data.TrainingTiles([data.tile_dataset(run_segment.segment, run_segment.train_origins, settings,
+                                                      run_segment.labels_yx, augmentation, margin)
+                                    for run_segment in training], augmentation)
     shares = data.segment_shares([labelled_area(run_segment) for run_segment in training],
                                  equal=config.SEGMENT_SAMPLING == "equal")
     sampler = data.SegmentMixSampler([len(run_segment.train_origins) for run_segment in training], shares,
@@ -477,37 +492,37 @@ def build_loaders(config, settings: InputSettings, run_segments: list[RunSegment
     batch_per_process = config.BATCH_SIZE // dist.world_size()
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=batch_per_process, sampler=sampler, num_workers=config.NUM_WORKERS, drop_last=True,
-        worker_init_fn=data.reseed_worker, pin_memory=device.type == "cuda")
+        worker_init_fn=data.reseed_worker, pin_memory=run.device.type == "cuda")
     if len(train_loader) == 0:
         raise ConfigError(f"{sampler.length} training tiles make no batch of {config.BATCH_SIZE}; lower BATCH_SIZE")
     validation_loaders = []
     for run_segment in run_segments:
         if run_segment.held_out is None:
             continue
-        labelled = run_segment.labelled()
-        origins = data.validation_origins(labelled, settings.tile_size, run_segment.held_out)
-        validation_set = data.tile_dataset(labelled, origins[dist.rank()::dist.world_size()], settings)
+        origins = data.validation_origins(run_segment.segment, settings.tile_size, run_segment.held_out)
+        validation_set = data.tile_dataset(run_segment.segment, origins[dist.rank()::dist.world_size()], settings,
+                                           run_segment.labels_yx)
         validation_loaders.append((run_segment, torch.utils.data.DataLoader(
             validation_set, batch_size=batch_per_process, num_workers=config.NUM_WORKERS)))
     return train_loader, augmentation, validation_loaders
 
 
-def prediction_paths(config, run_segment: RunSegment, several: bool, experiment_dir: pathlib.Path):
+def prediction_paths(run: Run, run_segment: RunSegment, several: bool):
     """(the prediction PNG, its labels_vs_prediction image): a run on one segment writes prediction.png (and
     save_path); on several, predictions/<segment>.png as predict.py names them, and <segment>_labels_vs_prediction.png."""
     if several:
-        folder = experiment_dir / "predictions"
+        folder = run.experiment_dir / "predictions"
         return folder / f"{run_segment.name}.png", folder / f"{run_segment.name}_labels_vs_prediction.png"
-    save_path = pathlib.Path(config.save_path) if config.save_path else experiment_dir / "prediction.png"
-    return save_path, experiment_dir / "labels_vs_prediction.png"
+    save_path = pathlib.Path(run.config.save_path) if run.config.save_path else run.experiment_dir / "prediction.png"
+    return save_path, run.experiment_dir / "labels_vs_prediction.png"
 
 
-def predict_and_write(config, settings, model, run_segments: list[RunSegment], state, experiment_dir, device, log,
-                      tensorboard) -> np.ndarray:
+def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: RunState) -> np.ndarray:
     """Each segment's whole prediction with the best weights, its metrics (against the human labels, where the human
     labels chose the tiles, so every round is measured alike), and every output file; with several segments also
     the metrics of every held-out pixel pooled. Returns the last segment's (Y, X) map: in scheme "iterative", which
     has one segment, the one self-training reads."""
+    config, settings, experiment_dir, tensorboard = run.config, run.settings, run.experiment_dir, run.tensorboard
     if config.scheme == "validation":  # in "iterative" the best weights are the last epoch's, in `model`
         dist.barrier()  # rank 0 wrote best.pth
         model.load_state_dict(checkpoint.read(experiment_dir / "best.pth")["model"])
@@ -518,7 +533,7 @@ def predict_and_write(config, settings, model, run_segments: list[RunSegment], s
         started = time.time()
         probabilities_yx = inference.predict_segment(
             model, segment, human.region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(),
-            device, config.TTA, config.NUM_WORKERS)
+            run.device, config.TTA, config.NUM_WORKERS)
         metrics = evaluation.prediction_metrics(probabilities_yx, human.human_yx, human.region_yx,
                                                 run_segment.held_out, run_segment.human_origins, settings.tile_size,
                                                 run_segment.full_labels_yx)
@@ -528,7 +543,7 @@ def predict_and_write(config, settings, model, run_segments: list[RunSegment], s
             scored_yx = evaluation.held_out_pixels(human.training_yx, human.region_yx, run_segment.held_out)
             held_out_probabilities.append(probabilities_yx[scored_yx])
             held_out_ink.append(human.training_yx[scored_yx] == 1)
-        save_path, comparison_path = prediction_paths(config, run_segment, several, experiment_dir)
+        save_path, comparison_path = prediction_paths(run, run_segment, several)
         prediction_png = outputs.probability_image(probabilities_yx)
         outputs.write_png_atomic(save_path, prediction_png)
         if not several and save_path.resolve() != (experiment_dir / "prediction.png").resolve():
@@ -547,8 +562,8 @@ def predict_and_write(config, settings, model, run_segments: list[RunSegment], s
                                           run_segment.label_source, prediction_png, metrics)
             print(f"round {state.round} recorded in {folder}")
         which = {"segment": run_segment.spec, "name": run_segment.name} if several else {}
-        log.write(event="prediction", **which, seconds=round(time.time() - started, 1), save_path=str(save_path),
-                  round=state.round, **metrics)
+        run.log.write(event="prediction", **which, seconds=round(time.time() - started, 1), save_path=str(save_path),
+                      round=state.round, **metrics)
         if group is None:  # a prior alone on a segment without labels of its own: nothing to score against
             print(f"prediction: {save_path} ({time.time() - started:.0f} s); no labels to score it against")
             continue
@@ -560,7 +575,7 @@ def predict_and_write(config, settings, model, run_segments: list[RunSegment], s
     if several and dist.is_master():
         pooled = evaluation.validation_metrics(np.concatenate(held_out_probabilities), np.concatenate(held_out_ink))
         names = [run_segment.name for run_segment in run_segments if run_segment.held_out is not None]
-        log.write(event="pooled_prediction", segments=names, round=state.round, **pooled)
+        run.log.write(event="pooled_prediction", segments=names, round=state.round, **pooled)
         print(f"pooled over the held-out pixels of {', '.join(names)}: " + evaluation.describe(pooled, ""))
         warn_if_no_skill(pooled, "the run")
     return probabilities_yx
@@ -584,11 +599,12 @@ def warn_if_no_skill(metrics: dict, what: str) -> None:
 VALIDATION_SCALARS = ("loss", "f05", "threshold", "auc", "iou")  # of each validation, to TensorBoard
 
 
-def validate_epoch(config, model, validation_loaders, device, state: RunState, tensorboard):
+def validate_epoch(run: Run, model, validation_loaders, state: RunState):
     """Every held-out region scored with one tile per pixel: (the pooled metrics, {segment name: its metrics}),
     both also to TensorBoard (the pooled ones as val/, each segment's as val_<name>/ when there are several)."""
-    loss_function = functools.partial(ink_loss, label_smoothing=config.LABEL_SMOOTHING)
-    several = several_segments(config)
+    tensorboard, device = run.tensorboard, run.device
+    loss_function = functools.partial(ink_loss, label_smoothing=run.config.LABEL_SMOOTHING)
+    several = several_segments(run.config)
     scores, per_segment = [], {}
     for run_segment, loader in validation_loaders:
         segment_scores, band_probabilities_hw = evaluation.validate(
@@ -610,8 +626,9 @@ def validate_epoch(config, model, validation_loaders, device, state: RunState, t
     return pooled, per_segment
 
 
-def train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard) -> None:
+def train(run: Run, model, optimizer, loaders, state: RunState) -> None:
     """The epoch loop, from state.epoch on; every epoch ends with last.pth, which commits it."""
+    config, device = run.config, run.device
     train_loader, augmentation, validation_loaders = loaders
     last_epoch = min(config.NUM_EPOCHS, config.STOP_AFTER_EPOCHS) if config.STOP_AFTER_EPOCHS else config.NUM_EPOCHS
     for epoch in range(state.epoch, last_epoch):
@@ -621,10 +638,9 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
         torch.manual_seed(misc.epoch_seed(config.SEED, dist.rank(), epoch))  # each rank its own, and again on resume
         model.set_encoder_frozen(config.freeze_encoder or epoch < config.FREEZE_ENCODER_EPOCHS)
         ddp_model = dist.wrap(model, device)  # again each epoch: DDP syncs only what needs gradients when it is built
-        statistics = {"train_loss": train_one_epoch(config, model, ddp_model, optimizer, train_loader, state,
-                                                    tensorboard, device)}
+        statistics = {"train_loss": train_one_epoch(run, model, ddp_model, optimizer, train_loader, state)}
         if validation_loaders:
-            validation, per_segment = validate_epoch(config, model, validation_loaders, device, state, tensorboard)
+            validation, per_segment = validate_epoch(run, model, validation_loaders, state)
             statistics.update({f"val_{key}": value for key, value in validation.items()})
             if several_segments(config):
                 statistics["val_segments"] = per_segment
@@ -636,11 +652,11 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
         # last.pth goes last because it commits the epoch: a kill before its rename trains the epoch again and
         # rewrites best.pth and the log record. Written first, a kill after it lost them, as resuming skips the epoch.
         if is_best:
-            save_checkpoint(experiment_dir / "best.pth", config, settings, model, state)
-        log.write(event="epoch", round=state.round, epoch=state.epoch, global_step=state.global_step,
-                  seconds=round(time.time() - started, 1),
-                  training_seconds=round(state.training_seconds, 1), best=is_best, **statistics)
-        save_checkpoint(experiment_dir / "last.pth", config, settings, model, state, optimizer)
+            save_checkpoint(run, run.experiment_dir / "best.pth", model, state)
+        run.log.write(event="epoch", round=state.round, epoch=state.epoch, global_step=state.global_step,
+                      seconds=round(time.time() - started, 1),
+                      training_seconds=round(state.training_seconds, 1), best=is_best, **statistics)
+        save_checkpoint(run, run.experiment_dir / "last.pth", model, state, optimizer)
         if dist.is_master():
             held_out_text = ""
             if validation_loaders:
@@ -652,43 +668,40 @@ def train(config, settings, model, optimizer, loaders, state, experiment_dir, de
                 held_out_text += " (lowest validation loss so far: best.pth)" if is_best else ""
             print(f"epoch {state.epoch}: train loss {statistics['train_loss']:.4f}{held_out_text}; "
                   f"{state.training_seconds:.0f} s of training")
-        tensorboard.flush()
+        run.tensorboard.flush()
 
 
-def round_segments(config, settings: InputSettings, state: RunState, run_segments: list[RunSegment],
-                   experiment_dir: pathlib.Path) -> list[RunSegment]:
+def round_segments(run: Run, state: RunState, run_segments: list[RunSegment]) -> list[RunSegment]:
     """The segments with the current round's labels and training tiles: as the human labels chose them, or, in a
     self-training round (scheme "iterative": one segment), the round folder's inklabels.png and negatives.png (as
     next_round wrote them, or as a person repainted them before continuing the run)."""
     if state.self_training_round == 0:
         return run_segments
     (run_segment,) = run_segments
-    folder = experiment_dir / f"round_{state.round:02d}"
+    config, folder = run.config, run.experiment_dir / f"round_{state.round:02d}"
     ink_yx = data.read_label_file(folder / "inklabels.png", run_segment.segment, "pseudo-labels")
     negatives_yx = data.read_label_file(folder / "negatives.png", run_segment.segment, "pseudo-labels")
     labels_yx = data.training_labels(ink_yx, negatives_yx)
     source = (f"self-training round {state.self_training_round}: pseudo-labels of round {state.round - 1}'s prediction "
               f"(ink ≥ {config.PSEUDO_INK_THRESHOLD}, not ink ≤ {config.PSEUDO_NOT_INK_THRESHOLD}) under "
               f"{run_segment.human.source} ({folder})")
-    labelled = dataclasses.replace(run_segment.segment, inklabels=labels_yx)
-    train_origins = split(config, settings, labelled, painted_chooses=False)[1]
+    train_origins = split(config, run.settings, run_segment.segment, labels_yx, painted_chooses=False)[1]
     return [dataclasses.replace(run_segment, labels_yx=labels_yx, label_source=source, train_origins=train_origins)]
 
 
-def next_round(config, state: RunState, probabilities_yx: np.ndarray, model, settings: InputSettings,
-               run_segment: RunSegment, experiment_dir: pathlib.Path) -> RunState:
+def next_round(run: Run, state: RunState, probabilities_yx: np.ndarray, model, run_segment: RunSegment) -> RunState:
     """Write the pseudo-labels of this round's prediction, and the model that made it (the next round starts from
     it), into the next round's folder; returns the next round's fresh state."""
-    human = run_segment.human
+    config, human = run.config, run_segment.human
     pseudo_yx = data.pseudo_labels(probabilities_yx, human.region_yx, human.human_yx == 1, human.negatives_yx,
                                    config.PSEUDO_INK_THRESHOLD, config.PSEUDO_NOT_INK_THRESHOLD,
                                    config.PSEUDO_MIN_INK_PIXELS)
     following = RunState(round=state.round + 1, labels_digest=state.labels_digest,
                          self_training_round=state.self_training_round + 1)
     if dist.is_master():
-        folder = experiment_dir / f"round_{following.round:02d}"
+        folder = run.experiment_dir / f"round_{following.round:02d}"
         outputs.write_round_labels(folder, pseudo_yx, run_segment.segment.mask)
-        checkpoint.save(folder / "start.pth", "finetune", model.state_dict(), settings, config=config.as_dict(),
+        checkpoint.save(folder / "start.pth", "finetune", model.state_dict(), run.settings, config=config.as_dict(),
                         state=dataclasses.asdict(state))
         print(f"self-training round {following.self_training_round}: pseudo-labels in {folder} "
               f"({np.count_nonzero(pseudo_yx == 1)} ink, {np.count_nonzero(pseudo_yx == 0)} not-ink pixels)")
@@ -721,15 +734,15 @@ def describe_segments(run_segments: list[RunSegment], settings: InputSettings) -
             "".join(lines))
 
 
-def train_round(config, settings, weights, run_segments: list[RunSegment], state: RunState, saved: dict | None,
-                experiment_dir: pathlib.Path, device):
+def train_round(run: Run, run_segments: list[RunSegment], state: RunState, saved: dict | None):
     """Train one round and predict; returns (the last segment's prediction, the model), or (None, the model) when
     the run stopped early (STOP_AFTER_EPOCHS). A round starts from `saved` when it continues mid-round; a
     self-training round otherwise from the previous round's model (round_NN/start.pth): trained afresh, a round on
     the pseudo-labels did not take off within the demo's 20 epochs (notes/finetune.md)."""
-    run_segments = round_segments(config, settings, state, run_segments, experiment_dir)
+    config, settings, experiment_dir = run.config, run.settings, run.experiment_dir
+    run_segments = round_segments(run, state, run_segments)
     torch.manual_seed(config.SEED)  # the decoder's initialisation
-    model = build_model(config, settings, weights).to(device)
+    model = build_model(run).to(run.device)
     optimizer = torch.optim.AdamW(schedule.parameter_groups(model), lr=config.LR, weight_decay=config.WEIGHT_DECAY)
     if saved is not None:
         checkpoint.restore(saved, model, optimizer, str(experiment_dir / "last.pth"))
@@ -739,30 +752,29 @@ def train_round(config, settings, weights, run_segments: list[RunSegment], state
         start = experiment_dir / f"round_{state.round:02d}" / "start.pth"
         model.load_state_dict(checkpoint.read(start)["model"])
         print(f"round {state.round} starts from round {state.round - 1}'s model ({start})")
-    loaders = build_loaders(config, settings, run_segments, device)
+    loaders = build_loaders(run, run_segments)
 
     # From here on the run writes.
     if dist.is_master():
         experiment_dir.mkdir(parents=True, exist_ok=True)
         misc.remove_stale_temporaries(experiment_dir)
-    log = misc.JsonLinesLog(experiment_dir / "log.jsonl")
     segments_record, segments_text, segment_lines = describe_segments(run_segments, settings)
-    log.write(event="start", command=" ".join([sys.executable, *sys.argv]), commit=misc.git_commit(),
-              config=config.as_dict(), input=settings.as_dict(), round=state.round, **segments_record)
+    run.log.write(event="start", command=" ".join([sys.executable, *sys.argv]), commit=misc.git_commit(),
+                  config=config.as_dict(), input=settings.as_dict(), round=state.round, **segments_record)
     board_dir = experiment_dir / "tensorboard_logs"
-    tensorboard = misc.TensorboardLogger(board_dir / f"round_{state.round:02d}" if config.scheme == "iterative" else board_dir)
-    tensorboard.text("config", "\n".join(f"    {name} = {value!r}" for name, value in config.as_dict().items()))
+    run = dataclasses.replace(run, tensorboard=misc.TensorboardLogger(
+        board_dir / f"round_{state.round:02d}" if config.scheme == "iterative" else board_dir))
+    run.tensorboard.text("config", "\n".join(f"    {name} = {value!r}" for name, value in config.as_dict().items()))
     if dist.is_master():
         print(f"{settings.model} UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
               f"{segments_text}; {len(loaders[0])} steps per epoch on {dist.world_size()} process(es)" + segment_lines)
-    train(config, settings, model, optimizer, loaders, state, experiment_dir, device, log, tensorboard)
+    train(run, model, optimizer, loaders, state)
     probabilities_yx = None
     if state.epoch < config.NUM_EPOCHS:
         print(f"stopped after epoch {state.epoch} of {config.NUM_EPOCHS}: run the same command again to continue")
     else:
-        probabilities_yx = predict_and_write(config, settings, model, run_segments, state, experiment_dir, device, log,
-                                             tensorboard)
-    tensorboard.close()
+        probabilities_yx = predict_and_write(run, model, run_segments, state)
+    run.tensorboard.close()
     return probabilities_yx, model
 
 
@@ -777,14 +789,14 @@ def main(argv: list[str] | None = None) -> int:
     # Every user error (settings, files, shapes, checkpoints) surfaces before anything is written.
     weights, settings = encoder_and_input(config)
     check_settings(config, settings)
+    run = Run(config, settings, weights, experiment_dir, device, log=misc.JsonLinesLog(experiment_dir / "log.jsonl"))
     run_segments = open_run_segments(config, settings)
-    state, saved = resume_point(config, settings, experiment_dir / "last.pth", labels_digest(run_segments))
+    state, saved = resume_point(run, labels_digest(run_segments))
     while True:
-        probabilities_yx, model = train_round(config, settings, weights, run_segments, state, saved, experiment_dir,
-                                              device)
+        probabilities_yx, model = train_round(run, run_segments, state, saved)
         if probabilities_yx is None or state.self_training_round >= config.SELF_TRAINING_ROUNDS:
             return 0
-        state, saved = next_round(config, state, probabilities_yx, model, settings, run_segments[0], experiment_dir), None
+        state, saved = next_round(run, state, probabilities_yx, model, run_segments[0]), None
 
 
 if __name__ == "__main__":

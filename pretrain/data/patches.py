@@ -257,10 +257,13 @@ def tile_origins(
     min_mask_fraction: float = MOSTLY_PAPYRUS,
     min_ink_fraction: float = 0.0,
     region_yx: np.ndarray | None = None,
+    chooser_yx: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N, 2) int64 (y, x) top-left corners of grid tiles that the mask covers enough. Errors if none.
 
     `region_yx` (Y, X) bool, optional, further restricts tiles to where it is set (e.g. a training area).
+    `chooser_yx` (Y, X), optional: the pixels whose fraction `min_ink_fraction` counts, in place of the segment's
+    ink labels (fine-tuning's labelled or painted pixels).
     """
     height, width = segment.shape[1:]
     if tile_size > min(height, width):
@@ -269,9 +272,10 @@ def tile_origins(
     coverage = segment.mask if region_yx is None else segment.mask & region_yx
     keep = _window_means(_block_fractions(coverage, block), tile_size // block, stride // block) >= min_mask_fraction
     if min_ink_fraction > 0:
-        if segment.inklabels is None:
+        chooser_yx = segment.inklabels if chooser_yx is None else chooser_yx
+        if chooser_yx is None:
             raise SegmentError(f"segment {segment.name} has no ink labels, but min_ink_fraction={min_ink_fraction}")
-        ink = _window_means(_block_fractions(segment.inklabels, block), tile_size // block, stride // block)
+        ink = _window_means(_block_fractions(chooser_yx, block), tile_size // block, stride // block)
         keep &= ink >= min_ink_fraction
     rows, cols = np.nonzero(keep)
     if len(rows) == 0:
@@ -370,9 +374,11 @@ class RandomPatchDataset(torch.utils.data.Dataset):
 
 class GridTileDataset(torch.utils.data.Dataset):
     """Tiles on a stride grid of one segment: dicts of `volume` (1, D, T, T) float32, `origin` (y, x)
-    and, when the segment has labels, `label` (T, T) float32. `transform(volume_dtt, label_tt)`, if
+    and, when there are labels, `label` (T, T) float32. `transform(volume_dtt, label_tt)`, if
     given, receives numpy arrays (after normalisation) and returns them transformed (augmentation).
     `origins` (N, 2), if given, is the exact tile list to use instead of the grid (e.g. a train/val split).
+    `labels_yx` (Y, X), if given, are the labels the tiles carry in place of the segment's own ink labels
+    (fine-tuning's training labels, which may hold an unknown value besides 0 and 1).
     """
 
     def __init__(
@@ -385,8 +391,10 @@ class GridTileDataset(torch.utils.data.Dataset):
         region_yx: np.ndarray | None = None,
         transform=None,
         origins: np.ndarray | None = None,
+        labels_yx: np.ndarray | None = None,
     ) -> None:
         self.segment = segment
+        self.labels_yx = segment.inklabels if labels_yx is None else labels_yx
         self.tile_size = settings.tile_size
         check_voxel_dtype(segment, settings)
         self.window = DepthWindow(segment.shape[0], settings)
@@ -402,8 +410,8 @@ class GridTileDataset(torch.utils.data.Dataset):
         y, x = (int(value) for value in self.origins[index])
         volume = self.window.read(self.segment, y, x, self.tile_size)
         label = None
-        if self.segment.inklabels is not None:
-            label = self.segment.inklabels[y : y + self.tile_size, x : x + self.tile_size].astype(np.float32)
+        if self.labels_yx is not None:
+            label = self.labels_yx[y : y + self.tile_size, x : x + self.tile_size].astype(np.float32)
         if self.transform is not None:
             volume, label = self.transform(volume, label)
         item = {"volume": torch.from_numpy(np.ascontiguousarray(volume)).unsqueeze(0), "origin": torch.tensor([y, x])}
