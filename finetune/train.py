@@ -779,7 +779,8 @@ def train_round(run: Run, run_segments: list[RunSegment], state: RunState, saved
 
 
 def main(argv: list[str] | None = None) -> int:
-    check_in_file_settings(DEFAULTS, __file__, read_elsewhere=tuple(FINETUNE_NAMES.values()))  # the values written above, checked as overrides of them are
+    # The values written above, checked as overrides of them are (the input settings are read through their table).
+    check_in_file_settings(DEFAULTS, __file__, read_elsewhere=tuple(FINETUNE_NAMES.values()))
     config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__)
     device = dist.initialize()
     if device.type == "cpu" and config.CPU_THREADS > 0:
