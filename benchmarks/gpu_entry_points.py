@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from finetune.inference import covering_origins  # noqa: E402
+from evaluate import encoder_input  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.data.patches import SOME_PAPYRUS, tile_origins  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is")
-    parser.add_argument("--segment", default="demo", help="segment spec for every run")
+    encoder_input.add_segment_argument(parser, "segment spec for every run")
     parser.add_argument("--model", default="resnet50_3d", help="encoder (fine-tuning and ink_map take SparK's)")
     parser.add_argument("--depth", type=int, default=32, help="layers per tile")
     parser.add_argument("--input_size", type=int, default=256, help="tile side in pixels")
@@ -259,7 +260,7 @@ def run_all(args, work_dir: pathlib.Path, segment, gpu_count: int) -> list[dict]
                       **finetune_measures(args, result, work_dir / "finetune", segment))
         results.append(result)
         command = [sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--checkpoint", str(encoder_path),
-                   "--segment", args.segment, "--output", str(work_dir / "ink_map")]
+                   "--segment_id", args.segment, "--output", str(work_dir / "ink_map")]
         result = run("ink_map", command, work_dir, args.timeout)
         result.update(label="evaluate/ink_map.py, SparK encoder, stage 1", **ink_map_measures(args, result, segment))
         results.append(result)

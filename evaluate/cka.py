@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", nargs="+", required=True,
                         help="encoder checkpoints to compare (any kind), or 'random' (seed 0)")
     parser.add_argument("--labels", nargs="*", help="names for the checkpoints (default: file names)")
-    parser.add_argument("--segment", default="demo", help="segment spec (ID, zarr, layer folder, demo[:seed])")
+    encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--tiles", type=int, default=128, help="number of fixed tiles the representations are taken on")
     parser.add_argument("--stages", default="4", choices=["4", "all"], help="the last stage, or all")

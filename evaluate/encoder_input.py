@@ -6,9 +6,11 @@ default to the checkpoint's own settings. A value given that contradicts them is
 warns), exactly as in fine-tuning: `pretrain.checkpoint.resolve_input_settings`.
 """
 import argparse
+import concurrent.futures
 import dataclasses
 import pathlib
 import sys
+import threading
 
 import torch
 
@@ -20,6 +22,46 @@ from pretrain.models import ENCODER_NAMES, build_encoder
 from pretrain.utils.misc import show_warnings_as_lines
 
 DEFAULTS = NO_CHECKPOINT_INPUT  # without a checkpoint that records them: as fine-tuning reads tiles
+
+
+class SegmentOption(argparse.Action):
+    """--segment_id, as fine-tuning and finetune/predict.py name a segment; --segment, its older name in evaluate/,
+    still works, with a one-line note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--segment":
+            print("note: --segment is now --segment_id, as in fine-tuning; the old name still works", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_segment_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The segment option of every evaluate/ script: --segment_id (or --segment), as args.segment."""
+    parser.add_argument("--segment_id", "--segment", dest="segment", default="demo", action=SegmentOption, help=help)
+
+
+def side_by_side(function, items: list, jobs: int):
+    """`function(item)` for every item, `jobs` at a time (each item's work is its own process: a fine-tuning run),
+    yielded in the items' order. Once one raises, no further item starts; those running finish, and the error is
+    raised in its place in the order."""
+    failed = threading.Event()
+
+    def unless_one_failed(item):
+        if failed.is_set():
+            return None
+        try:
+            return function(item)
+        except BaseException:
+            failed.set()
+            raise
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        try:
+            for result in pool.map(unless_one_failed, items):
+                if result is not None:  # None: not started, a later item failed first
+                    yield result
+        finally:  # also when the caller stops early, on an error or Ctrl-C
+            failed.set()
+            pool.shutdown(cancel_futures=True)
 
 
 class EvaluationError(ValueError):

@@ -18,7 +18,6 @@ The table gives, per encoder, the mean and min–max over seeds, and the mean pa
 image per encoder and mode (seed 0), and a TensorBoard summary, into `--output`.
 """
 import argparse
-import concurrent.futures
 import csv
 import dataclasses
 import io
@@ -138,7 +137,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--encoders", nargs="+", required=True, help="encoder checkpoints (any kind), or 'random'")
     parser.add_argument("--names", nargs="*", help="a short name per encoder for the table (default: file names)")
-    parser.add_argument("--segment", default="demo", help="segment spec (ID, zarr, layer folder, demo[:seed])")
+    encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: finetune/train.py's SEED, the same for every encoder")
     parser.add_argument("--full_finetune", action="store_true", help="also fine-tune every encoder fully")
@@ -165,13 +164,11 @@ def main() -> int:
     modes = ["probe", "finetune"] if args.full_finetune else ["probe"]
     planned = [(name, checkpoint, mode, seed) for mode in modes for seed in range(args.seeds)
                for name, checkpoint in zip(args.names, args.encoders)]
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        try:
-            runs = list(pool.map(lambda run: run_finetune(*run, settings, args, extra), planned))
-        except RuntimeError as error:
-            pool.shutdown(cancel_futures=True)  # runs not yet started never start
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+    try:  # --jobs at a time; once one fails, no other starts
+        runs = list(encoder_input.side_by_side(lambda run: run_finetune(*run, settings, args, extra), planned, args.jobs))
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     baseline = "random" if "random" in args.names else args.names[0]
     rows = summarise(runs, baseline)
     table = markdown_table(rows, baseline)

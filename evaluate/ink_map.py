@@ -108,7 +108,7 @@ def scale_to_unit(values: np.ndarray) -> np.ndarray:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="encoder checkpoint (any kind), or 'random'")
-    parser.add_argument("--segment", default="demo", help="segment spec (ID, zarr, layer folder, demo[:seed])")
+    encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--stage", type=int, default=1, choices=[1, 2, 3, 4], help="1: stride 4 … 4: stride 32")
     parser.add_argument("--components", type=int, default=8, help="principal components scored (k-means uses them)")

@@ -44,7 +44,6 @@ to `runs/.superseded/` and run again, unless --reuse_other_code keeps it, and th
 """
 import argparse
 import ast
-import concurrent.futures
 import csv
 import dataclasses
 import io
@@ -466,7 +465,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--encoders", nargs="+", required=True, help="'scratch' or encoder checkpoints (any kind)")
     parser.add_argument("--names", nargs="*", help="a short name per encoder (default: file names)")
-    parser.add_argument("--segment", default="demo", help="segment spec with ink labels (ID, zarr, layer folder, demo)")
+    encoder_input.add_segment_argument(parser, "segment spec with ink labels (ID, zarr, layer folder, demo)")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of labelled glyphs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[3],
@@ -548,18 +547,15 @@ def main() -> int:
     print(description)
     code = git_commit()
     results = []
-    # Runs go --jobs at a time, each its own process; they are scored here, in order, as they finish.
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        finished = pool.map(lambda run: run_one(run, args, settings, extra, segment, all_glyphs, code), runs)
-        try:
-            for run_results in tqdm.tqdm(finished, total=len(runs), desc="fine-tuning runs", unit="run"):
-                results += [score(result, segment, scoring) for result in run_results]
-                tqdm.tqdm.write(f"{run_results[-1]['name']}: F0.5 {results[-1]['f05']:.3f} (threshold "
-                                f"{results[-1]['threshold']:.2f}, chosen on the calibration strip), AUC {results[-1]['auc']:.3f}; "
-                                f"chance {scoring.chance_f05:.3f}, no-skill band up to {scoring.band.blind_p95:.3f}")
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # runs not yet started never start; those running finish and are kept
-            raise
+    # Runs go --jobs at a time, each its own process; they are scored here, in order, as they finish. Once one fails
+    # no other starts (those running finish and are kept), and its error is the command's.
+    finished = encoder_input.side_by_side(lambda run: run_one(run, args, settings, extra, segment, all_glyphs, code),
+                                          runs, args.jobs)
+    for run_results in tqdm.tqdm(finished, total=len(runs), desc="fine-tuning runs", unit="run"):
+        results += [score(result, segment, scoring) for result in run_results]
+        tqdm.tqdm.write(f"{run_results[-1]['name']}: F0.5 {results[-1]['f05']:.3f} (threshold {results[-1]['threshold']:.2f}, "
+                        f"chosen on the calibration strip), AUC {results[-1]['auc']:.3f}; chance {scoring.chance_f05:.3f}, "
+                        f"no-skill band up to {scoring.band.blind_p95:.3f}")
     rows, compared = summarise(results), comparisons(results)
     codes = sorted({result["code"] if "code" in result else "unrecorded" for result in results})
     prior_alone, prior_text = None, ""

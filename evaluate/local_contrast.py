@@ -76,7 +76,7 @@ def file_stem(segment: Segment) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      formatter_class=encoder_input.HelpFormatter)
-    parser.add_argument("--segment", default="demo", help="segment spec (ID, zarr, layer folder, demo[:seed])")
+    encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     parser.add_argument("--depth", type=int, default=16, help="layers of the surface-following window searched")
     parser.add_argument("--layers", type=int, default=2, help="layers under the surface whose contrast is averaged")
     parser.add_argument("--tile_size", type=int, default=64, help="tile side in pixels")

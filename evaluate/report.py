@@ -20,7 +20,6 @@ Running again reuses what is finished: pretraining resumes (a finished run only 
 are reused or only predict again.
 """
 import argparse
-import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -94,8 +93,8 @@ def pretrain(args) -> dict:
             "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", *shlex.split(args.pretrain_args),
             *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if args.jobs > 1 else None)
 
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # the runs are independent: side by side on a GPU
-        commands = dict(zip(runs, pool.map(run_pretraining, runs)))
+    # The runs are independent: side by side on a GPU, with --jobs.
+    commands = dict(zip(runs, encoder_input.side_by_side(run_pretraining, list(runs), args.jobs)))
     results, encoders = {}, {}
     for name, (settings, description) in runs.items():
         exp_dir, command = exp_dirs[name], commands[name]
@@ -135,7 +134,7 @@ def label_efficiency(args, encoders: dict) -> None:
         output = args.work / ("label_efficiency" if index == 0 else f"label_efficiency_{names[0]}")
         command = run_step(f"label efficiency, {', '.join(names)}", [
             "evaluate/label_efficiency.py", "--encoders", "scratch", *group["encoders"].values(), "--names", "scratch",
-            *names, "--segment", args.segment, "--seeds", *map(str, args.seeds), "--glyphs", *map(str, args.glyphs),
+            *names, "--segment_id", args.segment, "--seeds", *map(str, args.seeds), "--glyphs", *map(str, args.glyphs),
             "--scratch_epochs_factor", str(args.scratch_epochs_factor), "--jobs", str(args.jobs),
             *input_options(group["settings"], args.finetune_tile_size), *shlex.split(args.curve_args),
             "--output", str(output), "--",
@@ -164,7 +163,7 @@ def probes(args, encoders: dict) -> None:
         names = [random_name, *group["encoders"]]
         command = run_step(f"frozen-encoder probes, {', '.join(names)}", [
             "evaluate/encoders.py", "--encoders", "random", *group["encoders"].values(), "--names", *names,
-            "--segment", args.segment, "--seeds", str(args.probe_seeds), "--jobs", str(args.jobs),
+            "--segment_id", args.segment, "--seeds", str(args.probe_seeds), "--jobs", str(args.jobs),
             *input_options(group["settings"], args.finetune_tile_size), "--output", str(output), "--",
             *shlex.split(args.finetune_args)])
         rows = list(csv.DictReader(open(output / "encoders.csv")))
@@ -174,7 +173,7 @@ def probes(args, encoders: dict) -> None:
     if args.kinetics:
         output = args.work / "probes_kinetics"
         command = run_step("full-width probes, random vs Kinetics-700", [
-            "evaluate/encoders.py", "--encoders", "random", args.kinetics, "--names", "random", "kinetics", "--segment",
+            "evaluate/encoders.py", "--encoders", "random", args.kinetics, "--names", "random", "kinetics", "--segment_id",
             args.segment, "--model", "resnet50_3d", "--tile_size", str(args.finetune_tile_size), "--seeds",
             str(args.probe_seeds), "--output", str(output),
             "--", *shlex.split(args.finetune_args)])
@@ -194,7 +193,7 @@ def representations(args, encoders: dict) -> None:
         if not scaling:
             at = options.index("--normalization")
             options = options[:at] + options[at + 2:]
-        return [*options, "--segment", args.segment, *shlex.split(args.feature_args)]
+        return [*options, "--segment_id", args.segment, *shlex.split(args.feature_args)]
 
     cka_checkpoints = {"random": "random", **{f"spark ep{epoch}": str(checkpoint.encoder_file(args.work / "spark", args.model, epoch))
                                               for epoch in spark_epochs},
@@ -218,7 +217,7 @@ def representations(args, encoders: dict) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
-    parser.add_argument("--segment", default="demo", help="segment spec with ink labels")
+    encoder_input.add_segment_argument(parser, "segment spec with ink labels")
     parser.add_argument("--model", default="resnet50_3d_narrow", help="the encoder every method pretrains")
     parser.add_argument("--spark_epochs", type=int, default=40, help="SparK pretraining epochs")
     parser.add_argument("--vicreg_epochs", type=int, default=20, help="VICReg pretraining epochs")

@@ -21,7 +21,7 @@ def test_evaluation_writes_table_csv_and_one_image_per_encoder(labelled_segment_
     pairs = list(zip(TINY[::2], TINY[1::2]))
     settings = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--encoders", "random",
-               str(tmp_path / "other_encoder.pth"), "--names", "random", "other", "--segment", str(labelled_segment_path),
+               str(tmp_path / "other_encoder.pth"), "--names", "random", "other", "--segment_id", str(labelled_segment_path),
                "--model", "resnet18_3d_tiny", "--depth", "8", "--tile_size", "32", "--seeds", "2", "--output",
                str(tmp_path / "evaluation"), "--", *settings]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)

@@ -51,7 +51,7 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     pairs = list(zip(FINETUNE_TINY[::2], FINETUNE_TINY[1::2]))
     finetune = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders", "scratch",
-               str(tmp_path / "pretrained.pth"), "--names", "scratch", "pretrained", "--segment",
+               str(tmp_path / "pretrained.pth"), "--names", "scratch", "pretrained", "--segment_id",
                str(labelled_segment_path), "--glyphs", "1", "2", "--seeds", "1", "--label_part", "0.4", "--score_part",
                "0.4", "--min_glyph_pixels", "100", "--jobs", "2", "--output", str(tmp_path / "curves"), "--", *finetune]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -150,7 +150,7 @@ def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_seg
     assert label_efficiency.without_epochs(["--LR", "1e-3", "--NUM_EPOCHS", "3", "--NUM_EPOCHS=4"]) == (["--LR", "1e-3"], 4)
     assert label_efficiency.default_epochs() >= 1
     result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders",
-                             "scratch", "--segment", str(labelled_segment_path), "--output", str(tmp_path), "--seeds", "0"],
+                             "scratch", "--segment_id", str(labelled_segment_path), "--output", str(tmp_path), "--seeds", "0"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --seeds 0: at least 1 seed is needed (and 8 for a 'yes')"]
@@ -179,7 +179,7 @@ def test_a_prior_adds_arms_at_every_k_and_alone_at_k_0(labelled_segment_path, tm
     pairs = list(zip(FINETUNE_TINY[::2], FINETUNE_TINY[1::2]))
     finetune = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders", "scratch",
-               "--segment", str(labelled_segment_path), "--glyphs", "0", "1", "--seeds", "1", "--label_part", "0.4",
+               "--segment_id", str(labelled_segment_path), "--glyphs", "0", "1", "--seeds", "1", "--label_part", "0.4",
                "--score_part", "0.4", "--min_glyph_pixels", "100", "--model", "resnet18_3d_tiny", "--depth", "8",
                "--tile_size", "32", "--prior", str(tmp_path / "prior.png"), "--prior_name", "blurred",
                "--output", str(tmp_path / "curves"), "--", *finetune]
@@ -196,3 +196,18 @@ def test_a_prior_adds_arms_at_every_k_and_alone_at_k_0(labelled_segment_path, tm
     # Round 0: the prior itself, scored like every prediction (blind threshold, scored region).
     prior_alone = json.loads((tmp_path / "curves" / "label_efficiency.json").read_text())["prior_alone"]
     assert f"The prior `blurred` alone (no training): F0.5 {prior_alone['f05']:.3f}" in table and prior_alone["auc"] > 0.5
+
+
+def test_a_failing_run_under_jobs_is_one_error_line_and_no_further_run_starts(labelled_segment_path, tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders", "scratch",
+               "--segment_id", str(labelled_segment_path), "--glyphs", "1", "2", "--seeds", "3", "--label_part", "0.4",
+               "--score_part", "0.4", "--min_glyph_pixels", "100", "--model", "resnet18_3d_tiny", "--depth", "8",
+               "--tile_size", "32", "--jobs", "2", "--output", str(tmp_path / "curves"), "--", "--NUM_EPOCHS", "0"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run scratch_full_k1_seed0 failed: error: NUM_EPOCHS must be at least 1")
+    # Two ran side by side and failed; the other four of the six runs were never started.
+    started = sorted(path.name for path in (tmp_path / "curves" / "runs").iterdir())
+    assert started == ["scratch_full_k1_seed0", "scratch_full_k1_seed1"]
+    assert not (tmp_path / "curves" / "label_efficiency.md").exists()

@@ -86,7 +86,7 @@ def test_memory_stays_bounded_on_a_large_lazy_segment():
 
 
 def test_command_writes_the_prior_and_its_scores(labelled_segment_path, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "local_contrast.py"), "--segment",
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "local_contrast.py"), "--segment_id",
                              str(labelled_segment_path), "--tile_size", "32", "--depth", "8", "--output", str(tmp_path)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -97,7 +97,14 @@ def test_command_writes_the_prior_and_its_scores(labelled_segment_path, tmp_path
     assert 0 <= scores["auc"] <= 1 and 0 < scores["pixels"] <= segment.mask.sum()
     expected = prior_image(contrast_map(segment, depth=8, tile_size=32), segment.mask)
     assert np.array_equal(image, expected)
-    bad = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "local_contrast.py"), "--segment",
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "local_contrast.py"), "--segment_id",
                           str(labelled_segment_path), "--layers", "9", "--depth", "8"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --layers 9 must be between 1 and depth // 2 = 4"]
+    # --segment, the option's older name in evaluate/, still works, with a one-line note.
+    old_name = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "local_contrast.py"), "--segment",
+                               str(labelled_segment_path), "--layers", "9", "--depth", "8"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert old_name.stderr.strip().splitlines() == [
+        "note: --segment is now --segment_id, as in fine-tuning; the old name still works",
+        "error: --layers 9 must be between 1 and depth // 2 = 4"]

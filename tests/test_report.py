@@ -12,7 +12,7 @@ from tests.conftest import FINETUNE_TINY, REPO_ROOT
 def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_path, tmp_path):
     pairs = list(zip(FINETUNE_TINY[::2], FINETUNE_TINY[1::2]))
     finetune = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
-    command = [sys.executable, str(REPO_ROOT / "evaluate" / "report.py"), "--segment", str(labelled_segment_path),
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "report.py"), "--segment_id", str(labelled_segment_path),
                "--model", "resnet18_3d_tiny", "--spark_epochs", "2", "--vicreg_epochs", "1", "--vicreg_bs", "4",
                "--cka_every", "1", "--variant_epochs", "1", "--variants", "zscore=--normalization zscore", "--glyphs", "1", "--seeds", "1", "--probe_seeds", "1", "--finetune_tile_size", "32",
                "--scratch_epochs_factor", "1", "--jobs", "2",
