@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     encoder_input.add_segment_argument(parser, "segment spec for every run")
     parser.add_argument("--model", default="resnet50_3d", help="encoder (fine-tuning and ink_map take SparK's)")
     parser.add_argument("--depth", type=int, default=32, help="layers per tile")
-    parser.add_argument("--input_size", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--tile_size", "--input_size", dest="input_size", type=int, default=256,
+                        help="tile side in pixels (--input_size: its older name)")
     parser.add_argument("--bs", type=int, default=8, help="pretraining batch per GPU")
     parser.add_argument("--steps", type=int, default=24, help="pretraining steps per epoch (two epochs)")
     parser.add_argument("--finetune_batch", type=int, default=16, help="fine-tuning and prediction batch")
@@ -205,7 +206,7 @@ def pretrain_command(args, method: str, exp_dir: pathlib.Path, processes: int = 
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     return [*launcher, str(REPO_ROOT / "pretrain" / "main.py"), "--method", method, "--model", args.model,
-            "--depth", str(args.depth), "--input_size", str(args.input_size), "--bs", str(args.bs * processes),
+            "--depth", str(args.depth), "--tile_size", str(args.input_size), "--bs", str(args.bs * processes),
             "--samples_per_ep", str(args.bs * processes * args.steps), "--ep", "2", "--wp_ep", "1",
             "--num_workers", str(args.num_workers), "--data_path", args.segment, "--exp_dir", str(exp_dir),
             "--exp_name", exp_dir.name, *(SMOKE_PRETRAIN if args.smoke else [])]

@@ -133,7 +133,7 @@ def same_tiles_settings(paths: list[str], args: argparse.Namespace) -> list[Inpu
     trained = [path for path in paths if path != "random"]
     resolved = [checkpoint.resolve_input_settings(encoder_weights(trained[0] if path == "random" and trained else path),
                                                   given_settings(args), DEFAULTS, OPTION_NAMES) for path in paths]
-    cuts = {dataclasses.replace(settings, normalization="range", clip_window=InputSettings.clip_window)
+    cuts = {dataclasses.replace(settings, normalization="range")
             for settings in resolved}
     if len(cuts) > 1:
         listing = "; ".join(f"{path}: {settings.describe()}" for path, settings in zip(paths, resolved))

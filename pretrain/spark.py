@@ -265,7 +265,7 @@ class SparKMethod(Method):
     def build_model(self, args, encoder: nn.Module, sync_batchnorm: bool) -> SparK3d:
         sparse_encoder = SparseEncoder(encoder, sync_batchnorm=sync_batchnorm)
         decoder = LightDecoder3d(args.decoder_width, sparse_encoder.get_downsample_ratio(), sync_batchnorm=sync_batchnorm)
-        return SparK3d(sparse_encoder, decoder, input_size=args.input_size, depth=args.depth, mask_ratio=args.mask,
+        return SparK3d(sparse_encoder, decoder, input_size=args.tile_size, depth=args.depth, mask_ratio=args.mask,
                        mask_mode=args.mask_mode, target=args.target)
 
     def training_step(self, model, batch, device, show):

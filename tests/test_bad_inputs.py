@@ -15,7 +15,7 @@ from tests.loopback_server import LoopbackServer
 from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 PRETRAIN = [sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), "--model", "resnet18_3d_tiny", "--depth", "16",
-            "--input_size", "64", "--samples_per_ep", "4", "--num_workers", "0", "--decoder_width", "32", "--ep", "1"]
+            "--tile_size", "64", "--samples_per_ep", "4", "--num_workers", "0", "--decoder_width", "32", "--ep", "1"]
 FINETUNE = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--MODEL", "resnet18_3d_tiny", "--DEPTH", "8",
             "--TILE_SIZE", "32", "--STRIDE", "32", "--BATCH_SIZE", "4", "--NUM_EPOCHS", "1", "--NUM_WORKERS", "0"]
 
@@ -68,7 +68,7 @@ CASES = [
     # Raised in a (default, persistent) DataLoader worker: the one line comes out of the worker's traceback.
     ("pretrain", ["--data_path", "{nan}", "--float_range", "0", "1", "--num_workers", "2"],
      "has non-finite voxels (NaN or inf)"),
-    ("pretrain", ["--data_path", "{good}", "--input_size", "256"], "tile size 256 is larger than segment good's"),
+    ("pretrain", ["--data_path", "{good}", "--tile_size", "256"], "tile size 256 is larger than segment good's"),
     ("pretrain", ["--data_path", "{good}", "--depth_offset", "30"], "outside the volume's 0..64"),
     ("pretrain", ["--data_path", "{good}", "--resume_from", "{folder}/missing.pth"], "missing.pth does not exist"),
     ("pretrain", ["--data_path", "{good}", "--model", "resnet50_3d_narrow", "--resume_from", "{spark}"],

@@ -394,7 +394,7 @@ def wait_for(condition, what: str, limit_seconds: float = 120) -> None:
 def test_a_stalled_torchrun_rank_stops_the_run_with_one_line_naming_it(tmp_path):
     segment = write_zarr_segment(tmp_path / "tiny.zarr", random_volume((65, 128, 128), seed=3), chunks=(32, 64, 64))
     write_png(segment / "mask.png", rectangle_mask((128, 128), margin=4))
-    settings = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--num_workers", "0",
+    settings = ["--model", "resnet18_3d_tiny", "--depth", "16", "--tile_size", "64", "--bs", "2", "--num_workers", "0",
                 "--decoder_width", "32", "--vis_every", "0", "--samples_per_ep", "100000", "--ep", "1",
                 "--dist_timeout_minutes", "0.2", "--data_path", str(segment), "--exp_dir", str(tmp_path / "run")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

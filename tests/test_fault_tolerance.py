@@ -21,7 +21,7 @@ from tests.loopback_server import LoopbackServer
 EPOCHS = 3
 STEPS_PER_EPOCH = 3  # samples_per_ep / bs
 # Default DataLoader workers (persistent) and TensorBoard images: the path users run, only smaller.
-PRETRAIN = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--samples_per_ep", "6",
+PRETRAIN = ["--model", "resnet18_3d_tiny", "--depth", "16", "--tile_size", "64", "--bs", "2", "--samples_per_ep", "6",
             "--decoder_width", "32", "--ep", str(EPOCHS), "--keep_epoch_encoders", "True"]
 FULL_CHECKPOINT = "resnet18_3d_tiny_withdecoder_spark_style.pth"
 # Where each run dies, in one of the next two epochs (so each kill leaves work for the next); one more run then

@@ -87,7 +87,7 @@ def test_pretraining_on_a_label_bomb_is_one_error_line(tmp_path, bomb_png):
     segment = write_zarr_segment(tmp_path / "segment.zarr", random_volume((65, 128, 128)), chunks=(65, 64, 64))
     (segment / "mask.png").write_bytes(bomb_png.read_bytes())
     result = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), "--data_path", str(segment),
-                             "--exp_dir", str(tmp_path / "run"), "--model", "resnet18_3d_tiny", "--input_size", "64"],
+                             "--exp_dir", str(tmp_path / "run"), "--model", "resnet18_3d_tiny", "--tile_size", "64"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
@@ -233,7 +233,7 @@ def test_input_settings_record_the_dtype_and_older_records_still_read(tmp_path):
 def test_pretraining_records_the_voxel_dtype_and_the_float_range(tmp_path):
     segment = dtype_segment(tmp_path, np.float32, random_volume((65, 64, 64), seed=4).astype(np.float32) * 257)
     result = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), "--data_path", str(segment),
-                             "--exp_dir", str(tmp_path / "run"), "--model", "resnet18_3d_tiny", "--input_size", "64",
+                             "--exp_dir", str(tmp_path / "run"), "--model", "resnet18_3d_tiny", "--tile_size", "64",
                              "--decoder_width", "32", "--samples_per_ep", "2", "--num_workers", "0", "--ep", "1",
                              "--float_range", "0", "65535"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -45,7 +45,7 @@ def training_path_embedding(method: str, model, args, segment) -> tuple[torch.Te
 @pytest.mark.parametrize("method", ["spark", "vicreg"])
 def test_finetuning_reader_gives_the_training_embedding(method, segment_path, tmp_path):
     args = arg_util.parse_args(["--method", method, "--data_path", str(segment_path), "--model", "resnet18_3d_tiny",
-                                "--depth", "16", "--input_size", "64", "--bs", "2", "--exp_dir", str(tmp_path)])
+                                "--depth", "16", "--tile_size", "64", "--bs", "2", "--exp_dir", str(tmp_path)])
     torch.manual_seed(0)
     model = pretrain.main.build_model(args).eval()
     pretrain.main.save_encoders(args, model, epoch=0)

@@ -12,7 +12,7 @@ from pretrain.models import build_encoder
 from pretrain.utils import arg_util
 from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
-TINY = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--samples_per_ep", "4",
+TINY = ["--model", "resnet18_3d_tiny", "--depth", "16", "--tile_size", "64", "--bs", "2", "--samples_per_ep", "4",
         "--num_workers", "0", "--cpu_threads", "1", "--vis_every", "1", "--decoder_width", "32", "--projector", "64-64"]
 
 # The whole of a new method: this file, and the line `"toy": "toy_method"` in METHODS.

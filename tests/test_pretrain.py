@@ -14,7 +14,7 @@ from pretrain.models import build_encoder
 from tests.conftest import REPO_ROOT, hara_checkpoint
 from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
-TINY = ["--model", "resnet18_3d_tiny", "--depth", "16", "--input_size", "64", "--bs", "2", "--samples_per_ep", "4",
+TINY = ["--model", "resnet18_3d_tiny", "--depth", "16", "--tile_size", "64", "--bs", "2", "--samples_per_ep", "4",
         "--num_workers", "0", "--vis_every", "1", "--decoder_width", "32", "--base_lr", "0.1"]
 
 
@@ -103,7 +103,7 @@ def test_torchrun_two_processes_gloo(segment_path, tmp_path):
     [
         (["--resume_from", "/nonexistent/checkpoint.pth"], "checkpoint /nonexistent/checkpoint.pth does not exist"),
         (["--ep", "many"], "argument --ep: invalid int value"),
-        (["--input_size", "70"], "input_size 70 is not a multiple of 32"),
+        (["--tile_size", "70"], "tile_size 70 is not a multiple of 32"),
         (["--depth", "8"], "grid (d, h, w) = (1, 2, 2) of cells (8, 32, 32); 'cell' masking needs at least 2 cells in depth"),
         (["--data_path", "20990101000000"], "20990101000000"),
         (["--lr", "0.5"], "--lr is filled at runtime (base_lr × bs / 256: set base_lr), not a setting"),
@@ -242,3 +242,13 @@ def test_a_tiny_run_writes_what_it_wrote_before_methods_became_modules(method, t
     written["model_square_sum"] = sum(float(tensor.double().pow(2).sum()) for tensor in model_state.values())
     written["encoder_sum"] = sum(float(tensor.double().sum()) for tensor in encoder_state.values())
     assert written == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_tile_side_has_one_name_and_the_old_one_still_works_with_a_note(capsys):
+    from pretrain.utils import arg_util
+
+    assert arg_util.parse_args(["--tile_size", "64"]).tile_size == 64 and not capsys.readouterr().err
+    assert arg_util.parse_args(["--input_size", "64"]).tile_size == 64
+    assert arg_util.parse_args(["--input_size=128"]).tile_size == 128
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "note: --input_size is now --tile_size, as every script names it; the old name still works"] * 2

@@ -46,7 +46,7 @@ class RecordingModel(torch.nn.Module):
 
 def default_args(segment_path: str, tmp_path, *extra: str) -> arg_util.Args:
     """The defaults users run (num_workers 2, persistent workers), on a small segment with small crops."""
-    args = arg_util.parse_args(["--data_path", segment_path, "--input_size", "32", "--samples_per_ep", "8",
+    args = arg_util.parse_args(["--data_path", segment_path, "--tile_size", "32", "--samples_per_ep", "8",
                                 "--exp_dir", str(tmp_path), "--vis_every", "0", *extra])
     args.fill_runtime("cpu", torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
     return args

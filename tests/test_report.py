@@ -17,7 +17,7 @@ def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_pa
                "--cka_every", "1", "--variant_epochs", "1", "--variants", "zscore=--normalization zscore", "--glyphs", "1", "--seeds", "1", "--probe_seeds", "1", "--finetune_tile_size", "32",
                "--scratch_epochs_factor", "1", "--jobs", "2",
                "--curve_args", "--min_glyph_pixels 100 --score_part 0.4",
-               "--pretrain_args", "--depth 16 --input_size 64 --samples_per_ep 8 --decoder_width 32 --projector 64-64 "
+               "--pretrain_args", "--depth 16 --tile_size 64 --samples_per_ep 8 --decoder_width 32 --projector 64-64 "
                                   "--num_workers 0 --vis_every 0",
                "--finetune_args", " ".join([*finetune, "--MIN_INK_FRACTION", "0.05"]),
                "--feature_args", "--tile_size 64", "--work", str(tmp_path / "work"),

@@ -35,6 +35,10 @@ SOME_PAPYRUS = 0.05
 ANY_PAPYRUS = 1e-6  # tiles to predict or score (a held-out band, a contrast map): every tile that touches papyrus
 
 
+# "clip" normalisation's window, in 8-bit units: the Kaggle detectors' 50–200 (scaled ×257 for uint16 voxels).
+CLIP_WINDOW = (50.0, 200.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class InputSettings:
     """How a tile is cut from a segment and scaled: what an encoder was trained on, and so what it must be
@@ -46,7 +50,6 @@ class InputSettings:
     depth_offset: int = 0  # shift of the depth window from the middle layer (or from the surface)
     follow_surface: bool = False  # the window follows the recto surface found per tile (DepthWindow)
     normalization: str = "range"  # one of NORMALIZATIONS
-    clip_window: tuple[float, float] = (50.0, 200.0)  # "clip" normalisation's window, in 8-bit units
     tile_size: int = 96  # tile side in pixels
     # The values of a float volume's voxels that stand for 0 and 1, as 0 and the maximum of a uint8 / uint16 one do:
     # a float volume has no maximum to divide by, so it is refused without this (check_voxel_dtype).
@@ -57,26 +60,27 @@ class InputSettings:
 
     def as_dict(self) -> dict:
         float_range = None if self.float_range is None else list(self.float_range)
-        return {**dataclasses.asdict(self), "clip_window": list(self.clip_window), "float_range": float_range}
+        return {**dataclasses.asdict(self), "float_range": float_range}
 
     @classmethod
     def from_dict(cls, values: dict) -> "InputSettings":
-        """Settings as `as_dict` wrote them; keys added since (float_range, voxel_dtype) take their defaults."""
+        """Settings as `as_dict` wrote them; keys added since (float_range, voxel_dtype) take their defaults. Older
+        files record "clip" normalisation's window, which was never settable: always CLIP_WINDOW."""
         float_range = values.get("float_range")
-        return cls(**{**values, "clip_window": tuple(float(value) for value in values["clip_window"]),
+        return cls(**{**{key: value for key, value in values.items() if key != "clip_window"},
                       "float_range": None if float_range is None else tuple(float(value) for value in float_range)})
 
     def describe(self) -> str:
         window = f"{self.depth} layers" + (f" offset {self.depth_offset:+d}" if self.depth_offset else "")
         window += " along the surface" if self.follow_surface else " centred"
-        scale = f"{self.normalization} {tuple(self.clip_window)}" if self.normalization == "clip" else self.normalization
+        scale = f"{self.normalization} {CLIP_WINDOW}" if self.normalization == "clip" else self.normalization
         if self.float_range is not None:
             scale += f" (float voxels {self.float_range[0]:g}…{self.float_range[1]:g} as 0…1)"
         return f"{self.model}, {window}, {scale} normalisation, {self.tile_size}² tiles"
 
 
 # The InputSettings fields a person sets, each with its fine-tuning setting; pretraining's and evaluate/'s option is
-# --<field> (pretraining names the tile side --input_size). One table for every script's options and messages.
+# --<field>. One table for every script's options and messages.
 FINETUNE_NAMES = {"model": "MODEL", "depth": "DEPTH", "depth_offset": "DEPTH_OFFSET", "follow_surface": "FOLLOW_SURFACE",
                   "normalization": "NORMALIZATION", "tile_size": "TILE_SIZE"}
 OPTION_NAMES = {field: f"--{field}" for field in FINETUNE_NAMES}
@@ -127,7 +131,7 @@ def depth_window(num_layers: int, depth: int, offset: int = 0) -> slice:
     return slice(start, start + depth)
 
 
-def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[float, float] = (50, 200),
+def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[float, float] = CLIP_WINDOW,
                     float_range: tuple[float, float] | None = None) -> np.ndarray:
     """float32 patch from uint8/uint16 voxels, or float voxels with their `float_range` (low, high) stated.
 
@@ -219,13 +223,13 @@ class DepthWindow:
         if not settings.follow_surface:
             layers = slice(self.layers.start, self.layers.stop + extra_layers)
             return normalize_patch(read_patch(segment, layers, y, x, tile_size), settings.normalization,
-                                   settings.clip_window, settings.float_range)
+                                   CLIP_WINDOW, settings.float_range)
         # "zscore" takes its statistics over the output window, as it does without surface following (and as
         # VICReg standardises its views), not over the searched slab, whose extra air and papyrus layers would
         # set another scale; the surface is found on the range-scaled slab (surface_depth is affine-invariant).
         zscore = settings.normalization == "zscore"
         slab_scaling = "range" if zscore else settings.normalization
-        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), slab_scaling, settings.clip_window,
+        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), slab_scaling, CLIP_WINDOW,
                                settings.float_range)
         window = resample_along_surface(slab, surface_depth(slab), settings.depth_offset - settings.depth // 2,
                                         settings.depth + extra_layers)

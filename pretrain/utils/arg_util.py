@@ -3,7 +3,7 @@
 
 The defaults pretrain the 3D ResNet-50 on the generated demo segment (the README's Quickstart says how long that
 took on a 2-core CPU, and its "A CPU path" what suits a CPU). For real segments on a GPU, see the README
-(ScrollMAE-like: depth 32, input_size 256, bs 8, ep 500+).
+(ScrollMAE-like: depth 32, tile_size 256, bs 8, ep 500+).
 """
 import argparse
 import json
@@ -58,7 +58,7 @@ class Args(Tap):
     depth: int = 16  # layers per input; with the encoder's depth downsample 8, 16 layers give 2 cells in depth
     depth_offset: int = 0  # shift of the depth window from the middle layer (or from the surface, below)
     follow_surface: bool = False  # depth window follows the recto surface found in each tile (fine-tune with the same)
-    input_size: int = 96  # tile side in pixels (a multiple of 32); 96 gives a 3 × 3 grid of 32-pixel cells
+    tile_size: int = 96  # tile side in pixels (a multiple of 32); 96 gives a 3 × 3 grid of 32-pixel cells
     normalization: str = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per patch)
     float_range: list[float] = []  # LOW HIGH: a float volume's voxel values that stand for 0 and 1 (else refused)
     min_mask_fraction: float = MOSTLY_PAPYRUS  # a crop needs at least this much papyrus (mask) under it: 0.5
@@ -118,8 +118,8 @@ class Args(Tap):
 
     def process_args(self) -> None:
         problems = []
-        if self.input_size % 32:
-            problems.append(f"input_size {self.input_size} is not a multiple of 32")
+        if self.tile_size % 32:
+            problems.append(f"tile_size {self.tile_size} is not a multiple of 32")
         if self.mask_mode not in MASK_MODES:
             problems.append(f"mask_mode {self.mask_mode!r} is not {' or '.join(map(repr, MASK_MODES))}")
         if self.target not in TARGETS:
@@ -165,7 +165,7 @@ class Args(Tap):
         """How the pretraining datasets cut and scale tiles, before a method's own normalisation."""
         return InputSettings(model=self.model, depth=self.depth, depth_offset=self.depth_offset,
                              follow_surface=self.follow_surface, normalization=self.normalization,
-                             tile_size=self.input_size, float_range=tuple(self.float_range) or None,
+                             tile_size=self.tile_size, float_range=tuple(self.float_range) or None,
                              voxel_dtype=self.voxel_dtype or None)
 
     def fill_runtime(self, device: str, world_size: int) -> None:
@@ -190,5 +190,16 @@ class Args(Tap):
         return json.dumps(self.settings(), default=str, indent=1)
 
 
+# Options renamed so that one concept has one name across the scripts; the old names still work, with a note.
+RENAMED = {"--input_size": "--tile_size"}  # the tile side, as fine-tuning (TILE_SIZE) and evaluate/ name it
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for index, item in enumerate(argv):
+        name, equals, value = item.partition("=")
+        if name in RENAMED:
+            print(f"note: {name} is now {RENAMED[name]}, as every script names it; the old name still works",
+                  file=sys.stderr)
+            argv[index] = RENAMED[name] + equals + value
     return Args(explicit_bool=True).parse_args(argv)
