@@ -238,7 +238,8 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
                 *earlier.get("later_rounds", [])]
     folder.mkdir(parents=True, exist_ok=True)
     glyphs_yx = glyph_labels(all_glyphs, segment.shape[1:], run["seed"], run["glyphs"])
-    write_png_atomic(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png", glyphs_yx)
+    if run["glyphs"]:  # k = 0 trains from a prior alone: no label image to pass
+        write_png_atomic(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png", glyphs_yx)
     if run["negatives"]:
         write_png_atomic(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png",
                          painted_negatives(glyphs_yx, segment.inklabels, segment.mask))

@@ -131,12 +131,11 @@ def depth_window(num_layers: int, depth: int, offset: int = 0) -> slice:
     return slice(start, start + depth)
 
 
-def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[float, float] = CLIP_WINDOW,
-                    float_range: tuple[float, float] | None = None) -> np.ndarray:
+def normalize_patch(patch: np.ndarray, mode: str = "range", float_range: tuple[float, float] | None = None) -> np.ndarray:
     """float32 patch from uint8/uint16 voxels, or float voxels with their `float_range` (low, high) stated.
 
     "range": divide by the dtype's maximum → [0, 1] (a float patch: low → 0, high → 1).
-    "clip": clip to `clip_window` given in 8-bit units (Kaggle-style 50–200; scaled ×257 for uint16) → [0, 1].
+    "clip": clip to CLIP_WINDOW, given in 8-bit units (scaled ×257 for uint16) → [0, 1].
     "zscore": range-scaled, then zero mean and unit variance over the patch.
     """
     if patch.dtype.kind == "f":
@@ -152,7 +151,7 @@ def normalize_patch(patch: np.ndarray, mode: str = "range", clip_window: tuple[f
         return patch.astype(np.float32) / maximum
     if mode == "clip":
         scale = maximum / 255.0
-        low, high = clip_window[0] * scale, clip_window[1] * scale
+        low, high = CLIP_WINDOW[0] * scale, CLIP_WINDOW[1] * scale
         return ((np.clip(patch.astype(np.float32), low, high) - low) / (high - low)).astype(np.float32)
     if mode == "zscore":
         values = patch.astype(np.float32) / maximum
@@ -223,14 +222,13 @@ class DepthWindow:
         if not settings.follow_surface:
             layers = slice(self.layers.start, self.layers.stop + extra_layers)
             return normalize_patch(read_patch(segment, layers, y, x, tile_size), settings.normalization,
-                                   CLIP_WINDOW, settings.float_range)
+                                   settings.float_range)
         # "zscore" takes its statistics over the output window, as it does without surface following (and as
         # VICReg standardises its views), not over the searched slab, whose extra air and papyrus layers would
         # set another scale; the surface is found on the range-scaled slab (surface_depth is affine-invariant).
         zscore = settings.normalization == "zscore"
         slab_scaling = "range" if zscore else settings.normalization
-        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), slab_scaling, CLIP_WINDOW,
-                               settings.float_range)
+        slab = normalize_patch(read_patch(segment, self.layers, y, x, tile_size), slab_scaling, settings.float_range)
         window = resample_along_surface(slab, surface_depth(slab), settings.depth_offset - settings.depth // 2,
                                         settings.depth + extra_layers)
         return (window - window.mean()) / (window.std() + ZSCORE_EPSILON) if zscore else window
