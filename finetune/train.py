@@ -554,10 +554,11 @@ def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: Ru
         tensorboard.image(f"prediction/{run_segment.name}" if several else "prediction/labels_vs_prediction",
                           outputs.preview_chw(comparison), state.global_step)
         group = generalisation_group(metrics)
-        if config.scheme == "iterative":  # no held-out band scored each epoch: the round's prediction is its val/ point
+        if config.scheme == "iterative":  # no band is scored each epoch: the round's prediction is its validation/ point
             if group is not None:
-                tensorboard.scalars(state.global_step, val__f05=metrics[group + "f05"], val__auc=metrics[group + "auc"],
-                                    val__f05_chance=all_ink_f05(metrics[group + "ink_fraction"]))
+                tensorboard.scalars(state.global_step, validation__f05=metrics[group + "f05"],
+                                    validation__auc=metrics[group + "auc"],
+                                    validation__f05_chance=all_ink_f05(metrics[group + "ink_fraction"]))
             folder = outputs.record_round(experiment_dir, state.round, run_segment.labels_yx, segment.mask,
                                           run_segment.label_source, prediction_png, metrics)
             print(f"round {state.round} recorded in {folder}")
@@ -601,7 +602,8 @@ VALIDATION_SCALARS = ("loss", "f05", "threshold", "auc", "iou")  # of each valid
 
 def validate_epoch(run: Run, model, validation_loaders, state: RunState):
     """Every held-out region scored with one tile per pixel: (the pooled metrics, {segment name: its metrics}),
-    both also to TensorBoard (the pooled ones as val/, each segment's as val_<name>/ when there are several)."""
+    both also to TensorBoard (the pooled ones as validation/, each segment's as validation_<name>/ when there are
+    several)."""
     tensorboard, device = run.tensorboard, run.device
     loss_function = functools.partial(ink_loss, label_smoothing=run.config.LABEL_SMOOTHING)
     several = several_segments(run.config)
@@ -618,11 +620,12 @@ def validate_epoch(run: Run, model, validation_loaders, state: RunState):
                               run_segment.labels_yx[band], band_probabilities_hw, run_segment.segment.mask[band])),
                           state.global_step)
         if several:
-            tensorboard.scalars(state.global_step, **{f"val_{run_segment.name}__{key}": per_segment[run_segment.name][key]
+            segment_scalars = per_segment[run_segment.name]
+            tensorboard.scalars(state.global_step, **{f"validation_{run_segment.name}__{key}": segment_scalars[key]
                                                       for key in VALIDATION_SCALARS})
     pooled = evaluation.pooled_metrics(scores)
-    tensorboard.scalars(state.global_step, val__f05_chance=all_ink_f05(pooled["ink_fraction"]),
-                        **{f"val__{key}": pooled[key] for key in VALIDATION_SCALARS})
+    tensorboard.scalars(state.global_step, validation__f05_chance=all_ink_f05(pooled["ink_fraction"]),
+                        **{f"validation__{key}": pooled[key] for key in VALIDATION_SCALARS})
     return pooled, per_segment
 
 
@@ -641,12 +644,12 @@ def train(run: Run, model, optimizer, loaders, state: RunState) -> None:
         statistics = {"train_loss": train_one_epoch(run, model, ddp_model, optimizer, train_loader, state)}
         if validation_loaders:
             validation, per_segment = validate_epoch(run, model, validation_loaders, state)
-            statistics.update({f"val_{key}": value for key, value in validation.items()})
+            statistics.update({f"validation_{key}": value for key, value in validation.items()})
             if several_segments(config):
-                statistics["val_segments"] = per_segment
+                statistics["validation_segments"] = per_segment
         # Scheme "validation": best is the lowest validation loss. "iterative" holds nothing out: best is the last epoch.
-        is_best = not validation_loaders or statistics["val_loss"] < state.best_loss
-        state.best_loss = statistics.get("val_loss", statistics["train_loss"]) if is_best else state.best_loss
+        is_best = not validation_loaders or statistics["validation_loss"] < state.best_loss
+        state.best_loss = statistics.get("validation_loss", statistics["train_loss"]) if is_best else state.best_loss
         state.epoch = epoch + 1
         state.training_seconds += time.time() - started
         # last.pth goes last because it commits the epoch: a kill before its rename trains the epoch again and

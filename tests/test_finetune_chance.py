@@ -58,7 +58,7 @@ def test_a_run_that_ends_within_the_no_skill_margin_of_chance_gets_one_warning(m
                         str(caught[0].message))
 
 
-def test_validation_and_iterative_runs_log_val_f05_auc_and_chance_and_print_chance(labelled_segment_path, tmp_path):
+def test_validation_and_iterative_runs_log_validation_f05_auc_and_chance_and_print_chance(labelled_segment_path, tmp_path):
     arguments = ["--segment_id", str(labelled_segment_path), "--OUTPUT_DIR", str(tmp_path)]
     validation = run_train([*arguments, "--exp_name", "held_out"])
     assert validation.returncode == 0, validation.stderr[-3000:]
@@ -66,8 +66,8 @@ def test_validation_and_iterative_runs_log_val_f05_auc_and_chance_and_print_chan
     assert len(epoch_lines) == 2 and all(re.search(r"F0\.5 \d\.\d{3} \(threshold \d\.\d\d; chance 0\.\d{3}\)", line)
                                          for line in epoch_lines)
     logged = scalars(tmp_path / "held_out" / "tensorboard_logs")
-    assert {"val/f05", "val/auc", "val/f05_chance"} <= set(logged)
-    assert len(logged["val/f05_chance"]) == 2 and 0 < logged["val/f05_chance"][0] < 1  # one point per epoch
+    assert {"validation/f05", "validation/auc", "validation/f05_chance"} <= set(logged)
+    assert len(logged["validation/f05_chance"]) == 2 and 0 < logged["validation/f05_chance"][0] < 1  # one point per epoch
 
     iterative = run_train([*arguments, "--exp_name", "rounds", "--scheme", "iterative", "--inklabel_path",
                            "two_letters.png", "--SELF_TRAINING_ROUNDS", "1"])
@@ -76,7 +76,7 @@ def test_validation_and_iterative_runs_log_val_f05_auc_and_chance_and_print_chan
     assert len(prediction_lines) == 2 and all(line.count("chance") == 2 for line in prediction_lines)
     for round_number in (1, 2):  # one point per round, from its whole-segment prediction
         logged = scalars(tmp_path / "rounds" / "tensorboard_logs" / f"round_{round_number:02d}")
-        assert all(len(logged[tag]) == 1 for tag in ("val/f05", "val/auc", "val/f05_chance"))
+        assert all(len(logged[tag]) == 1 for tag in ("validation/f05", "validation/auc", "validation/f05_chance"))
     # Whether the tiny model learnt or not, a warning line, if any, is the one line of the no-skill rule.
     assert all(re.match(r"warning: round \d shows no skill", line)
                for line in iterative.stderr.splitlines() if "no skill" in line)

@@ -112,11 +112,11 @@ def test_finetuning_survives_kill_9_at_chosen_points(labelled_segment_path, demo
     assert {record["epoch"] for record in records} == set(range(1, EPOCHS + 1))
     for record in records:
         reference_record = reference_records[record["epoch"]]
-        metrics = [name for name in reference_record if name.startswith(("train_", "val_")) or name == "best"]
+        metrics = [name for name in reference_record if name.startswith(("train_", "validation_")) or name == "best"]
         assert {name: record[name] for name in metrics} == {name: reference_record[name] for name in metrics}
     for name in ("last.pth", "best.pth"):
         assert_same_weights(experiment / name, uninterrupted / name)
-    best = min(reference_records.values(), key=lambda record: record["val_loss"])["epoch"]
+    best = min(reference_records.values(), key=lambda record: record["validation_loss"])["epoch"]
     assert checkpoint.read(experiment / "best.pth")["state"]["epoch"] == best
     for image_name in prediction_images:
         prediction = cv2.imread(str(experiment / image_name), cv2.IMREAD_UNCHANGED)
@@ -124,5 +124,5 @@ def test_finetuning_survives_kill_9_at_chosen_points(labelled_segment_path, demo
         assert (prediction == cv2.imread(str(uninterrupted / image_name), cv2.IMREAD_UNCHANGED)).all(), image_name
     if run == "one-segment":
         assert cv2.imread(str(experiment / "prediction.png"), cv2.IMREAD_UNCHANGED).shape == SHAPE[1:]
-    else:  # the per-segment validation metrics, resumed too (compared above with every val_ entry)
-        assert all(list(record["val_segments"]) == ["demo_3"] for record in records)
+    else:  # the per-segment validation metrics, resumed too (compared above with every validation_ entry)
+        assert all(list(record["validation_segments"]) == ["demo_3"] for record in records)

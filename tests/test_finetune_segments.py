@@ -60,8 +60,8 @@ def test_two_segments_train_while_a_third_validates(held_out_segment_run, demo_f
     epochs = [record for record in records if record["event"] == "epoch"]
     assert [record["epoch"] for record in epochs] == [1, 2]
     for record in epochs:
-        assert list(record["val_segments"]) == ["demo_3"]
-        assert {key: record[f"val_{key}"] for key in record["val_segments"]["demo_3"]} == record["val_segments"]["demo_3"]
+        assert list(record["validation_segments"]) == ["demo_3"]
+        assert {key: record[f"validation_{key}"] for key in record["validation_segments"]["demo_3"]} == record["validation_segments"]["demo_3"]
     assert "; demo_3: F0.5" in result.stdout
     # A prediction per segment, named by it; demo:3's scored on the whole segment, recomputed from its PNG.
     for name in ("demo_1", "demo_2", "demo_3"):
@@ -84,7 +84,7 @@ def test_two_segments_train_while_a_third_validates(held_out_segment_run, demo_f
     assert pooled["validation_f05"] == predictions["demo:3"]["validation_f05"]
     assert pooled["validation_auc"] == predictions["demo:3"]["validation_auc"]
     events = EventAccumulator(str(experiment / "tensorboard_logs")).Reload()
-    assert {"val/f05", "val/auc", "val/loss", "val_demo_3/f05", "val_demo_3/auc"} <= set(events.Tags()["scalars"])
+    assert {"validation/f05", "validation/auc", "validation/loss", "validation_demo_3/f05", "validation_demo_3/auc"} <= set(events.Tags()["scalars"])
     assert {"validation/demo_3", "prediction/demo_1", "prediction/demo_3"} <= set(events.Tags()["images"])
 
 
@@ -102,10 +102,10 @@ def test_a_band_of_each_segment_is_held_out_and_pooled(demo_family_cache, labell
     assert str(labelled_segment_path / "inklabels.png") in segments[1]["labels"]
     assert "demo:1's own ink labels" in segments[0]["labels"]
     for record in (record for record in records if record["event"] == "epoch"):
-        per_segment = record["val_segments"]
-        assert record["val_pixels"] == per_segment["demo_1"]["pixels"] + per_segment["tiny"]["pixels"]
+        per_segment = record["validation_segments"]
+        assert record["validation_pixels"] == per_segment["demo_1"]["pixels"] + per_segment["tiny"]["pixels"]
         losses = [per_segment[name]["loss"] for name in per_segment]
-        assert min(losses) <= record["val_loss"] <= max(losses)  # the mean over both bands' tiles
+        assert min(losses) <= record["validation_loss"] <= max(losses)  # the mean over both bands' tiles
     # The pooled prediction metrics, recomputed from both PNGs over both bands.
     probabilities, is_ink = [], []
     monkeypatch.setenv("SEGMENT_CACHE_DIR", str(demo_family_cache))

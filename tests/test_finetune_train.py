@@ -65,9 +65,9 @@ def test_validation_run_writes_every_output(finished_run, labelled_segment_path)
     epochs = [record for record in records if record["event"] == "epoch"]
     assert [record["epoch"] for record in epochs] == [1, 2]
     # best.pth is the epoch with the lowest validation loss, tracked across epochs.
-    best_epoch = min(epochs, key=lambda record: record["val_loss"])["epoch"]
+    best_epoch = min(epochs, key=lambda record: record["validation_loss"])["epoch"]
     assert checkpoint.read(experiment / "best.pth")["state"]["epoch"] == best_epoch
-    assert [record["best"] for record in epochs] == [True, epochs[1]["val_loss"] < epochs[0]["val_loss"]]
+    assert [record["best"] for record in epochs] == [True, epochs[1]["validation_loss"] < epochs[0]["validation_loss"]]
     # The reported metrics are those of the written prediction on the held-out band (up to the PNG's 8 bits).
     assert records[-1]["event"] == "prediction"
     band = records[0]["held_out"]
@@ -79,7 +79,7 @@ def test_validation_run_writes_every_output(finished_run, labelled_segment_path)
     assert abs(rescored.f05 - records[-1]["validation_f05"]) < 0.02
     assert abs(rescored.auc - records[-1]["validation_auc"]) < 0.01
     events = EventAccumulator(str(experiment / "tensorboard_logs")).Reload()
-    assert {"train/loss", "hp/lr", "val/loss", "val/f05", "val/threshold", "val/auc", "val/iou"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "hp/lr", "validation/loss", "validation/f05", "validation/threshold", "validation/auc", "validation/iou"} <= set(events.Tags()["scalars"])
     assert {"prediction/labels_vs_prediction", "validation/labels_vs_prediction"} <= set(events.Tags()["images"])
     assert any(tag.startswith("config") for tag in events.Tags()["tensors"])
     assert not list(experiment.glob(".*.tmp"))

@@ -8,6 +8,8 @@ import json
 import os
 import pathlib
 
+OLD_VALIDATION_PREFIX = "val_"
+
 
 def records(run_dir: str | os.PathLike, event: str | None = None) -> list[dict]:
     """The records of the run's log.jsonl in the order written (only those of `event`, if given), each epoch once.
@@ -16,7 +18,7 @@ def records(run_dir: str | os.PathLike, event: str | None = None) -> list[dict]:
     written = []
     for number, line in enumerate(lines):
         try:
-            written.append(json.loads(line))
+            written.append(renamed_metrics(json.loads(line)))
         except json.JSONDecodeError:
             if number < len(lines) - 1:
                 raise ValueError(f"{pathlib.Path(run_dir) / 'log.jsonl'} line {number + 1} is not JSON") from None
@@ -24,6 +26,12 @@ def records(run_dir: str | os.PathLike, event: str | None = None) -> list[dict]:
     return [record for index, record in enumerate(written)
             if (record.get("event") != "epoch" or last_of_epoch[epoch_key(record)] == index)
             and (event is None or record.get("event") == event)]
+
+
+def renamed_metrics(record: dict) -> dict:
+    """The record with the validation metrics named as today: logs written before 2026-12-04 named them `val_*`."""
+    return {("validation_" + name.removeprefix(OLD_VALIDATION_PREFIX) if name.startswith(OLD_VALIDATION_PREFIX)
+             else name): value for name, value in record.items()}
 
 
 def epoch_key(record: dict) -> tuple[int, int]:
@@ -37,6 +45,6 @@ def epochs(run_dir: str | os.PathLike, round_number: int | None = None) -> list[
             if round_number is None or record.get("round", 0) == round_number]
 
 
-def best_epoch(run_dir: str | os.PathLike, metric: str = "val_loss") -> dict:
+def best_epoch(run_dir: str | os.PathLike, metric: str = "validation_loss") -> dict:
     """The epoch record with the lowest `metric` (fine-tuning's best.pth, in scheme "validation")."""
     return min(epochs(run_dir), key=lambda record: record[metric])
