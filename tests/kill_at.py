@@ -4,9 +4,9 @@ kill-and-resume tests choose where a run dies with it.
     python tests/kill_at.py --rename N -- pretrain/main.py ARGS...   # right before the N-th rename
     python tests/kill_at.py --step N -- finetune/train.py ARGS...    # right after the N-th optimizer step
 
-Every atomic write of the project ends in `os.replace(temporary, path)` (`pretrain.utils.misc._write_atomic`,
-the chunk cache), so dying right before the N-th one leaves that write's temp file whole and not renamed: what
-a kill -9 in the middle of writing a checkpoint leaves. Steps are counted by torch's global optimizer-step hook,
+Every atomic write of the project ends in `os.replace(temporary, path)` (`pretrain.utils.temporaries.write_atomic`,
+and the chunk cache's streamed downloads), so dying right before the N-th one leaves that write's temp file whole
+and not renamed: what a kill -9 in the middle of writing a checkpoint leaves. Steps are counted by torch's global optimizer-step hook,
 which every optimizer (AdamW, timm's LAMB) calls. The script runs as `python SCRIPT ARGS...` would run it
 (`runpy`, as `__main__`), so the code under test holds no test hook. Right before dying the launcher writes
 one line to stderr, `kill_at: {json}`, saying where: the step, or the rename's temporary and destination.

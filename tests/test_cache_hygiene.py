@@ -131,7 +131,7 @@ def test_every_atomic_writer_names_its_temp_files_by_the_one_rule(tmp_path, monk
     monkeypatch.setattr(os, "replace", replace)
     misc.write_bytes_atomic(tmp_path / "metrics.json", b"{}")
     misc.save_atomic({"weights": 1}, tmp_path / "model.pth")
-    remote.write_atomic(tmp_path / "cache" / "host" / "0.0.0", b"chunk", tmp_path / "cache")
+    remote.write_to_cache(tmp_path / "cache" / "host" / "0.0.0", b"chunk", tmp_path / "cache")
     assert len(seen) == 3 and all(temporaries.is_temporary(path) for path in seen), seen
     assert not any(temporaries.is_temporary(path) for path in tmp_path.rglob("*"))
 

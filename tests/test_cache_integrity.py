@@ -307,7 +307,7 @@ def test_a_full_disk_is_one_error_naming_the_cache_folder_not_the_server(server_
         def full_disk(destination, data, cache_dir):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(remote, "write_atomic", full_disk)
+        monkeypatch.setattr(remote, "write_to_cache", full_disk)
         with pytest.raises(SegmentError) as error:
             open_segment(SERVER_SEGMENT_ID, cache_dir=cache, data_url=server.url)
         monkeypatch.undo()

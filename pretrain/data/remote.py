@@ -334,12 +334,11 @@ def _incomplete_path(cache_dir: pathlib.Path, name: str = "download") -> tempora
     return temporaries.create_locked(pathlib.Path(cache_dir) / INCOMPLETE_DIR, name)
 
 
-def write_atomic(destination: pathlib.Path, data: bytes, cache_dir: pathlib.Path) -> None:
+def write_to_cache(destination: pathlib.Path, data: bytes, cache_dir: pathlib.Path) -> None:
     """Write `data` to `destination` through a temp file in `cache_dir/.incomplete` and a rename."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with temporaries.held_temporary(pathlib.Path(cache_dir) / INCOMPLETE_DIR, destination.name) as temporary:
-        temporary.write_bytes(data)
-        os.replace(temporary, destination)
+    temporaries.write_atomic(destination, lambda temporary: temporary.write_bytes(data),
+                             folder=pathlib.Path(cache_dir) / INCOMPLETE_DIR)
     cache.record_added(cache_dir, len(data))
 
 
@@ -501,7 +500,7 @@ class CachedHTTPStore(Store):
 
     def _write_to_cache(self, path: pathlib.Path, data: bytes, url: str) -> None:
         try:
-            write_atomic(path, data, self.cache_dir)
+            write_to_cache(path, data, self.cache_dir)
         except OSError as error:
             raise self.cache_write_error(error, url, len(data)) from None
 

@@ -21,6 +21,7 @@ import tifffile
 import zarr
 
 from pretrain.data.images import decode_image, image_header
+from pretrain.utils import temporaries
 
 DEFAULT_LRU_BYTES = 512 * 2**20
 
@@ -264,6 +265,7 @@ def convert_layers_to_zarr(layer_paths: list[pathlib.Path], target: pathlib.Path
     partial = target.with_name(target.name + ".partial")
     progress_file = partial / PROGRESS_FILE
     if progress_file.is_file():
+        temporaries.remove_dead_temporaries(partial.iterdir())  # a kill while the progress record was written
         layers_done = int(progress_file.read_text())
         array = zarr.open_array(partial, path="0", mode="r+")
     else:
@@ -281,9 +283,7 @@ def convert_layers_to_zarr(layer_paths: list[pathlib.Path], target: pathlib.Path
             y_stop = min(y_start + rows, height)
             array[z_start:z_stop, y_start:y_stop] = stack[z_start:z_stop, y_start:y_stop, 0:width]
         # Bands start on chunk boundaries, so a band cut short by a kill is rewritten whole on resume.
-        temporary = partial / f".{PROGRESS_FILE}.tmp"
-        temporary.write_text(str(z_stop))
-        os.replace(temporary, progress_file)
+        temporaries.write_atomic(progress_file, lambda temporary: temporary.write_text(str(z_stop)))
         if on_layers is not None:
             on_layers(z_stop - z_start)
     # Renamed with its progress record, then the record deleted: a kill in between leaves a complete zarr

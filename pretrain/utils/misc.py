@@ -55,24 +55,14 @@ def git_commit(repository: str | os.PathLike | None = None) -> str:
     return commit if not changes and not any(untracked) else f"{commit}-dirty-{digest.hexdigest()[:10]}"
 
 
-def _write_atomic(path: str | os.PathLike, write) -> None:
-    """`write(temporary_path)`, then a rename onto `path`: a kill or a reader never sees half a file. The temp
-    file sits beside `path`, named and locked by `pretrain.utils.temporaries`, so remove_stale_temporaries
-    knows it for ours and leaves it while this process lives."""
-    path = pathlib.Path(path)
-    with temporaries.held_temporary(path.parent, path.name) as temporary:
-        write(temporary)
-        os.replace(temporary, path)
-
-
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save, atomically."""
-    _write_atomic(path, lambda temporary: torch.save(obj, temporary))
+    """torch.save, atomically (`pretrain.utils.temporaries.write_atomic`)."""
+    temporaries.write_atomic(path, lambda temporary: torch.save(obj, temporary))
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Bytes (an encoded PNG, JSON, Markdown) to a file, atomically."""
-    _write_atomic(path, lambda temporary: temporary.write_bytes(data))
+    temporaries.write_atomic(path, lambda temporary: temporary.write_bytes(data))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:

@@ -1,8 +1,9 @@
 """Temp files of atomic writes: one naming rule for every writer, and a lock that says which are live.
 
-Every atomic write of the project (checkpoints, images, JSON, cached chunks) goes through
-`held_temporary`: the temp file is named `.{name}.{32 hex}.vesuvius-ink.tmp`, a name no other program
-uses, and its writer holds an exclusive `flock` on it from creation until the rename. A sweep
+Every atomic write of the project (checkpoints, images, JSON, cached chunks, progress records) is
+`write_atomic` here, or, for a download streamed to disk, `create_locked` and a rename. The temp file is named
+`.{name}.{32 hex}.vesuvius-ink.tmp`, a name no other program uses, and its writer holds an exclusive `flock`
+on it from creation until the rename. A sweep
 (`remove_dead_temporaries`) deletes only files of that name whose lock it can take: the writer died (the
 kernel releases a dead process's locks). Why a lock rather than the PID in the name: a PID means nothing
 to another PID namespace (a container sharing the cache) or another host (a cache on NFS), and a sweep
@@ -15,7 +16,7 @@ import os
 import pathlib
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 MARK = "vesuvius-ink"
 SUFFIX = f".{MARK}.tmp"
@@ -90,6 +91,17 @@ def held_temporary(folder: str | os.PathLike, name: str) -> Iterator[pathlib.Pat
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], object],
+                 folder: str | os.PathLike | None = None) -> None:
+    """The project's one atomic write: `write(temporary)` fills a held temp file, which is then renamed onto
+    `path`, so a kill or a reader never sees half a file. The temp file sits in `folder`, by default beside
+    `path` (the chunk cache keeps its own in one folder it sweeps; it must be on `path`'s file system)."""
+    path = pathlib.Path(path)
+    with held_temporary(path.parent if folder is None else folder, path.name) as temporary:
+        write(temporary)
+        os.replace(temporary, path)
 
 
 def remove_dead_temporaries(paths: Iterable[pathlib.Path]) -> int:
