@@ -11,9 +11,11 @@ import time
 
 import numpy as np
 import pytest
+import tifffile
+import zarr
 import zarr.core.sync
 
-from pretrain.data import cache, remote, segment
+from pretrain.data import cache, remote, segment, volume
 from pretrain.data.segment import open_segment
 from pretrain.utils import misc, temporaries
 from tests.conftest import REPO_ROOT
@@ -125,15 +127,34 @@ def test_every_atomic_writer_names_its_temp_files_by_the_one_rule(tmp_path, monk
     real_replace = os.replace
 
     def replace(source, destination):
-        seen.append(pathlib.Path(source))
+        if pathlib.Path(destination).name in {"metrics.json", "model.pth", "0.0.0", volume.PROGRESS_FILE}:  # not zarr's
+            seen.append(pathlib.Path(source))
         return real_replace(source, destination)
 
     monkeypatch.setattr(os, "replace", replace)
     misc.write_bytes_atomic(tmp_path / "metrics.json", b"{}")
     misc.save_atomic({"weights": 1}, tmp_path / "model.pth")
     remote.write_to_cache(tmp_path / "cache" / "host" / "0.0.0", b"chunk", tmp_path / "cache")
-    assert len(seen) == 3 and all(temporaries.is_temporary(path) for path in seen), seen
+    layers = [tmp_path / f"{index:02d}.tif" for index in range(2)]
+    for index, path in enumerate(layers):
+        tifffile.imwrite(path, np.full((8, 8), index, np.uint8))
+    volume.convert_layers_to_zarr(layers, tmp_path / "layers.zarr", chunks=(1, 8, 8))  # a progress record a layer
+    assert len(seen) == 5 and all(temporaries.is_temporary(path) for path in seen), seen
     assert not any(temporaries.is_temporary(path) for path in tmp_path.rglob("*"))
+
+
+def test_a_conversion_resumed_after_a_kill_inside_its_progress_record_sweeps_the_dead_temp_file(tmp_path):
+    layers = [tmp_path / f"{index:02d}.tif" for index in range(3)]
+    for index, path in enumerate(layers):
+        tifffile.imwrite(path, np.full((8, 8), index, np.uint8))
+    volume.convert_layers_to_zarr(layers, tmp_path / "done.zarr", chunks=(1, 8, 8))
+    partial = tmp_path / "resumed.zarr.partial"  # what a kill during the second layer's record leaves
+    (tmp_path / "done.zarr").rename(partial)
+    (partial / volume.PROGRESS_FILE).write_text("1")
+    temporaries.temporary_path(partial, volume.PROGRESS_FILE).write_text("2")  # its writer is dead: no lock
+    volume.convert_layers_to_zarr(layers, tmp_path / "resumed.zarr", chunks=(1, 8, 8))
+    assert not any(temporaries.is_temporary(path) for path in tmp_path.rglob("*"))
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "resumed.zarr", path="0")[:, 0, 0], [0, 1, 2])
 
 
 # ---------------------------------------------------------------- fault 7: layer images left beside a conversion
