@@ -15,7 +15,7 @@ import threading
 import torch
 
 from pretrain import checkpoint, dist
-from pretrain.data.patches import NO_CHECKPOINT_INPUT, NORMALIZATIONS, OPTION_NAMES, InputSettings
+from pretrain.data.patches import INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS, OPTION_NAMES, InputSettings
 from pretrain.data.remote import RemoteReadError
 from pretrain.data.segment import SegmentError
 from pretrain.models import ENCODER_NAMES, build_encoder
@@ -86,13 +86,11 @@ def true_or_false(text: str) -> bool:
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """The input options, each defaulting to the checkpoint's value (or DEFAULTS' without one)."""
     group = parser.add_argument_group("input (default: as the checkpoint records it; else the value in brackets)")
-    group.add_argument("--model", choices=ENCODER_NAMES, help=f"encoder architecture [{DEFAULTS.model}]")
-    group.add_argument("--depth", type=int, help=f"layers per tile [{DEFAULTS.depth}]")
-    group.add_argument("--depth_offset", type=int, help=f"shift of the depth window [{DEFAULTS.depth_offset}]")
-    group.add_argument("--follow_surface", type=true_or_false,
-                       help=f"depth window along the recto surface, True or False [{DEFAULTS.follow_surface}]")
-    group.add_argument("--normalization", choices=NORMALIZATIONS, help=f"voxel scaling [{DEFAULTS.normalization}]")
-    group.add_argument("--tile_size", type=int, help=f"tile side in pixels, a multiple of 32 [{DEFAULTS.tile_size}]")
+    parsing = {"model": {"choices": ENCODER_NAMES}, "depth": {"type": int}, "depth_offset": {"type": int},
+               "follow_surface": {"type": true_or_false, "metavar": "{True,False}"},
+               "normalization": {"choices": NORMALIZATIONS}, "tile_size": {"type": int}}
+    for field, option in INPUT_OPTIONS.items():
+        group.add_argument(OPTION_NAMES[field], **parsing[field], help=f"{option.help} [{getattr(DEFAULTS, field)}]")
 
 
 def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -145,8 +145,11 @@ def _shown(value) -> str:
     return shlex.quote(value) if isinstance(value, str) else str(value)
 
 
-def settings_help(defaults: dict, source_file: str | os.PathLike | None = None) -> str:
-    """Usage, the script's docstring, then every setting with its default and the script's comment on it."""
+def settings_help(defaults: dict, source_file: str | os.PathLike | None = None,
+                  descriptions: dict[str, str] | None = None) -> str:
+    """Usage, the script's docstring, then every setting with its default and the script's comment on it, or the
+    words `descriptions` has for it (a setting whose meaning is said once for several scripts, elsewhere): the
+    comment lines above such a setting are then a heading."""
     docstring, sources = read_script(source_file, defaults) if source_file is not None else ("", {})
     script = pathlib.Path(source_file).name if source_file is not None else "the script"
     parts = [f"usage: {script} [--NAME VALUE | --NAME=VALUE]..."]
@@ -155,6 +158,9 @@ def settings_help(defaults: dict, source_file: str | os.PathLike | None = None) 
     parts += ["", "settings, each with its default:"]
     for name, value in defaults.items():
         source = sources.get(name, SettingSource())
+        if descriptions and name in descriptions:
+            source = dataclasses.replace(source, heading=source.heading or source.description,
+                                         description=descriptions[name])
         if source.heading:
             parts += ["", textwrap.fill(source.heading, HELP_WIDTH, break_on_hyphens=False)]
         # The type is shown where the default does not show it: a None default, or one that may become None or a list.
@@ -214,11 +220,13 @@ def _convert(name: str, text: str, default, source: SettingSource = SettingSourc
     raise ConfigError(f"--{name} expects {expected.__name__}{or_none} (default {default!r}), got {text!r}")
 
 
-def apply_overrides(defaults: dict, argv: list[str], source_file: str | os.PathLike | None = None) -> Config:
+def apply_overrides(defaults: dict, argv: list[str], source_file: str | os.PathLike | None = None,
+                    descriptions: dict[str, str] | None = None) -> Config:
     """`defaults` with the `--NAME value` pairs of `argv` applied. `source_file` is the entry script whose
-    settings these are (`__file__`): `--help` / `-h` then prints them with its comments, and exits 0."""
+    settings these are (`__file__`): `--help` / `-h` then prints them with its comments (or `descriptions`'
+    words, as settings_help), and exits 0."""
     if any(argument in HELP_ARGUMENTS for argument in argv):
-        print(settings_help(defaults, source_file))
+        print(settings_help(defaults, source_file, descriptions))
         raise SystemExit(0)
     sources = read_script(source_file, defaults)[1] if source_file is not None else {}
     values = dict(defaults)

@@ -44,7 +44,8 @@ from finetune.metrics import all_ink_f05  # noqa: E402
 from finetune.config import Config, ConfigError, apply_overrides, check_in_file_settings, settings_in  # noqa: E402
 from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
-from pretrain.data.patches import FINETUNE_NAMES, NO_CHECKPOINT_INPUT, NORMALIZATIONS, InputSettings  # noqa: E402
+from pretrain.data.patches import (FINETUNE_NAMES, INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS,  # noqa: E402
+                                   InputSettings)
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import Segment, SegmentError, check_negatives, open_segment  # noqa: E402
 from pretrain.models import ENCODER_NAMES  # noqa: E402
@@ -76,14 +77,14 @@ pretrained_path: str | None = None
 freeze_encoder: bool = False  # train only the decoder; the encoder's weights and BatchNorm statistics stay fixed
 FREEZE_ENCODER_EPOCHS: int = 0  # LP-FT: train only the decoder for this many epochs first, then everything
 # model and input: None takes the pretrained encoder's own (its checkpoint records them), or, without one, the
-# default after "else"
-MODEL: str | None = None  # 3D encoder; else "resnet50_3d_narrow" (a full-width step took 2.5 s on 2 CPU cores)
-DEPTH: int | None = None  # layers per tile (a multiple of the encoder's depth downsample, 8); else 16
-DEPTH_OFFSET: int | None = None  # shift of the depth window from the middle layer (or from the surface); else 0
-FOLLOW_SURFACE: bool | None = None  # the depth window follows the recto surface found in each tile; else False
-# "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per tile); else "range"
+# default after "else" (pretrain/data/patches.py's NO_CHECKPOINT_INPUT). What each means is said once for every
+# script, in that file's INPUT_OPTIONS (shown by --help).
+MODEL: str | None = None
+DEPTH: int | None = None
+DEPTH_OFFSET: int | None = None
+FOLLOW_SURFACE: bool | None = None
 NORMALIZATION: str | None = None
-TILE_SIZE: int | None = None  # tile side in pixels (a multiple of 32); else 64
+TILE_SIZE: int | None = None
 DEPTH_POOL: str = "max"  # how each stage's 3D features are collapsed over depth: "max" or "mean"
 OUTPUT_STRIDE: int = 4  # 4: decode to 1/4 resolution and upsample the logits (cheaper); 1: decode to full resolution
 # data
@@ -784,7 +785,10 @@ def train_round(run: Run, run_segments: list[RunSegment], state: RunState, saved
 def main(argv: list[str] | None = None) -> int:
     # The values written above, checked as overrides of them are (the input settings are read through their table).
     check_in_file_settings(DEFAULTS, __file__, read_elsewhere=tuple(FINETUNE_NAMES.values()))
-    config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__)
+    input_help = {option.finetune_name: f"{option.help}; else {getattr(NO_CHECKPOINT_INPUT, field)}"
+                  for field, option in INPUT_OPTIONS.items()}
+    config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__,
+                             descriptions=input_help)
     device = dist.initialize()
     if device.type == "cpu" and config.CPU_THREADS > 0:
         torch.set_num_threads(config.CPU_THREADS)

@@ -1,6 +1,7 @@
 """`--help` from the entry script's own comments, "did you mean" for a mistyped setting, None defaults typed by
 their annotation, and the in-file values checked as overrides are; on small settings scripts written for the test,
 and on finetune/train.py (a copy of it edited as a user would, run as the real script)."""
+import argparse
 import os
 import re
 import runpy
@@ -9,8 +10,11 @@ import sys
 
 import pytest
 
+from evaluate import encoder_input
 from finetune.config import (ConfigError, SettingSource, apply_overrides, check_in_file_settings, read_script,
                              settings_in)
+from pretrain.data.patches import INPUT_OPTIONS
+from pretrain.utils import arg_util
 from tests.conftest import REPO_ROOT
 
 SCRIPT = '''"""A tiny entry script.
@@ -133,6 +137,19 @@ def test_train_help_lists_every_setting_and_exits_0():
         assert any(line.startswith(f"  --{name}={value}") for line in lines), name
     number_of_epochs = next(index for index, line in enumerate(lines) if line.startswith("  --NUM_EPOCHS="))
     assert lines[number_of_epochs + 1] == "      passes over the training tiles"
+    assert any(line.startswith("model and input: None takes the pretrained encoder's own") for line in lines)
+    for option in INPUT_OPTIONS.values():  # what each input setting means, in the words every script uses
+        shown = next(index for index, line in enumerate(lines) if line.startswith(f"  --{option.finetune_name}="))
+        assert " ".join(" ".join(lines[shown + 1:shown + 3]).split()).startswith(" ".join(option.help.split()))
+
+
+def test_pretraining_and_evaluate_help_say_what_each_input_setting_means_in_the_same_words():
+    evaluate = argparse.ArgumentParser()
+    encoder_input.add_input_arguments(evaluate)
+    for parser in (arg_util.Args(explicit_bool=True), evaluate):
+        helps = {action.dest: action.help for action in parser._actions}
+        for field, option in INPUT_OPTIONS.items():
+            assert option.help in helps[field], (type(parser).__name__, field)
 
 
 READING_SCRIPT = '''"""Settings read by the code below them."""

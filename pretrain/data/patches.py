@@ -79,11 +79,30 @@ class InputSettings:
         return f"{self.model}, {window}, {scale} normalisation, {self.tile_size}² tiles"
 
 
-# The InputSettings fields a person sets, each with its fine-tuning setting; pretraining's and evaluate/'s option is
-# --<field>. One table for every script's options and messages.
-FINETUNE_NAMES = {"model": "MODEL", "depth": "DEPTH", "depth_offset": "DEPTH_OFFSET", "follow_surface": "FOLLOW_SURFACE",
-                  "normalization": "NORMALIZATION", "tile_size": "TILE_SIZE"}
-OPTION_NAMES = {field: f"--{field}" for field in FINETUNE_NAMES}
+@dataclasses.dataclass(frozen=True)
+class InputOption:
+    """An InputSettings field a person sets: the name of its fine-tuning setting (pretraining's and evaluate/'s
+    option is --<field>) and what it means, as every script's --help says it."""
+
+    finetune_name: str
+    help: str
+
+
+# One table for every script's input options, their --help and messages.
+INPUT_OPTIONS = {
+    "model": InputOption("MODEL", "the 3D encoder, a name in pretrain/models (resnet50_3d_narrow: resnet50_3d at a "
+                                  "quarter of its width)"),
+    "depth": InputOption("DEPTH", "layers per tile, a multiple of the encoder's depth downsample 8 (16 layers give "
+                                  "2 cells in depth)"),
+    "depth_offset": InputOption("DEPTH_OFFSET", "shift of the depth window from the middle layer (or from the "
+                                                "surface)"),
+    "follow_surface": InputOption("FOLLOW_SURFACE", "the depth window follows the recto surface found in each tile"),
+    "normalization": InputOption("NORMALIZATION", '"range" (÷ dtype max), "clip" (Kaggle 50–200 window) or '
+                                                  '"zscore" (per tile)'),
+    "tile_size": InputOption("TILE_SIZE", "tile side in pixels, a multiple of 32 (96 gives 3 × 3 cells of 32)"),
+}
+FINETUNE_NAMES = {field: option.finetune_name for field, option in INPUT_OPTIONS.items()}
+OPTION_NAMES = {field: f"--{field}" for field in INPUT_OPTIONS}
 # The input without a checkpoint that records it (training from scratch, a random encoder, a bare state dict,
 # Kinetics weights), in fine-tuning and in every evaluate/ script alike: every scratch or random arm of evaluate/ is
 # a fine-tuning run. The narrow model: a full-width fine-tuning step took 2.5 s on 2 CPU cores.

@@ -13,7 +13,7 @@ import sys
 from tap import Tap
 
 from pretrain import checkpoint, methods
-from pretrain.data.patches import MOSTLY_PAPYRUS, NORMALIZATIONS, InputSettings
+from pretrain.data.patches import INPUT_OPTIONS, MOSTLY_PAPYRUS, NORMALIZATIONS, InputSettings
 from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.utils.misc import git_commit
@@ -55,11 +55,13 @@ class Args(Tap):
     # ---------------------------------------------------------------- data
     data_path: list[str] = ["demo"]  # segment specs, mixed: IDs, "scroll4:ID", zarrs, layer folders, "demo[:seed]"
     scroll: str = "1"  # scroll of the bare segment IDs in data_path (sets the server folder)
-    depth: int = 16  # layers per input; with the encoder's depth downsample 8, 16 layers give 2 cells in depth
-    depth_offset: int = 0  # shift of the depth window from the middle layer (or from the surface, below)
-    follow_surface: bool = False  # depth window follows the recto surface found in each tile (fine-tune with the same)
-    tile_size: int = 96  # tile side in pixels (a multiple of 32); 96 gives a 3 × 3 grid of 32-pixel cells
-    normalization: str = "range"  # "range" (÷ dtype max), "clip" (Kaggle 50–200 window) or "zscore" (per patch)
+    # The input settings, and `model` below: what each means is said once for every script, in
+    # pretrain/data/patches.py's INPUT_OPTIONS, and --help shows it. Fine-tuning reads them from the checkpoint.
+    depth: int = 16
+    depth_offset: int = 0
+    follow_surface: bool = False
+    tile_size: int = 96
+    normalization: str = "range"
     float_range: list[float] = []  # LOW HIGH: a float volume's voxel values that stand for 0 and 1 (else refused)
     min_mask_fraction: float = MOSTLY_PAPYRUS  # a crop needs at least this much papyrus (mask) under it: 0.5
     samples_per_ep: int = 180  # crops per epoch (all processes together)
@@ -74,7 +76,7 @@ class Args(Tap):
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
 
     # ---------------------------------------------------------------- model
-    model: str = "resnet50_3d"  # encoder: resnet50_3d, resnet34_3d, resnet18_3d, resnet50_3d_narrow, resnet18_3d_tiny
+    model: str = "resnet50_3d"  # an input setting, as depth above
     mask: float = 0.6  # fraction of cells masked
     mask_mode: str = "cell"  # "cell": 3D cells (D/d × 32 × 32); "column": ScrollMAE's 2D cells through all depth
     target: str = "pixels"  # what masked cells reconstruct: "pixels" (SparK) or "texture" (local texture energy)
@@ -113,6 +115,9 @@ class Args(Tap):
     voxel_dtype: str = ""  # the segments' voxel dtype(s), recorded with the input settings
 
     def configure(self) -> None:
+        for field, option in INPUT_OPTIONS.items():
+            default = getattr(type(self), field)
+            self.add_argument(f"--{field}", help=f"({type(default).__name__}, default={default}) {option.help}")
         for name in RUNTIME_FIELDS:
             self.add_argument(f"--{name}", type=str, action=RefuseRuntimeField, help=argparse.SUPPRESS)
 
