@@ -47,12 +47,14 @@ SCORES = {"f05": "validation_calibrated_f05", "f05_oracle": "validation_f05", "a
 
 
 def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: InputSettings, args,
-                 extra: list[str]) -> dict:
+                 extra: list[str], segment_options: list[str] | None = None) -> dict:
     """One finetune/train.py run; returns its prediction's scores, its best epoch and training time (or raises with
-    its error line)."""
+    its error line). The run is on args.segment with a band held out, or with `segment_options` (finetune/train.py's
+    segment settings) on several segments, scored on all their held-out pixels pooled."""
     experiment = f"{name}_{mode}_seed{seed}"
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", experiment,
-               "--OUTPUT_DIR", str(args.output / "runs"), "--scheme", "validation", "--segment_id", args.segment,
+               "--OUTPUT_DIR", str(args.output / "runs"), "--scheme", "validation",
+               *(segment_options or ["--segment_id", args.segment]),
                "--SEED", str(seed), "--freeze_encoder", str(mode == "probe"), *finetune_options(settings)]
     if checkpoint != "random":
         command += ["--pretrained_path", checkpoint]
@@ -67,11 +69,13 @@ def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: Inp
     if result.returncode != 0:
         where = "above" if args.jobs == 1 else f"in {experiment_dir / 'train.log'}"
         raise RuntimeError(f"the {experiment} run failed (exit {result.returncode}); its error is {where}")
-    prediction = run_log.records(experiment_dir, "prediction")[-1]
+    prediction = run_log.records(experiment_dir, "prediction" if segment_options is None else "pooled_prediction")[-1]
     if SCORES["f05"] not in prediction:
         raise RuntimeError(f"the {experiment} run's labelled tiles hold one class only: no threshold can be chosen on them")
-    if seed == 0:
-        shutil.copyfile(experiment_dir / "labels_vs_prediction.png", args.output / f"{name}_{mode}.png")
+    if seed == 0:  # with several segments, the first scored segment's image
+        image = (experiment_dir / "labels_vs_prediction.png" if segment_options is None else
+                 experiment_dir / "predictions" / f"{prediction['segments'][0]}_labels_vs_prediction.png")
+        shutil.copyfile(image, args.output / f"{name}_{mode}.png")
     return {"encoder": name, "mode": mode, "seed": seed, **{key: prediction[field] for key, field in SCORES.items()},
             "threshold": prediction["validation_calibrated_threshold"],
             "best_epoch": run_log.best_epoch(experiment_dir)["epoch"],
