@@ -135,27 +135,40 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     write_bytes_atomic(path, table.getvalue().encode())
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+def probe_parser(doc: str = __doc__) -> argparse.ArgumentParser:
+    """The options of every command that probes each encoder (this one, evaluate/transfer.py), described by its
+    `doc`: the encoders and their names, the input options, seeds and --jobs; settings after `--` go to every
+    finetune/train.py run."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].replace("\n", " "),
                                      epilog="Settings after `--` go to every finetune/train.py run (-- --NUM_EPOCHS 6).",
                                      formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--encoders", nargs="+", required=True, help="encoder checkpoints (any kind), or 'random'")
     parser.add_argument("--names", nargs="*", help="a short name per encoder for the table (default: file names)")
-    encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: finetune/train.py's SEED, the same for every encoder")
-    parser.add_argument("--full_finetune", action="store_true", help="also fine-tune every encoder fully")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (on one GPU, several small runs keep it busier than one); with more than "
                              "one, each run's output goes to its train.log")
-    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/encoder_evaluation"),
-                        help="folder for the table, the images and the runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_probe_arguments(args: argparse.Namespace) -> None:
+    """probe_parser's options checked, and the encoders named (args.names)."""
     if args.seeds < 1:
         raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed")
     if args.jobs < 1:
         raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
     encoder_input.name_encoders(args, ("random",))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = probe_parser()
+    encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
+    parser.add_argument("--full_finetune", action="store_true", help="also fine-tune every encoder fully")
+    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/encoder_evaluation"),
+                        help="folder for the table, the images and the runs")
+    args = parser.parse_args(argv)
+    check_probe_arguments(args)
     return args
 
 

@@ -87,11 +87,7 @@ def scored_pixels(args, question: str, name: str) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
-                                     epilog="Settings after `--` go to every finetune/train.py run (-- --NUM_EPOCHS 6).",
-                                     formatter_class=encoder_input.HelpFormatter)
-    parser.add_argument("--encoders", nargs="+", required=True, help="encoder checkpoints (any kind), or 'random'")
-    parser.add_argument("--names", nargs="*", help="a short name per encoder for the table (default: file names)")
+    parser = encoders.probe_parser(__doc__)
     parser.add_argument("--segment_id", nargs="+", default=["demo:1", "demo:2", "demo:3"],
                         help="the segments every probe trains on (segment specs, as fine-tuning takes them)")
     parser.add_argument("--held_out", default="demo:4", help="the segment scored: part of it trains in question (a)")
@@ -100,14 +96,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "its longer side (finetune/train.py's VALIDATION_FRACTION)")
     parser.add_argument("--question", nargs="+", choices=["a", "b"], default=["a", "b"],
                         help="a: trained on the segments and the rest of the held-out one; b: on the segments alone")
-    encoder_input.add_input_arguments(parser)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: finetune/train.py's SEED, the same for every encoder")
     parser.add_argument("--supervised_control", action="store_true",
                         help=f"per question, also probe '{CONTROL}': an encoder fully fine-tuned from scratch on the "
                              "question's training data")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time (on one GPU, several small runs keep it busier than one); with more than "
-                             "one, each run's output goes to its train.log")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/transfer"),
                         help="folder for the tables, the images and the runs")
     args = parser.parse_args(argv)
@@ -119,11 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise encoder_input.EvaluationError(f"--segment_id names {repeated[0]} twice")
     if not 0 < args.held_out_fraction < 1:
         raise encoder_input.EvaluationError(f"--held_out_fraction {args.held_out_fraction} is not between 0 and 1")
-    if args.seeds < 1:
-        raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed")
-    if args.jobs < 1:
-        raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
-    encoder_input.name_encoders(args, ("random",))
+    encoders.check_probe_arguments(args)
     if args.supervised_control and CONTROL in args.names:
         raise encoder_input.EvaluationError(f"the name '{CONTROL}' is the supervised control's; name that encoder otherwise")
     # Every run is a process in the repository root: paths from here must mean the same files there.
