@@ -47,12 +47,14 @@ SCORES = {"f05": "validation_calibrated_f05", "f05_oracle": "validation_f05", "a
 
 
 def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: InputSettings, args,
-                 extra: list[str]) -> dict:
+                 extra: list[str], segment_options: list[str] | None = None) -> dict:
     """One finetune/train.py run; returns its prediction's scores, its best epoch and training time (or raises with
-    its error line)."""
+    its error line). The run is on args.segment with a band held out, or with `segment_options` (finetune/train.py's
+    segment settings) on several segments, scored on all their held-out pixels pooled."""
     experiment = f"{name}_{mode}_seed{seed}"
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", experiment,
-               "--OUTPUT_DIR", str(args.output / "runs"), "--scheme", "validation", "--segment_id", args.segment,
+               "--OUTPUT_DIR", str(args.output / "runs"), "--scheme", "validation",
+               *(segment_options or ["--segment_id", args.segment]),
                "--SEED", str(seed), "--freeze_encoder", str(mode == "probe"), *finetune_options(settings)]
     if checkpoint != "random":
         command += ["--pretrained_path", checkpoint]
@@ -67,11 +69,13 @@ def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: Inp
     if result.returncode != 0:
         where = "above" if args.jobs == 1 else f"in {experiment_dir / 'train.log'}"
         raise RuntimeError(f"the {experiment} run failed (exit {result.returncode}); its error is {where}")
-    prediction = run_log.records(experiment_dir, "prediction")[-1]
+    prediction = run_log.records(experiment_dir, "prediction" if segment_options is None else "pooled_prediction")[-1]
     if SCORES["f05"] not in prediction:
         raise RuntimeError(f"the {experiment} run's labelled tiles hold one class only: no threshold can be chosen on them")
-    if seed == 0:
-        shutil.copyfile(experiment_dir / "labels_vs_prediction.png", args.output / f"{name}_{mode}.png")
+    if seed == 0:  # with several segments, the first scored segment's image
+        image = (experiment_dir / "labels_vs_prediction.png" if segment_options is None else
+                 experiment_dir / "predictions" / f"{prediction['segments'][0]}_labels_vs_prediction.png")
+        shutil.copyfile(image, args.output / f"{name}_{mode}.png")
     return {"encoder": name, "mode": mode, "seed": seed, **{key: prediction[field] for key, field in SCORES.items()},
             "threshold": prediction["validation_calibrated_threshold"],
             "best_epoch": run_log.best_epoch(experiment_dir)["epoch"],
@@ -131,27 +135,40 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     write_bytes_atomic(path, table.getvalue().encode())
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+def probe_parser(doc: str = __doc__) -> argparse.ArgumentParser:
+    """The options of every command that probes each encoder (this one, evaluate/transfer.py), described by its
+    `doc`: the encoders and their names, the input options, seeds and --jobs; settings after `--` go to every
+    finetune/train.py run."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].replace("\n", " "),
                                      epilog="Settings after `--` go to every finetune/train.py run (-- --NUM_EPOCHS 6).",
                                      formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--encoders", nargs="+", required=True, help="encoder checkpoints (any kind), or 'random'")
     parser.add_argument("--names", nargs="*", help="a short name per encoder for the table (default: file names)")
-    encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: finetune/train.py's SEED, the same for every encoder")
-    parser.add_argument("--full_finetune", action="store_true", help="also fine-tune every encoder fully")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (on one GPU, several small runs keep it busier than one); with more than "
                              "one, each run's output goes to its train.log")
-    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/encoder_evaluation"),
-                        help="folder for the table, the images and the runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_probe_arguments(args: argparse.Namespace) -> None:
+    """probe_parser's options checked, and the encoders named (args.names)."""
     if args.seeds < 1:
         raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed")
     if args.jobs < 1:
         raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
     encoder_input.name_encoders(args, ("random",))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = probe_parser()
+    encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
+    parser.add_argument("--full_finetune", action="store_true", help="also fine-tune every encoder fully")
+    parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/encoder_evaluation"),
+                        help="folder for the table, the images and the runs")
+    args = parser.parse_args(argv)
+    check_probe_arguments(args)
     return args
 
 

@@ -5,7 +5,8 @@ Each set of labels is scored only where it is fair: the held-out band (scheme "v
 of its own, everywhere training saw no label (how well it found the letters nobody labelled).
 
 A run on several segments scores each held-out region alone and all of them pooled: the pooled F0.5 and AUC
-are those of every held-out pixel of every segment together, not a mean of the segments' scores.
+are those of every held-out pixel of every segment together, not a mean of the segments' scores, and the pooled
+calibrated F0.5 is at the threshold best on the labelled tiles trained on of every segment together.
 """
 import dataclasses
 
@@ -14,7 +15,8 @@ import torch
 
 from pretrain import dist
 from finetune.data import UNKNOWN, Box, tiles_region
-from finetune.metrics import all_ink_f05, average_precision, best_threshold, f05_at, ink_metrics
+from finetune.metrics import (all_ink_f05, average_precision, best_threshold_of, f05_at, ink_metrics,
+                             threshold_counts)
 
 
 @dataclasses.dataclass
@@ -74,19 +76,13 @@ def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, regi
     threshold that is best on the labelled tiles trained on (`validation_calibrated_f05`), not on the band itself.
     `full_labels_yx`: the segment's own labels when training used others (None otherwise). `train_origins`: the
     tiles the human labels chose (so self-training rounds stay comparable)."""
-    known_yx = labels_yx != UNKNOWN
-    seen_yx = tiles_region(train_origins, tile_size, labels_yx.shape) & region_yx
     if held_out is not None:
         band_yx = held_out_pixels(labels_yx, region_yx, held_out)
-        report = validation_metrics(probabilities_yx[band_yx], labels_yx[band_yx] == 1)
-        # The band's F0.5 at a threshold it did not choose: the best one on the labelled tiles trained on.
-        calibration_yx = seen_yx & known_yx & ~held_out.region_yx(labels_yx.shape)
-        calibration_labels = labels_yx[calibration_yx] == 1
-        if calibration_labels.any() and not calibration_labels.all():
-            threshold = best_threshold(probabilities_yx[calibration_yx], calibration_labels)
-            report.update(validation_calibrated_threshold=threshold, validation_calibrated_f05=f05_at(
-                probabilities_yx[band_yx], labels_yx[band_yx] == 1, threshold))
-        return report
+        calibration_yx = calibration_pixels(labels_yx, region_yx, held_out, train_origins, tile_size)
+        return validation_metrics(probabilities_yx[band_yx], labels_yx[band_yx] == 1,
+                                  threshold_counts(probabilities_yx[calibration_yx], labels_yx[calibration_yx] == 1))
+    known_yx = labels_yx != UNKNOWN
+    seen_yx = tiles_region(train_origins, tile_size, labels_yx.shape) & region_yx
     report = {}
     if (seen_yx & known_yx).any():  # a run from a prior alone has no labelled tiles
         report = ink_metrics(probabilities_yx[seen_yx & known_yx], labels_yx[seen_yx & known_yx] == 1).as_dict("labelled_tiles_")
@@ -96,15 +92,33 @@ def prediction_metrics(probabilities_yx: np.ndarray, labels_yx: np.ndarray, regi
     return report
 
 
+def calibration_pixels(labels_yx: np.ndarray, region_yx: np.ndarray, held_out: Box | None, train_origins: np.ndarray,
+                       tile_size: int) -> np.ndarray:
+    """(Y, X) bool: where a threshold is chosen blind, the labelled pixels of the tiles trained on (never the
+    held-out region's)."""
+    calibration_yx = tiles_region(train_origins, tile_size, labels_yx.shape) & region_yx & (labels_yx != UNKNOWN)
+    return calibration_yx & ~held_out.region_yx(labels_yx.shape) if held_out is not None else calibration_yx
+
+
 def held_out_pixels(labels_yx: np.ndarray, region_yx: np.ndarray, held_out: Box) -> np.ndarray:
     """(Y, X) bool: the pixels a prediction is scored on in the held-out region (known labels, in the region)."""
     return held_out.region_yx(labels_yx.shape) & region_yx & (labels_yx != UNKNOWN)
 
 
-def validation_metrics(probabilities: np.ndarray, is_ink: np.ndarray) -> dict:
-    """The `validation_` metrics of a prediction's held-out pixels, one segment's or several pooled (P,) each."""
+def validation_metrics(probabilities: np.ndarray, is_ink: np.ndarray,
+                       calibration_counts: np.ndarray | None = None) -> dict:
+    """The `validation_` metrics of a prediction's held-out pixels, one segment's or several pooled (P,) each; with
+    the (4, T) threshold_counts of calibration pixels that hold both classes, also the held-out F0.5 at the threshold
+    best on them (`validation_calibrated_f05`), not on the held-out pixels themselves."""
     report = ink_metrics(probabilities, is_ink).as_dict("validation_")
     report["validation_average_precision"] = average_precision(probabilities, is_ink)
+    if calibration_counts is None:
+        return report
+    true_positives, false_positives, false_negatives, true_negatives = calibration_counts[:, 0]
+    if true_positives + false_negatives and false_positives + true_negatives:  # ink and not ink to choose between
+        threshold = best_threshold_of(calibration_counts)
+        report.update(validation_calibrated_threshold=threshold,
+                      validation_calibrated_f05=f05_at(probabilities, is_ink, threshold))
     return report
 
 

@@ -54,9 +54,10 @@ def roc_auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[is_ink].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def _f_scores(probabilities: np.ndarray, labels: np.ndarray, thresholds) -> tuple[np.ndarray, ...]:
-    """F0.5 at each threshold (ink = probability ≥ threshold), with the true positive, false positive and false
-    negative counts, (T,) each."""
+def threshold_counts(probabilities: np.ndarray, labels: np.ndarray, thresholds=THRESHOLDS) -> np.ndarray:
+    """(4, T) pixel counts at each threshold (ink = probability ≥ threshold): true positives, false positives, false
+    negatives and true negatives. The counts of several sets of pixels add up to those of all of them together, so
+    one threshold can be chosen over several segments' calibration pixels without keeping them (`best_threshold_of`)."""
     if probabilities.shape != labels.shape:
         raise ValueError(f"probabilities {probabilities.shape} and labels {labels.shape} differ in shape")
     is_ink = labels.astype(bool).ravel()
@@ -66,20 +67,26 @@ def _f_scores(probabilities: np.ndarray, labels: np.ndarray, thresholds) -> tupl
     # Pixels at or above each threshold, per class: counts for every threshold at once.
     true_positives = len(ink_scores) - np.searchsorted(ink_scores, thresholds, side="left")  # (T,)
     false_positives = len(other_scores) - np.searchsorted(other_scores, thresholds, side="left")
-    false_negatives = len(ink_scores) - true_positives
+    return np.stack([true_positives, false_positives, len(ink_scores) - true_positives,
+                     len(other_scores) - false_positives])
+
+
+def _f05_of(counts: np.ndarray) -> np.ndarray:
+    """(T,) F0.5 of (4, T) threshold_counts."""
+    true_positives, false_positives, false_negatives, _ = counts
     weighted = (1 + BETA**2) * true_positives
     denominators = weighted + BETA**2 * false_negatives + false_positives
-    f_scores = np.divide(weighted, denominators, out=np.zeros(len(thresholds)), where=denominators > 0)
-    return f_scores, true_positives, false_positives, false_negatives
+    return np.divide(weighted, denominators, out=np.zeros(counts.shape[1]), where=denominators > 0)
 
 
 def ink_metrics(probabilities: np.ndarray, labels: np.ndarray, thresholds=THRESHOLDS) -> InkMetrics:
     """Metrics of `probabilities` in [0, 1] against binary `labels`, both of the same shape (any); F0.5 at the
     threshold that is best on these very pixels (see the module doc)."""
-    f_scores, true_positives, false_positives, false_negatives = _f_scores(probabilities, labels, thresholds)
+    counts = threshold_counts(probabilities, labels, thresholds)
+    f_scores = _f05_of(counts)
     is_ink = labels.astype(bool).ravel()
     best = int(np.argmax(f_scores))
-    tp, fp, fn = (int(counts[best]) for counts in (true_positives, false_positives, false_negatives))
+    tp, fp, fn = (int(count) for count in counts[:3, best])
     return InkMetrics(
         f05=float(f_scores[best]),
         threshold=float(np.asarray(thresholds)[best]),
@@ -94,13 +101,18 @@ def ink_metrics(probabilities: np.ndarray, labels: np.ndarray, thresholds=THRESH
 
 def best_threshold(probabilities: np.ndarray, labels: np.ndarray, thresholds=THRESHOLDS) -> float:
     """The threshold of the sweep with the highest F0.5 on these (calibration) pixels; the lowest on a tie."""
-    f_scores = _f_scores(probabilities, labels, thresholds)[0]
-    return float(np.asarray(thresholds)[int(np.argmax(f_scores))])
+    return best_threshold_of(threshold_counts(probabilities, labels, thresholds), thresholds)
+
+
+def best_threshold_of(counts: np.ndarray, thresholds=THRESHOLDS) -> float:
+    """The threshold of the sweep with the highest F0.5 of (4, T) `counts` (threshold_counts, or a sum of them over
+    several sets of pixels); the lowest on a tie."""
+    return float(np.asarray(thresholds)[int(np.argmax(_f05_of(counts)))])
 
 
 def f05_at(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> float:
     """F0.5 with ink = probability ≥ `threshold`."""
-    return float(_f_scores(probabilities, labels, [threshold])[0][0])
+    return float(_f05_of(threshold_counts(probabilities, labels, [threshold]))[0])
 
 
 def average_precision(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -140,7 +152,7 @@ def no_skill_band(labels_yx: np.ndarray, calibration_yx: np.ndarray, scored_yx: 
         map_yx = (noise_yx - noise_yx.min()) / max(float(noise_yx.max() - noise_yx.min()), 1e-12)
         threshold = best_threshold(map_yx[calibration_yx], labels_yx[calibration_yx])
         blind.append(f05_at(map_yx[scored_yx], labels_yx[scored_yx], threshold))
-        oracle.append(float(_f_scores(map_yx[scored_yx], labels_yx[scored_yx], THRESHOLDS)[0].max()))  # no AUC needed
+        oracle.append(float(_f05_of(threshold_counts(map_yx[scored_yx], labels_yx[scored_yx])).max()))  # no AUC needed
     return NoSkillBand(chance_f05=all_ink_f05(float(labels_yx[scored_yx].astype(bool).mean())),
                        blind_mean=float(np.mean(blind)), blind_p95=float(np.percentile(blind, 95)),
                        oracle_mean=float(np.mean(oracle)), oracle_p95=float(np.percentile(oracle, 95)))

@@ -18,8 +18,9 @@ inklabel_path. Each label file makes one round_NN/ (labels, prediction, metrics)
 round, trained afresh.
 
 Several segments (scheme "validation"): each brings its own labels, training tiles are drawn from all of them
-(SEGMENT_SAMPLING), and each held-out region (a band of every segment, or the VALIDATION_SEGMENTS whole) is scored
-alone and pooled; each segment's prediction goes to predictions/<segment>.png, with its labels_vs_prediction beside.
+(SEGMENT_SAMPLING), and each held-out region (a band of every segment, or of those VALIDATION_FRACTION gives one,
+or the VALIDATION_SEGMENTS whole) is scored alone and pooled; each segment's prediction goes to
+predictions/<segment>.png, with its labels_vs_prediction beside.
 """
 import dataclasses
 import functools
@@ -40,7 +41,7 @@ import tqdm  # noqa: E402
 
 from finetune import data, evaluation, inference, outputs  # noqa: E402
 from finetune.loss import ink_loss  # noqa: E402
-from finetune.metrics import all_ink_f05  # noqa: E402
+from finetune.metrics import THRESHOLDS, all_ink_f05, threshold_counts  # noqa: E402
 from finetune.config import Config, ConfigError, apply_overrides, check_in_file_settings, settings_in  # noqa: E402
 from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
@@ -89,7 +90,10 @@ DEPTH_POOL: str = "max"  # how each stage's 3D features are collapsed over depth
 OUTPUT_STRIDE: int = 4  # 4: decode to 1/4 resolution and upsample the logits (cheaper); 1: decode to full resolution
 # data
 STRIDE: int = 32  # training tile stride
-VALIDATION_FRACTION: float = 0.2  # width of the held-out band, as a fraction of the segment's longer side
+# Width of the held-out band, as a fraction of the segment's longer side. With several segments, one value for every
+# segment or one per segment of segment_id, 0 meaning no band of that segment (it trains whole): `--segment_id A B C D
+# --VALIDATION_FRACTION 0 0 0 0.3` trains on A, B, C and 70 % of D, and validates on the rest of D
+VALIDATION_FRACTION: float | list[float] = 0.2
 # "iterative": a training tile must hold this much labelled ink (with negatives: painted pixels)
 MIN_INK_FRACTION: float = 0.05
 # Several training segments: "area" draws each one's share of the tiles in proportion to its labelled area (papyrus
@@ -197,7 +201,18 @@ def check_settings(config, settings: InputSettings) -> None:
     for name in ("NUM_EPOCHS", "BATCH_SIZE", "TILE_SIZE", "STRIDE", "INFERENCE_STRIDE", "DEPTH"):
         if chosen[name] < 1:
             problems.append(f"{name} must be at least 1")
-    if not 0 < config.VALIDATION_FRACTION < 1:
+    if isinstance(config.VALIDATION_FRACTION, list):  # one per segment: 0 holds out no band of that segment
+        fractions, training_count = config.VALIDATION_FRACTION, len(as_list(config.segment_id))
+        if len(fractions) != training_count:
+            problems.append(f"VALIDATION_FRACTION gives {len(fractions)} values for {training_count} segments of "
+                            "segment_id: give one for all, or one per segment")
+        if not all(0 <= fraction < 1 for fraction in fractions) or not any(fractions):
+            problems.append(f"VALIDATION_FRACTION {' '.join(map(str, fractions))}: each must be at least 0 (no band) "
+                            "and below 1, and one above 0, or nothing is held out")
+        if config.VALIDATION_SEGMENTS is not None:
+            problems.append("VALIDATION_FRACTION per segment holds out bands, VALIDATION_SEGMENTS whole segments "
+                            "instead: give one or the other")
+    elif not 0 < config.VALIDATION_FRACTION < 1:
         problems.append(f"VALIDATION_FRACTION {config.VALIDATION_FRACTION} is not between 0 and 1")
     if config.SELF_TRAINING_ROUNDS and config.scheme != "iterative":
         problems.append("SELF_TRAINING_ROUNDS needs scheme 'iterative': pseudo-labels would cover the held-out band")
@@ -252,6 +267,13 @@ def as_list(value) -> list:
 def specs_of(config) -> list[str]:
     """The run's segment specs: segment_id's (trained on), then VALIDATION_SEGMENTS' (only validated on)."""
     return as_list(config.segment_id) + as_list(config.VALIDATION_SEGMENTS)
+
+
+def band_fractions(config) -> list[float]:
+    """Each training segment's VALIDATION_FRACTION (segment_id's order; 0: no band)."""
+    if isinstance(config.VALIDATION_FRACTION, list):
+        return config.VALIDATION_FRACTION
+    return [config.VALIDATION_FRACTION] * len(as_list(config.segment_id))
 
 
 def several_segments(config) -> bool:
@@ -348,7 +370,7 @@ def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
                               "must be one the model never trains on")
         if spec in specs[:index]:
             raise ConfigError(f"segment {spec} is given twice")
-    run_segments = []
+    run_segments, fractions = [], band_fractions(config)
     for index, (spec, name, files) in enumerate(zip(specs, outputs.output_names(specs), label_files(config))):
         segment = open_segment(spec)
         human = load_labels(config, segment, files)
@@ -360,10 +382,10 @@ def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
             held_out, origins = None, no_tiles
         else:
             held_out, origins = split(config, settings, segment, human.human_yx,
-                                      painted_chooses=human.negatives_yx is not None)
+                                      painted_chooses=human.negatives_yx is not None, band_fraction=fractions[index])
         # The first round trains on the tiles the human labels chose, unless a prior's labels lie under them.
-        train_origins = split(config, settings, segment, human.training_yx,
-                              painted_chooses=True)[1] if human.from_prior else origins
+        train_origins = split(config, settings, segment, human.training_yx, painted_chooses=True,
+                              band_fraction=fractions[index])[1] if human.from_prior else origins
         # The segment's own labels score the prediction where training used others (or none: a prior alone).
         own_labels = files.inklabel is not None or human.from_prior
         run_segments.append(RunSegment(
@@ -448,14 +470,15 @@ def train_one_epoch(run: Run, model, ddp_model, optimizer, loader, state: RunSta
     return loss_sum / iterations_per_epoch
 
 
-def split(config, settings: InputSettings, segment: Segment, labels_yx: np.ndarray,
-          painted_chooses: bool) -> tuple[data.Box | None, np.ndarray]:
-    """The held-out band (scheme "validation" without VALIDATION_SEGMENTS; else None) and the (N, 2) training tile
-    origins, as the (Y, X) training labels choose them. In scheme "iterative" a tile needs MIN_INK_FRACTION of ink
-    or, when `painted_chooses`, of painted pixels (ink or not)."""
+def split(config, settings: InputSettings, segment: Segment, labels_yx: np.ndarray, painted_chooses: bool,
+          band_fraction: float) -> tuple[data.Box | None, np.ndarray]:
+    """The held-out band, `band_fraction` of the segment wide (scheme "validation" without VALIDATION_SEGMENTS, and
+    a fraction above 0; else None), and the (N, 2) training tile origins, as the (Y, X) training labels choose them.
+    In scheme "iterative" a tile needs MIN_INK_FRACTION of ink or, when `painted_chooses`, of painted pixels (ink or
+    not)."""
     held_out = None
-    if config.scheme == "validation" and config.VALIDATION_SEGMENTS is None:
-        held_out = data.choose_validation_box(segment.mask, labels_yx, settings.tile_size, config.VALIDATION_FRACTION)
+    if config.scheme == "validation" and config.VALIDATION_SEGMENTS is None and band_fraction > 0:
+        held_out = data.choose_validation_box(segment.mask, labels_yx, settings.tile_size, band_fraction)
     chooser_yx = labels_yx != data.UNKNOWN if painted_chooses else labels_yx == 1
     train_origins = data.training_origins(segment, settings.tile_size, config.STRIDE, held_out,
                                           config.MIN_INK_FRACTION if config.scheme == "iterative" else 0.0, chooser_yx)
@@ -529,6 +552,7 @@ def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: Ru
         model.load_state_dict(checkpoint.read(experiment_dir / "best.pth")["model"])
     several = several_segments(config)
     held_out_probabilities, held_out_ink = [], []  # (P,) each, per segment, pooled at the end
+    calibration_counts = np.zeros((4, len(THRESHOLDS)), np.int64)  # several segments: over their calibration pixels
     for run_segment in run_segments:
         segment, human = run_segment.segment, run_segment.human
         started = time.time()
@@ -544,6 +568,11 @@ def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: Ru
             scored_yx = evaluation.held_out_pixels(human.training_yx, human.region_yx, run_segment.held_out)
             held_out_probabilities.append(probabilities_yx[scored_yx])
             held_out_ink.append(human.training_yx[scored_yx] == 1)
+        if several:  # the pooled threshold is chosen blind on every segment's training labels, as each segment's is
+            calibration_yx = evaluation.calibration_pixels(human.human_yx, human.region_yx, run_segment.held_out,
+                                                           run_segment.human_origins, settings.tile_size)
+            calibration_counts += threshold_counts(probabilities_yx[calibration_yx],
+                                                   human.human_yx[calibration_yx] == 1)
         save_path, comparison_path = prediction_paths(run, run_segment, several)
         prediction_png = outputs.probability_image(probabilities_yx)
         outputs.write_png_atomic(save_path, prediction_png)
@@ -575,7 +604,8 @@ def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: Ru
         if not several:
             warn_if_no_skill(metrics, f"round {state.round}" if config.scheme == "iterative" else "the run")
     if several and dist.is_master():
-        pooled = evaluation.validation_metrics(np.concatenate(held_out_probabilities), np.concatenate(held_out_ink))
+        pooled = evaluation.validation_metrics(np.concatenate(held_out_probabilities), np.concatenate(held_out_ink),
+                                               calibration_counts)
         names = [run_segment.name for run_segment in run_segments if run_segment.held_out is not None]
         run.log.write(event="pooled_prediction", segments=names, round=state.round, **pooled)
         print(f"pooled over the held-out pixels of {', '.join(names)}: " + evaluation.describe(pooled, ""))
@@ -689,7 +719,8 @@ def round_segments(run: Run, state: RunState, run_segments: list[RunSegment]) ->
     source = (f"self-training round {state.self_training_round}: pseudo-labels of round {state.round - 1}'s prediction "
               f"(ink ≥ {config.PSEUDO_INK_THRESHOLD}, not ink ≤ {config.PSEUDO_NOT_INK_THRESHOLD}) under "
               f"{run_segment.human.source} ({folder})")
-    train_origins = split(config, run.settings, run_segment.segment, labels_yx, painted_chooses=False)[1]
+    train_origins = split(config, run.settings, run_segment.segment, labels_yx, painted_chooses=False,
+                          band_fraction=0.0)[1]  # scheme "iterative": nothing is held out
     return [dataclasses.replace(run_segment, labels_yx=labels_yx, label_source=source, train_origins=train_origins)]
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import sklearn.metrics
 
-from finetune.metrics import (THRESHOLDS, all_ink_f05, average_precision, best_threshold, f05_at, ink_metrics,
-                              no_skill_band, roc_auc)
+from finetune.metrics import (THRESHOLDS, all_ink_f05, average_precision, best_threshold, best_threshold_of, f05_at,
+                              ink_metrics, no_skill_band, roc_auc, threshold_counts)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -89,3 +89,25 @@ def test_held_out_band_is_scored_at_the_threshold_of_the_labelled_tiles():
     assert metrics["validation_calibrated_f05"] == pytest.approx(f05_at(probabilities_yx[:, 64:], band_labels, 0.35))
     assert metrics["validation_calibrated_f05"] < metrics["validation_f05"] == 1.0
     assert metrics["validation_average_precision"] == pytest.approx(1.0)
+
+
+def test_a_threshold_chosen_over_several_segments_from_their_summed_counts():
+    """A run on several segments chooses one threshold over all their calibration pixels from counts, without
+    keeping the pixels: the sum of each part's counts chooses what the parts put together would."""
+    from finetune.evaluation import validation_metrics
+
+    rng = np.random.default_rng(3)
+    parts = []
+    for shift in (0.1, 0.3):  # two segments whose ink scores differ: neither alone chooses the pooled threshold
+        labels = rng.random(3000) < 0.2
+        parts.append((np.round(np.clip(0.3 * labels + rng.normal(shift, 0.15, labels.shape), 0, 1), 2), labels))
+    counts = sum(threshold_counts(probabilities, labels) for probabilities, labels in parts)
+    together = [np.concatenate(column) for column in zip(*parts)]
+    assert best_threshold_of(counts) == best_threshold(*together)
+    assert (counts.sum(axis=0) == 6000).all()  # every pixel counted once at each threshold
+    held_out = np.round(rng.random(500), 2), rng.random(500) < 0.2
+    metrics = validation_metrics(*held_out, counts)
+    assert metrics["validation_calibrated_threshold"] == best_threshold(*together)
+    assert metrics["validation_calibrated_f05"] == f05_at(*held_out, best_threshold(*together))
+    one_class = threshold_counts(parts[0][0], np.zeros(3000, bool))  # nothing to choose between: no calibrated F0.5
+    assert "validation_calibrated_f05" not in validation_metrics(*held_out, one_class)

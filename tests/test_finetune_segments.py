@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from finetune import train
-from finetune.config import ConfigError
+from finetune.config import ConfigError, apply_overrides
 from finetune.metrics import ink_metrics
 from pretrain.data.segment import open_segment
 from tests.conftest import DEMO_FAMILY_SHAPE, REPO_ROOT
@@ -125,6 +125,26 @@ def test_a_band_of_each_segment_is_held_out_and_pooled(demo_family_cache, labell
     assert "pooled over the held-out pixels of demo_1, tiny" in result.stdout
 
 
+def test_a_band_is_held_out_only_of_the_segments_given_a_fraction(demo_family_cache, monkeypatch):
+    """VALIDATION_FRACTION one per segment (evaluate/transfer.py's question (a)): demo:1 trains whole, as a segment
+    does beside VALIDATION_SEGMENTS, while demo:2 holds out the band that one fraction for all would give it."""
+    monkeypatch.setenv("SEGMENT_CACHE_DIR", str(demo_family_cache))
+
+    def run_segments(arguments):
+        config = apply_overrides(train.DEFAULTS, [*TINY, *arguments], source_file=train.__file__)
+        settings = train.encoder_and_input(config)[1]
+        train.check_settings(config, settings)
+        return train.open_run_segments(config, settings)
+
+    whole, banded = run_segments(["--segment_id", "demo:1", "demo:2", "--VALIDATION_FRACTION", "0", "0.3"])
+    band_of_each = run_segments(["--segment_id", "demo:1", "demo:2", "--VALIDATION_FRACTION", "0.3"])
+    beside_a_validation_segment = run_segments(["--segment_id", "demo:1", "demo:2", "--VALIDATION_SEGMENTS", "demo:3"])
+    assert whole.held_out is None and band_of_each[0].held_out is not None
+    np.testing.assert_array_equal(whole.train_origins, beside_a_validation_segment[0].train_origins)
+    assert banded.held_out == band_of_each[1].held_out and banded.held_out.x1 - banded.held_out.x0 == 64  # 0.3 × 192
+    np.testing.assert_array_equal(banded.train_origins, band_of_each[1].train_origins)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--segment_id", "demo:1", "demo:2", "--inklabel_path", "inklabels.png"],
      r"inklabel_path gives 1 file\(s\) for 2 segments: give one per segment"),
@@ -137,8 +157,13 @@ def test_a_band_of_each_segment_is_held_out_and_pooled(demo_family_cache, labell
     (["--segment_id", "demo:1", "--VALIDATION_SEGMENTS", "demo:2", "--save_path", "prediction.png"],
      "save_path names one prediction PNG"),
     (["--SEGMENT_SAMPLING", "most"], "SEGMENT_SAMPLING 'most' is not one of area, equal"),
+    (["--segment_id", "demo:1", "demo:2", "--VALIDATION_FRACTION", "0", "0.3", "0.3"],
+     "VALIDATION_FRACTION gives 3 values for 2 segments of segment_id"),
+    (["--segment_id", "demo:1", "demo:2", "--VALIDATION_FRACTION", "0", "0"], "one above 0, or nothing is held out"),
+    (["--segment_id", "demo:1", "demo:2", "--VALIDATION_SEGMENTS", "demo:3", "--VALIDATION_FRACTION", "0", "0.3"],
+     "VALIDATION_SEGMENTS whole segments instead: give one or the other"),
 ], ids=["too-few-label-files", "too-many-label-files", "trained-and-validated", "iterative", "twice", "save-path",
-        "sampling"])
+        "sampling", "fractions-count", "no-band", "bands-and-validation-segments"])
 def test_segment_setting_errors_name_the_problem_and_write_nothing(demo_family_cache, tmp_path, monkeypatch, extra,
                                                                    message):
     monkeypatch.setenv("SEGMENT_CACHE_DIR", str(demo_family_cache))
