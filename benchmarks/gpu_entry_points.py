@@ -48,7 +48,7 @@ from pretrain.data.patches import SOME_PAPYRUS, tile_origins  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from pretrain.utils.misc import RenamedOption, write_bytes_atomic  # noqa: E402
 
 # tqdm takes its defaults from TQDM_* variables: every progress bar of a run then ends with a line giving its
 # description, its count and its elapsed seconds.
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     encoder_input.add_segment_argument(parser, "segment spec for every run")
     parser.add_argument("--model", default="resnet50_3d", help="encoder (fine-tuning and ink_map take SparK's)")
     parser.add_argument("--depth", type=int, default=32, help="layers per tile")
-    parser.add_argument("--tile_size", "--input_size", dest="input_size", type=int, default=256,
+    parser.add_argument("--tile_size", "--input_size", dest="input_size", type=int, default=256, action=RenamedOption,
                         help="tile side in pixels (--input_size: its older name)")
     parser.add_argument("--bs", type=int, default=8, help="pretraining batch per GPU")
     parser.add_argument("--steps", type=int, default=24, help="pretraining steps per epoch (two epochs)")
@@ -260,7 +260,7 @@ def run_all(args, work_dir: pathlib.Path, segment, gpu_count: int) -> list[dict]
                             f"(stride {args.inference_stride}), SparK encoder",
                       **finetune_measures(args, result, work_dir / "finetune", segment))
         results.append(result)
-        command = [sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--checkpoint", str(encoder_path),
+        command = [sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--pretrained_path", str(encoder_path),
                    "--segment_id", args.segment, "--output", str(work_dir / "ink_map")]
         result = run("ink_map", command, work_dir, args.timeout)
         result.update(label="evaluate/ink_map.py, SparK encoder, stage 1", **ink_map_measures(args, result, segment))

@@ -1,7 +1,8 @@
 """How similar are two encoders' representations? Linear and RBF CKA across checkpoints.
 
-    python evaluate/cka.py --checkpoints experiments/spark_demo/epochs/*.pth experiments/vicreg_demo/resnet50_3d_timm_style.pth
-    python evaluate/cka.py --checkpoints a.pth b.pth --stages all --output experiments/cka
+    python evaluate/cka.py --pretrained_path experiments/spark_demo/epochs/*.pth \
+        experiments/vicreg_demo/resnet50_3d_timm_style.pth
+    python evaluate/cka.py --pretrained_path a.pth b.pth --stages all --output experiments/cka
 
 Every checkpoint (any kind `pretrain.checkpoint` reads: encoder-only, SparK, VICReg, fine-tuning, Kinetics) goes into
 the same encoder and sees one fixed set of tiles of one segment, cut and scaled as the checkpoints record they were
@@ -29,7 +30,7 @@ from evaluate import encoder_input  # noqa: E402
 from pretrain import dist  # noqa: E402
 from pretrain.data.patches import GridTileDataset, InputSettings  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from pretrain.utils.misc import RenamedOption, write_bytes_atomic  # noqa: E402
 
 
 def centred_gram(gram_nn: torch.Tensor) -> torch.Tensor:
@@ -104,11 +105,12 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: pathlib.Pat
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=encoder_input.HelpFormatter)
-    parser.add_argument("--checkpoints", nargs="+", required=True,
-                        help="encoder checkpoints to compare (any kind), or 'random' (seed 0)")
+    parser.add_argument("--pretrained_path", "--checkpoints", nargs="+", required=True, action=RenamedOption,
+                        help="encoder checkpoints to compare (any kind), or 'random' (seed 0); --checkpoints: its "
+                             "older name")
     parser.add_argument("--labels", nargs="*", help="names for the checkpoints (default: file names)")
     encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
@@ -116,17 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default="4", choices=["4", "all"], help="the last stage, or all")
     parser.add_argument("--sigma_ratio", type=float, default=0.5, help="RBF width, as a fraction of the median distance")
     parser.add_argument("--output", default="experiments/cka", help="folder for the heatmaps and cka.csv")
-    args = parser.parse_args(argv)
-    labels = args.labels or [pathlib.Path(path).stem for path in args.checkpoints]
-    if len(labels) != len(args.checkpoints):
-        raise encoder_input.EvaluationError(f"{len(labels)} labels for {len(args.checkpoints)} checkpoints")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    labels = args.labels or [pathlib.Path(path).stem for path in args.pretrained_path]
+    if len(labels) != len(args.pretrained_path):
+        raise encoder_input.EvaluationError(f"{len(labels)} labels for {len(args.pretrained_path)} checkpoints")
 
     # The same tiles for every checkpoint, each scaled as its encoder was trained (VICReg's standardised, say).
-    settings_by_checkpoint = encoder_input.same_tiles_settings(args.checkpoints, args)
+    settings_by_checkpoint = encoder_input.same_tiles_settings(args.pretrained_path, args)
     device = encoder_input.device()
     tiles_by_settings = {}
     representations = []
-    for path, settings in zip(args.checkpoints, settings_by_checkpoint):
+    for path, settings in zip(args.pretrained_path, settings_by_checkpoint):
         if settings not in tiles_by_settings:
             tiles_by_settings[settings] = fixed_tiles(args.segment, settings, args.tiles)
         tiles = tiles_by_settings[settings]

@@ -19,24 +19,15 @@ from pretrain.data.patches import INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZAT
 from pretrain.data.remote import RemoteReadError
 from pretrain.data.segment import SegmentError
 from pretrain.models import ENCODER_NAMES, build_encoder
-from pretrain.utils.misc import show_warnings_as_lines
+from pretrain.utils.misc import RenamedOption, show_warnings_as_lines
 
 DEFAULTS = NO_CHECKPOINT_INPUT  # without a checkpoint that records them: as fine-tuning reads tiles
 
 
-class SegmentOption(argparse.Action):
-    """--segment_id, as fine-tuning and finetune/predict.py name a segment; --segment, its older name in evaluate/,
-    still works, with a one-line note."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string == "--segment":
-            print("note: --segment is now --segment_id, as in fine-tuning; the old name still works", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 def add_segment_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    """The segment option of every evaluate/ script: --segment_id (or --segment), as args.segment."""
-    parser.add_argument("--segment_id", "--segment", dest="segment", default="demo", action=SegmentOption, help=help)
+    """The segment option of every evaluate/ script: --segment_id, as fine-tuning and finetune/predict.py name a
+    segment (--segment, its older name in evaluate/, still works), as args.segment."""
+    parser.add_argument("--segment_id", "--segment", dest="segment", default="demo", action=RenamedOption, help=help)
 
 
 def side_by_side(function, items: list, jobs: int):
@@ -98,11 +89,11 @@ def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
     return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
 
 
-def name_encoders(args: argparse.Namespace, no_weights: tuple[str, ...]) -> None:
-    """args.names: as given, or each checkpoint's file name (`no_weights` names stay as they are)."""
-    args.names = args.names or [path if path in no_weights else pathlib.Path(path).stem for path in args.encoders]
-    if len(args.names) != len(args.encoders):
-        raise EvaluationError(f"{len(args.names)} names for {len(args.encoders)} encoders")
+def name_encoders(args: argparse.Namespace) -> None:
+    """args.names: as given, or each checkpoint's file name ("random" stays as it is)."""
+    args.names = args.names or [path if path == "random" else pathlib.Path(path).stem for path in args.pretrained_path]
+    if len(args.names) != len(args.pretrained_path):
+        raise EvaluationError(f"{len(args.names)} names for {len(args.pretrained_path)} encoders")
 
 
 def given_settings(args: argparse.Namespace) -> dict:

@@ -1,9 +1,9 @@
 """Which encoder sees ink? One command, identical settings for every encoder: the frozen-encoder probe
 (and optionally full fine-tuning) on the same segment, split, seeds and schedule.
 
-    python evaluate/encoders.py --encoders random experiments/spark_demo/resnet50_3d_timm_style.pth \
+    python evaluate/encoders.py --pretrained_path random experiments/spark_demo/resnet50_3d_timm_style.pth \
         experiments/vicreg_demo/resnet50_3d_timm_style.pth --names random spark vicreg
-    python evaluate/encoders.py --encoders random r3d50_KM_200ep.pth --names random kinetics --model resnet50_3d \
+    python evaluate/encoders.py --pretrained_path random r3d50_KM_200ep.pth --names random kinetics --model resnet50_3d \
         --full_finetune -- --NUM_EPOCHS 6           # after "--": settings passed to every finetune/train.py run
 
 Each encoder is one `finetune/train.py` run per seed (scheme "validation", `freeze_encoder=True` for the probe),
@@ -40,7 +40,7 @@ from finetune.metrics import NoSkillBand, no_skill_band  # noqa: E402
 from pretrain.data.patches import InputSettings, finetune_options  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import TensorboardLogger, write_bytes_atomic  # noqa: E402
+from pretrain.utils.misc import RenamedOption, TensorboardLogger, write_bytes_atomic  # noqa: E402
 
 SCORES = {"f05": "validation_calibrated_f05", "f05_oracle": "validation_f05", "auc": "validation_auc",
           "average_precision": "validation_average_precision"}  # what a run reports: its prediction's metrics
@@ -142,7 +142,8 @@ def probe_parser(doc: str = __doc__) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].replace("\n", " "),
                                      epilog="Settings after `--` go to every finetune/train.py run (-- --NUM_EPOCHS 6).",
                                      formatter_class=encoder_input.HelpFormatter)
-    parser.add_argument("--encoders", nargs="+", required=True, help="encoder checkpoints (any kind), or 'random'")
+    parser.add_argument("--pretrained_path", "--encoders", nargs="+", required=True, action=RenamedOption,
+                        help="encoder checkpoints (any kind), or 'random' (--encoders: its older name)")
     parser.add_argument("--names", nargs="*", help="a short name per encoder for the table (default: file names)")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: finetune/train.py's SEED, the same for every encoder")
@@ -158,7 +159,7 @@ def check_probe_arguments(args: argparse.Namespace) -> None:
         raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed")
     if args.jobs < 1:
         raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
-    encoder_input.name_encoders(args, ("random",))
+    encoder_input.name_encoders(args)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -175,12 +176,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main() -> int:
     own, extra = encoder_input.split_at_double_dash(sys.argv[1:])
     args = parse_args(own)
-    settings = encoder_input.common_settings(args.encoders, args)  # checks every file exists and reads
+    settings = encoder_input.common_settings(args.pretrained_path, args)  # checks every file exists and reads
     args.output.mkdir(parents=True, exist_ok=True)
 
     modes = ["probe", "finetune"] if args.full_finetune else ["probe"]
     planned = [(name, checkpoint, mode, seed) for mode in modes for seed in range(args.seeds)
-               for name, checkpoint in zip(args.names, args.encoders)]
+               for name, checkpoint in zip(args.names, args.pretrained_path)]
     try:  # --jobs at a time; once one fails, no other starts
         runs = list(encoder_input.side_by_side(lambda run: run_finetune(*run, settings, args, extra), planned, args.jobs))
     except RuntimeError as error:

@@ -1,7 +1,7 @@
 """Ink without labels: PCA and k-means maps of a frozen encoder's features over a whole segment.
 
-    python evaluate/ink_map.py --checkpoint experiments/spark_demo/resnet50_3d_timm_style.pth
-    python evaluate/ink_map.py --checkpoint random --model resnet50_3d_narrow --output experiments/ink_map/random
+    python evaluate/ink_map.py --pretrained_path experiments/spark_demo/resnet50_3d_timm_style.pth
+    python evaluate/ink_map.py --pretrained_path random --model resnet50_3d_narrow --output experiments/ink_map/random
 
 The encoder reads tiles as its checkpoint records it was trained (model, depth window, normalisation, tile size);
 `--help` lists the options that override them. It runs on the GPU where there is one.
@@ -41,7 +41,7 @@ from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain import dist  # noqa: E402
 from pretrain.data.patches import SOME_PAPYRUS, GridTileDataset, InputSettings  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from pretrain.utils.misc import RenamedOption, write_bytes_atomic  # noqa: E402
 
 FINE_THRESHOLDS = tuple(np.round(np.linspace(0.01, 0.99, 99), 2))
 PCA_FIT_PIXELS = 200_000
@@ -107,7 +107,8 @@ def scale_to_unit(values: np.ndarray) -> np.ndarray:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="encoder checkpoint (any kind), or 'random'")
+    parser.add_argument("--pretrained_path", "--checkpoint", required=True, action=RenamedOption,
+                        help="encoder checkpoint (any kind), or 'random' (--checkpoint: its older name)")
     encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--stage", type=int, default=1, choices=[1, 2, 3, 4], help="1: stride 4 … 4: stride 32")
@@ -167,9 +168,9 @@ def write_maps(output: pathlib.Path, maps: dict, grid_mask_hw: np.ndarray, facto
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = encoder_input.common_settings([args.checkpoint], args)
+    settings = encoder_input.common_settings([args.pretrained_path], args)
     device = encoder_input.device()
-    encoder, description = encoder_input.load_encoder(args.checkpoint, settings, device, args.seed)
+    encoder, description = encoder_input.load_encoder(args.pretrained_path, settings, device, args.seed)
     stride = stage_stride(encoder, args.stage)
     if settings.tile_size // stride < 4:
         raise encoder_input.EvaluationError(
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     write_maps(output, maps, grid_mask_hw, factor)
     best_component, best_cluster = maps["best_component"], maps["best_cluster"]
-    result = {"checkpoint": args.checkpoint, "encoder": description, "input": settings.as_dict(), "stage": args.stage,
-              "segment": segment.name, "grid_factor": factor, "ink_fraction": float(labels_n.mean()),
+    result = {"pretrained_path": args.pretrained_path, "encoder": description, "input": settings.as_dict(),
+              "stage": args.stage, "segment": segment.name, "grid_factor": factor, "ink_fraction": float(labels_n.mean()),
               **{key: maps[key] for key in ("explained_variance", "best_component", "best_cluster", "components", "clusters")},
               "linear_probe": {**probe, "held_out_box": dataclasses.asdict(box)}}
     write_bytes_atomic(output / "ink_map.json", json.dumps(result, indent=1).encode())

@@ -2,9 +2,10 @@
 fine-tune from k labelled glyphs (k = 1, 2, 4, 8 by default) with several seeds, score each prediction on papyrus far
 from every labelled glyph, and compare every encoder with training from scratch, paired by seed.
 
-    python evaluate/label_efficiency.py --encoders scratch experiments/report/spark/resnet50_3d_narrow_timm_style.pth \
-        experiments/report/vicreg/resnet50_3d_narrow_timm_style.pth --names scratch spark vicreg --seeds 8
-    python evaluate/label_efficiency.py --encoders scratch spark.pth --modes full lpft -- --NUM_EPOCHS 10
+    python evaluate/label_efficiency.py --pretrained_path random \
+        experiments/report/spark/resnet50_3d_narrow_timm_style.pth \
+        experiments/report/vicreg/resnet50_3d_narrow_timm_style.pth --names random spark vicreg --seeds 8
+    python evaluate/label_efficiency.py --pretrained_path random spark.pth --modes full lpft -- --NUM_EPOCHS 10
 
 This is how self-supervised encoders are judged (fine-tuning with 1 % or 10 % of the labels against training from
 scratch), and what a Vesuvius researcher does: label a letter or two, train, predict, refine.
@@ -17,17 +18,17 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
   scored. The headline is the scored F0.5 at that threshold, beside AUC and average precision (threshold-free);
   the F0.5 at the scored region's own best threshold (an oracle) is an extra column. The region's no-skill band
   says what smooth random maps score there.
-- **Verdict**: for each encoder, mode and k, the mean paired difference of F0.5 against each scratch arm (the same
+- **Verdict**: for each encoder, mode and k, the mean paired difference of F0.5 against each random arm (the same
   seeds, so the same glyphs), with a 95 % t interval over seeds. "Yes" needs the interval's lower bound above 0, a
-  mean of at least +0.05 and at least 8 seeds, with at most 4 glyphs, against every scratch arm; less is
+  mean of at least +0.05 and at least 8 seeds, with at most 4 glyphs, against every random arm; less is
   "suggestive" (lower bound above 0, or mean at least +0.05), "no" (the interval's upper bound below +0.05) or
   "inconclusive". The number of comparisons is stated: among many, one may clear 0 by chance.
 - **Runs**: each is one `finetune/train.py` run in scheme "iterative" (with data augmentation, which few labels
-  need) from the glyph label image, with SEED = the seed; `scratch` is random initialisation; `full` fine-tunes
-  everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs epochs (LP-FT).
-  `--scratch_epochs_factor 2` adds a scratch arm with twice the epochs, so that a win is about labels rather than
-  optimisation speed. Every run reads tiles as the checkpoints record (they must agree; scratch follows them), or as
-  the input options say. Everything after `--` goes to every run.
+  need) from the glyph label image, with SEED = the seed; `random` is the seeded random initialisation (training
+  from scratch); `full` fine-tunes everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs
+  epochs (LP-FT). `--random_epochs_factor 2` adds a random arm with twice the epochs, so that a win is about labels
+  rather than optimisation speed. Every run reads tiles as the checkpoints record (they must agree; random follows
+  them), or as the input options say. Everything after `--` goes to every run.
 - **Partial labels and self-training**: `--negatives on` adds runs whose glyphs come with the negatives a labeler would
   paint around them (the papyrus within NEGATIVES_REACH pixels that the labels call not ink, kept off any ink), so
   that the rest of the segment is unknown rather than background; `--self_training_rounds N` runs N pseudo-label
@@ -69,10 +70,11 @@ from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain.data.patches import InputSettings, finetune_options  # noqa: E402
 from pretrain.data.segment import Segment, open_segment  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
+from pretrain.utils.misc import RenamedOption, git_commit, note_renamed, write_bytes_atomic  # noqa: E402
 
-SCRATCH = ("scratch", "random")  # names that mean: no pretrained weights
-GOAL_MARGIN = 0.05  # mean paired F0.5 gain over scratch that counts as "finds ink with fewer labels"
+RANDOM = "random"  # no pretrained weights: the seeded random initialisation (training from scratch)
+OLDER_RANDOM = "scratch"  # what older code called it: still accepted for --pretrained_path, and as an arm's name
+GOAL_MARGIN = 0.05  # mean paired F0.5 gain over random that counts as "finds ink with fewer labels"
 GOAL_MAX_GLYPHS = 4
 GOAL_MIN_SEEDS = 8
 CLAIMS = ("no", "inconclusive", "suggestive", "yes")  # weakest first
@@ -191,7 +193,7 @@ def run_command(run: dict, args, settings: InputSettings, extra: list[str], fold
         command += ["--PRIOR_PATH", str(args.prior.resolve())]
     if run["negatives"]:
         command += ["--negatives_path", str(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png")]
-    if run["checkpoint"] not in SCRATCH:
+    if run["checkpoint"] != RANDOM:
         command += ["--pretrained_path", run["checkpoint"]]
     if run["mode"] == "lpft":
         command += ["--FREEZE_ENCODER_EPOCHS", str(args.lp_epochs)]
@@ -316,37 +318,39 @@ def claim(seeds: int, glyphs: int, mean: float, low: float, high: float) -> str:
 
 
 def comparisons(results: list[dict]) -> list[dict]:
-    """Every pretrained encoder against every scratch arm, per mode and number of glyphs, paired by seed: the mean
+    """Every pretrained encoder against every random arm, per mode and number of glyphs, paired by seed: the mean
     F0.5 difference, its interval, and its claim."""
     by_key = {(result["encoder"], result["mode"], result["glyphs"], result["seed"]): result for result in results}
-    scratch_arms = sorted({result["encoder"] for result in results if is_scratch(result["encoder"])})
+    random_arms = sorted({result["encoder"] for result in results if is_random(result["encoder"])})
     rows = []
-    for encoder, mode, count in sorted({key[:3] for key in by_key if not is_scratch(key[0])}, key=str):
-        for scratch in scratch_arms:
+    for encoder, mode, count in sorted({key[:3] for key in by_key if not is_random(key[0])}, key=str):
+        for baseline in random_arms:
             seeds = sorted(seed for (name, arm_mode, glyphs, seed) in by_key
-                           if (name, arm_mode, glyphs) == (encoder, mode, count) and (scratch, mode, count, seed) in by_key)
+                           if (name, arm_mode, glyphs) == (encoder, mode, count) and (baseline, mode, count, seed) in by_key)
             if not seeds:
                 continue
-            differences = [by_key[(encoder, mode, count, seed)]["f05"] - by_key[(scratch, mode, count, seed)]["f05"]
+            differences = [by_key[(encoder, mode, count, seed)]["f05"] - by_key[(baseline, mode, count, seed)]["f05"]
                            for seed in seeds]
             mean, low, high = paired_interval(differences)
             worst = min(by_key[(encoder, mode, count, seed)]["f05"] for seed in seeds)
-            rows.append({"encoder": encoder, "against": scratch, "mode": mode, "glyphs": count, "seeds": len(seeds),
+            rows.append({"encoder": encoder, "against": baseline, "mode": mode, "glyphs": count, "seeds": len(seeds),
                          "mean_difference": mean, "low": low, "high": high, "worst_seed_f05": worst,
                          "claim": claim(len(seeds), count, mean, low, high)})
     return rows
 
 
-def is_scratch(name: str) -> bool:
-    return name in SCRATCH or name.startswith(tuple(f"{scratch}_x" for scratch in SCRATCH))
+def is_random(name: str) -> bool:
+    """An arm without pretrained weights: `random`, `random_xN` (N times the epochs), or `scratch`, as older code
+    named it: an older command's `--names scratch` (and the runs it left) is still a baseline."""
+    return name in (RANDOM, OLDER_RANDOM) or name.startswith(f"{RANDOM}_x")
 
 
 def verdict(compared: list[dict], band: NoSkillBand) -> str:
     """The answer, from the paired comparisons with at most GOAL_MAX_GLYPHS glyphs: an encoder's claim at a number
-    of glyphs is its weakest against the scratch arms (a win must hold against the longer-trained one too)."""
+    of glyphs is its weakest against the random arms (a win must hold against the longer-trained one too)."""
     within_goal = [row for row in compared if row["glyphs"] <= GOAL_MAX_GLYPHS]
     if not within_goal:
-        return "Not measured: the runs hold no pretrained encoder and scratch in the same mode with at most " \
+        return "Not measured: the runs hold no pretrained encoder and random in the same mode with at most " \
                f"{GOAL_MAX_GLYPHS} glyphs."
     cells = {}
     for row in within_goal:
@@ -403,7 +407,7 @@ def markdown(rows: list[dict], compared: list[dict], description: str, band: NoS
     lines += table("Average precision (threshold-free):", "average_precision")
     lines += table("Extra: F0.5 at the scored region's own best threshold (an oracle; skill-less maps reach "
                    f"{band.oracle_mean:.3f}, 95th percentile {band.oracle_p95:.3f}):", "f05_oracle")
-    lines += ["", f"Paired by seed (same glyphs), F0.5 difference against each scratch arm, {CONFIDENCE * 100:.0f} % t "
+    lines += ["", f"Paired by seed (same glyphs), F0.5 difference against each random arm, {CONFIDENCE * 100:.0f} % t "
               "interval:", "",
               "| encoder | against | mode | glyphs | seeds | mean difference | 95 % interval | claim |",
               "|---|---|---|---|---|---|---|---|"]
@@ -464,7 +468,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
               "(python finetune/train.py --help lists them). See the top of evaluate/label_efficiency.py for how runs "
               "are scored and judged.")
     parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=encoder_input.HelpFormatter)
-    parser.add_argument("--encoders", nargs="+", required=True, help="'scratch' or encoder checkpoints (any kind)")
+    parser.add_argument("--pretrained_path", "--encoders", nargs="+", required=True, action=RenamedOption,
+                        help="'random' or encoder checkpoints (any kind) (--encoders: its older name)")
     parser.add_argument("--names", nargs="*", help="a short name per encoder (default: file names)")
     encoder_input.add_segment_argument(parser, "segment spec with ink labels (ID, zarr, layer folder, demo)")
     encoder_input.add_input_arguments(parser)
@@ -475,8 +480,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft"],
                         help="full fine-tuning, and/or LP-FT (frozen encoder first, then everything)")
     parser.add_argument("--lp_epochs", type=int, default=5, help="LP-FT: epochs with the encoder frozen")
-    parser.add_argument("--scratch_epochs_factor", type=int, default=1,
-                        help="above 1: also a scratch arm trained this many times the epochs (scratch_xN)")
+    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=int, default=1, action=RenamedOption,
+                        help="above 1: also a random arm trained this many times the epochs (random_xN; "
+                             "--scratch_epochs_factor: its older name)")
     parser.add_argument("--negatives", nargs="+", default=["off"], choices=["off", "on"],
                         help="also (or only) runs whose glyphs come with painted negatives around them, the rest unknown")
     parser.add_argument("--self_training_rounds", type=int, default=0,
@@ -508,17 +514,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.jobs < 1:
         raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
     args.seeds_per_glyphs = dict(zip(args.glyphs, args.seeds * len(args.glyphs) if len(args.seeds) == 1 else args.seeds))
-    if args.scratch_epochs_factor < 1:
-        raise encoder_input.EvaluationError(f"--scratch_epochs_factor {args.scratch_epochs_factor} must be at least 1")
-    encoder_input.name_encoders(args, SCRATCH)
+    if args.random_epochs_factor < 1:
+        raise encoder_input.EvaluationError(f"--random_epochs_factor {args.random_epochs_factor} must be at least 1")
+    if OLDER_RANDOM in args.pretrained_path:
+        note_renamed(OLDER_RANDOM, RANDOM)
+        args.pretrained_path = [RANDOM if path == OLDER_RANDOM else path for path in args.pretrained_path]
+    encoder_input.name_encoders(args)
     return args
 
 
 def main() -> int:
     own, extra = encoder_input.split_at_double_dash(sys.argv[1:])
     args = parse_args(own)
-    pretrained = [path for path in args.encoders if path not in SCRATCH]
-    settings = encoder_input.common_settings(pretrained or ["random"], args)
+    pretrained = [path for path in args.pretrained_path if path != RANDOM]
+    settings = encoder_input.common_settings(pretrained or [RANDOM], args)
     segment = open_segment(args.segment)
     if segment.inklabels is None:
         raise encoder_input.EvaluationError(f"segment {segment.name} has no ink labels to draw glyphs from and score with")
@@ -527,10 +536,10 @@ def main() -> int:
     if len(all_glyphs) < max(args.glyphs):
         raise encoder_input.EvaluationError(f"the labelling part holds {len(all_glyphs)} glyphs of at least "
                                             f"{args.min_glyph_pixels} pixels; --glyphs asks for {max(args.glyphs)}")
-    arms = [(name, checkpoint, None) for name, checkpoint in zip(args.names, args.encoders)]
-    if args.scratch_epochs_factor > 1:
-        epochs = (without_epochs(extra)[1] or default_epochs()) * args.scratch_epochs_factor
-        arms.append((f"scratch_x{args.scratch_epochs_factor}", "scratch", epochs))
+    arms = [(name, checkpoint, None) for name, checkpoint in zip(args.names, args.pretrained_path)]
+    if args.random_epochs_factor > 1:
+        epochs = (without_epochs(extra)[1] or default_epochs()) * args.random_epochs_factor
+        arms.append((f"{RANDOM}_x{args.random_epochs_factor}", RANDOM, epochs))
     suffix = f"_st{args.self_training_rounds}" if args.self_training_rounds else ""
     priors = [False, True] if args.prior else [False]
     runs = [{"name": f"{name}_{mode}{'_negatives' if negatives == 'on' else ''}{'_prior' if prior else ''}{suffix}"

@@ -74,8 +74,9 @@ def header(results: dict) -> list[str]:
 def label_efficiency_section(results: dict, figure: Callable) -> list[str]:
     lines = ["", "## Few-label fine-tuning: does pretraining find ink with fewer labels?", "",
              "Each encoder is fine-tuned (scheme \"iterative\", with augmentation) from k labelled glyphs, with "
-             "several seeds, and scored far from every labelled glyph; `scratch` starts from random weights. This is "
-             "how self-supervised encoders are judged, and what a researcher labelling one or two letters does.", ""]
+             "several seeds, and scored far from every labelled glyph; `random` starts from random weights "
+             "(training from scratch). This is how self-supervised encoders are judged, and what a researcher "
+             "labelling one or two letters does.", ""]
     for index, curves in enumerate(results["label_efficiency"]):
         lines += [f"`{curves['command']}`", "", curves["table"].strip(), "",
                   f"![few-label curves]({figure(curves['plot'], f'report_label_efficiency_{index}.png')})", ""]
@@ -163,7 +164,7 @@ def what_it_means(results: dict) -> list[str]:
     """The reading of the numbers, worded from the numbers."""
     lines = ["", "## What it means", ""]
     for curves in results["label_efficiency"]:
-        lines.append(f"- **Few labels** ({', '.join(curves['encoders'])} against scratch): {curves['verdict']}")
+        lines.append(f"- **Few labels** ({', '.join(curves['encoders'])} against random): {curves['verdict']}")
     # Each encoder against the random encoder of its own input group (read the same way).
     rows = {row["encoder"]: (row, group["baseline"]) for group in results["probes"]["groups"] for row in group["rows"]}
     for name in ("spark", "vicreg"):

@@ -1,5 +1,5 @@
 """The encoder evaluation report, end to end: pretrain with SparK and with VICReg, fine-tune each encoder from a few
-labelled glyphs against training from scratch, probe each frozen encoder against a random one, compare
+labelled glyphs against training from scratch (`random`), probe each frozen encoder against a random one, compare
 representations with CKA, map ink without labels, and write the report.
 
     python evaluate/report.py                                  # the demo segment: hours on a 2-core CPU
@@ -10,7 +10,7 @@ Every step runs its tool's own command as a subprocess, prints it, and writes wh
 to `--work`/results/<step>.json; `evaluate/render_report.py` then turns those results into `--notes` (and its
 figures, small PNGs, into `--images`), so any number in the report can be reproduced by hand. The steps:
 1. `pretrain/main.py`: SparK, VICReg (each epoch's encoder kept for CKA), and each `--variants` SparK run;
-2. `evaluate/label_efficiency.py`: fine-tuning curves from k labelled glyphs, scratch against the `--curves` encoders;
+2. `evaluate/label_efficiency.py`: fine-tuning curves from k labelled glyphs, random against the `--curves` encoders;
 3. `evaluate/encoders.py`: the frozen-encoder probes of random, every pretrained encoder and a supervised control.
    Encoders read tiles as their checkpoints record; those trained on other input settings (a variant's) are
    probed in a group of their own, next to a random encoder probed with the same settings;
@@ -36,7 +36,7 @@ from evaluate import encoder_input, render_report  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.data.patches import InputSettings, evaluate_options, finetune_options  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import git_commit, write_bytes_atomic  # noqa: E402
+from pretrain.utils.misc import RenamedOption, git_commit, write_bytes_atomic  # noqa: E402
 
 
 class StepError(RuntimeError):
@@ -126,16 +126,16 @@ def input_options(settings: InputSettings, tile_size: int) -> list[str]:
 
 
 def label_efficiency(args, encoders: dict) -> None:
-    """Step 2: few-label fine-tuning curves of scratch against each --curves encoder, per input-settings group."""
+    """Step 2: few-label fine-tuning curves of random against each --curves encoder, per input-settings group."""
     chosen = {name: encoders[name] for name in args.curves}
     results = []
     for index, group in enumerate(groups_by_input(chosen, args.finetune_tile_size)):
         names = list(group["encoders"])
         output = args.work / ("label_efficiency" if index == 0 else f"label_efficiency_{names[0]}")
         command = run_step(f"label efficiency, {', '.join(names)}", [
-            "evaluate/label_efficiency.py", "--encoders", "scratch", *group["encoders"].values(), "--names", "scratch",
-            *names, "--segment_id", args.segment, "--seeds", *map(str, args.seeds), "--glyphs", *map(str, args.glyphs),
-            "--scratch_epochs_factor", str(args.scratch_epochs_factor), "--jobs", str(args.jobs),
+            "evaluate/label_efficiency.py", "--pretrained_path", "random", *group["encoders"].values(), "--names",
+            "random", *names, "--segment_id", args.segment, "--seeds", *map(str, args.seeds), "--glyphs",
+            *map(str, args.glyphs), "--random_epochs_factor", str(args.random_epochs_factor), "--jobs", str(args.jobs),
             *input_options(group["settings"], args.finetune_tile_size), *shlex.split(args.curve_args),
             "--output", str(output), "--",
             *shlex.split(args.finetune_args)])
@@ -162,7 +162,7 @@ def probes(args, encoders: dict) -> None:
         output = args.work / ("probes" if index == 0 else f"probes_{next(iter(group['encoders']))}")
         names = [random_name, *group["encoders"]]
         command = run_step(f"frozen-encoder probes, {', '.join(names)}", [
-            "evaluate/encoders.py", "--encoders", "random", *group["encoders"].values(), "--names", *names,
+            "evaluate/encoders.py", "--pretrained_path", "random", *group["encoders"].values(), "--names", *names,
             "--segment_id", args.segment, "--seeds", str(args.probe_seeds), "--jobs", str(args.jobs),
             *input_options(group["settings"], args.finetune_tile_size), "--output", str(output), "--",
             *shlex.split(args.finetune_args)])
@@ -173,8 +173,8 @@ def probes(args, encoders: dict) -> None:
     if args.kinetics:
         output = args.work / "probes_kinetics"
         command = run_step("full-width probes, random vs Kinetics-700", [
-            "evaluate/encoders.py", "--encoders", "random", args.kinetics, "--names", "random", "kinetics", "--segment_id",
-            args.segment, "--model", "resnet50_3d", "--tile_size", str(args.finetune_tile_size), "--seeds",
+            "evaluate/encoders.py", "--pretrained_path", "random", args.kinetics, "--names", "random", "kinetics",
+            "--segment_id", args.segment, "--model", "resnet50_3d", "--tile_size", str(args.finetune_tile_size), "--seeds",
             str(args.probe_seeds), "--output", str(output),
             "--", *shlex.split(args.finetune_args)])
         results["kinetics"] = {"command": command, "rows": list(csv.DictReader(open(output / "encoders.csv")))}
@@ -198,7 +198,7 @@ def representations(args, encoders: dict) -> None:
     cka_checkpoints = {"random": "random", **{f"spark ep{epoch}": str(checkpoint.encoder_file(args.work / "spark", args.model, epoch))
                                               for epoch in spark_epochs},
         "vicreg": encoders["vicreg"]}
-    command = run_step("CKA", ["evaluate/cka.py", "--checkpoints", *cka_checkpoints.values(), "--labels",
+    command = run_step("CKA", ["evaluate/cka.py", "--pretrained_path", *cka_checkpoints.values(), "--labels",
                                *cka_checkpoints, "--output", str(args.work / "cka"), *feature_options(settings, False)],
                        args.work / "cka" / "cka.csv")
     save_results(args, "cka", {"command": command, "spark_epochs": spark_epochs,
@@ -208,7 +208,7 @@ def representations(args, encoders: dict) -> None:
     for name in ("random", "spark", "vicreg"):
         folder = args.work / "ink_map" / name
         own = settings if name == "random" else checkpoint.input_settings(checkpoint.read(encoders[name]))
-        command = run_step(f"ink map, {name}", ["evaluate/ink_map.py", "--checkpoint", encoders.get(name, "random"),
+        command = run_step(f"ink map, {name}", ["evaluate/ink_map.py", "--pretrained_path", encoders.get(name, "random"),
                                                 "--output", str(folder), *feature_options(own)], folder / "ink_map.json")
         ink_maps[name] = {"command": command, **json.loads((folder / "ink_map.json").read_text()),
                           "map": str(folder / "pca_best.png")}
@@ -226,13 +226,13 @@ def parse_args() -> argparse.Namespace:
                         help="more SparK runs, as name=\"pretraining settings\"; each is probed reading tiles as it learnt")
     parser.add_argument("--variant_epochs", type=int, default=20, help="epochs of each variant")
     parser.add_argument("--curves", nargs="+", default=["spark", "vicreg"],
-                        help="encoders (spark, vicreg, spark_<variant>) whose few-label curves are measured against scratch")
+                        help="encoders (spark, vicreg, spark_<variant>) whose few-label curves are measured against random")
     parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4], help="labelled glyphs per curve point")
     parser.add_argument("--seeds", type=int, nargs="+", default=[8, 8, 3],
                         help="seeds per curve point (a 'yes' needs 8): one count, or one per --glyphs value")
-    parser.add_argument("--scratch_epochs_factor", type=int, default=2,
-                        help="the curves' second scratch arm trains this many times the epochs (1: none), so that a "
-                             "win is about labels, not optimisation speed")
+    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=int, default=2, action=RenamedOption,
+                        help="the curves' second random arm trains this many times the epochs (1: none), so that a "
+                             "win is about labels, not optimisation speed (--scratch_epochs_factor: its older name)")
     parser.add_argument("--probe_seeds", type=int, default=3, help="seeds per frozen-encoder probe")
     parser.add_argument("--curve_args", default="", help="more evaluate/label_efficiency.py settings")
     parser.add_argument("--cka_every", type=int, default=8,

@@ -4,10 +4,10 @@ questions, asked of each encoder with frozen-encoder probes on a family of segme
 (a) the probe trains on the training segments and 70 % of the held-out segment, and is scored on the other 30 %;
 (b) the probe trains on the training segments alone, and is scored on the whole held-out segment.
 
-    python evaluate/transfer.py --encoders random experiments/transfer/spark/resnet50_3d_narrow_timm_style.pth \
+    python evaluate/transfer.py --pretrained_path random experiments/transfer/spark/resnet50_3d_narrow_timm_style.pth \
         --names random spark --supervised_control
-    python evaluate/transfer.py --encoders random vicreg.pth --names random vicreg --output experiments/transfer/vicreg_probes
-    python evaluate/transfer.py --encoders random spark.pth --segment_id demo:1 demo:2 --held_out demo:3 \
+    python evaluate/transfer.py --pretrained_path random vicreg.pth --names random vicreg --output experiments/transfer/vicreg_probes
+    python evaluate/transfer.py --pretrained_path random spark.pth --segment_id demo:1 demo:2 --held_out demo:3 \
         --question b -- --NUM_EPOCHS 6         # after "--": settings passed to every finetune/train.py run
 
 Each encoder is one `finetune/train.py` run per question and seed, evaluate/encoders.py's probe (scheme
@@ -115,19 +115,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise encoder_input.EvaluationError(f"the name '{CONTROL}' is the supervised control's; name that encoder otherwise")
     # Every run is a process in the repository root: paths from here must mean the same files there.
     args.output = args.output.resolve()
-    args.encoders = [path if path == "random" else str(pathlib.Path(path).resolve()) for path in args.encoders]
+    args.pretrained_path = [path if path == "random" else str(pathlib.Path(path).resolve()) for path in args.pretrained_path]
     return args
 
 
 def main() -> int:
     own, extra = encoder_input.split_at_double_dash(sys.argv[1:])
     args = parse_args(own)
-    pretrained = [path for path in args.encoders if path != "random"]
+    pretrained = [path for path in args.pretrained_path if path != "random"]
     settings = encoder_input.common_settings(pretrained or ["random"], args)  # checks every file exists and reads
     args.output.mkdir(parents=True, exist_ok=True)
 
     try:  # --jobs at a time; once one fails, no other starts
-        arms = {question: list(zip(args.names, args.encoders)) for question in args.question}
+        arms = {question: list(zip(args.names, args.pretrained_path)) for question in args.question}
         if args.supervised_control:
             controls = encoder_input.side_by_side(lambda question: train_control(question, settings, args, extra),
                                                   args.question, args.jobs)

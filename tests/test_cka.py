@@ -82,7 +82,7 @@ def test_cka_script_writes_heatmaps_and_csv(tmp_path):
         paths.append(tmp_path / f"encoder{seed}.pth")
         torch.save(build_encoder("resnet18_3d_tiny").state_dict(), paths[-1])
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "evaluate" / "cka.py"), "--checkpoints", *map(str, paths), str(paths[0]),
+        [sys.executable, str(REPO_ROOT / "evaluate" / "cka.py"), "--pretrained_path", *map(str, paths), str(paths[0]),
          "random", "--labels", "a", "b", "a_again", "random", "--model", "resnet18_3d_tiny", "--segment_id", str(segment), "--depth", "16",
          "--tile_size", "32", "--tiles", "12", "--stages", "all", "--output", str(tmp_path / "out")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -20,7 +20,7 @@ def test_evaluation_writes_table_csv_and_one_image_per_encoder(labelled_segment_
     torch.save(build_encoder("resnet18_3d_tiny").state_dict(), tmp_path / "other_encoder.pth")
     pairs = list(zip(TINY[::2], TINY[1::2]))
     settings = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
-    command = [sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--encoders", "random",
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--pretrained_path", "random",
                str(tmp_path / "other_encoder.pth"), "--names", "random", "other", "--segment_id", str(labelled_segment_path),
                "--model", "resnet18_3d_tiny", "--depth", "8", "--tile_size", "32", "--seeds", "2", "--output",
                str(tmp_path / "evaluation"), "--", *settings]
@@ -61,6 +61,6 @@ def test_evaluation_writes_table_csv_and_one_image_per_encoder(labelled_segment_
 
 
 def test_missing_encoder_checkpoint_is_refused(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--encoders",
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "encoders.py"), "--pretrained_path",
                              str(tmp_path / "nope.pth")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "nope.pth does not exist" in result.stderr

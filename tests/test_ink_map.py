@@ -19,7 +19,7 @@ def test_ink_map_finds_obvious_ink_without_labels_and_scores_it(tmp_path):
     write_png(segment / "mask.png", rectangle_mask((128, 192), margin=1))
     write_png(segment / "inklabels.png", ink * 255)
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--checkpoint", "random", "--model",
+        [sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--pretrained_path", "random", "--model",
          "resnet18_3d_tiny", "--segment_id", str(segment), "--depth", "16", "--tile_size", "32", "--components", "3",
          "--clusters", "2", "--output", str(tmp_path / "out")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
@@ -43,14 +43,14 @@ def test_ink_map_needs_labels(tmp_path):
     volume = np.random.default_rng(1).integers(0, 255, (65, 64, 64), dtype=np.uint8)
     segment = write_zarr_segment(tmp_path / "s.zarr", volume)
     write_png(segment / "mask.png", rectangle_mask((64, 64), margin=1))
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--checkpoint", "random",
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--pretrained_path", "random",
                              "--model", "resnet18_3d_tiny", "--segment_id", str(segment)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "has no ink labels" in result.stderr.strip().splitlines()[-1]
 
 
 def test_a_stage_too_coarse_for_the_tile_is_one_error_line(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--checkpoint", "random",
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--pretrained_path", "random",
                              "--model", "resnet18_3d_tiny", "--stage", "4", "--output", str(tmp_path / "out")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -50,8 +50,8 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
                     InputSettings(model="resnet18_3d_tiny", depth=8, tile_size=32))
     pairs = list(zip(FINETUNE_TINY[::2], FINETUNE_TINY[1::2]))
     finetune = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
-    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders", "scratch",
-               str(tmp_path / "pretrained.pth"), "--names", "scratch", "pretrained", "--segment_id",
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--pretrained_path", "random",
+               str(tmp_path / "pretrained.pth"), "--names", "random", "pretrained", "--segment_id",
                str(labelled_segment_path), "--glyphs", "1", "2", "--seeds", "1", "--label_part", "0.4", "--score_part",
                "0.4", "--min_glyph_pixels", "100", "--jobs", "2", "--output", str(tmp_path / "curves"), "--", *finetune]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -59,7 +59,7 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     curves = tmp_path / "curves"
     runs = list(csv.DictReader(open(curves / "runs.csv")))
     assert sorted((row["encoder"], row["glyphs"]) for row in runs) == [
-        ("pretrained", "1"), ("pretrained", "2"), ("scratch", "1"), ("scratch", "2")]
+        ("pretrained", "1"), ("pretrained", "2"), ("random", "1"), ("random", "2")]
     segment = open_segment(labelled_segment_path)
     scoring = label_efficiency.regions(segment, 0.4, 0.4).score_yx
     calibration = label_efficiency.regions(segment, 0.4, 0.4).calibration_yx
@@ -76,12 +76,12 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     summary = list(csv.DictReader(open(curves / "label_efficiency.csv")))
     assert len(summary) == 4 and all(row["f05_min"] == row["f05_max"] == row["f05_mean"] for row in summary)  # one seed
     table = (curves / "label_efficiency.md").read_text()
-    assert "| scratch | full |" in table and "| pretrained | full |" in table and "No-skill band" in table
+    assert "| random | full |" in table and "| pretrained | full |" in table and "No-skill band" in table
     # One seed gives no interval: whatever the scores, the answer is inconclusive, never "no".
     assert "Does a pretrained encoder find ink with fewer labels? **Inconclusive**" in table
     assert (curves / "label_efficiency.png").read_bytes().startswith(b"\x89PNG")
 
-    log = curves / "runs" / "scratch_full_k1_seed0" / "train.log"
+    log = curves / "runs" / "random_full_k1_seed0" / "train.log"
     before = log.stat().st_mtime_ns
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -92,7 +92,7 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
 
 
 def test_a_run_of_other_code_is_kept_aside_and_run_again(tmp_path):
-    folder = tmp_path / "runs" / "scratch_full_k1_seed0"
+    folder = tmp_path / "runs" / "random_full_k1_seed0"
     folder.mkdir(parents=True)
     command = ["python", "finetune/train.py", "--SEED", "0"]
     (folder / "result.json").write_text(json.dumps({"command": command, "code": "0ldc0de", "f05": 0.5}))
@@ -103,7 +103,7 @@ def test_a_run_of_other_code_is_kept_aside_and_run_again(tmp_path):
         label_efficiency.earlier_run(folder, [*command, "--LR", "1"], "0ldc0de", reuse_other_code=False)
     assert label_efficiency.earlier_run(folder, command, "n3wc0de", reuse_other_code=False) is None  # to run again
     assert not folder.exists()
-    assert (tmp_path / "runs" / ".superseded" / "scratch_full_k1_seed0-0ldc0de" / "prediction.png").read_bytes() == b"earlier"
+    assert (tmp_path / "runs" / ".superseded" / "random_full_k1_seed0-0ldc0de" / "prediction.png").read_bytes() == b"earlier"
 
 
 def test_paired_interval_and_claims():
@@ -120,26 +120,30 @@ def test_paired_interval_and_claims():
     assert label_efficiency.claim(3, 1, 0.02, -0.2, 0.24) == "inconclusive"
 
 
-def paired_results(encoder_scores, scratch_scores, glyphs=1):
+def paired_results(encoder_scores, random_scores, glyphs=1, random_name="random"):
     return ([{"encoder": "spark", "mode": "full", "glyphs": glyphs, "seed": seed, "f05": score}
              for seed, score in enumerate(encoder_scores)]
-            + [{"encoder": "scratch", "mode": "full", "glyphs": glyphs, "seed": seed, "f05": score}
-               for seed, score in enumerate(scratch_scores)])
+            + [{"encoder": random_name, "mode": "full", "glyphs": glyphs, "seed": seed, "f05": score}
+               for seed, score in enumerate(random_scores)])
 
 
-def test_verdict_follows_the_paired_comparisons_and_the_longer_scratch_arm():
+def test_verdict_follows_the_paired_comparisons_and_the_longer_random_arm():
     band = label_efficiency.NoSkillBand(chance_f05=0.13, blind_mean=0.12, blind_p95=0.15, oracle_mean=0.15, oracle_p95=0.16)
-    scratch = [0.20, 0.25, 0.18, 0.22, 0.30, 0.21, 0.19, 0.24]
-    better = [score + gain for score, gain in zip(scratch, [0.10, 0.12, 0.08, 0.11, 0.09, 0.13, 0.10, 0.07])]
-    compared = label_efficiency.comparisons(paired_results(better, scratch))
+    random_f05 = [0.20, 0.25, 0.18, 0.22, 0.30, 0.21, 0.19, 0.24]
+    better = [score + gain for score, gain in zip(random_f05, [0.10, 0.12, 0.08, 0.11, 0.09, 0.13, 0.10, 0.07])]
+    compared = label_efficiency.comparisons(paired_results(better, random_f05))
     assert [row["claim"] for row in compared] == ["yes"]
     assert label_efficiency.verdict(compared, band).startswith("**Yes**")
     assert "1 comparison(s) made" in label_efficiency.verdict(compared, band)
-    # A scratch arm with twice the epochs that catches up takes the win away.
-    longer = [{"encoder": "scratch_x2", "mode": "full", "glyphs": 1, "seed": seed, "f05": score}
+    # An arm named `scratch`, as older code named random (an older command's --names, or the runs it left), is
+    # still the baseline, not one more pretrained encoder.
+    older = label_efficiency.comparisons(paired_results(better, random_f05, random_name="scratch"))
+    assert [(row["encoder"], row["against"], row["claim"]) for row in older] == [("spark", "scratch", "yes")]
+    # A random arm with twice the epochs that catches up takes the win away.
+    longer = [{"encoder": "random_x2", "mode": "full", "glyphs": 1, "seed": seed, "f05": score}
               for seed, score in enumerate(better)]
-    compared = label_efficiency.comparisons(paired_results(better, scratch) + longer)
-    assert sorted(row["against"] for row in compared) == ["scratch", "scratch_x2"]
+    compared = label_efficiency.comparisons(paired_results(better, random_f05) + longer)
+    assert sorted(row["against"] for row in compared) == ["random", "random_x2"]
     assert label_efficiency.verdict(compared, band).startswith("**No**")
     # One seed with both arms at chance: inconclusive, not "no".
     compared = label_efficiency.comparisons(paired_results([0.13], [0.13]))
@@ -149,21 +153,21 @@ def test_verdict_follows_the_paired_comparisons_and_the_longer_scratch_arm():
 def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_segment_path, tmp_path, capsys):
     assert label_efficiency.without_epochs(["--LR", "1e-3", "--NUM_EPOCHS", "3", "--NUM_EPOCHS=4"]) == (["--LR", "1e-3"], 4)
     assert label_efficiency.default_epochs() >= 1
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders",
-                             "scratch", "--segment_id", str(labelled_segment_path), "--output", str(tmp_path), "--seeds", "0"],
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--pretrained_path",
+                             "random", "--segment_id", str(labelled_segment_path), "--output", str(tmp_path), "--seeds", "0"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --seeds 0: at least 1 seed is needed (and 8 for a 'yes')"]
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--glyphs 0 1"):
-        label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "0", "1"])
+        label_efficiency.parse_args(["--pretrained_path", "random", "--glyphs", "0", "1"])
     # Seeds: one count for every number of glyphs, or one count per number.
-    assert label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "1", "2", "4", "--seeds", "8", "8", "3"]
+    assert label_efficiency.parse_args(["--pretrained_path", "random", "--glyphs", "1", "2", "4", "--seeds", "8", "8", "3"]
                                        ).seeds_per_glyphs == {1: 8, 2: 8, 4: 3}
-    assert label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "1", "2"]).seeds_per_glyphs == {1: 3, 2: 3}
+    assert label_efficiency.parse_args(["--pretrained_path", "random", "--glyphs", "1", "2"]).seeds_per_glyphs == {1: 3, 2: 3}
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--seeds gives 2 counts for 3 --glyphs"):
-        label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "1", "2", "4", "--seeds", "8", "3"])
+        label_efficiency.parse_args(["--pretrained_path", "random", "--glyphs", "1", "2", "4", "--seeds", "8", "3"])
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--jobs 0"):
-        label_efficiency.parse_args(["--encoders", "scratch", "--jobs", "0"])
+        label_efficiency.parse_args(["--pretrained_path", "random", "--jobs", "0"])
     with pytest.raises(SystemExit):
         label_efficiency.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -175,10 +179,10 @@ def test_a_prior_adds_arms_at_every_k_and_alone_at_k_0(labelled_segment_path, tm
     labels = cv2.imread(str(labelled_segment_path / "inklabels.png"), cv2.IMREAD_UNCHANGED).astype(np.float32)
     cv2.imwrite(str(tmp_path / "prior.png"), cv2.GaussianBlur(labels, (0, 0), 2).astype(np.uint8))
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="0, no human label, needs a --prior"):
-        label_efficiency.parse_args(["--encoders", "scratch", "--glyphs", "0", "1"])
+        label_efficiency.parse_args(["--pretrained_path", "random", "--glyphs", "0", "1"])
     pairs = list(zip(FINETUNE_TINY[::2], FINETUNE_TINY[1::2]))
     finetune = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE") for item in (name, value)]
-    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders", "scratch",
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--pretrained_path", "random",
                "--segment_id", str(labelled_segment_path), "--glyphs", "0", "1", "--seeds", "1", "--label_part", "0.4",
                "--score_part", "0.4", "--min_glyph_pixels", "100", "--model", "resnet18_3d_tiny", "--depth", "8",
                "--tile_size", "32", "--prior", str(tmp_path / "prior.png"), "--prior_name", "blurred",
@@ -192,22 +196,22 @@ def test_a_prior_adds_arms_at_every_k_and_alone_at_k_0(labelled_segment_path, tm
         assert ("--PRIOR_PATH" in recorded) == ("prior" in mode)
         assert ("--inklabel_path" in recorded) == (glyphs != "0")
     table = (tmp_path / "curves" / "label_efficiency.md").read_text()
-    assert "| scratch | full, prior blurred | " in table
+    assert "| random | full, prior blurred | " in table
     # Round 0: the prior itself, scored like every prediction (blind threshold, scored region).
     prior_alone = json.loads((tmp_path / "curves" / "label_efficiency.json").read_text())["prior_alone"]
     assert f"The prior `blurred` alone (no training): F0.5 {prior_alone['f05']:.3f}" in table and prior_alone["auc"] > 0.5
 
 
 def test_a_failing_run_under_jobs_is_one_error_line_and_no_further_run_starts(labelled_segment_path, tmp_path):
-    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--encoders", "scratch",
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--pretrained_path", "random",
                "--segment_id", str(labelled_segment_path), "--glyphs", "1", "2", "--seeds", "3", "--label_part", "0.4",
                "--score_part", "0.4", "--min_glyph_pixels", "100", "--model", "resnet18_3d_tiny", "--depth", "8",
                "--tile_size", "32", "--jobs", "2", "--output", str(tmp_path / "curves"), "--", "--NUM_EPOCHS", "0"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: run scratch_full_k1_seed0 failed: error: NUM_EPOCHS must be at least 1")
+    assert last.startswith("error: run random_full_k1_seed0 failed: error: NUM_EPOCHS must be at least 1")
     # Two ran side by side and failed; the other four of the six runs were never started.
     started = sorted(path.name for path in (tmp_path / "curves" / "runs").iterdir())
-    assert started == ["scratch_full_k1_seed0", "scratch_full_k1_seed1"]
+    assert started == ["random_full_k1_seed0", "random_full_k1_seed1"]
     assert not (tmp_path / "curves" / "label_efficiency.md").exists()

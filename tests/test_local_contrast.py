@@ -106,5 +106,5 @@ def test_command_writes_the_prior_and_its_scores(labelled_segment_path, tmp_path
                                str(labelled_segment_path), "--layers", "9", "--depth", "8"], cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=120)
     assert old_name.stderr.strip().splitlines() == [
-        "note: --segment is now --segment_id, as in fine-tuning; the old name still works",
+        "note: --segment is now --segment_id; the old name still works",
         "error: --layers 9 must be between 1 and depth // 2 = 4"]

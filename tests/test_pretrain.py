@@ -251,4 +251,4 @@ def test_the_tile_side_has_one_name_and_the_old_one_still_works_with_a_note(caps
     assert arg_util.parse_args(["--input_size", "64"]).tile_size == 64
     assert arg_util.parse_args(["--input_size=128"]).tile_size == 128
     assert capsys.readouterr().err.strip().splitlines() == [
-        "note: --input_size is now --tile_size, as every script names it; the old name still works"] * 2
+        "note: --input_size is now --tile_size; the old name still works"] * 2

@@ -15,7 +15,7 @@ def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_pa
     command = [sys.executable, str(REPO_ROOT / "evaluate" / "report.py"), "--segment_id", str(labelled_segment_path),
                "--model", "resnet18_3d_tiny", "--spark_epochs", "2", "--vicreg_epochs", "1", "--vicreg_bs", "4",
                "--cka_every", "1", "--variant_epochs", "1", "--variants", "zscore=--normalization zscore", "--glyphs", "1", "--seeds", "1", "--probe_seeds", "1", "--finetune_tile_size", "32",
-               "--scratch_epochs_factor", "1", "--jobs", "2",
+               "--random_epochs_factor", "1", "--jobs", "2",
                "--curve_args", "--min_glyph_pixels 100 --score_part 0.4",
                "--pretrain_args", "--depth 16 --tile_size 64 --samples_per_ep 8 --decoder_width 32 --projector 64-64 "
                                   "--num_workers 0 --vis_every 0",
@@ -37,8 +37,8 @@ def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_pa
                if group["baseline"] == "random_vicreg")
     assert results["pretraining"]["vicreg"]["input"]["normalization"] == "zscore"
     curves, vicreg_curves = results["label_efficiency"]
-    assert [(row["encoder"], row["glyphs"]) for row in curves["summary"]] == [("scratch", 1), ("spark", 1)]
-    assert [(row["encoder"], row["glyphs"]) for row in vicreg_curves["summary"]] == [("scratch", 1), ("vicreg", 1)]
+    assert [(row["encoder"], row["glyphs"]) for row in curves["summary"]] == [("random", 1), ("spark", 1)]
+    assert [(row["encoder"], row["glyphs"]) for row in vicreg_curves["summary"]] == [("random", 1), ("vicreg", 1)]
 
     report = (tmp_path / "notes" / "report.md").read_text()
     for heading in ("## Few-label fine-tuning", "## Frozen-encoder probe", "## Kinetics-700", "## CKA",

@@ -28,7 +28,7 @@ def test_each_question_scores_its_held_out_pixels_and_the_tables_hold_the_runs_s
     settings = [item for name, value in pairs if name not in ("--MODEL", "--DEPTH", "--TILE_SIZE", "--NUM_EPOCHS")
                 for item in (name, value)]
     output = tmp_path / "transfer"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "transfer.py"), "--encoders", "random",
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "transfer.py"), "--pretrained_path", "random",
                              "--segment_id", "demo:1", "demo:2", "--held_out", "demo:3", "--seeds", "1", "--model",
                              "resnet18_3d_tiny", "--depth", "8", "--tile_size", "32", "--output", str(output), "--",
                              *settings, "--NUM_EPOCHS", "1"],
@@ -76,7 +76,7 @@ def test_each_question_scores_its_held_out_pixels_and_the_tables_hold_the_runs_s
 def test_the_supervised_control_trains_on_its_question_s_data_only(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(report, "run_step", lambda name, command, log=None: commands.append(command))
-    args = transfer.parse_args(["--encoders", "random", "--output", str(tmp_path)])
+    args = transfer.parse_args(["--pretrained_path", "random", "--output", str(tmp_path)])
     settings = encoder_input.common_settings(["random"], args)
     for question in ("a", "b"):
         checkpoint = transfer.train_control(question, settings, args, ["--NUM_EPOCHS", "1"])
@@ -99,4 +99,4 @@ def test_the_supervised_control_trains_on_its_question_s_data_only(tmp_path, mon
 ], ids=["held-out-trains", "twice", "fraction", "control-name"])
 def test_bad_inputs_are_one_line_naming_the_option(arguments, message):
     with pytest.raises(encoder_input.EvaluationError, match=message):
-        transfer.parse_args(["--encoders", "random", *arguments])
+        transfer.parse_args(["--pretrained_path", "random", *arguments])

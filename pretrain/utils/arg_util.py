@@ -16,7 +16,7 @@ from pretrain import checkpoint, methods
 from pretrain.data.patches import INPUT_OPTIONS, MOSTLY_PAPYRUS, NORMALIZATIONS, InputSettings
 from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
-from pretrain.utils.misc import git_commit
+from pretrain.utils.misc import git_commit, note_renamed
 
 
 class ArgumentError(ValueError):
@@ -196,6 +196,8 @@ class Args(Tap):
 
 
 # Options renamed so that one concept has one name across the scripts; the old names still work, with a note.
+# Tap gives a field one option name only, so the old names are rewritten before it parses (argparse scripts give
+# the old name to `RenamedOption` instead).
 RENAMED = {"--input_size": "--tile_size"}  # the tile side, as fine-tuning (TILE_SIZE) and evaluate/ name it
 
 
@@ -204,7 +206,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
     for index, item in enumerate(argv):
         name, equals, value = item.partition("=")
         if name in RENAMED:
-            print(f"note: {name} is now {RENAMED[name]}, as every script names it; the old name still works",
-                  file=sys.stderr)
+            note_renamed(name, RENAMED[name])
             argv[index] = RENAMED[name] + equals + value
     return Args(explicit_bool=True).parse_args(argv)

@@ -1,10 +1,12 @@
-"""Atomic writes, the JSON-lines log, the master-only TensorBoard writer, seeds, git commit. (What goes into
-checkpoints, and how they are read, is `pretrain.checkpoint`.)"""
+"""Atomic writes, the JSON-lines log, the master-only TensorBoard writer, seeds, git commit, renamed options. (What
+goes into checkpoints, and how they are read, is `pretrain.checkpoint`.)"""
+import argparse
 import hashlib
 import json
 import os
 import pathlib
 import subprocess
+import sys
 import time
 import warnings
 
@@ -28,6 +30,25 @@ def show_warnings_as_lines() -> None:
     """Warnings as one `warning: ...` line each, as a user should read them, without the source line that raised
     them. Entry scripts call it once."""
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+
+def note_renamed(old: str, new: str) -> None:
+    """The one line a user reads when they give a name that was renamed so that one concept has one name across the
+    scripts; the old name keeps working."""
+    print(f"note: {old} is now {new}; the old name still works", file=sys.stderr)
+
+
+class RenamedOption(argparse.Action):
+    """An option whose first name is the current one and whose other names are older ones: any name stores the
+    value; an older one also prints `note_renamed`'s line.
+
+        parser.add_argument("--pretrained_path", "--encoders", nargs="+", action=RenamedOption)
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            note_renamed(option_string, self.option_strings[0])
+        setattr(namespace, self.dest, values)
 
 
 CODE_FILES = ("*.py", "*.sh", "requirements*.txt")  # what decides a result; notes and README do not
