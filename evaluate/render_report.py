@@ -198,9 +198,15 @@ def what_it_means(results: dict) -> list[str]:
     return lines
 
 
+TRANSFER_POINTER = ["", "## Transfer to an unseen segment", "",
+                    "VesuviusPretraining's two questions (a frozen probe trained on three segments and 70 % of a "
+                    "fourth, or on three alone, scored on the fourth) are asked by `evaluate/transfer.py`, not by this "
+                    "report: notes/transfer.md has the commands, and its table."]
+
+
 def render(results: dict, figure: Callable) -> str:
     lines = [*header(results), *label_efficiency_section(results, figure), "", *probe_section(results, figure),
-             *representation_section(results, figure), *what_it_means(results)]
+             *representation_section(results, figure), *what_it_means(results), *TRANSFER_POINTER]
     return "\n".join(lines) + "\n"
 
 
