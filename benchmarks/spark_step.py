@@ -1,7 +1,7 @@
 """How much does SparK-3D's sparsity cost, and does data loading keep up?
 
     python benchmarks/spark_step.py                 # ResNet-50, batch 2, 16 × 96 × 96 (the demo defaults)
-    python benchmarks/spark_step.py --model resnet50_3d --depth 32 --input_size 128 --bs 4
+    python benchmarks/spark_step.py --model resnet50_3d --depth 32 --tile_size 128 --bs 4
 
 1. Step time of a SparK-3D training step (sparse encoder, densify, decoder, masked loss, LAMB) against a
    dense step on the same batch: the same dense encoder, projections and decoder, MSE on every voxel.
@@ -36,6 +36,7 @@ from pretrain.decoder import LightDecoder3d  # noqa: E402
 from pretrain.encoder import SparseEncoder  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
 from pretrain.spark import SparK3d  # noqa: E402
+from pretrain.utils.misc import RenamedOption  # noqa: E402
 
 
 class DenseAutoencoder(torch.nn.Module):
@@ -56,7 +57,7 @@ class DenseAutoencoder(torch.nn.Module):
 def build_spark(args) -> SparK3d:
     sparse_encoder = SparseEncoder(build_encoder(args.model))
     decoder = LightDecoder3d(args.decoder_width, sparse_encoder.get_downsample_ratio())
-    return SparK3d(sparse_encoder, decoder, input_size=args.input_size, depth=args.depth, mask_ratio=0.6)
+    return SparK3d(sparse_encoder, decoder, input_size=args.tile_size, depth=args.depth, mask_ratio=0.6)
 
 
 def timed_step(model, optimizer, batch) -> tuple[float, float]:
@@ -107,7 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet50_3d")
     parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--input_size", type=int, default=96)
+    parser.add_argument("--tile_size", "--input_size", type=int, default=96, action=RenamedOption,
+                        help="tile side in pixels (--input_size: its older name)")
     parser.add_argument("--bs", type=int, default=2)
     parser.add_argument("--decoder_width", type=int, default=256)
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each kind")
@@ -123,7 +125,7 @@ def main() -> None:
     dense = DenseAutoencoder(spark, args.model).to(device)
     spark_optimizer = timm.optim.Lamb(spark.parameters(), lr=1e-4)
     dense_optimizer = timm.optim.Lamb(dense.parameters(), lr=1e-4)
-    batch = torch.rand(args.bs, 1, args.depth, args.input_size, args.input_size, device=device)
+    batch = torch.rand(args.bs, 1, args.depth, args.tile_size, args.tile_size, device=device)
     for _ in range(2):  # warm-up: allocator, kernels
         timed_step(spark, spark_optimizer, batch)
         timed_step(dense, dense_optimizer, batch)
@@ -140,7 +142,7 @@ def main() -> None:
     matmul_flops_per_second = measured_matmul_flops_per_second(device)
 
     segment = open_segment(args.data_path)
-    settings = InputSettings(model=args.model, depth=args.depth, tile_size=args.input_size)
+    settings = InputSettings(model=args.model, depth=args.depth, tile_size=args.tile_size)
     dataset = RandomPatchDataset([segment], settings, samples_per_epoch=args.bs * args.pipeline_steps, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.bs, sampler=EpochSampler(len(dataset)),
                                          num_workers=args.num_workers, drop_last=True)
@@ -177,7 +179,7 @@ def main() -> None:
     output = pathlib.Path(__file__).resolve().parent / "results" / "spark_step.json"
     output.parent.mkdir(exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
-    print(f"| {args.model} | bs {args.bs}, {args.depth}×{args.input_size}² | SparK {spark_median:.3f} s | dense "
+    print(f"| {args.model} | bs {args.bs}, {args.depth}×{args.tile_size}² | SparK {spark_median:.3f} s | dense "
           f"{dense_median:.3f} s | ratio {result['spark_over_dense']:.2f} (CPU time "
           f"{result['spark_over_dense_cpu_time']:.2f}) | data wait "
           f"{result['pipeline_data_wait_fraction']:.1%} | {result['pipeline_samples_per_second']:.2f} samples/s | "

@@ -1,7 +1,7 @@
 """Ink without labels or learning: a map of the local contrast just under the recto surface, for any segment.
 
-    python evaluate/local_contrast.py --segment demo
-    python evaluate/local_contrast.py --segment 20231111135340 --output experiments/priors
+    python evaluate/local_contrast.py --segment_id demo
+    python evaluate/local_contrast.py --segment_id 20231111135340 --output experiments/priors
 
 Carbon ink barely changes the brightness of the papyrus under it; it changes its texture (the crackle of the
 Kaggle and Grand Prize detectors). So a map with no learning at all already sees the demo's ink: each tile is read
