@@ -134,7 +134,8 @@ def _older_format(checkpoint: dict, path: pathlib.Path) -> dict:
         args = checkpoint["args"]
         settings = InputSettings(model=args["model"], depth=args["depth"], depth_offset=args.get("depth_offset", 0),
                                  follow_surface=args.get("follow_surface", False),
-                                 normalization=args.get("normalization", "range"), tile_size=args.get("tile_size", args.get("input_size")))
+                                 normalization=args.get("normalization", "range"),
+                                 tile_size=args["input_size"])  # files without a kind predate the name tile_size
         return {**checkpoint, "kind": args.get("method", "spark"), "input": settings.as_dict()}
     if "model" in checkpoint and "config" in checkpoint:  # fine-tuning: its config names its input
         config = checkpoint["config"]
