@@ -1,5 +1,5 @@
 """The docs run: every option that README.md or a docs/ page gives an entry script on a command line exists in that
-script's parser, and every repository file they name exists.
+script's parser, every repository file they name exists, and every link to a section finds its heading.
 
 Commands are read from fenced code blocks (with `\\` continuations joined) and from inline code spans. An entry
 script's options are the tokens after it that start with `--`, up to the end of the command (`&&`, `;`, `|`, `&`, a
@@ -144,6 +144,24 @@ def test_every_option_on_a_documented_command_line_exists():
     unknown = sorted({f"{script} {option}  (in: {command.strip()[:120]})" for script, option, command in named
                       if option not in accepted[script]})
     assert not unknown, "options the docs give that the scripts do not take:\n" + "\n".join(unknown)
+
+
+def anchors_of(page: pathlib.Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", page.read_text(encoding="utf-8")), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_every_link_to_a_section_finds_it(page):
+    broken = []
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
+        path, _, anchor = target.partition("#")
+        linked = page if not path else (page.parent / path).resolve()
+        if anchor and not re.match(r"[a-z]+:", target) and linked.suffix == ".md" and linked.exists():
+            if anchor not in anchors_of(linked):
+                broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)} links to sections that do not exist: {broken}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
