@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FINETUNE = "finetune/train.py"
 DOWNLOAD = "download_segment.sh"
+ENTRY_FOLDERS = ("pretrain", "finetune", "evaluate", "benchmarks")
 # The folders and files a repository path starts with; anything else in a command (experiments/, /data/, a
 # segment ID) is an input or an output of the command, not a file of the repository.
 REPOSITORY_PREFIXES = ("pretrain/", "finetune/", "evaluate/", "benchmarks/", "notes/", "images/", "docs/", "tests/",
@@ -39,7 +40,7 @@ def entry_script(token: str) -> str | None:
     """The repository-relative entry script a command token names (`./download_segment.sh`, `pretrain/main.py`),
     or None."""
     path = token.removeprefix("./")
-    if path == DOWNLOAD or (path.endswith(".py") and path.split("/")[0] in ("pretrain", "finetune", "evaluate", "benchmarks")):
+    if path == DOWNLOAD or (path.endswith(".py") and path.split("/")[0] in ENTRY_FOLDERS):
         return path
     return None
 
