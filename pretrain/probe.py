@@ -130,8 +130,8 @@ def on_grid(pixels_ntt: np.ndarray, grid: int) -> np.ndarray:
 
 def fit_logistic_regression(features_pc: np.ndarray, labels_p: np.ndarray) -> tuple[np.ndarray, float]:
     """(C,) weights and the bias of an L2-regularised logistic regression (scikit-learn's objective at C =
-    HEAD_INVERSE_REGULARISATION), fitted by full-batch L-BFGS from zero for HEAD_ITERATIONS at most: deterministic,
-    and a fixed cost where scikit-learn's solver took 10 s for its 200 iterations on 6144 pixels × 960 features."""
+    HEAD_INVERSE_REGULARISATION), fitted by full-batch L-BFGS from zero for HEAD_ITERATIONS at most: deterministic, a
+    bounded cost (scikit-learn's lbfgs on these features ran to its iteration limit, several times slower)."""
     features = torch.from_numpy(np.ascontiguousarray(features_pc, dtype=np.float32))
     labels = torch.from_numpy(labels_p.astype(np.float32))
     weights, bias = torch.zeros(features.shape[1], requires_grad=True), torch.zeros(1, requires_grad=True)
