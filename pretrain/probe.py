@@ -68,8 +68,8 @@ class ProbeScores:
     def scalars(self, suffix: str = "") -> dict[str, float]:
         """`probe__auc`… (TensorBoard `probe/auc`), with `suffix` (`_random`) for the baseline's."""
         values = {name: getattr(self, name) for name in SCORES}
-        if not suffix:
-            values["f05_chance"] = self.f05_chance
+        if not suffix:  # the chance levels (AUC's is 0.5): a map without skill has the ink fraction as its AP
+            values.update(ap_chance=self.ink_fraction, f05_chance=self.f05_chance)
         return {f"probe__{name}{suffix}": float(value) for name, value in values.items()}
 
 
@@ -249,7 +249,7 @@ class OnlineProbe:
         if not self.enabled:
             print(f"ink probe: {self.note}")
             return
-        record = self.tiles.record()
+        record = {**self.tiles.record(), "seed": self.args.seed}  # the seed: the random initialisation's
         try:
             earlier = [entry for entry in run_log.records(log.path.parent, BASELINE_EVENT)
                        if all(entry.get(key) == value for key, value in record.items())]

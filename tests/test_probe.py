@@ -111,7 +111,8 @@ def assert_two_probed_epochs(exp_dir) -> list[dict]:
     assert len(baseline) == 1 and baseline[0]["probe__auc_random"] == history[0]["probe__auc_random"]
     assert len(baseline[0]["fit_origins"]) == len(baseline[0]["scored_origins"]) == 3
     events = EventAccumulator(str(exp_dir / "tensorboard_logs")).Reload()
-    assert {"probe/auc", "probe/ap", "probe/f05", "probe/f05_chance", "probe/auc_random"} <= set(events.Tags()["scalars"])
+    assert {"probe/auc", "probe/ap", "probe/f05", "probe/ap_chance", "probe/f05_chance", "probe/auc_random",
+            "probe/ap_random", "probe/f05_random"} <= set(events.Tags()["scalars"])
     assert "probe/prediction_labels" in events.Tags()["images"]
     return history
 
