@@ -27,6 +27,7 @@ from pretrain.data.patches import EpochSampler, voxel_dtypes  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
+from pretrain.probe import OnlineProbe  # noqa: E402
 from pretrain.utils import arg_util, misc, schedule  # noqa: E402
 
 
@@ -189,6 +190,7 @@ def main() -> int:
     segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
     args.voxel_dtype = voxel_dtypes(segments)
     loader = build_loader(args, segments, device)
+    ink_probe = OnlineProbe.build(args, segments)
 
     try:
         model = build_model(args).to(device)
@@ -214,11 +216,13 @@ def main() -> int:
         print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
               f"{len(segments)} segment(s){summary}; {len(loader)} iterations per epoch on {dist.world_size()} process(es)"
               + (f", {torch.get_num_threads()} torch thread(s) each" if device.type == "cpu" else ""))
+    ink_probe.start(log, tensorboard)
 
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
     for epoch in range(start_epoch, last_epoch):
         started = time.time()
         stats, global_step = train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard)
+        stats.update(ink_probe.after_epoch(model, epoch, global_step, tensorboard))
         # The full checkpoint goes last: it is what marks the epoch done for a resume, so a kill before it
         # trains the epoch again instead of leaving its encoders or its log record behind.
         save_encoders(args, model, epoch)

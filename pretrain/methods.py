@@ -56,6 +56,15 @@ class Method:
         """A phrase for the line a run starts with ("; grid (2, 3, 3) cells"), or ''."""
         return ""
 
+    def probe_features(self, encoder: torch.nn.Module, volume_bcdhw: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features that the online ink probe (pretrain/probe.py) reads linearly, of a dense encoder (this
+        method's, copied) on tiles (B, 1, D, T, T) read with this method's input settings. By default what the
+        fine-tuning UNet reads: every stage, max-pooled over depth, upsampled to the finest stage's grid, stacked."""
+        pooled_bchw = [stage_bcdhw.amax(dim=2) for stage_bcdhw in encoder(volume_bcdhw, hierarchical=True)]
+        grid = pooled_bchw[0].shape[-2:]
+        return torch.cat([torch.nn.functional.interpolate(stage_bchw, size=grid, mode="bilinear", align_corners=False)
+                          if stage_bchw.shape[-2:] != grid else stage_bchw for stage_bchw in pooled_bchw], dim=1)
+
     def dense_encoder(self, model: torch.nn.Module) -> torch.nn.Module:
         """The encoder inside the model, with the dense module names that fine-tuning loads."""
         return model.get_submodule(self.encoder_prefix.removesuffix("."))

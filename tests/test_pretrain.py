@@ -88,11 +88,13 @@ def test_resume_matches_an_uninterrupted_run(segment_path, tmp_path):
         in other.stderr.splitlines()[-1]
 
 
-def test_torchrun_two_processes_gloo(segment_path, tmp_path):
-    result = run_pretrain([*TINY, "--ep", "1", "--data_path", segment_path, "--exp_dir", str(tmp_path)],
-                          torchrun_processes=2)
+def test_torchrun_two_processes_gloo(segment_path, labelled_segment_path, tmp_path):
+    result = run_pretrain([*TINY, "--ep", "1", "--data_path", segment_path, "--exp_dir", str(tmp_path),
+                           "--probe_segment", str(labelled_segment_path)], torchrun_processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("iterations per epoch") == 1  # rank 0's only
+    assert result.stdout.count("ink probe: ") == 1  # rank 0 probes, rank 1 waits for it
+    assert "probe__auc" in json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     saved = checkpoint.read(tmp_path / "resnet18_3d_tiny_withdecoder_spark_style.pth")
     assert saved["global_step"] == 2  # 4 samples, global batch 2 split over 2 processes
     assert not any(key.startswith("module.") for key in saved["model"])  # the unwrapped model is saved

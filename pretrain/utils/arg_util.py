@@ -105,6 +105,15 @@ class Args(Tap):
     vis_every: int = 50  # iterations between TensorBoard reconstruction images (0: only at epoch ends)
     keep_epoch_encoders: bool = False  # also keep each epoch's encoder in exp_dir/epochs/ (for CKA across epochs)
 
+    # ---------------------------------------------------------------- online ink probe (pretrain/probe.py)
+    # A labelled segment whose ink a logistic regression on the encoder's features finds (TensorBoard probe/auc, ...,
+    # beside the random initialisation's). Empty: the first data_path segment with ink labels (the demo has them), and
+    # no probe when none has
+    probe_segment: str = ""
+    probe_every: int = 1  # epochs between probes (the last epoch is always probed); 0: off
+    probe_tiles: int = 24  # labelled tiles kept in memory: half fit the probe's head, half score it
+    probe_seed: int = 0  # which tiles, and which of their pixels fit the head
+
     # ---------------------------------------------------------------- filled at runtime (refused on the command line)
     lr: float = 0.0  # base_lr × bs / 256
     batch_size_per_process: int = 0
@@ -145,6 +154,8 @@ class Args(Tap):
             problems.append(f"opt {self.opt!r} is not 'lamb' or 'adamw'")
         if not self.dist_timeout_minutes > 0:
             problems.append(f"dist_timeout_minutes {self.dist_timeout_minutes} is not a positive number of minutes")
+        if self.probe_every < 0 or self.probe_tiles < 2:
+            problems.append(f"need probe_every ≥ 0 and probe_tiles ≥ 2 (got {self.probe_every}, {self.probe_tiles})")
         if self.ep < 1 or self.bs < 1 or self.samples_per_ep < self.bs:
             problems.append(f"need ep ≥ 1, bs ≥ 1 and samples_per_ep ≥ bs (got {self.ep}, {self.bs}, {self.samples_per_ep})")
         if problems:
