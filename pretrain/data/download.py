@@ -3,8 +3,9 @@
     python -m pretrain.data.download SEGMENT_ID [--scroll 1] [--cache-dir DIR]
 
 Resumable by construction: what is already in the cache is skipped, so a second run after an
-interruption fetches only what is missing. It is also the repair tool: every cached chunk is checked (its
-codec header and a full decode; metadata, mask and labels on their read) and fetched again where damaged,
+interruption fetches only what is missing. It is also the repair tool: every cached chunk is checked (the
+CRC-32C recorded as it entered the cache, its codec header and a full decode; metadata, mask and labels on their
+read) and fetched again where damaged,
 and every file the cache remembers as absent on the server (a chunk, a mask, labels) is asked for again,
 and cached if the server has it now, so a wrong 404 or labels added later never stay missed. A segment of
 layer images (scrolls 2, 3, 4) is downloaded and converted by `open_segment` itself; a run after
