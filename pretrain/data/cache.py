@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import math
 import os
 import pathlib
 import re
@@ -82,10 +83,20 @@ def positive_setting(name: str, unit: str) -> float | None:
 
 
 def max_bytes() -> int | None:
-    """The bound from `SEGMENT_CACHE_MAX_GB` in bytes, or None when it is unset. Raises ValueError naming the
-    variable when it is not a positive number."""
+    """The bound from `SEGMENT_CACHE_MAX_GB` in bytes, or None when it is unset or `inf`. Raises ValueError naming
+    the variable when it is not a positive number, or less than a byte."""
     gigabytes = positive_setting(MAX_GB_VARIABLE, "gigabytes (unset it for no bound)")
-    return None if gigabytes is None else int(gigabytes * 10**9)
+    if gigabytes is None or math.isinf(gigabytes):
+        return None
+    if gigabytes * 10**9 < 1:
+        raise ValueError(f"{MAX_GB_VARIABLE}={os.environ[MAX_GB_VARIABLE].strip()!r} bounds the cache at less than "
+                         "one byte: give gigabytes, such as 50 (unset it, or inf, for no bound)")
+    return int(gigabytes * 10**9)
+
+
+def unevictable_bytes(cache_dir: pathlib.Path) -> int:
+    """What the cache holds that no eviction removes (metadata, demo segments, conversions under way)."""
+    return sum(unit.size for unit in entries(cache_dir) if not unit.evictable)
 
 
 def _mark_used(descriptor: int, status: os.stat_result) -> None:
@@ -401,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         for segment, (size, files) in sizes.items():
             print(f"{segment:<32} {_gigabytes(size):>12} {files:>9} files")
         total = sum(size for size, _ in sizes.values())
+        setting = os.environ.get(MAX_GB_VARIABLE, "").strip()
         bound_text = f"bound {_gigabytes(bound)}" if bound else "no bound"
-        bound_text += f" ({MAX_GB_VARIABLE}{'' if bound else ' unset'})"
+        bound_text += f" ({MAX_GB_VARIABLE}{f'={setting}' if setting else ' unset'})"
         print(f"{'total':<32} {_gigabytes(total):>12}  in {cache_dir}; {bound_text}")
         return 0
     segment_id = args.segment_id.strip()
