@@ -535,20 +535,24 @@ class CachedHTTPStore(Store):
         (once per process and file: `_digest_compared`); then it is what passed the full check on arrival, and
         `decode` (download_segment.sh) decodes it again all the same. Any other file, and a chunk cached before
         digests were recorded (or copied without its extended attributes), gets `body_problem`; such a chunk is
-        decoded in full, and its digest recorded when it is sound."""
+        decoded in full (once per process: a cache shared with its owner may not let this user record it), and its
+        digest recorded when it is sound."""
         chunk = file_kind(url) == "chunk"
+        compared = chunk and _digest_compared.get(path) == held.identity
         if chunk and held.digest is not None:
-            if _digest_compared.get(path) != held.identity:
+            if not compared:
                 found = cache.body_digest(held.data)
                 if found != held.digest:
                     return (f"its CRC-32C {found.hex()} is not the {held.digest.hex()} recorded when it entered the "
                             "cache: its bytes changed on disk")
                 _digest_compared[path] = held.identity
             return self.body_problem(url, held.data, decode=True) if decode else None
-        unrecorded = chunk and self.cache_dir not in _without_digests
+        unrecorded = chunk and not compared and self.cache_dir not in _without_digests
         problem = self.body_problem(url, held.data, decode=decode or unrecorded)
-        if problem is None and unrecorded and not cache.record_digest(path, held):
-            _warn_without_digests(self.cache_dir)
+        if problem is None and unrecorded:
+            _digest_compared[path] = held.identity
+            if not cache.record_digest(path, held):
+                _warn_without_digests(self.cache_dir)
         return problem
 
     def _chunk_format(self, url: str) -> ChunkFormat | None:
