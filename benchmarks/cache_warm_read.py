@@ -11,6 +11,12 @@ uint8 chunk) and 16 KiB ones (where a fixed cost weighs most):
 - `read_held + utime`: the read now when the access time is set (the first read of a file each minute).
 Then a whole warm read of a (65, 1024, 1024) segment served as the data server lays it out (68 chunks of
 (4, 512, 512), Blosc-zstd), through `open_segment`, with no in-process LRU: what the bookkeeping is a part of.
+The same read three ways, taking turns, for what the chunks' recorded CRC-32C costs
+(`remote.CachedHTTPStore.cached_body_problem`):
+- without: the check as it was before digests (the header checks alone);
+- first read in a process: every chunk's CRC-32C computed and compared (this process's record of compared files
+  emptied before each read);
+- repeated read: the files compared already in this process (what every later read of a run pays).
 Writes benchmarks/results/cache_warm_read.json and prints a Markdown table.
 """
 import json
@@ -26,13 +32,14 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
-from pretrain.data import cache  # noqa: E402
+from pretrain.data import cache, remote  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from tests.loopback_server import LoopbackServer  # noqa: E402
 from tests.synthetic import random_volume, rectangle_mask, write_server_segment  # noqa: E402
 
 FILES = 64
 ROUNDS = 20
+DIGEST_ROUNDS = 15
 SEGMENT_ID = "20230827161847"
 
 
@@ -60,7 +67,7 @@ def read_held_with_utime(path: pathlib.Path) -> bytes:
 
 
 def main() -> None:
-    results = {"load_average_before": os.getloadavg()}
+    results = {"load_average_before": os.getloadavg(), "segment": {}}
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
         rows = []
@@ -84,14 +91,44 @@ def main() -> None:
         with LoopbackServer(mirror) as server:
             segment = open_segment(SEGMENT_ID, cache_dir=folder / "cache", data_url=server.url, lru_bytes=0)
             segment.volume[:, :, :]  # cold: fills the disk cache
-            timings = []
-            for _ in range(5):
-                start = time.perf_counter()
-                segment.volume[:, :, :]
-                timings.append(time.perf_counter() - start)
+            segment.volume[:, :, :]  # every chunk's digest compared once
+            with_digest = remote.CachedHTTPStore.cached_body_problem
+
+            def without_digest(store, url, path, held, decode):
+                return store.body_problem(url, held.data, decode=decode)
+
+            def first_read():
+                remote._digest_compared.clear()
+
+            ways = {"without_digest": (without_digest, None), "first_read": (with_digest, first_read),
+                    "repeated_read": (with_digest, None)}
+            timings = {name: [] for name in ways}
+            for round_index in range(DIGEST_ROUNDS):
+                names = list(ways)
+                for name in names[round_index % 3:] + names[:round_index % 3]:
+                    check, before = ways[name]
+                    remote.CachedHTTPStore.cached_body_problem = check
+                    if before is not None:
+                        before()
+                    start = time.perf_counter()
+                    segment.volume[:, :, :]
+                    timings[name].append(time.perf_counter() - start)
+            remote.CachedHTTPStore.cached_body_problem = with_digest
+        # The CRC-32C alone over the same chunk bodies: the work a first read adds, without the reads' noise.
+        bodies = [path.read_bytes() for path in (folder / "cache").rglob("*")
+                  if path.is_file() and path.parent.name.isdigit() and path.name.isdigit()]
+        crc_times = []
+        for _ in range(ROUNDS):
+            start = time.perf_counter()
+            for body in bodies:
+                cache.body_digest(body)
+            crc_times.append(time.perf_counter() - start)
+        results["segment"]["crc32c_s"] = statistics.median(crc_times)
+        results["segment"]["crc32c_bodies"] = len(bodies)
         chunks = 17 * 2 * 2
-        warm_read = statistics.median(timings)
-        results["segment"] = {"chunks": chunks, "warm_read_s": warm_read, "per_chunk_us": warm_read / chunks * 1e6}
+        warm_read = statistics.median(timings["repeated_read"])
+        results["segment"] = {**results["segment"], "chunks": chunks, "warm_read_s": warm_read, "per_chunk_us": warm_read / chunks * 1e6,
+                              **{f"{name}_s": statistics.median(times) for name, times in timings.items()}}
     results["load_average_after"] = os.getloadavg()
     output = REPO_ROOT / "benchmarks" / "results" / "cache_warm_read.json"
     output.write_text(json.dumps(results, indent=1))
@@ -106,6 +143,13 @@ def main() -> None:
     added_1mib = rows[0]["read_held_us"] - rows[0]["read_bytes_us"]
     print(f"\nwarm read of the (65, 1024, 1024) segment: {warm_read:.3f} s, {per_chunk:.0f} µs per chunk; "
           f"the lock adds {added_1mib:+.1f} µs per chunk = {100 * added_1mib / per_chunk:+.2f} %")
+    without = results["segment"]["without_digest_s"]
+    print(f"\nchunk digests (CRC-32C), median of {DIGEST_ROUNDS} warm reads of the segment each: without "
+          f"{without:.3f} s; first read in a process {results['segment']['first_read_s']:.3f} s "
+          f"(x{results['segment']['first_read_s'] / without:.3f}); repeated read {warm_read:.3f} s "
+          f"(x{warm_read / without:.3f}); the CRC-32C alone over its {results['segment']['crc32c_bodies']} chunk "
+          f"bodies {results['segment']['crc32c_s'] * 1e3:.1f} ms = {results['segment']['crc32c_s'] / without:.2%} "
+          "of the read without")
     print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
 
 

@@ -1,11 +1,11 @@
-"""What does the tensors' SHA-256 cost when a checkpoint is written and read?
+"""What does the checkpoint's SHA-256 (tensors and settings) cost when a checkpoint is written and read?
 
     python benchmarks/checkpoint_checksum.py                    # resnet50_3d, SparK full checkpoint with LAMB state
     python benchmarks/checkpoint_checksum.py --model resnet18_3d --repeats 3
 
 Writes the two files pretraining writes every epoch (the encoder alone, and the full SparK checkpoint with the
 optimizer's two moments per weight) with `pretrain.checkpoint.save` and reads them back with `read`, each
-`--repeats` times into a temp folder; times the checksum on its own (`tensors_checksum` over the same contents),
+`--repeats` times into a temp folder; times the checksum on its own (`contents_checksum` over the same contents),
 and reports the medians. The checksum's share is its time over the whole save or read. Writes
 benchmarks/results/checkpoint_checksum.json and prints a Markdown table.
 """
@@ -65,7 +65,7 @@ def main() -> None:
             save = median_seconds(lambda: checkpoint.save(path, kind, state, settings, **entries), args.repeats)
             read = median_seconds(lambda: checkpoint.read(path), args.repeats)
             contents = checkpoint.read(path)
-            checksum = median_seconds(lambda: checkpoint.tensors_checksum(contents), args.repeats)
+            checksum = median_seconds(lambda: checkpoint.contents_checksum(contents), args.repeats)
             rows.append({"file": name, "megabytes": round(os.path.getsize(path) / 2**20, 1),
                          "save_seconds": round(save, 3), "read_seconds": round(read, 3),
                          "checksum_seconds": round(checksum, 3),

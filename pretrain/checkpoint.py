@@ -16,9 +16,12 @@ Checkpoints are shared between researchers and downloaded, so every file is read
 pickle that could call arbitrary code is refused with one line. Besides tensors and plain containers, only numpy's
 RNG state (an array, in older full checkpoints) is allowed.
 
-Every file written records a SHA-256 of its tensors (`checksum`), checked on every read: a flipped byte in a copy or
-download would otherwise load as other weights without a word (torch's zip reader checks no CRC). Files without
-one (older files, foreign state dicts, Kinetics) load unchecked.
+Every file written records a SHA-256 of everything in it (`checksum`: tensors, and the settings beside them, such as
+the depth window, the model's name and the run's config), checked on every read: a flipped byte in a copy or
+download would otherwise load as other weights, or read other layers, without a word (torch's zip reader checks no
+CRC). A file with a kind must carry one: a checksum key renamed by damage is refused, not read unchecked. Files
+without a kind (older files, foreign state dicts, Kinetics) load unchecked; files of the first checksum version (a
+bare hex digest, over their tensors only) are checked as far as it goes.
 """
 import dataclasses
 import hashlib
@@ -41,6 +44,8 @@ ENCODER_PREFIXES = {"encoder": "", "finetune": "encoder."}
 KIND_NAMES = {"encoder": "encoder-only", "finetune": "fine-tuning", "kinetics": "Kinetics"}
 # What a weights-only load allows beyond torch's own types: numpy arrays, for numpy's RNG state.
 ALLOWED_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+# What `checksum` values start with: their digest covers tensors and settings (`contents_checksum`).
+CHECKSUM_SCHEME = "sha256-all"
 
 
 class CheckpointError(ValueError):
@@ -65,19 +70,33 @@ def save(path: str | os.PathLike, kind: str, model_state: dict, settings: InputS
     if kind not in kinds():
         raise ValueError(f"checkpoint kind {kind!r} is not one of {kinds()}")
     contents = {"kind": kind, "input": settings.as_dict(), "model": model_state, "commit": git_commit(), **entries}
-    save_atomic({**contents, "checksum": tensors_checksum(contents)}, path)
+    save_atomic({**contents, "checksum": f"{CHECKSUM_SCHEME}:{contents_checksum(contents)}"}, path)
+
+
+def contents_checksum(contents) -> str:
+    """SHA-256 over everything in `contents`, walked in key order: every tensor and numpy array with its key path,
+    dtype and shape, and every plain value (the settings: numbers, strings, None) with its key path and type.
+    Another value, dtype, shape or setting, a key renamed, or two entries swapped, all give another digest."""
+    return _checksum(contents, settings_too=True)
 
 
 def tensors_checksum(contents) -> str:
-    """SHA-256 over every tensor (and numpy array) in `contents`, walked in key order, each with its key path,
-    dtype and shape: another value, dtype or shape, or two tensors swapped, all give another digest."""
+    """SHA-256 over the tensors and numpy arrays in `contents` only: the first checksum version (a bare hex digest),
+    still checked when such a file is read."""
+    return _checksum(contents, settings_too=False)
+
+
+def _checksum(contents, settings_too: bool) -> str:
     digest = hashlib.sha256()
 
     def walk(value, key_path: str) -> None:
         if isinstance(value, dict):
             for key, item in value.items():
-                walk(item, f"{key_path}/{key}")
+                # repr keeps an optimizer state's integer key 0 apart from a string key "0"
+                walk(item, f"{key_path}/{key!r}" if settings_too else f"{key_path}/{key}")
         elif isinstance(value, (list, tuple)):
+            if settings_too:  # a list that lost or gained an entry, or became a tuple
+                digest.update(f"{key_path} {type(value).__name__} {len(value)}\n".encode())
             for index, item in enumerate(value):
                 walk(item, f"{key_path}/{index}")
         elif isinstance(value, torch.Tensor):
@@ -87,6 +106,14 @@ def tensors_checksum(contents) -> str:
         elif isinstance(value, np.ndarray):
             digest.update(f"{key_path} {value.dtype} {value.shape}\n".encode())
             digest.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+        elif not settings_too:
+            return
+        elif value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+            # repr gives a float back exactly and keeps 1, 1.0, True and "1" apart
+            digest.update(f"{key_path} {type(value).__name__} {value!r}\n".encode())
+        else:
+            raise TypeError(f"a checkpoint entry at {key_path} is a {type(value).__name__}, which the checksum does "
+                            "not cover: save plain numbers, strings, containers and tensors")
 
     walk(contents, "")
     return digest.hexdigest()
@@ -112,16 +139,37 @@ def read(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of weights")
-    if "kind" in checkpoint and isinstance(checkpoint.get("checksum"), str):  # written by save: checked
-        recorded = checkpoint.pop("checksum")
-        if tensors_checksum(checkpoint) != recorded:
-            raise CheckpointError(f"checkpoint {path} is damaged: its tensors no longer match the SHA-256 recorded "
-                                  "when it was written (a corrupted copy or download); copy it again")
+    if "kind" in checkpoint or "checksum" in checkpoint:  # written by save: checked
+        _check(checkpoint, path)
     if "kind" in checkpoint:
         if checkpoint["kind"] not in kinds():
             raise CheckpointError(f"checkpoint {path} is of unknown kind {checkpoint['kind']!r}")
         return checkpoint
     return _older_format(checkpoint, path)
+
+
+def _check(checkpoint: dict, path: pathlib.Path) -> None:
+    """Check a checkpoint written by `save` against its recorded checksum (which it removes), or raise CheckpointError:
+    one changed byte anywhere in what decides what the model computes must never load quietly."""
+    damaged = f"checkpoint {path} is damaged"
+    copy_again = "(a corrupted copy or download); copy it again"
+    if "kind" not in checkpoint:  # a checksum only save writes, beside a kind: the kind's key was changed
+        raise CheckpointError(f"{damaged}: it has a checksum but no kind {copy_again}")
+    recorded = checkpoint.pop("checksum", None)
+    if not isinstance(recorded, str):  # the key itself changed: checking nothing would load any damage
+        raise CheckpointError(f"{damaged}: it has a kind but no checksum {copy_again}")
+    scheme, separator, value = recorded.rpartition(":")
+    if separator and scheme == CHECKSUM_SCHEME:
+        if contents_checksum(checkpoint) != value:
+            raise CheckpointError(f"{damaged}: its tensors or settings no longer match the SHA-256 recorded when it "
+                                  f"was written {copy_again}")
+    elif not separator and len(value) == 64:  # the first checksum version: the tensors alone were hashed
+        if tensors_checksum(checkpoint) != value:
+            raise CheckpointError(f"{damaged}: its tensors no longer match the SHA-256 recorded when it was written "
+                                  f"{copy_again}")
+    else:
+        raise CheckpointError(f"{damaged}: its checksum {recorded[:24]!r} is of no form this toolkit writes "
+                              f"{copy_again}")
 
 
 def _older_format(checkpoint: dict, path: pathlib.Path) -> dict:

@@ -1,5 +1,6 @@
 """Shared fixtures. Also puts the repository root on sys.path so tests import `pretrain.*` package-qualified."""
 import dataclasses
+import os
 import pathlib
 import sys
 
@@ -98,10 +99,14 @@ def cached_chunk_files(cache_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def assert_cache_holds_only_whole_chunks(cache_dir: pathlib.Path, mirror: pathlib.Path, server_url_host: str):
-    """Every cached chunk is byte-identical to the served file: nothing partial where the cache looks."""
+    """Every cached chunk is byte-identical to the served file, and carries the digest of its bytes: nothing partial
+    where the cache looks, and no chunk without its record (or with another's)."""
+    from pretrain.data import cache
+
     for path in cached_chunk_files(cache_dir):
         relative = path.relative_to(cache_dir / server_url_host)
         assert path.read_bytes() == (mirror / relative).read_bytes(), f"partial or wrong chunk {relative}"
+        assert os.getxattr(path, cache.DIGEST_ATTRIBUTE) == cache.body_digest(path.read_bytes()), relative
 
 
 DEMO_FAMILY_SHAPE = (65, 128, 192)  # (Z, Y, X) of each small demo segment below

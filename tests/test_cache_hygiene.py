@@ -3,6 +3,7 @@ writers survive every sweep, whoever and wherever they are; a kill in a layer co
 the cache stays within SEGMENT_CACHE_MAX_GB without evicting what a process holds."""
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import tifffile
 import zarr
 import zarr.core.sync
 
-from pretrain.data import cache, remote, segment, volume
+from pretrain.data import cache, download, remote, segment, volume
 from pretrain.data.segment import open_segment
 from pretrain.utils import misc, temporaries
 from tests.conftest import REPO_ROOT
@@ -324,6 +325,59 @@ def test_a_bad_bound_is_one_line(tmp_path):
                                                         cache.MAX_GB_VARIABLE: "ten", "VESUVIUS_DATA_URL": "http://127.0.0.1:9"})
     assert result.returncode == 2
     assert result.stderr.strip() == "error: SEGMENT_CACHE_MAX_GB='ten' is not a positive number of gigabytes (unset it for no bound)"
+
+
+def test_a_bound_smaller_than_the_segment_names_the_size_it_needs_and_that_size_is_enough(served_segment, tmp_path):
+    """It said "only 9 of its 17 chunks are in the cache … run it again", every time."""
+    mirror, _ = served_segment
+    with LoopbackServer(mirror) as server:
+        environment = {**os.environ, "SEGMENT_CACHE_DIR": str(tmp_path / "cache"), "VESUVIUS_DATA_URL": server.url,
+                       cache.MAX_GB_VARIABLE: str(BOUND_GB)}
+        command = ["bash", str(REPO_ROOT / "download_segment.sh"), SEGMENT_ID]
+        small = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+        assert small.returncode == 2
+        errors = [line for line in re.split(r"[\r\n]", small.stderr) if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in small.stderr, small.stderr[-1000:]
+        line = errors[0]
+        assert line.startswith(f"error: segment {SEGMENT_ID} needs 0.003 GB in the cache"), line
+        needed = line.split(f"set {cache.MAX_GB_VARIABLE} to ")[1].split(" or more")[0]
+        assert float(needed) * 10**9 * cache.EVICT_TO >= 2.1e6
+        enough = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                env={**environment, cache.MAX_GB_VARIABLE: needed})
+        assert enough.returncode == 0 and "done: " in enough.stdout, enough.stderr[-1000:]
+
+
+@pytest.mark.parametrize("value, bound", [("inf", None), (" 50 ", 50 * 10**9), ("1e-12", "less than one byte"),
+                                          ("-1", "is not a positive number"), ("nan", "is not a positive number")])
+def test_the_bound_accepts_inf_as_none_and_refuses_less_than_a_byte_in_one_line(monkeypatch, value, bound):
+    monkeypatch.setenv(cache.MAX_GB_VARIABLE, value)
+    if not isinstance(bound, str):
+        assert cache.max_bytes() == bound
+        return
+    with pytest.raises(ValueError) as raised:
+        cache.max_bytes()
+    assert str(raised.value).startswith(f"{cache.MAX_GB_VARIABLE}={value.strip()!r} ") and bound in str(raised.value)
+
+
+def test_download_segment_sh_accepts_every_option_its_help_lists(tmp_path, capsys):
+    """`--help` listed --concurrency, and `--concurrency=2` failed ("argument --scroll: expected one argument"): the
+    script passed its second word to --scroll."""
+    script = ["bash", str(REPO_ROOT / "download_segment.sh")]
+    shown = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "SCROLL" in shown.stdout
+    options = set(re.findall(r"(--[a-z][a-z-]+)", shown.stdout)) - {"--help"}
+    assert options == {"--scroll", "--concurrency", "--cache-dir"}
+    # A malformed ID is refused after the parsing: that one line says every argument before it was understood.
+    not_an_id = "error: segment ID 'x' is not one"
+    result = subprocess.run([*script, "x", "4", "--concurrency=2", "--cache-dir", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith(not_an_id), result.stderr
+    for arguments in (["x", "--scroll", "4"], ["--concurrency", "2", "x", "4"], ["x", "--cache-dir", str(tmp_path)]):
+        assert download.main(arguments) == 2  # the same parser, in this process
+        assert capsys.readouterr().err.startswith(not_an_id)
+    with pytest.raises(SystemExit) as exited:
+        download.main(["x", "4", "--scroll", "2"])
+    assert exited.value.code == 2 and "SCROLL 4 and --scroll 2 name two scrolls" in capsys.readouterr().err
 
 
 def run_cache_tool(*arguments: str, cache_dir: pathlib.Path) -> subprocess.CompletedProcess:

@@ -22,6 +22,7 @@ import pytest
 import tifffile
 import zarr.core.sync
 
+from pretrain.data import cache as cache_module
 from pretrain.data import remote
 from pretrain.data.remote import (CacheWriteError, DamagedCacheError, RemoteReadError, RemoteSettingError,
                                   blosc_problem, image_problem, split_credentials)
@@ -166,6 +167,62 @@ def test_damage_in_the_cache_is_found_on_read_and_fetched_again(server_layout, t
     assert_cache_mirrors_server(cache, server)
 
 
+def flip_inside(path: pathlib.Path, server: LoopbackServer, cache: pathlib.Path) -> None:
+    """One bit flipped in a cached chunk where the chunk still decodes, to other voxels: its size, its Blosc
+    header and a full decode all pass (Blosc-zstd has no checksum), as in the attack that read 19,230 wrong voxels."""
+    store = remote.CachedHTTPStore(server.url, cache_dir=cache)
+    url = server.url + "/" + path.relative_to(cache / cache_host(server)).as_posix()
+    data = path.read_bytes()
+    for offset in range(len(data) - 1, remote.BLOSC_HEADER_BYTES, -1):  # from the end: zstd's literals
+        changed = bytearray(data)
+        changed[offset] ^= 0x10
+        if store.body_problem(url, bytes(changed), decode=True) is None:
+            path.write_bytes(bytes(changed))
+            return
+    raise AssertionError(f"no bit of {path} flips without breaking its decode")
+
+
+def test_a_bit_flipped_inside_a_cached_chunk_is_found_by_its_digest_and_never_returned(server_layout, tmp_path):
+    cache = tmp_path / "cache"
+    with LoopbackServer(server_layout.root) as server:
+        open_segment(SERVER_SEGMENT_ID, cache_dir=cache, data_url=server.url).volume[:, :, :]
+        chunk = cached(cache, server, CHUNK)
+        flip_inside(chunk, server, cache)
+        server.reset_counts()
+        with pytest.warns(UserWarning, match=re.escape(f"{chunk} in the cache is damaged (its CRC-32C ")):
+            segment = open_segment(SERVER_SEGMENT_ID, cache_dir=cache, data_url=server.url)
+            assert np.array_equal(segment.volume[:, :, :], server_layout.volume)
+        assert server.requests == {CHUNK: 1}  # that one again, nothing else
+    assert_cache_mirrors_server(cache, server)
+    # The server gone: one error naming the file, never the changed voxels.
+    flip_inside(chunk, server, cache)
+    with pytest.raises(DamagedCacheError, match=re.escape(f"{chunk} in the cache is damaged (its CRC-32C ")), \
+            pytest.warns(UserWarning, match="fetching it again"):
+        open_segment(SERVER_SEGMENT_ID, cache_dir=cache, data_url=server.url, http_retries=0).volume[16:20, :64, 512:]
+
+
+def test_a_chunk_cached_without_a_digest_is_decoded_then_recorded_and_a_file_system_without_them_says_so(
+        server_layout, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    with LoopbackServer(server_layout.root) as server:
+        open_segment(SERVER_SEGMENT_ID, cache_dir=cache, data_url=server.url).volume[16:20, :64, 512:]
+        chunk = cached(cache, server, CHUNK)
+        os.removexattr(chunk, cache_module.DIGEST_ATTRIBUTE)  # cached before digests, or copied without them
+        segment = open_segment(SERVER_SEGMENT_ID, cache_dir=cache, data_url=server.url)
+        assert np.array_equal(segment.volume[16:20], server_layout.volume[16:20])
+        assert os.getxattr(chunk, cache_module.DIGEST_ATTRIBUTE) == cache_module.body_digest(chunk.read_bytes())
+
+        def no_attributes(*arguments):
+            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+        monkeypatch.setattr(os, "setxattr", no_attributes)
+        other = tmp_path / "other_cache"
+        with pytest.warns(UserWarning, match=f"the file system of the cache folder {other} keeps no extended") as said:
+            segment = open_segment(SERVER_SEGMENT_ID, cache_dir=other, data_url=server.url)
+            assert np.array_equal(segment.volume[:, :, :], server_layout.volume)
+        assert sum("extended attributes" in str(warning.message) for warning in said) == 1
+
+
 def test_damage_in_the_cache_without_the_server_is_one_error_naming_the_file(server_layout, tmp_path):
     cache = tmp_path / "cache"
     with LoopbackServer(server_layout.root) as server:
@@ -207,10 +264,13 @@ def test_download_segment_checks_every_cached_file_and_repairs_the_damaged(serve
         other_chunk.write_bytes(b"<!DOCTYPE html>" + other_chunk.read_bytes()[15:])  # same size, foreign header
         cached(cache, server, f"{ZARR_PATH}/0/.zarray").write_text("<html>")
         cached(cache, server, MASK).write_bytes(cached(cache, server, MASK).read_bytes()[:-30])
+        flipped = cached(cache, server, f"{ZARR_PATH}/0/2/0/0")
+        flip_inside(flipped, server, cache)  # found by its digest alone
         repaired = run_download(SERVER_SEGMENT_ID, env)
         assert repaired.returncode == 0, repaired.stderr
-        # The zarr's three in the count; the mask, read while the segment opens, in a warning line.
-        assert "3 damaged files of the zarr fetched again" in repaired.stdout, repaired.stdout
+        # The zarr's four in the count; the mask, read while the segment opens, in a warning line.
+        assert "4 damaged files of the zarr fetched again" in repaired.stdout, repaired.stdout
+        assert f"warning: {flipped} in the cache is damaged (its CRC-32C " in repaired.stderr
         assert f"warning: {cached(cache, server, MASK)} in the cache is damaged (the PNG image is cut short" in (
             repaired.stderr)
     assert_cache_mirrors_server(cache, server)
@@ -304,7 +364,7 @@ class FullDisk:
 def test_a_full_disk_is_one_error_naming_the_cache_folder_not_the_server(server_layout, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     with LoopbackServer(server_layout.root) as server:
-        def full_disk(destination, data, cache_dir):
+        def full_disk(destination, data, cache_dir, digest=False):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(remote, "write_to_cache", full_disk)

@@ -167,13 +167,77 @@ def test_a_flipped_byte_in_the_tensor_data_is_one_error_line_and_files_without_a
     assert not torch.equal(loaded, weight)
     with pytest.raises(checkpoint.CheckpointError) as raised:
         checkpoint.read(tmp_path / "damaged.pth")
-    assert str(raised.value) == (f"checkpoint {tmp_path / 'damaged.pth'} is damaged: its tensors no longer match the "
-                                 "SHA-256 recorded when it was written (a corrupted copy or download); copy it again")
-    # The same contents without a checksum (a file written before checksums) load, unchecked.
+    assert str(raised.value) == (f"checkpoint {tmp_path / 'damaged.pth'} is damaged: its tensors or settings no longer "
+                                 "match the SHA-256 recorded when it was written (a corrupted copy or download); copy "
+                                 "it again")
+    # The same contents without a kind and a checksum (a file written before either) load, unchecked.
     unchecked = torch.load(tmp_path / "encoder.pth", weights_only=True)
-    del unchecked["checksum"]
-    torch.save(unchecked, tmp_path / "older.pth")
+    torch.save(unchecked["model"], tmp_path / "older.pth")
     assert torch.equal(checkpoint.read(tmp_path / "older.pth")["model"]["weight"], weight)
+    # A file of the first checksum version (a bare digest of its tensors) is checked as far as that goes.
+    unchecked["checksum"] = checkpoint.tensors_checksum({key: value for key, value in unchecked.items()
+                                                         if key != "checksum"})
+    torch.save(unchecked, tmp_path / "first_version.pth")
+    assert torch.equal(checkpoint.read(tmp_path / "first_version.pth")["model"]["weight"], weight)
+    unchecked["model"]["weight"] = weight + 1
+    torch.save(unchecked, tmp_path / "first_version.pth")
+    with pytest.raises(checkpoint.CheckpointError, match="its tensors no longer match"):
+        checkpoint.read(tmp_path / "first_version.pth")
+
+
+def damage(path, old: bytes, new: bytes) -> None:
+    """Replace the one occurrence of `old` in the file's bytes by `new` (of the same length): torch's zip stores
+    the pickle uncompressed and its reader checks no CRC, so the file still loads."""
+    data = path.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    path.write_bytes(data.replace(old, new))
+
+
+@pytest.mark.parametrize("case", ["checksum key renamed", "kind key renamed", "depth_offset 0 -> 3", "model name",
+                                  "checksum's form"])
+def test_one_changed_byte_in_the_settings_or_the_keys_is_refused_in_one_line(tmp_path, case):
+    path = tmp_path / "best.pth"
+    settings = InputSettings(model="resnet18_3d_tiny", depth=8, depth_offset=0, tile_size=32)
+    checkpoint.save(path, "finetune", {"weight": torch.arange(8.0)}, settings, config={"DEPTH_POOL": "mean"})
+    if case == "checksum key renamed":  # the attack that turned the check off: 111 tensors damaged loaded
+        damage(path, b"checksum", b"checksuN")
+        message = "it has a kind but no checksum"
+    elif case == "kind key renamed":  # would read as a fine-tuning file of the older format, unchecked
+        damage(path, b"kind", b"kine")
+        message = "it has a checksum but no kind"
+    elif case == "depth_offset 0 -> 3":  # loaded without a word and read other layers
+        position = path.read_bytes().index(b"depth_offset") + len(b"depth_offset")
+        value = path.read_bytes().index(b"K\x00", position)  # the pickle's one-byte integer 0
+        assert value - position < 4
+        data = bytearray(path.read_bytes())
+        data[value + 1] = 3
+        path.write_bytes(bytes(data))
+        assert torch.load(path, weights_only=True)["input"]["depth_offset"] == 3  # the damage alone would load
+        message = "its tensors or settings no longer match the SHA-256"
+    elif case == "model name":
+        damage(path, b"resnet18_3d_tiny", b"resnet18_3d_tinz")
+        message = "its tensors or settings no longer match the SHA-256"
+    else:
+        damage(path, b"sha256-all:", b"sha256-alm:")
+        message = "its checksum 'sha256-alm:"
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        checkpoint.read(path)
+    assert str(raised.value).startswith(f"checkpoint {path} is damaged: {message}") and "\n" not in str(raised.value)
+
+
+def test_the_checksum_covers_settings_key_types_and_refuses_what_it_cannot_cover():
+    entries = {"input": {"depth_offset": 0, "model": "resnet18_3d_tiny", "follow_surface": False}, "epoch": 1,
+               "state": {0: 1.5, "0": None}, "lr": [0.1, 0.2]}
+    digest = checkpoint.contents_checksum(entries)
+    for changed in ({**entries, "input": {**entries["input"], "depth_offset": 3}},
+                    {**entries, "input": {**entries["input"], "model": "resnet18_3d"}},
+                    {**entries, "input": {**entries["input"], "follow_surface": 0}},  # same value, another type
+                    {**entries, "epoch": 1.0}, {**entries, "state": {"0": 1.5, 0: None}},
+                    {**entries, "lr": (0.1, 0.2)}, {**entries, "lr": [0.1]}, {**entries, "extra": None}):
+        assert checkpoint.contents_checksum(changed) != digest, changed
+    assert checkpoint.tensors_checksum(entries) == checkpoint.tensors_checksum({})  # the first version's blind spot
+    with pytest.raises(TypeError, match="a checkpoint entry at /'when' is a object"):
+        checkpoint.contents_checksum({"when": object()})
 
 
 def test_the_checksum_covers_key_paths_dtypes_and_every_kind_of_entry():

@@ -8,6 +8,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from finetune import predict
 from pretrain import checkpoint
@@ -171,6 +172,23 @@ def test_a_bad_input_is_one_error_line_from_the_command(tmp_path):
                           str(tmp_path / "predictions")])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [f"error: checkpoint {tmp_path / 'best.pth'} does not exist"]
+
+
+def test_a_damaged_checkpoint_whose_checksum_key_was_renamed_is_one_error_line_and_no_prediction(trained_run,
+                                                                                                 tmp_path):
+    """The attack that loaded: every tensor zeroed and the checksum's key renamed by one byte; predict.py exited 0
+    with an all-zero prediction."""
+    saved = torch.load(trained_run / "best.pth", weights_only=True)
+    saved["model"] = {key: torch.zeros_like(value) for key, value in saved["model"].items()}
+    saved["checksuN"] = saved.pop("checksum")
+    damaged = tmp_path / "best.pth"
+    torch.save(saved, damaged)
+    output = tmp_path / "predictions"
+    result = run_predict(["--checkpoint", str(damaged), "--segment_id", "demo", "--output_dir", str(output)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"error: checkpoint {damaged} is damaged: it has a kind but no checksum (a "
+                                          "corrupted copy or download); copy it again"]
+    assert not list(output.rglob("*.png"))
 
 
 def test_output_names_are_the_specs_fit_for_file_names(tmp_path):

@@ -16,11 +16,19 @@ A file is evicted whole, and only one the data server can give again (a chunk, a
 segment converted from layer images (`…/paths/{id}/layers.zarr`) is one unit: it is evicted, or removed,
 whole or not at all, and never while a process has it open (each holds a shared lock on its `zarr.json` from
 opening it until exit), since a chunk missing there would read as zeros. The demo segments are never evicted.
+
+Each chunk body carries its CRC-32C, recorded when it enters the cache (`write_recorded`) as an extended attribute of
+the file (`DIGEST_ATTRIBUTE`), set on the temp file before the rename: file and record appear together, or neither
+does, whatever kill -9 or a second process does meanwhile, and the file's bytes stay the server's. A read compares
+them (`pretrain.data.remote`): Blosc-zstd has no checksum of its own, so a flipped bit inside a chunk of the right
+size would otherwise decode to wrong voxels without a word.
 """
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import math
 import os
 import pathlib
 import re
@@ -29,6 +37,10 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+
+import crc32c
+
+from pretrain.utils import temporaries
 
 MAX_GB_VARIABLE = "SEGMENT_CACHE_MAX_GB"
 EVICT_TO = 0.9  # evicting below the bound leaves room, so a walk comes once per tenth of the bound fetched
@@ -43,6 +55,13 @@ SEGMENT_FILE_PATTERN = re.compile(r"(\d{8,}(?:_[\w-]+?)??)(?:_superseded)?(?:\.z
 
 # Zarr metadata is never evicted: it is small, and the chunk checks of `pretrain.data.remote` read it from here.
 METADATA_NAMES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
+
+# The extended attribute holding a chunk body's CRC-32C (4 bytes, little-endian). CRC-32C and not a cryptographic
+# hash: it finds any damage short of a forgery, and, computed in hardware, costs a few percent of a warm chunk read
+# where blake2b would cost most of one (notes/performance.md).
+DIGEST_ATTRIBUTE = "user.vesuvius-ink.crc32c"
+# Where a file system keeps no extended attributes, a write fails with one of these (and the body goes unrecorded).
+NO_ATTRIBUTES_ERRORS = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
 # Shared locks this process keeps on the converted segments it opened, until it exits (by folder).
 _held_for_life: dict[pathlib.Path, object] = {}
@@ -64,23 +83,47 @@ def positive_setting(name: str, unit: str) -> float | None:
 
 
 def max_bytes() -> int | None:
-    """The bound from `SEGMENT_CACHE_MAX_GB` in bytes, or None when it is unset. Raises ValueError naming the
-    variable when it is not a positive number."""
+    """The bound from `SEGMENT_CACHE_MAX_GB` in bytes, or None when it is unset or `inf`. Raises ValueError naming
+    the variable when it is not a positive number, or less than a byte."""
     gigabytes = positive_setting(MAX_GB_VARIABLE, "gigabytes (unset it for no bound)")
-    return None if gigabytes is None else int(gigabytes * 10**9)
+    if gigabytes is None or math.isinf(gigabytes):
+        return None
+    if gigabytes * 10**9 < 1:
+        raise ValueError(f"{MAX_GB_VARIABLE}={os.environ[MAX_GB_VARIABLE].strip()!r} bounds the cache at less than "
+                         "one byte: give gigabytes, such as 50 (unset it, or inf, for no bound)")
+    return int(gigabytes * 10**9)
 
 
-def _mark_used(descriptor: int) -> None:
-    status = os.fstat(descriptor)
+def unevictable_bytes(cache_dir: pathlib.Path) -> int:
+    """What the cache holds that no eviction removes (metadata, demo segments, conversions under way)."""
+    return sum(unit.size for unit in entries(cache_dir) if not unit.evictable)
+
+
+def _mark_used(descriptor: int, status: os.stat_result) -> None:
     now = time.time_ns()
     if now - status.st_atime_ns > RECENCY_RESOLUTION_NS:
         with contextlib.suppress(PermissionError):  # a cache shared between users: the owner's reads still count
             os.utime(descriptor, ns=(now, status.st_mtime_ns))
 
 
-def read_held(path: pathlib.Path) -> bytes | None:
-    """The bytes of cached file `path`, read under a shared lock (so no eviction takes it meanwhile), and the
-    file marked as used; None when it is not in the cache."""
+def body_digest(data: bytes) -> bytes:
+    """The digest recorded for a body: its CRC-32C, 4 bytes."""
+    return crc32c.crc32c(data).to_bytes(4, "little")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldRead:
+    """A cached file as read: its bytes, the digest recorded when it entered the cache (None: none recorded), and
+    its identity (device, inode, size, modification time): a file replaced or written over has another."""
+
+    data: bytes
+    digest: bytes | None
+    identity: tuple[int, int, int, int]
+
+
+def read_held(path: pathlib.Path) -> HeldRead | None:
+    """Cached file `path`, read under a shared lock (so no eviction takes it meanwhile), and the file marked as
+    used; None when it is not in the cache."""
     try:
         file = open(path, "rb")
     except (FileNotFoundError, IsADirectoryError):
@@ -88,8 +131,54 @@ def read_held(path: pathlib.Path) -> bytes | None:
     with file:
         fcntl.flock(file.fileno(), fcntl.LOCK_SH)
         data = file.read()
-        _mark_used(file.fileno())
-    return data
+        status = os.fstat(file.fileno())
+        _mark_used(file.fileno(), status)
+        try:
+            digest = os.getxattr(file.fileno(), DIGEST_ATTRIBUTE)
+        except OSError:  # no record (ENODATA), or a file system without extended attributes
+            digest = None
+    return HeldRead(data, digest, (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns))
+
+
+def write_recorded(path: pathlib.Path, data: bytes, folder: pathlib.Path) -> bool:
+    """Write `data` to `path` atomically (a temp file in `folder`, renamed), with its digest recorded on the temp
+    file before the rename. False where the file system keeps no extended attributes: written without a record."""
+    recorded = True
+
+    def write(temporary: pathlib.Path) -> None:
+        nonlocal recorded
+        temporary.write_bytes(data)
+        try:
+            os.setxattr(temporary, DIGEST_ATTRIBUTE, body_digest(data))
+        except OSError as error:
+            if error.errno not in NO_ATTRIBUTES_ERRORS:
+                raise
+            recorded = False
+
+    temporaries.write_atomic(path, write, folder=folder)
+    return recorded
+
+
+def record_digest(path: pathlib.Path, held: HeldRead) -> bool:
+    """Record the digest of `held` (a file cached before digests were, and found sound) on the file it was read
+    from, if `path` still is that file. False where the file system keeps no extended attributes."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True  # gone or replaced meanwhile: whoever replaced it recorded its own
+    try:
+        status = os.fstat(descriptor)
+        if (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns) == held.identity:
+            os.setxattr(descriptor, DIGEST_ATTRIBUTE, body_digest(held.data))
+    except PermissionError:  # a cache shared between users: the owner's reads record it
+        pass
+    except OSError as error:
+        if error.errno in NO_ATTRIBUTES_ERRORS:
+            return False
+        raise
+    finally:
+        os.close(descriptor)
+    return True
 
 
 def hold_converted(converted: pathlib.Path) -> None:
@@ -98,7 +187,7 @@ def hold_converted(converted: pathlib.Path) -> None:
         return
     file = open(converted / CONVERTED_METADATA, "rb")
     fcntl.flock(file.fileno(), fcntl.LOCK_SH)
-    _mark_used(file.fileno())
+    _mark_used(file.fileno(), os.fstat(file.fileno()))
     _held_for_life[converted] = file
 
 
@@ -323,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         for segment, (size, files) in sizes.items():
             print(f"{segment:<32} {_gigabytes(size):>12} {files:>9} files")
         total = sum(size for size, _ in sizes.values())
+        setting = os.environ.get(MAX_GB_VARIABLE, "").strip()
         bound_text = f"bound {_gigabytes(bound)}" if bound else "no bound"
-        bound_text += f" ({MAX_GB_VARIABLE}{'' if bound else ' unset'})"
+        bound_text += f" ({MAX_GB_VARIABLE}{f'={setting}' if setting else ' unset'})"
         print(f"{'total':<32} {_gigabytes(total):>12}  in {cache_dir}; {bound_text}")
         return 0
     segment_id = args.segment_id.strip()

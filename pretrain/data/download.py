@@ -1,10 +1,12 @@
 """Prefetch a whole segment from the data server into the cache (what `download_segment.sh` runs).
 
-    python -m pretrain.data.download SEGMENT_ID [--scroll 1] [--cache-dir DIR]
+    python -m pretrain.data.download SEGMENT_ID [SCROLL] [--concurrency 8] [--cache-dir DIR]
+    ./download_segment.sh SEGMENT_ID [SCROLL] [--concurrency 8] [--cache-dir DIR]      # the same, its arguments passed on
 
 Resumable by construction: what is already in the cache is skipped, so a second run after an
-interruption fetches only what is missing. It is also the repair tool: every cached chunk is checked (its
-codec header and a full decode; metadata, mask and labels on their read) and fetched again where damaged,
+interruption fetches only what is missing. It is also the repair tool: every cached chunk is checked (the
+CRC-32C recorded as it entered the cache, its codec header and a full decode; metadata, mask and labels on their
+read) and fetched again where damaged,
 and every file the cache remembers as absent on the server (a chunk, a mask, labels) is asked for again,
 and cached if the server has it now, so a wrong 404 or labels added later never stay missed. A segment of
 layer images (scrolls 2, 3, 4) is downloaded and converted by `open_segment` itself; a run after
@@ -14,6 +16,8 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
+import os
 import pathlib
 import sys
 
@@ -21,6 +25,7 @@ import tqdm
 import zarr
 import zarr.core.sync
 
+from pretrain.data import cache
 from pretrain.data.remote import (CachedHTTPStore, RemoteReadError, chunk_format_from_metadata, chunk_problem,
                                   default_cache_dir)
 from pretrain.data.segment import SEGMENT_ID_PATTERN, SegmentError, open_segment, segment_zarr_url
@@ -73,14 +78,25 @@ def download_segment(segment_id: str, scroll: str = "1", cache_dir: pathlib.Path
           f"asking about {len(missing)} ({remembered_absent} remembered as absent)")
     # Cached chunks are decoded in full: this is the repair tool, and a decode finds what a header cannot.
     with tqdm.tqdm(total=len(cached), unit="chunk", desc=f"checking {segment_id}") as progress:
-        run_batches(store, cached, progress, decode=True)
+        chunk_bytes = run_batches(store, cached, progress, decode=True)
     with tqdm.tqdm(total=len(missing), unit="chunk", desc=f"downloading {segment_id}") as progress:
-        run_batches(store, missing, progress, decode=False)
+        chunk_bytes += run_batches(store, missing, progress, decode=False)
     counts = {"chunks": len(keys), "fetched": store.counters["fetched"], "bytes": store.counters["fetched_bytes"],
               "absent": store.counters["absent"], "recovered": store.counters["recovered"],
               "repaired": store.counters["repaired"]}
     in_cache = sum((store.cache_root / key).is_file() or store.is_cached(key) for key in keys)
     if in_cache != len(keys):  # never "done" for a segment the cache does not hold whole
+        bound = cache.max_bytes()
+        needed = chunk_bytes + cache.unevictable_bytes(cache_dir)
+        if bound is not None and needed > bound * cache.EVICT_TO:
+            # Another run would evict its own chunks again: the bound, not the network, is at fault.
+            # In whole megabytes, rounded up: eviction empties the cache down to EVICT_TO of the bound.
+            needed_gigabytes, bound_gigabytes = math.ceil(needed / 10**6) / 1000, math.ceil(needed / cache.EVICT_TO
+                                                                                           / 10**6) / 1000
+            raise SegmentError(f"segment {segment_id} needs {needed_gigabytes} GB in the cache (its chunks, and what "
+                               f"the cache cannot evict), more than {cache.MAX_GB_VARIABLE}="
+                               f"{os.environ[cache.MAX_GB_VARIABLE].strip()} leaves it: set {cache.MAX_GB_VARIABLE} "
+                               f"to {bound_gigabytes} or more (or unset it) and run it again")
         raise SegmentError(f"segment {segment_id}: only {in_cache} of its {len(keys)} chunks are in the cache "
                            f"{store.cache_root} after the download; run it again")
     return counts
@@ -99,37 +115,48 @@ def converted_zarr_damage(converted: pathlib.Path) -> str | None:
     return None
 
 
-def run_batches(store: CachedHTTPStore, keys: list[str], progress: tqdm.tqdm, decode: bool) -> None:
+def run_batches(store: CachedHTTPStore, keys: list[str], progress: tqdm.tqdm, decode: bool) -> int:
     """Read every key through the store (checking cached ones, fetching missing ones, asking again about remembered
-    absences). Every request of a batch ends before an error is raised, so a failure is one error, not a failure
-    plus the noise of requests cut off as the process exits."""
+    absences); the bytes of the bodies read. Every request of a batch ends before an error is raised, so a failure
+    is one error, not a failure plus the noise of requests cut off as the process exits."""
 
-    async def read_one(key: str) -> None:
-        await store.fetch_to_cache(key, recheck_absent=True, decode=decode)
+    async def read_one(key: str) -> int:
+        data = await store.fetch_to_cache(key, recheck_absent=True, decode=decode)
         progress.update(1)
+        return len(data) if data is not None else 0
 
-    async def read_all() -> None:
+    async def read_all() -> int:
+        total = 0
         for start in range(0, len(keys), BATCH_KEYS):
             results = await asyncio.gather(*(read_one(key) for key in keys[start : start + BATCH_KEYS]),
                                            return_exceptions=True)
             errors = [result for result in results if isinstance(result, BaseException)]
             if errors:
                 raise errors[0]
+            total += sum(results)
+        return total
 
-    zarr.core.sync.sync(read_all())
+    return zarr.core.sync.sync(read_all())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="./download_segment.sh takes the "
+                                     "same arguments: ./download_segment.sh SEGMENT_ID [SCROLL] [options]")
     parser.add_argument("segment_id", help="segment ID, e.g. 20230827161847")
-    parser.add_argument("--scroll", default="1", help="scroll number (sets the server folders); default 1")
+    parser.add_argument("scroll_number", nargs="?", metavar="SCROLL", help="scroll number, as --scroll")
+    parser.add_argument("--scroll", help="scroll number (sets the server folders); default 1")
     parser.add_argument("--cache-dir", type=pathlib.Path, default=None,
                         help="chunk cache (default: $SEGMENT_CACHE_DIR or ~/.cache/vesuvius-ink)")
-    parser.add_argument("--concurrency", type=int, default=8, help="simultaneous HTTP requests")
-    args = parser.parse_args(argv)
+    parser.add_argument("--concurrency", type=int, default=8, help="simultaneous HTTP requests (default 8)")
+    args = parser.parse_intermixed_args(argv)  # options before, between or after SEGMENT_ID and SCROLL
+    if args.scroll is not None and args.scroll_number is not None and args.scroll != args.scroll_number:
+        parser.error(f"SCROLL {args.scroll_number} and --scroll {args.scroll} name two scrolls: give one")
+    if args.concurrency < 1:
+        parser.error(f"--concurrency {args.concurrency}: give at least 1 simultaneous request")
+    scroll = args.scroll or args.scroll_number or "1"
     misc.show_warnings_as_lines()
     try:
-        counts = download_segment(args.segment_id, args.scroll, args.cache_dir, args.concurrency)
+        counts = download_segment(args.segment_id, scroll, args.cache_dir, args.concurrency)
     except (SegmentError, RemoteReadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

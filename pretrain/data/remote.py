@@ -11,7 +11,11 @@ truncated response aborts the read (the complaints against the `vesuvius` librar
 A server's 200 is not trusted: a body is checked before it enters the cache (`body_problem`: its length,
 a chunk's codec header and a full decode, JSON for metadata, an image's structure) and retried like a 5xx
 when bad, and every read of a cached file checks it again, cheaply, before a decoder sees it (c-blosc
-trusts its own header: a chunk cut short on disk could crash it); a damaged file is fetched again.
+trusts its own header: a chunk cut short on disk could crash it); a damaged file is fetched again. A chunk
+enters the cache with its CRC-32C recorded (`pretrain.data.cache.write_recorded`), and its first read in a
+process compares it: a bit flipped inside a Blosc-zstd chunk passes every header check and decodes to wrong
+voxels. Later reads in the process skip the CRC while the file is the same one (inode, size and modification
+time): they are served from the page cache, which holds the bytes already compared.
 
 A key the server does not have is remembered as `{key}.absent`: for zarr a missing chunk means "fill
 value", so a warm run never asks again. A 404 is believed only when a second request repeats it, so
@@ -334,12 +338,32 @@ def _incomplete_path(cache_dir: pathlib.Path, name: str = "download") -> tempora
     return temporaries.create_locked(pathlib.Path(cache_dir) / INCOMPLETE_DIR, name)
 
 
-def write_to_cache(destination: pathlib.Path, data: bytes, cache_dir: pathlib.Path) -> None:
-    """Write `data` to `destination` through a temp file in `cache_dir/.incomplete` and a rename."""
+def write_to_cache(destination: pathlib.Path, data: bytes, cache_dir: pathlib.Path, digest: bool = False) -> None:
+    """Write `data` to `destination` through a temp file in `cache_dir/.incomplete` and a rename, with its digest
+    recorded if `digest` (chunk bodies)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temporaries.write_atomic(destination, lambda temporary: temporary.write_bytes(data),
-                             folder=pathlib.Path(cache_dir) / INCOMPLETE_DIR)
+    folder = pathlib.Path(cache_dir) / INCOMPLETE_DIR
+    if digest:
+        if not cache.write_recorded(destination, data, folder):
+            _warn_without_digests(cache_dir)
+    else:
+        temporaries.write_atomic(destination, lambda temporary: temporary.write_bytes(data), folder=folder)
     cache.record_added(cache_dir, len(data))
+
+
+# Caches whose file system keeps no extended attributes (no digests recorded there), and chunks whose digest was
+# compared in this process, by cache path, with the identity of the file compared.
+_without_digests: set[pathlib.Path] = set()
+_digest_compared: dict[pathlib.Path, tuple[int, int, int, int]] = {}
+
+
+def _warn_without_digests(cache_dir: pathlib.Path) -> None:
+    if cache_dir in _without_digests:
+        return
+    _without_digests.add(cache_dir)
+    warnings.warn(f"the file system of the cache folder {cache_dir} keeps no extended attributes, so cached chunks "
+                  "carry no digest and a bit flipped inside one goes unnoticed; put SEGMENT_CACHE_DIR on a local disk "
+                  "(ext4, xfs, btrfs) to have them checked")
 
 
 def sweep_incomplete(cache_dir: pathlib.Path) -> int:
@@ -498,11 +522,38 @@ class CachedHTTPStore(Store):
                                    f"free; needs {need}): free space there, or set SEGMENT_CACHE_DIR to a larger disk")
         return CacheWriteError(f"cannot write {what} into the cache folder {self.cache_dir}: {error.strerror}")
 
-    def _write_to_cache(self, path: pathlib.Path, data: bytes, url: str) -> None:
+    def _write_to_cache(self, path: pathlib.Path, data: bytes, url: str, digest: bool = False) -> None:
         try:
-            write_to_cache(path, data, self.cache_dir)
+            write_to_cache(path, data, self.cache_dir, digest)
         except OSError as error:
             raise self.cache_write_error(error, url, len(data)) from None
+
+    def cached_body_problem(self, url: str, path: pathlib.Path, held: cache.HeldRead, decode: bool) -> str | None:
+        """What is wrong with cached file `path` of `url`, as read (`held`), or None.
+
+        A chunk with a recorded digest: the CRC-32C of its bytes must be the one recorded as it entered the cache
+        (once per process and file: `_digest_compared`); then it is what passed the full check on arrival, and
+        `decode` (download_segment.sh) decodes it again all the same. Any other file, and a chunk cached before
+        digests were recorded (or copied without its extended attributes), gets `body_problem`; such a chunk is
+        decoded in full (once per process: a cache shared with its owner may not let this user record it), and its
+        digest recorded when it is sound."""
+        chunk = file_kind(url) == "chunk"
+        compared = chunk and _digest_compared.get(path) == held.identity
+        if chunk and held.digest is not None:
+            if not compared:
+                found = cache.body_digest(held.data)
+                if found != held.digest:
+                    return (f"its CRC-32C {found.hex()} is not the {held.digest.hex()} recorded when it entered the "
+                            "cache: its bytes changed on disk")
+                _digest_compared[path] = held.identity
+            return self.body_problem(url, held.data, decode=True) if decode else None
+        unrecorded = chunk and not compared and self.cache_dir not in _without_digests
+        problem = self.body_problem(url, held.data, decode=decode or unrecorded)
+        if problem is None and unrecorded:
+            _digest_compared[path] = held.identity
+            if not cache.record_digest(path, held):
+                _warn_without_digests(self.cache_dir)
+        return problem
 
     def _chunk_format(self, url: str) -> ChunkFormat | None:
         """The format of the array a chunk belongs to: the nearest `.zarray` or `zarr.json` in a cache folder
@@ -659,13 +710,14 @@ class CachedHTTPStore(Store):
         absent_marker = path.with_name(path.name + ABSENT_SUFFIX)
         damage = None
         # None when not cached (or evicted a moment ago); read under a shared lock, so no eviction takes it meanwhile.
-        data = cache.read_held(path)
-        if data is not None:
-            # Damage on disk (a chunk cut short, a file overwritten) is found here, before any decoder sees it.
-            damage = self.body_problem(url, data, decode=decode)
+        held = cache.read_held(path)
+        if held is not None:
+            # Damage on disk (a chunk cut short, a file overwritten, a bit flipped) is found here, before any
+            # decoder sees it.
+            damage = self.cached_body_problem(url, path, held, decode)
             if damage is None:
                 self.counters["hits"] += 1
-                return data
+                return held.data
             warnings.warn(f"{path} in the cache is damaged ({damage}); fetching it again")
         remembered_absent = absent_marker.is_file()
         if remembered_absent and not recheck_absent:
@@ -688,7 +740,7 @@ class CachedHTTPStore(Store):
             if remember_absent:
                 self._write_to_cache(absent_marker, b"", url)
             return None
-        self._write_to_cache(path, data, url)
+        self._write_to_cache(path, data, url, digest=file_kind(url) == "chunk")
         if damage is not None:
             self.counters["repaired"] += 1
         if remembered_absent:
