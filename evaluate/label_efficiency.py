@@ -49,6 +49,7 @@ import argparse
 import ast
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -63,7 +64,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
-from evaluate import encoder_input, verdict_rule  # noqa: E402
+from evaluate import encoder_input, provenance, verdict_rule  # noqa: E402
 from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval, sign_flip_p  # noqa: E402
 from evaluate.verdict_rule import CLAIMS, GOAL_MARGIN, GOAL_MAX_GLYPHS  # noqa: E402
 from finetune.data import read_prior  # noqa: E402
@@ -98,33 +99,54 @@ class Regions:
         return self.band.chance_f05
 
 
-def regions(segment: Segment, label_part: float, score_part: float) -> Regions:
+def regions(segment: Segment, label_part: float, score_part: float, tile_size: int) -> Regions:
     """The first `label_part` of the segment along its longer side for labelling, its last `score_part` (papyrus
-    only) for scoring, and the papyrus between them for choosing thresholds."""
+    only) for scoring, and the papyrus between them for choosing thresholds, less the `tile_size` − 1 pixels next to
+    the labelling part that a training tile holding a labelled pixel can reach: no pixel that chooses a threshold or
+    scores a run is ever inside a training tile."""
     height, width = segment.shape[1:]
     along_x = width >= height
     length = width if along_x else height
     label_end, score_start = int(label_part * length), int((1 - score_part) * length)
-    if score_start <= label_end:
-        raise encoder_input.EvaluationError(f"--label_part {label_part} and --score_part {score_part} overlap: "
-                                            "they must leave a gap between labels and scoring, where thresholds are chosen")
-    label_yx, calibration_yx, score_yx = (np.zeros((height, width), bool) for _ in range(3))
+    calibration_start = label_end + tile_size - 1
     axis = "x" if along_x else "y"
+    if score_start <= calibration_start:
+        raise encoder_input.EvaluationError(
+            f"--label_part {label_part} and --score_part {score_part} leave {max(score_start - label_end, 0)} pixels "
+            f"between labels and scoring ({axis} {label_end}..{score_start - 1}): more than a training tile "
+            f"({tile_size - 1} pixels) is needed, where thresholds are chosen; lower --label_part or --score_part")
+    label_yx, calibration_yx, score_yx = (np.zeros((height, width), bool) for _ in range(3))
     if along_x:
-        label_yx[:, :label_end], calibration_yx[:, label_end:score_start], score_yx[:, score_start:] = True, True, True
+        label_yx[:, :label_end], calibration_yx[:, calibration_start:score_start], score_yx[:, score_start:] = True, True, True
     else:
-        label_yx[:label_end], calibration_yx[label_end:score_start], score_yx[score_start:] = True, True, True
+        label_yx[:label_end], calibration_yx[calibration_start:score_start], score_yx[score_start:] = True, True, True
     calibration_yx &= segment.mask
     score_yx &= segment.mask
+    check_held_out([label_yx], Regions(label_yx, calibration_yx, score_yx, None, ""), tile_size, "the labelling part")
     ink_yx = segment.inklabels > 0
     if not ink_yx[calibration_yx].any() or ink_yx[calibration_yx].all():
-        raise encoder_input.EvaluationError(f"the calibration strip ({axis} {label_end}..{score_start - 1}) holds "
+        raise encoder_input.EvaluationError(f"the calibration strip ({axis} {calibration_start}..{score_start - 1}) holds "
                                             "papyrus of one class only: widen it with a smaller --label_part or --score_part")
     band = no_skill_band(ink_yx, calibration_yx, score_yx)
-    description = (f"glyphs labelled at {axis} < {label_end}, thresholds chosen on the papyrus at {label_end} ≤ {axis} < "
-                   f"{score_start}, predictions scored on the papyrus at {axis} ≥ {score_start}, {score_start - label_end} "
-                   f"pixels away from any glyph that could be labelled (no-skill band: {band.describe()})")
+    description = (f"glyphs labelled at {axis} < {label_end}, thresholds chosen on the papyrus at {calibration_start} ≤ "
+                   f"{axis} < {score_start} (a training tile reaches {tile_size - 1} pixels past the labels), "
+                   f"predictions scored on the papyrus at {axis} ≥ {score_start}, {score_start - label_end} pixels away "
+                   f"from any glyph that could be labelled (no-skill band: {band.describe()})")
     return Regions(label_yx, calibration_yx, score_yx, band, description)
+
+
+def check_held_out(labels: list[np.ndarray], scoring: Regions, tile_size: int, what: str) -> None:
+    """Raise unless every pixel that chooses a threshold or is scored lies outside every tile that could hold a
+    labelled pixel of `labels` ((Y, X) maps, nonzero = labelled) and the two regions are disjoint: held out means
+    held out."""
+    if (scoring.calibration_yx & scoring.score_yx).any():
+        raise encoder_input.EvaluationError("the calibration strip and the scored region overlap")
+    for labels_yx in labels:
+        # A tile holding pixel p spans p − (tile − 1) … p + (tile − 1) at most, along each side.
+        reach_yx = cv2.dilate((np.asarray(labels_yx) > 0).astype(np.uint8), np.ones((2 * tile_size - 1,) * 2, np.uint8)) > 0
+        if (reach_yx & (scoring.calibration_yx | scoring.score_yx)).any():
+            raise encoder_input.EvaluationError(f"{what}: a training tile ({tile_size} pixels) around its labels would "
+                                                "cover pixels that choose thresholds or are scored")
 
 
 def glyphs(inklabels_yx: np.ndarray, label_yx: np.ndarray, min_pixels: int) -> list[np.ndarray]:
@@ -151,7 +173,8 @@ def glyph_labels(all_glyphs: list[np.ndarray], shape_yx: tuple[int, int], seed: 
 def painted_negatives(glyph_labels_yx: np.ndarray, inklabels_yx: np.ndarray, mask_yx: np.ndarray) -> np.ndarray:
     """(Y, X) uint8 0/255: what a labeler would paint as not ink around the labelled glyphs: the papyrus within
     NEGATIVES_REACH pixels of them that the segment's labels call not ink, kept NEGATIVES_CLEARANCE pixels off any
-    ink (a brush does not touch the next letter's strokes)."""
+    ink (a brush does not touch the next letter's strokes), within `mask_yx` (run_one: the labelling part's papyrus,
+    so that painted pixels, like glyphs, keep a tile away from every pixel that chooses thresholds or is scored)."""
     near_yx = cv2.dilate((glyph_labels_yx > 0).astype(np.uint8), np.ones((2 * NEGATIVES_REACH + 1,) * 2, np.uint8)) > 0
     ink_yx = cv2.dilate((inklabels_yx > 0).astype(np.uint8), np.ones((2 * NEGATIVES_CLEARANCE + 1,) * 2, np.uint8)) > 0
     return (near_yx & mask_yx & ~ink_yx).astype(np.uint8) * 255
@@ -204,47 +227,46 @@ def run_command(run: dict, args, settings: InputSettings, extra: list[str], fold
     return command + without_epochs(extra)[0] + ["--NUM_EPOCHS", str(run["epochs"])]
 
 
-def earlier_run(folder: pathlib.Path, command: list[str], code: str, reuse_other_code: bool) -> dict | None:
-    """What a finished run in `folder` recorded, when it may stand for this one: the same command, and the same code
-    unless `reuse_other_code`. A run from other code is moved to runs/.superseded/ (nothing is deleted)."""
+def earlier_run(folder: pathlib.Path, run_key: dict, reuse_other_code: bool) -> dict | None:
+    """What a finished run in `folder` recorded, when it may stand for this one: the same key (evaluate/provenance.py:
+    the code train.py executes, the command with the content of every file it reads, the segment), or with
+    `reuse_other_code` the same inputs from other code. Otherwise the folder is moved to runs/.superseded/ (nothing
+    is deleted) and None says to run it; a killed run of the same key is left to continue."""
     result_path = folder / "result.json"
-    if not result_path.is_file():
-        return None
-    earlier = json.loads(result_path.read_text())
-    if earlier["command"][1:] != command[1:]:
-        raise encoder_input.EvaluationError(f"{folder} was run with other settings ({' '.join(earlier['command'][1:])});"
-                                            " use another --output")
-    earlier_code = earlier.get("code", "unrecorded")
-    if earlier_code == code or reuse_other_code:
-        return earlier
-    aside = folder.parent / ".superseded" / f"{folder.name}-{earlier_code}"
-    suffix = 1
-    while aside.exists():
-        aside, suffix = aside.with_name(f"{folder.name}-{earlier_code}-{suffix}"), suffix + 1
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    folder.rename(aside)
-    tqdm.tqdm.write(f"{folder.name} finished with code {earlier_code}, not this code ({code}): running it again "
-                    f"(the earlier run is kept in {aside}; --reuse_other_code would have kept it)")
+    if result_path.is_file():
+        earlier = json.loads(result_path.read_text())
+        if earlier.get("key") == run_key or (reuse_other_code and earlier.get("key", {}).get("inputs") == run_key["inputs"]):
+            return earlier
+    aside = provenance.claim(folder, run_key)
+    if aside is not None:
+        tqdm.tqdm.write(f"{folder.name} ran with other code or inputs: running it again (the earlier run is kept in "
+                        f"{aside}" + ("; --reuse_other_code keeps a run whose inputs are the same)"
+                                      if not reuse_other_code else ")"))
     return None
 
 
-def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment: Segment,
+def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment: Segment, scoring: Regions,
             all_glyphs: list[np.ndarray], code: str) -> list[dict]:
     """One fine-tuning run (or its earlier record, see `earlier_run`): one record per prediction (one, or one per
     self-training round), with the prediction's path, not yet scored."""
     folder = args.output / "runs" / run["name"]
     command = run_command(run, args, settings, extra, folder)
-    earlier = earlier_run(folder, command, code, args.reuse_other_code)
-    if earlier is not None:
-        return [{key: value for key, value in earlier.items() if key not in ("command", "later_rounds")},
-                *earlier.get("later_rounds", [])]
-    folder.mkdir(parents=True, exist_ok=True)
     glyphs_yx = glyph_labels(all_glyphs, segment.shape[1:], run["seed"], run["glyphs"])
+    images = {}  # the label images this run trains from, by the path the command names them with
     if run["glyphs"]:  # k = 0 trains from a prior alone: no label image to pass
-        write_png_atomic(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png", glyphs_yx)
+        images[str(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png")] = glyphs_yx
     if run["negatives"]:
-        write_png_atomic(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png",
-                         painted_negatives(glyphs_yx, segment.inklabels, segment.mask))
+        images[str(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png")] = painted_negatives(
+            glyphs_yx, segment.inklabels, segment.mask & scoring.label_yx)
+    check_held_out(images.values(), scoring, settings.tile_size, run["name"])
+    run_key = provenance.key(command, provenance.TRAIN_CODE,
+                             {path: label_digest(image_yx) for path, image_yx in images.items()})
+    earlier = earlier_run(folder, run_key, args.reuse_other_code)
+    if earlier is not None:
+        return [{key: value for key, value in earlier.items() if key not in ("command", "key", "later_rounds")},
+                *earlier.get("later_rounds", [])]
+    for path, image_yx in images.items():
+        write_png_atomic(pathlib.Path(path), image_yx)
     with open(folder / "train.log", "w") as log:
         finished = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     if finished.returncode != 0:
@@ -260,8 +282,13 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
                         "round": self_training_round, "labelled_pixels": int((glyphs_yx > 0).sum()),
                         "prediction": str(prediction), "training_seconds": epochs[-1]["training_seconds"], "code": code})
     write_bytes_atomic(folder / "result.json", json.dumps(
-        {**results[0], "command": command, "later_rounds": results[1:]}, indent=1).encode())
+        {**results[0], "command": command, "key": run_key, "later_rounds": results[1:]}, indent=1).encode())
     return results
+
+
+def label_digest(image_yx: np.ndarray) -> str:
+    """A label image's content, before it is written: its shape and pixels."""
+    return "labels:" + hashlib.sha256(str(image_yx.shape).encode() + image_yx.tobytes()).hexdigest()
 
 
 def score(result: dict, segment: Segment, scoring: Regions) -> dict:
@@ -544,7 +571,7 @@ def main() -> int:
     segment = open_segment(args.segment)
     if segment.inklabels is None:
         raise encoder_input.EvaluationError(f"segment {segment.name} has no ink labels to draw glyphs from and score with")
-    scoring = regions(segment, args.label_part, args.score_part)
+    scoring = regions(segment, args.label_part, args.score_part, settings.tile_size)
     all_glyphs = glyphs(segment.inklabels, scoring.label_yx, args.min_glyph_pixels)
     if len(all_glyphs) < max(args.glyphs):
         raise encoder_input.EvaluationError(f"the labelling part holds {len(all_glyphs)} glyphs of at least "
@@ -572,7 +599,7 @@ def main() -> int:
     results = []
     # Runs go --jobs at a time, each its own process; they are scored here, in order, as they finish. Once one fails
     # no other starts (those running finish and are kept), and its error is the command's.
-    finished = encoder_input.side_by_side(lambda run: run_one(run, args, settings, extra, segment, all_glyphs, code),
+    finished = encoder_input.side_by_side(lambda run: run_one(run, args, settings, extra, segment, scoring, all_glyphs, code),
                                           runs, args.jobs)
     for run_results in tqdm.tqdm(finished, total=len(runs), desc="fine-tuning runs", unit="run"):
         results += [score(result, segment, scoring) for result in run_results]

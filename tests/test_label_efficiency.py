@@ -23,7 +23,7 @@ from tests.conftest import FINETUNE_TINY, REPO_ROOT
 
 def test_glyph_sets_are_reproducible_nested_and_far_from_the_scoring_region(labelled_segment_path):
     segment = open_segment(labelled_segment_path)
-    regions = label_efficiency.regions(segment, label_part=0.4, score_part=0.4)
+    regions = label_efficiency.regions(segment, label_part=0.4, score_part=0.4, tile_size=32)
     found = label_efficiency.glyphs(segment.inklabels, regions.label_yx, min_pixels=100)
     assert len(found) == 6  # the 16 × 10 blocks wholly left of x = 76: two columns of three
     for seed in (0, 1):
@@ -61,8 +61,8 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     assert sorted((row["encoder"], row["glyphs"]) for row in runs) == [
         ("pretrained", "1"), ("pretrained", "2"), ("random", "1"), ("random", "2")]
     segment = open_segment(labelled_segment_path)
-    scoring = label_efficiency.regions(segment, 0.4, 0.4).score_yx
-    calibration = label_efficiency.regions(segment, 0.4, 0.4).calibration_yx
+    scoring = label_efficiency.regions(segment, 0.4, 0.4, 32).score_yx
+    calibration = label_efficiency.regions(segment, 0.4, 0.4, 32).calibration_yx
     ink = segment.inklabels > 0
     for row in runs:  # the threshold comes from the calibration strip, the score from the scoring region
         prediction = cv2.imread(str(curves / "runs" / row["name"] / "prediction.png"), cv2.IMREAD_UNCHANGED) / 255.0
@@ -87,23 +87,31 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     assert again.returncode == 0, again.stderr[-3000:]
     assert log.stat().st_mtime_ns == before and list(csv.DictReader(open(curves / "runs.csv"))) == runs
 
-    assert label_efficiency.earlier_run(log.parent, json.loads((log.parent / "result.json").read_text())["command"],
-                                        runs[0]["code"], reuse_other_code=False) is not None
+    assert label_efficiency.earlier_run(log.parent, json.loads((log.parent / "result.json").read_text())["key"],
+                                        reuse_other_code=False) is not None
 
 
-def test_a_run_of_other_code_is_kept_aside_and_run_again(tmp_path):
+def test_a_run_of_other_code_or_inputs_is_kept_aside_and_run_again(tmp_path):
     folder = tmp_path / "runs" / "random_full_k1_seed0"
     folder.mkdir(parents=True)
-    command = ["python", "finetune/train.py", "--SEED", "0"]
-    (folder / "result.json").write_text(json.dumps({"command": command, "code": "0ldc0de", "f05": 0.5}))
+    key = {"code": "0ldc0de", "inputs": ["--SEED", "0"]}
+    (folder / "result.json").write_text(json.dumps({"command": ["python"], "key": key, "code": "0ldc0de", "f05": 0.5}))
     (folder / "prediction.png").write_bytes(b"earlier")
-    assert label_efficiency.earlier_run(folder, command, "0ldc0de", reuse_other_code=False)["f05"] == 0.5
-    assert label_efficiency.earlier_run(folder, command, "n3wc0de", reuse_other_code=True)["f05"] == 0.5
-    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="other settings"):
-        label_efficiency.earlier_run(folder, [*command, "--LR", "1"], "0ldc0de", reuse_other_code=False)
-    assert label_efficiency.earlier_run(folder, command, "n3wc0de", reuse_other_code=False) is None  # to run again
-    assert not folder.exists()
-    assert (tmp_path / "runs" / ".superseded" / "random_full_k1_seed0-0ldc0de" / "prediction.png").read_bytes() == b"earlier"
+    assert label_efficiency.earlier_run(folder, key, reuse_other_code=False)["f05"] == 0.5
+    other_code = {**key, "code": "n3wc0de"}
+    assert label_efficiency.earlier_run(folder, other_code, reuse_other_code=True)["f05"] == 0.5
+    other_inputs = {**key, "inputs": ["--SEED", "0", "--LR", "1"]}
+    assert label_efficiency.earlier_run(folder, other_inputs, reuse_other_code=True) is None  # inputs always count
+    assert json.loads((folder / "key.json").read_text()) == other_inputs and not (folder / "result.json").exists()
+    aside = tmp_path / "runs" / ".superseded" / "random_full_k1_seed0-1"
+    assert (aside / "prediction.png").read_bytes() == b"earlier"
+    # A killed run of the same key is left to continue; one of another key is set aside too.
+    (folder / "last.pth").write_bytes(b"half")
+    assert label_efficiency.earlier_run(folder, other_inputs, reuse_other_code=False) is None
+    assert (folder / "last.pth").read_bytes() == b"half"
+    assert label_efficiency.earlier_run(folder, other_code, reuse_other_code=False) is None
+    assert not (folder / "last.pth").exists()
+    assert (tmp_path / "runs" / ".superseded" / "random_full_k1_seed0-2" / "last.pth").read_bytes() == b"half"
 
 
 def test_paired_interval_sign_flip_and_holm():
