@@ -10,8 +10,9 @@ The rule (evaluate/label_efficiency.py applies it; `judge` is its one implementa
   0.05 in proportion to its encoders, so the whole report keeps 0.05.
 - A Holm-significant cell is **yes** at most GOAL_MAX_GLYPHS glyphs with a mean gain of at least GOAL_MARGIN against
   every arm, else **suggestive**. A cell is **no** when, against some random arm, the sign-flip test rules out a gain
-  of GOAL_MARGIN (p at most alpha / arms). The verdict is "yes" if any cell is, "no" only if every cell within the
-  goal is (so a wrong "no" needs a wrong cell: at most alpha), else "inconclusive".
+  of GOAL_MARGIN (p at most ALPHA / arms, whatever share of alpha the command spends on "yes"). The verdict is "yes"
+  if any cell is, "no" only if every cell within the goal is, and the report's "no" only if every command's is: a
+  wrong "no" needs a cell with a true gain of GOAL_MARGIN to say "no", at most ALPHA, so no share is needed.
 
 The noise: per-run F0.5 on demo:0 is bimodal. A run stays at chance or takes off, at a rate that grows with the
 glyphs; each simulated run draws its F0.5 from the measured runs of its mode (the values below), taking off at
@@ -76,10 +77,11 @@ def holm_many(p_ec: np.ndarray, alpha: float) -> np.ndarray:
 def judge(glyphs_c: np.ndarray, mean_eca: np.ndarray, p_gain_eca: np.ndarray, p_no_eca: np.ndarray,
           alpha: float) -> np.ndarray:
     """(E, C) claim indices into CLAIMS for E families of C cells, each against A random arms: (E, C, A) mean paired
-    F0.5 gains, sign-flip p-values of a gain, and of a gain below GOAL_MARGIN (see the module doc)."""
+    F0.5 gains, sign-flip p-values of a gain, and of a gain below GOAL_MARGIN (see the module doc). `alpha` is this
+    family's share of the yes/suggestive error; "no" always tests at ALPHA (see the module doc)."""
     significant_ec = holm_many(p_gain_eca.max(axis=2), alpha)
     goal_ec = (np.asarray(glyphs_c) <= GOAL_MAX_GLYPHS)[None, :] & (mean_eca.min(axis=2) >= GOAL_MARGIN)
-    ruled_out_ec = p_no_eca.min(axis=2) <= alpha / p_no_eca.shape[2]
+    ruled_out_ec = p_no_eca.min(axis=2) <= ALPHA / p_no_eca.shape[2]
     claims_ec = np.full(significant_ec.shape, CLAIMS.index("inconclusive"))
     claims_ec[ruled_out_ec & ~significant_ec] = CLAIMS.index("no")
     claims_ec[significant_ec] = CLAIMS.index("suggestive")
