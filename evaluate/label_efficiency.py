@@ -15,7 +15,8 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
 - **Scoring**: the papyrus in the last --score_part of the segment along its longer side (the same region for every
   k, seed and encoder). The threshold is chosen without looking at it: the one with the best F0.5 on the
   calibration strip, the papyrus between the labelling part and the scored one, which is neither labelled nor
-  scored. The headline is the scored F0.5 at that threshold, beside AUC and average precision (threshold-free);
+  scored, and starts a tile past the labelling part, beyond the reach of any training tile (a guard checks every
+  run's labels, glyphs and painted negatives, against both regions). The headline is the scored F0.5 at that threshold, beside AUC and average precision (threshold-free);
   the F0.5 at the scored region's own best threshold (an oracle) is an extra column. The region's no-skill band
   says what smooth random maps score there.
 - **Verdict** (evaluate/verdict_rule.py; its error rates: notes/verdict_rules.md): each encoder, mode and k (a cell)
@@ -41,9 +42,11 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
 Writes to --output: `label_efficiency.md`, `.csv` and `.json` (per encoder, mode and k: mean and min–max over seeds,
 the paired comparisons, training time, the verdict), `label_efficiency.png` (F0.5 against the number of labelled
 glyphs, the seed spread shaded, with chance and the no-skill band), `runs.csv` (every run), and per run
-`runs/<name>/` with its label image, prediction.png and result.json. A rerun reuses every run that finished with
-the same command and the same code (the commit, and a hash of uncommitted changes); a run from other code is moved
-to `runs/.superseded/` and run again, unless --reuse_other_code keeps it, and then the report names its code.
+`runs/<name>/` with its label image, prediction.png and result.json. A rerun reuses every run whose key is the same
+(evaluate/provenance.py: the code finetune/train.py executes, its command with the content of every file it reads:
+the glyph image, the encoder checkpoint, the prior; and the segment), so a commit that touches only README or notes
+reuses everything; any other run is moved to `runs/.superseded/` and run again, unless --reuse_other_code keeps a
+run whose inputs are the same but whose code differs, and then the report names its code.
 """
 import argparse
 import ast
