@@ -196,7 +196,9 @@ def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_seg
                              "random", "--segment_id", str(labelled_segment_path), "--output", str(tmp_path), "--seeds", "0"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: --seeds 0: at least 1 seed is needed (and 8 for a 'yes')"]
+        "error: --seeds 0: at least 1 seed is needed"]
+    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--alpha 1.5"):
+        label_efficiency.parse_args(["--pretrained_path", "random", "--alpha", "1.5"])
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--glyphs 0 1"):
         label_efficiency.parse_args(["--pretrained_path", "random", "--glyphs", "0", "1"])
     # Seeds: one count for every number of glyphs, or one count per number.
