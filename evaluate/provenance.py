@@ -62,7 +62,9 @@ def content_command(command: list[str], digests: dict[str, str] | None = None) -
             segments = argument in SEGMENT_OPTIONS
             content.append(argument)
             continue
-        path = pathlib.Path(argument) if pathlib.Path(argument).is_absolute() else REPO_ROOT / argument
+        path = pathlib.Path(argument)
+        if not path.is_absolute() and not path.is_file():  # scripts' steps run in the repository root
+            path = REPO_ROOT / argument
         if argument in digests:
             content.append(digests[argument])
         elif segments:
