@@ -10,8 +10,9 @@
 With `pretrained_path`, the model and the way tiles are cut and scaled (MODEL, DEPTH, DEPTH_OFFSET,
 FOLLOW_SURFACE, NORMALIZATION, TILE_SIZE) are the encoder's own, as its checkpoint records them; a value set
 here that contradicts it is an error (TILE_SIZE only warns). Writes to OUTPUT_DIR/exp_name/: last.pth (every
-epoch, atomically; running the same command again continues), best.pth (scheme "validation": the epoch of
-lowest validation loss; scheme "iterative", which holds nothing out to choose by: the last epoch),
+epoch, atomically; running the same command again continues, from the same encoder and prior content only),
+best.pth (scheme "validation": the epoch of lowest validation loss, or with BEST_BY "last" the last epoch; scheme
+"iterative", which holds nothing out to choose by: the last epoch),
 prediction.png, labels_vs_prediction.png, log.jsonl and tensorboard_logs/; the prediction also goes to
 save_path. Iterative labeling: open save_path in an image editor, paint better labels, run again with them as
 inklabel_path. Each label file makes one round_NN/ (labels, prediction, metrics); new labels start the next
