@@ -10,8 +10,8 @@ Each encoder is one `finetune/train.py` run per seed (scheme "validation", `free
 so the probe is exactly the fine-tuning model and pipeline; seed s is SEED s for every encoder, so runs are paired.
 `random` means no pretrained weights (the seeded random initialisation every run shares). Every run reads tiles
 the same way: as the checkpoints record they were trained (they must agree; `random` follows them), or as the input
-options say. Each run is scored from its whole-segment prediction with its best weights (the epoch of lowest
-validation loss), on the held-out band: F0.5 at the threshold that is best on the labelled tiles it trained on
+options say. Each run is scored from its whole-segment prediction with its last epoch's weights (`BEST_BY last`:
+no epoch is chosen by looking at the band it is scored on), on the held-out band: F0.5 at the threshold that is best on the labelled tiles it trained on
 (never the band's own), AUC and average precision, and as an extra the band's oracle F0.5 at its own best threshold.
 The table gives, per encoder, the mean and min–max over seeds, and the mean paired difference from `random` with a
 95 % t interval. Writes `encoders.md`, `encoders.csv` (per encoder), `runs.csv` (per run), one labels-vs-prediction
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
-from evaluate import encoder_input  # noqa: E402
+from evaluate import encoder_input, provenance  # noqa: E402
 from evaluate.statistics import describe_interval, paired_interval  # noqa: E402
 from finetune.data import Box  # noqa: E402
 from finetune.metrics import NoSkillBand, no_skill_band  # noqa: E402
@@ -53,12 +53,17 @@ def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: Inp
     segment settings) on several segments, scored on all their held-out pixels pooled."""
     experiment = f"{name}_{mode}_seed{seed}"
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", experiment,
-               "--OUTPUT_DIR", str(args.output / "runs"), "--scheme", "validation",
+               "--OUTPUT_DIR", str(args.output / "runs"), "--scheme", "validation", "--BEST_BY", "last",
                *(segment_options or ["--segment_id", args.segment]),
                "--SEED", str(seed), "--freeze_encoder", str(mode == "probe"), *finetune_options(settings)]
     if checkpoint != "random":
         command += ["--pretrained_path", checkpoint]
     experiment_dir = args.output / "runs" / experiment
+    # A run folder of other code or inputs (an encoder overwritten in place, another segment) is set aside, so
+    # finetune/train.py starts afresh instead of refusing to continue it.
+    aside = provenance.claim(experiment_dir, provenance.key(command + extra, provenance.TRAIN_CODE))
+    if aside is not None:
+        print(f"== {experiment}: {experiment_dir} held a run of other code or inputs: kept in {aside}", flush=True)
     print(f"== {experiment}: {' '.join(command[1:] + extra)}", flush=True)
     if args.jobs == 1:
         result = subprocess.run(command + extra, cwd=REPO_ROOT)
@@ -78,7 +83,7 @@ def run_finetune(name: str, checkpoint: str, mode: str, seed: int, settings: Inp
         shutil.copyfile(image, args.output / f"{name}_{mode}.png")
     return {"encoder": name, "mode": mode, "seed": seed, **{key: prediction[field] for key, field in SCORES.items()},
             "threshold": prediction["validation_calibrated_threshold"],
-            "best_epoch": run_log.best_epoch(experiment_dir)["epoch"],
+            "best_epoch": [record for record in run_log.epochs(experiment_dir) if record["best"]][-1]["epoch"],  # scored
             "training_seconds": run_log.epochs(experiment_dir)[-1]["training_seconds"]}
 
 

@@ -15,14 +15,17 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
 - **Scoring**: the papyrus in the last --score_part of the segment along its longer side (the same region for every
   k, seed and encoder). The threshold is chosen without looking at it: the one with the best F0.5 on the
   calibration strip, the papyrus between the labelling part and the scored one, which is neither labelled nor
-  scored. The headline is the scored F0.5 at that threshold, beside AUC and average precision (threshold-free);
+  scored, and starts a tile past the labelling part, beyond the reach of any training tile (a guard checks every
+  run's labels, glyphs and painted negatives, against both regions). The headline is the scored F0.5 at that threshold, beside AUC and average precision (threshold-free);
   the F0.5 at the scored region's own best threshold (an oracle) is an extra column. The region's no-skill band
   says what smooth random maps score there.
-- **Verdict**: for each encoder, mode and k, the mean paired difference of F0.5 against each random arm (the same
-  seeds, so the same glyphs), with a 95 % t interval over seeds. "Yes" needs the interval's lower bound above 0, a
-  mean of at least +0.05 and at least 8 seeds, with at most 4 glyphs, against every random arm; less is
-  "suggestive" (lower bound above 0, or mean at least +0.05), "no" (the interval's upper bound below +0.05) or
-  "inconclusive". The number of comparisons is stated: among many, one may clear 0 by chance.
+- **Verdict** (evaluate/verdict_rule.py; its error rates: notes/verdict_rules.md): each encoder, mode and k (a cell)
+  is compared with each random arm, paired by seed (the same glyphs), by a one-sided sign-flip test on signed ranks,
+  which stays exact when runs take off or stay at chance; a cell's p-value is its largest over the random arms, and
+  Holm's step-down across the cells spends --alpha, so with no true difference any "yes" or "suggestive" comes at
+  most that often. A significant cell is "yes" with at most 4 glyphs and a mean gain of at least +0.05 against every
+  arm, else "suggestive"; "no" needs every cell with at most 4 glyphs to rule out a gain of 0.05. The verdict is
+  printed with the rule's error rates for this command's design, simulated from measured runs.
 - **Runs**: each is one `finetune/train.py` run in scheme "iterative" (with data augmentation, which few labels
   need) from the glyph label image, with SEED = the seed; `random` is the seeded random initialisation (training
   from scratch); `full` fine-tunes everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs
@@ -39,14 +42,17 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
 Writes to --output: `label_efficiency.md`, `.csv` and `.json` (per encoder, mode and k: mean and min–max over seeds,
 the paired comparisons, training time, the verdict), `label_efficiency.png` (F0.5 against the number of labelled
 glyphs, the seed spread shaded, with chance and the no-skill band), `runs.csv` (every run), and per run
-`runs/<name>/` with its label image, prediction.png and result.json. A rerun reuses every run that finished with
-the same command and the same code (the commit, and a hash of uncommitted changes); a run from other code is moved
-to `runs/.superseded/` and run again, unless --reuse_other_code keeps it, and then the report names its code.
+`runs/<name>/` with its label image, prediction.png and result.json. A rerun reuses every run whose key is the same
+(evaluate/provenance.py: the code finetune/train.py executes, its command with the content of every file it reads:
+the glyph image, the encoder checkpoint, the prior; and the segment), so a commit that touches only README or notes
+reuses everything; any other run is moved to `runs/.superseded/` and run again, unless --reuse_other_code keeps a
+run whose inputs are the same but whose code differs, and then the report names its code.
 """
 import argparse
 import ast
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -61,8 +67,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
-from evaluate import encoder_input  # noqa: E402
-from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval  # noqa: E402
+from evaluate import encoder_input, provenance, verdict_rule  # noqa: E402
+from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval, sign_flip_p  # noqa: E402
+from evaluate.verdict_rule import CLAIMS, GOAL_MARGIN, GOAL_MAX_GLYPHS  # noqa: E402
 from finetune.data import read_prior  # noqa: E402
 from finetune.metrics import (NoSkillBand, average_precision, best_threshold, f05_at, ink_metrics,  # noqa: E402
                               no_skill_band)
@@ -74,10 +81,7 @@ from pretrain.utils.misc import RenamedOption, git_commit, note_renamed, write_b
 
 RANDOM = "random"  # no pretrained weights: the seeded random initialisation (training from scratch)
 OLDER_RANDOM = "scratch"  # what older code called it: still accepted for --pretrained_path, and as an arm's name
-GOAL_MARGIN = 0.05  # mean paired F0.5 gain over random that counts as "finds ink with fewer labels"
-GOAL_MAX_GLYPHS = 4
-GOAL_MIN_SEEDS = 8
-CLAIMS = ("no", "inconclusive", "suggestive", "yes")  # weakest first
+RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates printed beside the verdict
 NEGATIVES_REACH = 32  # pixels around a labelled glyph that a simulated labeler paints as not ink
 NEGATIVES_CLEARANCE = 3  # pixels the painted negatives keep off any ink
 
@@ -98,33 +102,54 @@ class Regions:
         return self.band.chance_f05
 
 
-def regions(segment: Segment, label_part: float, score_part: float) -> Regions:
+def regions(segment: Segment, label_part: float, score_part: float, tile_size: int) -> Regions:
     """The first `label_part` of the segment along its longer side for labelling, its last `score_part` (papyrus
-    only) for scoring, and the papyrus between them for choosing thresholds."""
+    only) for scoring, and the papyrus between them for choosing thresholds, less the `tile_size` − 1 pixels next to
+    the labelling part that a training tile holding a labelled pixel can reach: no pixel that chooses a threshold or
+    scores a run is ever inside a training tile."""
     height, width = segment.shape[1:]
     along_x = width >= height
     length = width if along_x else height
     label_end, score_start = int(label_part * length), int((1 - score_part) * length)
-    if score_start <= label_end:
-        raise encoder_input.EvaluationError(f"--label_part {label_part} and --score_part {score_part} overlap: "
-                                            "they must leave a gap between labels and scoring, where thresholds are chosen")
-    label_yx, calibration_yx, score_yx = (np.zeros((height, width), bool) for _ in range(3))
+    calibration_start = label_end + tile_size - 1
     axis = "x" if along_x else "y"
+    if score_start <= calibration_start:
+        raise encoder_input.EvaluationError(
+            f"--label_part {label_part} and --score_part {score_part} leave {max(score_start - label_end, 0)} pixels "
+            f"between labels and scoring ({axis} {label_end}..{score_start - 1}): more than a training tile "
+            f"({tile_size - 1} pixels) is needed, where thresholds are chosen; lower --label_part or --score_part")
+    label_yx, calibration_yx, score_yx = (np.zeros((height, width), bool) for _ in range(3))
     if along_x:
-        label_yx[:, :label_end], calibration_yx[:, label_end:score_start], score_yx[:, score_start:] = True, True, True
+        label_yx[:, :label_end], calibration_yx[:, calibration_start:score_start], score_yx[:, score_start:] = True, True, True
     else:
-        label_yx[:label_end], calibration_yx[label_end:score_start], score_yx[score_start:] = True, True, True
+        label_yx[:label_end], calibration_yx[calibration_start:score_start], score_yx[score_start:] = True, True, True
     calibration_yx &= segment.mask
     score_yx &= segment.mask
+    check_held_out([label_yx], Regions(label_yx, calibration_yx, score_yx, None, ""), tile_size, "the labelling part")
     ink_yx = segment.inklabels > 0
     if not ink_yx[calibration_yx].any() or ink_yx[calibration_yx].all():
-        raise encoder_input.EvaluationError(f"the calibration strip ({axis} {label_end}..{score_start - 1}) holds "
+        raise encoder_input.EvaluationError(f"the calibration strip ({axis} {calibration_start}..{score_start - 1}) holds "
                                             "papyrus of one class only: widen it with a smaller --label_part or --score_part")
     band = no_skill_band(ink_yx, calibration_yx, score_yx)
-    description = (f"glyphs labelled at {axis} < {label_end}, thresholds chosen on the papyrus at {label_end} ≤ {axis} < "
-                   f"{score_start}, predictions scored on the papyrus at {axis} ≥ {score_start}, {score_start - label_end} "
-                   f"pixels away from any glyph that could be labelled (no-skill band: {band.describe()})")
+    description = (f"glyphs labelled at {axis} < {label_end}, thresholds chosen on the papyrus at {calibration_start} ≤ "
+                   f"{axis} < {score_start} (a training tile reaches {tile_size - 1} pixels past the labels), "
+                   f"predictions scored on the papyrus at {axis} ≥ {score_start}, {score_start - label_end} pixels away "
+                   f"from any glyph that could be labelled (no-skill band: {band.describe()})")
     return Regions(label_yx, calibration_yx, score_yx, band, description)
+
+
+def check_held_out(labels: list[np.ndarray], scoring: Regions, tile_size: int, what: str) -> None:
+    """Raise unless every pixel that chooses a threshold or is scored lies outside every tile that could hold a
+    labelled pixel of `labels` ((Y, X) maps, nonzero = labelled) and the two regions are disjoint: held out means
+    held out."""
+    if (scoring.calibration_yx & scoring.score_yx).any():
+        raise encoder_input.EvaluationError("the calibration strip and the scored region overlap")
+    for labels_yx in labels:
+        # A tile holding pixel p spans p − (tile − 1) … p + (tile − 1) at most, along each side.
+        reach_yx = cv2.dilate((np.asarray(labels_yx) > 0).astype(np.uint8), np.ones((2 * tile_size - 1,) * 2, np.uint8)) > 0
+        if (reach_yx & (scoring.calibration_yx | scoring.score_yx)).any():
+            raise encoder_input.EvaluationError(f"{what}: a training tile ({tile_size} pixels) around its labels would "
+                                                "cover pixels that choose thresholds or are scored")
 
 
 def glyphs(inklabels_yx: np.ndarray, label_yx: np.ndarray, min_pixels: int) -> list[np.ndarray]:
@@ -151,7 +176,8 @@ def glyph_labels(all_glyphs: list[np.ndarray], shape_yx: tuple[int, int], seed: 
 def painted_negatives(glyph_labels_yx: np.ndarray, inklabels_yx: np.ndarray, mask_yx: np.ndarray) -> np.ndarray:
     """(Y, X) uint8 0/255: what a labeler would paint as not ink around the labelled glyphs: the papyrus within
     NEGATIVES_REACH pixels of them that the segment's labels call not ink, kept NEGATIVES_CLEARANCE pixels off any
-    ink (a brush does not touch the next letter's strokes)."""
+    ink (a brush does not touch the next letter's strokes), within `mask_yx` (run_one: the labelling part's papyrus,
+    so that painted pixels, like glyphs, keep a tile away from every pixel that chooses thresholds or is scored)."""
     near_yx = cv2.dilate((glyph_labels_yx > 0).astype(np.uint8), np.ones((2 * NEGATIVES_REACH + 1,) * 2, np.uint8)) > 0
     ink_yx = cv2.dilate((inklabels_yx > 0).astype(np.uint8), np.ones((2 * NEGATIVES_CLEARANCE + 1,) * 2, np.uint8)) > 0
     return (near_yx & mask_yx & ~ink_yx).astype(np.uint8) * 255
@@ -204,47 +230,46 @@ def run_command(run: dict, args, settings: InputSettings, extra: list[str], fold
     return command + without_epochs(extra)[0] + ["--NUM_EPOCHS", str(run["epochs"])]
 
 
-def earlier_run(folder: pathlib.Path, command: list[str], code: str, reuse_other_code: bool) -> dict | None:
-    """What a finished run in `folder` recorded, when it may stand for this one: the same command, and the same code
-    unless `reuse_other_code`. A run from other code is moved to runs/.superseded/ (nothing is deleted)."""
+def earlier_run(folder: pathlib.Path, run_key: dict, reuse_other_code: bool) -> dict | None:
+    """What a finished run in `folder` recorded, when it may stand for this one: the same key (evaluate/provenance.py:
+    the code train.py executes, the command with the content of every file it reads, the segment), or with
+    `reuse_other_code` the same inputs from other code. Otherwise the folder is moved to runs/.superseded/ (nothing
+    is deleted) and None says to run it; a killed run of the same key is left to continue."""
     result_path = folder / "result.json"
-    if not result_path.is_file():
-        return None
-    earlier = json.loads(result_path.read_text())
-    if earlier["command"][1:] != command[1:]:
-        raise encoder_input.EvaluationError(f"{folder} was run with other settings ({' '.join(earlier['command'][1:])});"
-                                            " use another --output")
-    earlier_code = earlier.get("code", "unrecorded")
-    if earlier_code == code or reuse_other_code:
-        return earlier
-    aside = folder.parent / ".superseded" / f"{folder.name}-{earlier_code}"
-    suffix = 1
-    while aside.exists():
-        aside, suffix = aside.with_name(f"{folder.name}-{earlier_code}-{suffix}"), suffix + 1
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    folder.rename(aside)
-    tqdm.tqdm.write(f"{folder.name} finished with code {earlier_code}, not this code ({code}): running it again "
-                    f"(the earlier run is kept in {aside}; --reuse_other_code would have kept it)")
+    if result_path.is_file():
+        earlier = json.loads(result_path.read_text())
+        if earlier.get("key") == run_key or (reuse_other_code and earlier.get("key", {}).get("inputs") == run_key["inputs"]):
+            return earlier
+    aside = provenance.claim(folder, run_key)
+    if aside is not None:
+        tqdm.tqdm.write(f"{folder.name} ran with other code or inputs: running it again (the earlier run is kept in "
+                        f"{aside}" + ("; --reuse_other_code keeps a run whose inputs are the same)"
+                                      if not reuse_other_code else ")"))
     return None
 
 
-def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment: Segment,
+def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment: Segment, scoring: Regions,
             all_glyphs: list[np.ndarray], code: str) -> list[dict]:
     """One fine-tuning run (or its earlier record, see `earlier_run`): one record per prediction (one, or one per
     self-training round), with the prediction's path, not yet scored."""
     folder = args.output / "runs" / run["name"]
     command = run_command(run, args, settings, extra, folder)
-    earlier = earlier_run(folder, command, code, args.reuse_other_code)
-    if earlier is not None:
-        return [{key: value for key, value in earlier.items() if key not in ("command", "later_rounds")},
-                *earlier.get("later_rounds", [])]
-    folder.mkdir(parents=True, exist_ok=True)
     glyphs_yx = glyph_labels(all_glyphs, segment.shape[1:], run["seed"], run["glyphs"])
+    images = {}  # the label images this run trains from, by the path the command names them with
     if run["glyphs"]:  # k = 0 trains from a prior alone: no label image to pass
-        write_png_atomic(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png", glyphs_yx)
+        images[str(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png")] = glyphs_yx
     if run["negatives"]:
-        write_png_atomic(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png",
-                         painted_negatives(glyphs_yx, segment.inklabels, segment.mask))
+        images[str(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png")] = painted_negatives(
+            glyphs_yx, segment.inklabels, segment.mask & scoring.label_yx)
+    check_held_out(images.values(), scoring, settings.tile_size, run["name"])
+    run_key = provenance.key(command, provenance.TRAIN_CODE,
+                             {path: label_digest(image_yx) for path, image_yx in images.items()})
+    earlier = earlier_run(folder, run_key, args.reuse_other_code)
+    if earlier is not None:
+        return [{key: value for key, value in earlier.items() if key not in ("command", "key", "later_rounds")},
+                *earlier.get("later_rounds", [])]
+    for path, image_yx in images.items():
+        write_png_atomic(pathlib.Path(path), image_yx)
     with open(folder / "train.log", "w") as log:
         finished = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     if finished.returncode != 0:
@@ -260,8 +285,13 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
                         "round": self_training_round, "labelled_pixels": int((glyphs_yx > 0).sum()),
                         "prediction": str(prediction), "training_seconds": epochs[-1]["training_seconds"], "code": code})
     write_bytes_atomic(folder / "result.json", json.dumps(
-        {**results[0], "command": command, "later_rounds": results[1:]}, indent=1).encode())
+        {**results[0], "command": command, "key": run_key, "later_rounds": results[1:]}, indent=1).encode())
     return results
+
+
+def label_digest(image_yx: np.ndarray) -> str:
+    """A label image's content, before it is written: its shape and pixels."""
+    return "labels:" + hashlib.sha256(str(image_yx.shape).encode() + image_yx.tobytes()).hexdigest()
 
 
 def score(result: dict, segment: Segment, scoring: Regions) -> dict:
@@ -306,23 +336,14 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
-def claim(seeds: int, glyphs: int, mean: float, low: float, high: float) -> str:
-    """How strongly one paired comparison says "this encoder finds ink with fewer labels" (see the module doc)."""
-    if seeds < 2:
-        return "inconclusive"
-    if low > 0 and mean >= GOAL_MARGIN and seeds >= GOAL_MIN_SEEDS and glyphs <= GOAL_MAX_GLYPHS:
-        return "yes"
-    if low > 0 or mean >= GOAL_MARGIN:
-        return "suggestive"
-    return "no" if high < GOAL_MARGIN else "inconclusive"
-
-
-def comparisons(results: list[dict]) -> list[dict]:
+def comparisons(results: list[dict], alpha: float = verdict_rule.ALPHA) -> list[dict]:
     """Every pretrained encoder against every random arm, per mode and number of glyphs, paired by seed: the mean
-    F0.5 difference, its interval, and its claim."""
+    F0.5 difference, its t interval (a description), the sign-flip p-values of a gain and of a gain below
+    GOAL_MARGIN, and the claim of its cell (encoder, mode, glyphs) under evaluate/verdict_rule.py's rule, Holm's
+    step-down spending `alpha` across the cells."""
     by_key = {(result["encoder"], result["mode"], result["glyphs"], result["seed"]): result for result in results}
     random_arms = sorted({result["encoder"] for result in results if is_random(result["encoder"])})
-    rows = []
+    rows, cells = [], {}
     for encoder, mode, count in sorted({key[:3] for key in by_key if not is_random(key[0])}, key=str):
         for baseline in random_arms:
             seeds = sorted(seed for (name, arm_mode, glyphs, seed) in by_key
@@ -333,9 +354,22 @@ def comparisons(results: list[dict]) -> list[dict]:
                            for seed in seeds]
             mean, low, high = paired_interval(differences)
             worst = min(by_key[(encoder, mode, count, seed)]["f05"] for seed in seeds)
-            rows.append({"encoder": encoder, "against": baseline, "mode": mode, "glyphs": count, "seeds": len(seeds),
-                         "mean_difference": mean, "low": low, "high": high, "worst_seed_f05": worst,
-                         "claim": claim(len(seeds), count, mean, low, high)})
+            row = {"encoder": encoder, "against": baseline, "mode": mode, "glyphs": count, "seeds": len(seeds),
+                   "mean_difference": mean, "low": low, "high": high, "worst_seed_f05": worst,
+                   "p_gain": sign_flip_p(differences), "p_below_goal": sign_flip_p(differences, GOAL_MARGIN, "less")}
+            rows.append(row)
+            cells.setdefault((encoder, mode, count), []).append(row)
+    if not cells:
+        return rows
+    # A cell lacking an arm (no seed in common) is judged against the arms it has.
+    arms = max(len(cell) for cell in cells.values())
+    padded = [cell + [cell[-1]] * (arms - len(cell)) for cell in cells.values()]
+    claims = verdict_rule.judge(np.array([cell[0]["glyphs"] for cell in padded]),
+                                *(np.array([[[row[key] for row in cell] for cell in padded]])
+                                  for key in ("mean_difference", "p_gain", "p_below_goal")), alpha)[0]
+    for cell, claim_index in zip(cells.values(), claims):
+        for row in cell:
+            row["claim"] = CLAIMS[claim_index]
     return rows
 
 
@@ -345,43 +379,45 @@ def is_random(name: str) -> bool:
     return name in (RANDOM, OLDER_RANDOM) or name.startswith(f"{RANDOM}_x")
 
 
-def verdict(compared: list[dict], band: NoSkillBand) -> str:
-    """The answer, from the paired comparisons with at most GOAL_MAX_GLYPHS glyphs: an encoder's claim at a number
-    of glyphs is its weakest against the random arms (a win must hold against the longer-trained one too)."""
-    within_goal = [row for row in compared if row["glyphs"] <= GOAL_MAX_GLYPHS]
-    if not within_goal:
-        return "Not measured: the runs hold no pretrained encoder and random in the same mode with at most " \
-               f"{GOAL_MAX_GLYPHS} glyphs."
+def verdict(compared: list[dict], band: NoSkillBand, rates: verdict_rule.ErrorRates | None = None,
+            alpha: float = verdict_rule.ALPHA) -> str:
+    """The answer, from the cells' claims (`comparisons`), with the rule and, given `rates`, its error rates."""
+    if not compared:
+        return "Not measured: the runs hold no pretrained encoder and random in the same mode."
     cells = {}
-    for row in within_goal:
+    for row in compared:
         cells.setdefault((row["encoder"], row["mode"], row["glyphs"]), []).append(row)
-    weakest = {key: min(rows, key=lambda row: CLAIMS.index(row["claim"])) for key, rows in cells.items()}
-    claims = [row["claim"] for row in weakest.values()]
+    claims = [rows[0]["claim"] for rows in cells.values()]
+    within_goal = [rows[0]["claim"] for rows in cells.values() if rows[0]["glyphs"] <= GOAL_MAX_GLYPHS]
     overall = next((level for level in ("yes", "suggestive") if level in claims),
-                   "no" if set(claims) == {"no"} else "inconclusive")
+                   "no" if within_goal and set(within_goal) == {"no"} else "inconclusive")
 
-    def account(row: dict) -> str:
-        interval = "no interval: one seed" if math.isnan(row["low"]) else f"95 % interval {row['low']:+.3f} to {row['high']:+.3f}"
+    def account(rows: list[dict]) -> str:
+        row = min(rows, key=lambda row: row["mean_difference"])  # the arm it beats least
+        interval = "no interval: one seed" if math.isnan(row["low"]) else f"t interval {row['low']:+.3f} to {row['high']:+.3f}"
         inside = "; its worst seed is inside the no-skill band" if row["worst_seed_f05"] <= band.blind_p95 else ""
+        p_value = max(other["p_gain"] for other in rows)
         return (f"{row['encoder']} ({row['mode']}) with {row['glyphs']} glyph(s) against {row['against']}: "
-                f"{row['mean_difference']:+.3f} F0.5 over {row['seeds']} seed(s), {interval}{inside}")
+                f"{row['mean_difference']:+.3f} F0.5 over {row['seeds']} seed(s), {interval}, sign-flip p {p_value:.4f}"
+                f"{inside}")
 
-    named = [account(row) for row in weakest.values() if row["claim"] == overall] if overall != "no" else []
-    best = max(weakest.values(), key=lambda row: row["mean_difference"])
-    rule = (f"yes needs a lower bound above 0, a mean of at least {GOAL_MARGIN:+.2f} and at least {GOAL_MIN_SEEDS} "
-            f"seeds; {len(within_goal)} comparison(s) made, so at 95 % each about {0.05 * len(within_goal):.1f} could "
-            f"clear 0 by chance")
+    named = [account(rows) for rows in cells.values() if rows[0]["claim"] == overall] if overall != "no" else []
+    best = max(cells.values(), key=lambda rows: min(row["mean_difference"] for row in rows))
+    rule = (f"a paired signed-rank sign-flip test per cell against every random arm, Holm's step-down across the "
+            f"{len(cells)} cell(s) at family-wise {alpha:.3g}; yes also needs at most {GOAL_MAX_GLYPHS} glyphs and a "
+            f"mean gain of at least {GOAL_MARGIN:+.2f}; no needs every cell to rule out a gain of {GOAL_MARGIN:.2f}")
+    rule += f". Error rates of this rule for this design (evaluate/simulate_verdict.py): {rates.describe()}" if rates else ""
     if overall == "yes":
         return f"**Yes** ({rule}): " + "; ".join(named) + "."
     if overall == "suggestive":
         return f"**Suggestive**, not yet shown ({rule}): " + "; ".join(named) + "."
     if overall == "no":
-        return f"**No** ({rule}): every interval rules out a gain of {GOAL_MARGIN}; the largest mean gain is {account(best)}."
-    return f"**Inconclusive** ({rule}): the intervals are too wide to tell; the largest mean gain is {account(best)}."
+        return f"**No** ({rule}): every cell rules out a gain of {GOAL_MARGIN}; the largest mean gain is {account(best)}."
+    return f"**Inconclusive** ({rule}): the evidence does not decide; the largest mean gain is {account(best)}."
 
 
 def markdown(rows: list[dict], compared: list[dict], description: str, band: NoSkillBand, codes: list[str],
-             prior_alone: str = "") -> str:
+             answer: str, prior_alone: str = "") -> str:
     counts = sorted({row["glyphs"] for row in rows})
     curves = {}
     for row in rows:
@@ -408,14 +444,16 @@ def markdown(rows: list[dict], compared: list[dict], description: str, band: NoS
     lines += table("Extra: F0.5 at the scored region's own best threshold (an oracle; skill-less maps reach "
                    f"{band.oracle_mean:.3f}, 95th percentile {band.oracle_p95:.3f}):", "f05_oracle")
     lines += ["", f"Paired by seed (same glyphs), F0.5 difference against each random arm, {CONFIDENCE * 100:.0f} % t "
-              "interval:", "",
-              "| encoder | against | mode | glyphs | seeds | mean difference | 95 % interval | claim |",
-              "|---|---|---|---|---|---|---|---|"]
+              "interval (a description), one-sided sign-flip p-values of a gain and of a gain below "
+              f"{GOAL_MARGIN:+.2f}, and the claim of the cell (every arm at once, Holm across cells):", "",
+              "| encoder | against | mode | glyphs | seeds | mean difference | 95 % interval | p (gain) | "
+              f"p (below {GOAL_MARGIN:+.2f}) | claim |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in compared:
         interval = describe_interval(row["low"], row["high"])
         lines.append(f"| {row['encoder']} | {row['against']} | {row['mode']} | {row['glyphs']} | {row['seeds']} | "
-                     f"{row['mean_difference']:+.3f} | {interval} | {row['claim']} |")
-    lines += ["", f"Does a pretrained encoder find ink with fewer labels? {verdict(compared, band)}", "",
+                     f"{row['mean_difference']:+.3f} | {interval} | {row['p_gain']:.4f} | {row['p_below_goal']:.4f} | "
+                     f"{row['claim']} |")
+    lines += ["", f"Does a pretrained encoder find ink with fewer labels? {answer}", "",
               f"Runs from code {', '.join(codes)}." if len(codes) > 1 else f"Every run from code {codes[0]}.", ""]
     return "\n".join(lines)
 
@@ -475,7 +513,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of labelled glyphs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[3],
-                        help=f"seeds 0 … n-1: glyph choice and fine-tuning SEED (a 'yes' needs {GOAL_MIN_SEEDS}); one "
+                        help="seeds 0 … n-1: glyph choice and fine-tuning SEED (notes/verdict_rules.md: how many a "
+                             "'yes' needs); one "
                              "count for every --glyphs value, or one count per value (--glyphs 1 2 4 --seeds 8 8 3)")
     parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft"],
                         help="full fine-tuning, and/or LP-FT (frozen encoder first, then everything)")
@@ -493,6 +532,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--label_part", type=float, default=0.4, help="fraction of the longer side where glyphs are labelled")
     parser.add_argument("--score_part", type=float, default=0.5, help="fraction of the longer side, at its far end, scored")
     parser.add_argument("--min_glyph_pixels", type=int, default=200, help="smaller components are not glyphs (specks)")
+    parser.add_argument("--alpha", type=float, default=verdict_rule.ALPHA,
+                        help="family-wise error this command's yes/suggestive claims may spend (evaluate/report.py "
+                             "splits 0.05 across its commands)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="fine-tuning runs at a time (on one GPU, several small runs keep it busier than one)")
     parser.add_argument("--reuse_other_code", action="store_true",
@@ -501,8 +543,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="folder for the tables, the plot and the runs")
     args = parser.parse_args(argv)
     if min(args.seeds) < 1:
-        raise encoder_input.EvaluationError(f"--seeds {' '.join(map(str, args.seeds))}: at least 1 seed is needed "
-                                            f"(and {GOAL_MIN_SEEDS} for a 'yes')")
+        raise encoder_input.EvaluationError(f"--seeds {' '.join(map(str, args.seeds))}: at least 1 seed is needed")
+    if not 0 < args.alpha < 1:
+        raise encoder_input.EvaluationError(f"--alpha {args.alpha} must lie between 0 and 1")
     if len(args.seeds) not in (1, len(args.glyphs)):
         raise encoder_input.EvaluationError(f"--seeds gives {len(args.seeds)} counts for {len(args.glyphs)} --glyphs values: "
                                             "give one count, or one per value")
@@ -531,7 +574,7 @@ def main() -> int:
     segment = open_segment(args.segment)
     if segment.inklabels is None:
         raise encoder_input.EvaluationError(f"segment {segment.name} has no ink labels to draw glyphs from and score with")
-    scoring = regions(segment, args.label_part, args.score_part)
+    scoring = regions(segment, args.label_part, args.score_part, settings.tile_size)
     all_glyphs = glyphs(segment.inklabels, scoring.label_yx, args.min_glyph_pixels)
     if len(all_glyphs) < max(args.glyphs):
         raise encoder_input.EvaluationError(f"the labelling part holds {len(all_glyphs)} glyphs of at least "
@@ -559,14 +602,19 @@ def main() -> int:
     results = []
     # Runs go --jobs at a time, each its own process; they are scored here, in order, as they finish. Once one fails
     # no other starts (those running finish and are kept), and its error is the command's.
-    finished = encoder_input.side_by_side(lambda run: run_one(run, args, settings, extra, segment, all_glyphs, code),
+    finished = encoder_input.side_by_side(lambda run: run_one(run, args, settings, extra, segment, scoring, all_glyphs, code),
                                           runs, args.jobs)
     for run_results in tqdm.tqdm(finished, total=len(runs), desc="fine-tuning runs", unit="run"):
         results += [score(result, segment, scoring) for result in run_results]
         tqdm.tqdm.write(f"{run_results[-1]['name']}: F0.5 {results[-1]['f05']:.3f} (threshold {results[-1]['threshold']:.2f}, "
                         f"chosen on the calibration strip), AUC {results[-1]['auc']:.3f}; chance {scoring.chance_f05:.3f}, "
                         f"no-skill band up to {scoring.band.blind_p95:.3f}")
-    rows, compared = summarise(results), comparisons(results)
+    rows, compared = summarise(results), comparisons(results, args.alpha)
+    design = verdict_rule.Design(encoders_per_group=(len({(row["encoder"], row["mode"]) for row in compared}) or 1,),
+                                 glyphs=tuple(args.glyphs), seeds=tuple(args.seeds_per_glyphs[count] for count in args.glyphs),
+                                 random_arms=len({row["against"] for row in compared}) or 1, alpha=args.alpha)
+    rates = verdict_rule.error_rates(design, RATE_EXPERIMENTS)
+    answer = verdict(compared, scoring.band, rates, args.alpha)
     codes = sorted({result["code"] if "code" in result else "unrecorded" for result in results})
     prior_alone, prior_text = None, ""
     if args.prior:  # round 0: the prior map itself, scored like every prediction
@@ -574,13 +622,14 @@ def main() -> int:
         prior_text = (f"\nThe prior `{args.prior_name}` alone (no training): F0.5 {prior_alone['f05']:.3f} at the threshold "
                       f"chosen on the calibration strip, AUC {prior_alone['auc']:.3f}, average precision "
                       f"{prior_alone['average_precision']:.3f}, oracle F0.5 {prior_alone['f05_oracle']:.3f}.")
-    report = markdown(rows, compared, description, scoring.band, codes, prior_text)
+    report = markdown(rows, compared, description, scoring.band, codes, answer, prior_text)
     write_csv(args.output / "runs.csv", results)
     write_csv(args.output / "label_efficiency.csv", rows)
     write_bytes_atomic(args.output / "label_efficiency.md", report.encode())
     write_bytes_atomic(args.output / "label_efficiency.json", json.dumps(
         {"description": description, "no_skill_band": dataclasses.asdict(scoring.band), "summary": rows,
-         "comparisons": compared, "verdict": verdict(compared, scoring.band), "codes": codes,
+         "comparisons": compared, "verdict": answer, "design": dataclasses.asdict(design),
+         "error_rates": dataclasses.asdict(rates), "codes": codes,
          "prior_alone": prior_alone}, indent=1).encode())
     plot(rows, scoring.band, args.output / "label_efficiency.png", f"{segment.name}: {settings.describe()}")
     print(report)

@@ -18,11 +18,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import cv2  # noqa: E402
 
+from evaluate import verdict_rule  # noqa: E402
 from evaluate.statistics import describe_interval  # noqa: E402
 from finetune.metrics import NoSkillBand, all_ink_f05  # noqa: E402
 from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
 
+RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates the report prints
 FIGURE_WIDTH = 512  # pixels: figures stay small PNGs in the repository
 STEPS = ("run", "pretraining", "label_efficiency", "probes", "cka", "ink_maps")
 
@@ -88,7 +90,7 @@ def probe_section(results: dict, figure: Callable) -> list[str]:
     lines = ["## Frozen-encoder probe", "",
              "`finetune/train.py` with `freeze_encoder=True` (scheme \"validation\": a held-out band, the same split, "
              "seeds and schedule for every encoder); only the UNet decoder learns. Each run is scored from its "
-             "whole-segment prediction with the weights of its lowest validation loss, on the held-out band, at the "
+             "whole-segment prediction with its last epoch's weights (no epoch is chosen on the band), on the held-out band, at the "
              "threshold that is best on the labelled tiles it trained on (never the band's own). Each encoder reads "
              "tiles as it was pretrained; an encoder pretrained on other input settings is compared with a random "
              "encoder probed with those settings, seed by seed. `supervised` is the control: the encoder of a full "
@@ -160,11 +162,29 @@ def representation_section(results: dict, figure: Callable) -> list[str]:
     return lines
 
 
+def report_error_rates(label_efficiency: list[dict]) -> str:
+    """The verdict rule's error rates for the report's whole design (every group's comparisons together, each group
+    spending its share of the family-wise error), simulated as notes/verdict_rules.md says."""
+    designs = [curves["design"] for curves in label_efficiency]
+    design = verdict_rule.Design(encoders_per_group=tuple(sum(design["encoders_per_group"]) for design in designs),
+                                 glyphs=tuple(designs[0]["glyphs"]), seeds=tuple(designs[0]["seeds"]),
+                                 random_arms=max(design["random_arms"] for design in designs),
+                                 alpha=sum(design["alpha"] for design in designs))
+    rates = verdict_rule.error_rates(design, RATE_EXPERIMENTS)
+    return (f"for this report's whole design ({design.describe()}), the rule (evaluate/verdict_rule.py; "
+            f"notes/verdict_rules.md) gives, {rates.describe()}. Command: `python evaluate/simulate_verdict.py "
+            f"--seeds {','.join(map(str, design.seeds))} --glyphs {' '.join(map(str, design.glyphs))} --encoders_per_group "
+            f"{' '.join(map(str, design.encoders_per_group))} --random_arms {design.random_arms} --alpha {design.alpha:.6g} "
+            f"--experiments "
+            f"{RATE_EXPERIMENTS}`.")
+
+
 def what_it_means(results: dict) -> list[str]:
     """The reading of the numbers, worded from the numbers."""
     lines = ["", "## What it means", ""]
     for curves in results["label_efficiency"]:
         lines.append(f"- **Few labels** ({', '.join(curves['encoders'])} against random): {curves['verdict']}")
+    lines.append(f"- **How far to trust it**: {report_error_rates(results['label_efficiency'])}")
     # Each encoder against the random encoder of its own input group (read the same way).
     rows = {row["encoder"]: (row, group["baseline"]) for group in results["probes"]["groups"] for row in group["rows"]}
     for name in ("spark", "vicreg"):

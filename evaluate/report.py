@@ -16,8 +16,11 @@ figures, small PNGs, into `--images`), so any number in the report can be reprod
    probed in a group of their own, next to a random encoder probed with the same settings;
 4. `evaluate/cka.py`: linear and RBF CKA between random, every `--cka_every`-th SparK epoch, and VICReg;
 5. `evaluate/ink_map.py` for random, SparK and VICReg.
-Running again reuses what is finished: pretraining resumes (a finished run only reports), finished fine-tuning runs
-are reused or only predict again.
+Running again reuses what is finished, keyed by content (evaluate/provenance.py: the code each step executes, its
+command with the content of every file it reads, the segment), so a commit that touches only README or notes reuses
+everything: pretraining resumes only a run of the same key (a finished one only reports; one of other settings,
+e.g. other --spark_epochs, is moved to .superseded/ and run afresh), fine-tuning runs are reused or only predict
+again, and an encoder overwritten in place is probed and fine-tuned again.
 """
 import argparse
 import csv
@@ -32,7 +35,7 @@ import time
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from evaluate import encoder_input, render_report  # noqa: E402
+from evaluate import encoder_input, provenance, render_report, verdict_rule  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.data.patches import InputSettings, evaluate_options, finetune_options  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
@@ -43,19 +46,26 @@ class StepError(RuntimeError):
     """A step's command failed; its own error line was printed above."""
 
 
-def run_step(name: str, command: list[str], output: pathlib.Path | None = None, log: pathlib.Path | None = None) -> str:
-    """Run a repository script with this Python; returns the command as a person would type it. With `output` (a
-    file the step writes last), a step that already finished with the same command and the same code (the commit and
-    any uncommitted changes, `git_commit`) is not run again. With `log`, the step's output goes there (steps that
-    run side by side)."""
+def run_step(name: str, command: list[str], output: pathlib.Path | None = None, log: pathlib.Path | None = None,
+             folder: pathlib.Path | None = None) -> str:
+    """Run a repository script with this Python; returns the command as a person would type it. A step is keyed by
+    what decides its result (evaluate/provenance.py: the code the script executes, its command with the content of
+    every file it names, the segment). With `output` (a file the step writes last), a step that finished with the
+    same key is not run again. With `folder` (the folder the step works in), work there of another key is moved to
+    .superseded/ first, so that nothing of other settings or inputs is continued. With `log`, the step's output goes
+    there (steps that run side by side)."""
     printable = shlex.join(["python", *command])
-    record = output.with_name(output.name + ".command") if output is not None else None
-    signature = f"{printable}\ncode {git_commit()}"
+    step_key = provenance.key([sys.executable, *command], provenance.code_of(command[0]))
+    record = output.with_name(output.name + ".key.json") if output is not None else None
     if record is not None and output.is_file() and record.is_file():
-        if record.read_text() == signature:
+        if json.loads(record.read_text()) == step_key:
             print(f"\n== {name}: finished earlier with the same command and code: {printable}", flush=True)
             return printable
-        print(f"\n== {name}: finished earlier, but not with this command and code: running it again", flush=True)
+        print(f"\n== {name}: finished earlier, but not with this code or these inputs: running it again", flush=True)
+    if folder is not None:
+        aside = provenance.claim(folder, step_key)
+        if aside is not None:
+            print(f"\n== {name}: {folder} holds work of other code or inputs: kept in {aside}, starting afresh", flush=True)
     print(f"\n== {name}: {printable}" + (f" (output in {log})" if log else ""), flush=True)
     if log is None:
         returncode = subprocess.run([sys.executable, *command], cwd=REPO_ROOT).returncode
@@ -66,7 +76,7 @@ def run_step(name: str, command: list[str], output: pathlib.Path | None = None, 
     if returncode != 0:
         raise StepError(f"step '{name}' failed; its error is printed " + (f"in {log}" if log else "above"))
     if record is not None:
-        write_bytes_atomic(record, signature.encode())
+        write_bytes_atomic(record, json.dumps(step_key, indent=1).encode())
     return printable
 
 
@@ -91,7 +101,8 @@ def pretrain(args) -> dict:
         return run_step(f"pretraining, {name}", [
             "pretrain/main.py", "--model", args.model, "--data_path", args.segment, "--exp_name", f"report_{name}",
             "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", *shlex.split(args.pretrain_args),
-            *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if args.jobs > 1 else None)
+            *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if args.jobs > 1 else None,
+            folder=exp_dirs[name])
 
     # The runs are independent: side by side on a GPU, with --jobs.
     commands = dict(zip(runs, encoder_input.side_by_side(run_pretraining, list(runs), args.jobs)))
@@ -136,6 +147,8 @@ def label_efficiency(args, encoders: dict) -> None:
             "evaluate/label_efficiency.py", "--pretrained_path", "random", *group["encoders"].values(), "--names",
             "random", *names, "--segment_id", args.segment, "--seeds", *map(str, args.seeds), "--glyphs",
             *map(str, args.glyphs), "--random_epochs_factor", str(args.random_epochs_factor), "--jobs", str(args.jobs),
+            # The whole report's family-wise error (verdict_rule.ALPHA) shared by the groups, by their encoders.
+            "--alpha", f"{verdict_rule.ALPHA * len(names) / len(chosen):.6g}",
             *input_options(group["settings"], args.finetune_tile_size), *shlex.split(args.curve_args),
             "--output", str(output), "--",
             *shlex.split(args.finetune_args)])
@@ -153,8 +166,8 @@ def probes(args, encoders: dict) -> None:
                                          tile_size=args.finetune_tile_size)
     control = run_step("supervised control: full fine-tuning", [
         "finetune/train.py", "--exp_name", "supervised", "--OUTPUT_DIR", str(args.work / "control"), "--scheme",
-        "validation", "--segment_id", args.segment, "--SEED", "0", *finetune_options(spark_settings),
-        *shlex.split(args.finetune_args)])
+        "validation", "--BEST_BY", "last", "--segment_id", args.segment, "--SEED", "0", *finetune_options(spark_settings),
+        *shlex.split(args.finetune_args)], folder=args.work / "control" / "supervised")
     probed = {**encoders, "supervised": str(args.work / "control" / "supervised" / "best.pth")}
     results = {"control_command": control, "groups": []}
     for index, group in enumerate(groups_by_input(probed, args.finetune_tile_size)):
@@ -228,8 +241,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curves", nargs="+", default=["spark", "vicreg"],
                         help="encoders (spark, vicreg, spark_<variant>) whose few-label curves are measured against random")
     parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4], help="labelled glyphs per curve point")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[8, 8, 3],
-                        help="seeds per curve point (a 'yes' needs 8): one count, or one per --glyphs value")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[verdict_rule.Design().seeds[0]],
+                        help="seeds per curve point (the count evaluate/simulate_verdict.py chose: "
+                             "notes/verdict_rules.md): one count, or one per --glyphs value")
     parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=int, default=2, action=RenamedOption,
                         help="the curves' second random arm trains this many times the epochs (1: none), so that a "
                              "win is about labels, not optimisation speed (--scratch_epochs_factor: its older name)")

@@ -13,8 +13,8 @@ questions, asked of each encoder with frozen-encoder probes on a family of segme
 Each encoder is one `finetune/train.py` run per question and seed, evaluate/encoders.py's probe (scheme
 "validation", `freeze_encoder=True`; seed s is SEED s for every encoder, so runs are paired). Question (a) holds out
 a band of the held-out segment only (`VALIDATION_FRACTION 0 … 0 f`: whole tiles, f of its longer side), question (b)
-the whole segment (`VALIDATION_SEGMENTS`). Each run is scored from its whole-segment predictions with its best
-weights (lowest validation loss) on the held-out pixels: F0.5 at the threshold best on the labelled tiles of every
+the whole segment (`VALIDATION_SEGMENTS`). Each run is scored from its whole-segment predictions with its last
+epoch's weights (`BEST_BY last`: no epoch is chosen on the pixels it is scored on) on the held-out pixels: F0.5 at the threshold best on the labelled tiles of every
 segment it trained on (never on the scored pixels), AUC, average precision, and as an extra the oracle F0.5 at the
 scored pixels' own best threshold. With `--supervised_control`, each question also probes an encoder that has seen
 labels: full fine-tuning from scratch on that question's training data (seed 0, as evaluate/report.py's control),
@@ -63,7 +63,7 @@ def train_control(question: str, settings: InputSettings, args, extra: list[str]
     pixels; returns the checkpoint to probe (best.pth)."""
     folder = args.output / f"question_{question}" / "control"
     report.run_step(f"supervised control, question ({question}): full fine-tuning", [
-        "finetune/train.py", "--exp_name", CONTROL, "--OUTPUT_DIR", str(folder), "--scheme", "validation",
+        "finetune/train.py", "--exp_name", CONTROL, "--OUTPUT_DIR", str(folder), "--scheme", "validation", "--BEST_BY", "last",
         *question_options(question, args), "--SEED", "0", *finetune_options(settings), *extra],
         log=folder / f"{CONTROL}.log" if args.jobs > 1 else None)
     return str(folder / CONTROL / "best.pth")

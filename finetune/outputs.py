@@ -67,8 +67,17 @@ def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
     misc.write_bytes_atomic(path, encoded.tobytes())
 
 
-def probability_image(probabilities_yx: np.ndarray) -> np.ndarray:
-    """(Y, X) uint8, probability × 255."""
+class NonFinitePredictionError(ValueError):
+    """A prediction holds NaN or infinite probabilities: written as an image they would read as 0, a map that
+    scores exactly chance, silently."""
+
+
+def probability_image(probabilities_yx: np.ndarray, what: str = "a prediction") -> np.ndarray:
+    """(Y, X) uint8, probability × 255; a NaN or infinite probability is an error naming `what`."""
+    finite_yx = np.isfinite(probabilities_yx)
+    if not finite_yx.all():
+        raise NonFinitePredictionError(f"{what} holds {int((~finite_yx).sum())} NaN or infinite probabilities (the "
+                                       "model diverged); nothing was written")
     return np.clip(np.rint(probabilities_yx * 255.0), 0, 255).astype(np.uint8)
 
 

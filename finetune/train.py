@@ -10,8 +10,9 @@
 With `pretrained_path`, the model and the way tiles are cut and scaled (MODEL, DEPTH, DEPTH_OFFSET,
 FOLLOW_SURFACE, NORMALIZATION, TILE_SIZE) are the encoder's own, as its checkpoint records them; a value set
 here that contradicts it is an error (TILE_SIZE only warns). Writes to OUTPUT_DIR/exp_name/: last.pth (every
-epoch, atomically; running the same command again continues), best.pth (scheme "validation": the epoch of
-lowest validation loss; scheme "iterative", which holds nothing out to choose by: the last epoch),
+epoch, atomically; running the same command again continues, from the same encoder and prior content only),
+best.pth (scheme "validation": the epoch of lowest validation loss, or with BEST_BY "last" the last epoch; scheme
+"iterative", which holds nothing out to choose by: the last epoch),
 prediction.png, labels_vs_prediction.png, log.jsonl and tensorboard_logs/; the prediction also goes to
 save_path. Iterative labeling: open save_path in an image editor, paint better labels, run again with them as
 inklabel_path. Each label file makes one round_NN/ (labels, prediction, metrics); new labels start the next
@@ -61,6 +62,10 @@ segment_id: str | list[str] = "demo"
 # whole segments to validate on, never trained on (scheme "validation"), instead of a band held out of each segment
 VALIDATION_SEGMENTS: str | list[str] | None = None
 scheme: str = "validation"  # "validation": hold out a band and measure; "iterative": train on all labels, predict
+# Scheme "validation": the epoch best.pth keeps and the prediction uses. "validation_loss": the lowest loss on the
+# held-out band, which is then scored, so its scores are optimistic; "last": the last epoch, chosen without looking
+# at a scored pixel (what evaluate/ uses to judge encoders).
+BEST_BY: str = "validation_loss"
 # Label files: one, or with several segments one per segment (segment_id's, then VALIDATION_SEGMENTS', in order;
 # None for a segment's own). Ink label PNG (a bare name is looked up in the segment's folder); None: the segment's own
 inklabel_path: str | list[str] | None = None
@@ -164,6 +169,7 @@ class RunState:
     best_loss: float = math.inf
     round: int = 0  # iterative labeling round (0 in scheme "validation")
     labels_digest: str = ""
+    inputs_digest: str = ""  # the content of the files the run starts from (inputs_digest): resume needs the same
     training_seconds: float = 0.0
     self_training_round: int = 0  # 0: trained on the human labels; n: on the pseudo-labels of round n − 1's prediction
 
@@ -193,7 +199,8 @@ def encoder_and_input(config) -> tuple[checkpoint.EncoderWeights | None, InputSe
 def check_settings(config, settings: InputSettings) -> None:
     problems = []
     chosen = {**vars(config), **{name: getattr(settings, field) for field, name in FINETUNE_NAMES.items()}}
-    for name, allowed in (("scheme", ("validation", "iterative")), ("MODEL", ENCODER_NAMES),
+    for name, allowed in (("scheme", ("validation", "iterative")), ("BEST_BY", ("validation_loss", "last")),
+                          ("MODEL", ENCODER_NAMES),
                           ("DEPTH_POOL", DEPTH_POOLS), ("OUTPUT_STRIDE", OUTPUT_STRIDES),
                           ("NORMALIZATION", NORMALIZATIONS)):
         if chosen[name] not in allowed:
@@ -416,11 +423,26 @@ def build_model(run: Run) -> InkUNet:
     return model
 
 
-def resume_point(run: Run, labels_digest: str):
-    """(the state to start from, the saved checkpoint to load or None): last.pth's when it continues this run. In
+def inputs_digest(config) -> str:
+    """sha256 of the bytes of the files a run starts from besides its labels: the pretrained encoder and the prior.
+    Their paths say nothing: a checkpoint overwritten in place is another start."""
+    digest = hashlib.sha256()
+    for path in (config.pretrained_path, config.PRIOR_PATH):
+        digest.update(b"\0")
+        if path:
+            with open(path, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_point(run: Run, labels_digest: str, start_digest: str):
+    """(the state to start from, the saved checkpoint to load or None): last.pth's when it continues this run, which
+    needs the same encoder and prior content (`inputs_digest`) and, in scheme "validation", the same labels. In
     scheme "iterative", other labels start the next round afresh."""
     config, settings, checkpoint_path = run.config, run.settings, run.experiment_dir / "last.pth"
-    fresh = RunState(round=1 if config.scheme == "iterative" else 0, labels_digest=labels_digest)
+    fresh = RunState(round=1 if config.scheme == "iterative" else 0, labels_digest=labels_digest,
+                     inputs_digest=start_digest)
     if not checkpoint_path.is_file():
         return fresh, None
     saved = checkpoint.read(checkpoint_path)
@@ -430,6 +452,12 @@ def resume_point(run: Run, labels_digest: str):
             f"{checkpoint_path} is a {previous['scheme']} run on {checkpoint.input_settings(saved).describe()} that this "
             f"run ({config.scheme}, {settings.describe()}) cannot continue; set another exp_name")
     state = RunState(**saved["state"])
+    if state.inputs_digest != start_digest:
+        raise checkpoint.CheckpointError(
+            f"{checkpoint_path} continues a run that started from another pretrained_path or PRIOR_PATH content (the "
+            "files differ from this run's, whatever their names); set another exp_name")
+    if config.scheme == "validation" and state.labels_digest != labels_digest:
+        raise checkpoint.CheckpointError(f"{checkpoint_path} continues a run on other labels; set another exp_name")
     if config.scheme == "iterative" and state.labels_digest != labels_digest:
         print(f"new labels: round {state.round + 1} starts from {config.pretrained_path or 'random init'}")
         return dataclasses.replace(fresh, round=state.round + 1), None
@@ -559,6 +587,9 @@ def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: Ru
         probabilities_yx = inference.predict_segment(
             model, segment, human.region_yx, settings, config.INFERENCE_STRIDE, config.BATCH_SIZE // dist.world_size(),
             run.device, config.TTA, config.NUM_WORKERS)
+        # Before anything is scored or written: NaN would be written as 0, a map that scores exactly chance.
+        prediction_png = outputs.probability_image(probabilities_yx, f"the prediction of run {experiment_dir} on "
+                                                                     f"{run_segment.name} (round {state.round})")
         metrics = evaluation.prediction_metrics(probabilities_yx, human.human_yx, human.region_yx,
                                                 run_segment.held_out, run_segment.human_origins, settings.tile_size,
                                                 run_segment.full_labels_yx)
@@ -574,7 +605,6 @@ def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: Ru
             calibration_counts += threshold_counts(probabilities_yx[calibration_yx],
                                                    human.human_yx[calibration_yx] == 1)
         save_path, comparison_path = prediction_paths(run, run_segment, several)
-        prediction_png = outputs.probability_image(probabilities_yx)
         outputs.write_png_atomic(save_path, prediction_png)
         if not several and save_path.resolve() != (experiment_dir / "prediction.png").resolve():
             outputs.write_png_atomic(experiment_dir / "prediction.png", prediction_png)
@@ -678,8 +708,10 @@ def train(run: Run, model, optimizer, loaders, state: RunState) -> None:
             statistics.update({f"validation_{key}": value for key, value in validation.items()})
             if several_segments(config):
                 statistics["validation_segments"] = per_segment
-        # Scheme "validation": best is the lowest validation loss. "iterative" holds nothing out: best is the last epoch.
-        is_best = not validation_loaders or statistics["validation_loss"] < state.best_loss
+        # Scheme "validation": best is the lowest validation loss, or with BEST_BY "last" the last epoch. "iterative"
+        # holds nothing out: best is the last epoch.
+        is_best = (not validation_loaders or config.BEST_BY == "last"
+                   or statistics["validation_loss"] < state.best_loss)
         state.best_loss = statistics.get("validation_loss", statistics["train_loss"]) if is_best else state.best_loss
         state.epoch = epoch + 1
         state.training_seconds += time.time() - started
@@ -731,7 +763,7 @@ def next_round(run: Run, state: RunState, probabilities_yx: np.ndarray, model, r
     pseudo_yx = data.pseudo_labels(probabilities_yx, human.region_yx, human.human_yx == 1, human.negatives_yx,
                                    config.PSEUDO_INK_THRESHOLD, config.PSEUDO_NOT_INK_THRESHOLD,
                                    config.PSEUDO_MIN_INK_PIXELS)
-    following = RunState(round=state.round + 1, labels_digest=state.labels_digest,
+    following = RunState(round=state.round + 1, labels_digest=state.labels_digest, inputs_digest=state.inputs_digest,
                          self_training_round=state.self_training_round + 1)
     if dist.is_master():
         folder = run.experiment_dir / f"round_{following.round:02d}"
@@ -830,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(config, settings)
     run = Run(config, settings, weights, experiment_dir, device, log=misc.JsonLinesLog(experiment_dir / "log.jsonl"))
     run_segments = open_run_segments(config, settings)
-    state, saved = resume_point(run, labels_digest(run_segments))
+    state, saved = resume_point(run, labels_digest(run_segments), inputs_digest(config))
     while True:
         probabilities_yx, model = train_round(run, run_segments, state, saved)
         if probabilities_yx is None or state.self_training_round >= config.SELF_TRAINING_ROUNDS:
@@ -843,8 +875,8 @@ if __name__ == "__main__":
     try:
         exit_code = main()
     except (ConfigError, SegmentError, RemoteReadError, checkpoint.CheckpointError,
-            schedule.NonFiniteLossError) as error:
+            schedule.NonFiniteLossError, outputs.NonFinitePredictionError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
-        sys.exit(2 if not isinstance(error, schedule.NonFiniteLossError) else 1)
+        sys.exit(1 if isinstance(error, (schedule.NonFiniteLossError, outputs.NonFinitePredictionError)) else 2)
     dist.finalize()  # main() has returned, so its DDP model is gone before the process group
     sys.exit(exit_code)
