@@ -154,10 +154,11 @@ def measure(options: list[str], settings, segments: list, device: torch.device) 
     return result
 
 
-def release(device: torch.device) -> None:
+def release(device: torch.device, compiled: bool) -> None:
     """What a variant leaves behind, before the next one: its DataLoader workers, its memory, compiled graphs."""
     gc.collect()
-    torch._dynamo.reset()
+    if compiled:
+        torch._dynamo.reset()
     torch.backends.cudnn.benchmark = False
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -183,7 +184,7 @@ def run_variants(settings, base_options: list[str], segments: list, device: torc
                 row["error"] = "does not fit in GPU memory"
             except Exception as error:  # one variant failing (a compiler error, say) must not lose the others' rows
                 row["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-            release(device)
+            release(device, "--compile_model" in changes)
         rows.append(row)
     return rows
 

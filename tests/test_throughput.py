@@ -9,6 +9,7 @@ import torch
 
 import pretrain.main
 from pretrain import throughput
+from pretrain.data.segment import open_segment
 from pretrain.spark import SparK3d
 from pretrain.utils import arg_util
 from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
@@ -25,9 +26,9 @@ def spark_loss_and_gradients(options: list[str], inp_bcdhw: torch.Tensor, active
 
 
 def test_channels_last_gives_the_default_loss_and_gradients():
-    inp_bcdhw = torch.rand(2, 1, 16, 64, 64, generator=torch.Generator().manual_seed(1))
-    active_b1dhw = torch.rand(2, 1, 2, 2, 2, generator=torch.Generator().manual_seed(2)) > 0.5
-    active_b1dhw[:, :, 0, 0, 0] = True  # at least one visible cell per sample
+    inp_bcdhw = torch.rand(1, 1, 16, 64, 64, generator=torch.Generator().manual_seed(1))
+    active_b1dhw = torch.rand(1, 1, 2, 2, 2, generator=torch.Generator().manual_seed(2)) > 0.5
+    active_b1dhw[:, :, 0, 0, 0] = True  # at least one visible cell
     _, loss, gradients = spark_loss_and_gradients([], inp_bcdhw, active_b1dhw)
     model, loss_channels_last, gradients_channels_last = spark_loss_and_gradients(
         ["--channels_last", "true"], inp_bcdhw, active_b1dhw)
@@ -52,6 +53,7 @@ def test_adamw_kernels_take_the_default_step(kernel):
         args = arg_util.parse_args(["--opt", "adamw", *kernel_options])
         args.fill_runtime("cpu", 1)
         optimizer = pretrain.main.build_optimizer(args, model)
+        assert all(optimizer.defaults.get(name) for name in throughput.optimizer_kernel_options(args.optimizer_kernel))
         for _ in range(2):
             model(torch.rand(2, 1, 4, 6, 6, generator=torch.Generator().manual_seed(3))).square().mean().backward()
             optimizer.step()
@@ -85,7 +87,7 @@ def test_every_lever_in_a_run_gives_the_default_run_loss(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
 
     def epoch_losses(name: str, options: list[str]) -> list[float]:
-        monkeypatch.setattr(sys, "argv", ["pretrain/main.py", *TINY, "--samples_per_ep", "4", "--ep", "2",
+        monkeypatch.setattr(sys, "argv", ["pretrain/main.py", *TINY, "--samples_per_ep", "4", "--ep", "1",
                                           "--num_workers", "0", "--cpu_threads", "1", "--vis_every", "0",
                                           "--data_path", str(segment), "--exp_dir", str(tmp_path / name), *options])
         try:
@@ -103,3 +105,11 @@ def test_every_lever_in_a_run_gives_the_default_run_loss(tmp_path, monkeypatch):
     assert len(compiled) == 1 and isinstance(compiled[0], SparK3d)  # the model the step calls
     assert compiled[0].sparse_encoder.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert levers == pytest.approx(default, rel=1e-5)
+
+    # The DataLoader settings reach the loader (a CUDA device only as a name: nothing is loaded).
+    for options, pinned, prefetch in (([], True, None), (["--num_workers", "1", "--pin_memory", "false"], False, 2),
+                                      (["--num_workers", "1", "--prefetch_factor", "4"], True, 4)):
+        args = arg_util.parse_args([*TINY, "--num_workers", "0", "--samples_per_ep", "4", *options])
+        args.fill_runtime("cuda", 1)
+        loader = pretrain.main.build_loader(args, open_segment([str(segment)]), torch.device("cuda"))
+        assert (loader.pin_memory, loader.prefetch_factor) == (pinned, prefetch), options
