@@ -2,7 +2,8 @@
 
     python benchmarks/pretrain_levers.py                 # on a GPU: SparK, resnet50_3d, 32 × 256², bs 8
     python benchmarks/pretrain_levers.py --method vicreg # any method of pretrain/methods.py's registry
-    python benchmarks/pretrain_levers.py --tiny          # seconds on a CPU: the same sequence at toy sizes
+    python benchmarks/pretrain_levers.py --tiny          # the same sequence at toy sizes, to check it on a CPU
+    python benchmarks/pretrain_levers.py --variants default channels_last   # a subset (the default always runs)
 
 Every variant is the README's real-segment pretraining command (depth 32, tile 256, bs 8, base_lr 0.03, 8 workers;
 bf16 autocast on a GPU) on `--segment` (the demo by default) with the settings of pretrain/utils/arg_util.py's "GPU
@@ -18,11 +19,13 @@ these sizes, the same for every variant) × samples/s as TFLOP/s, and its share 
 matrix product; fp32 on a CPU) and of the data sheet's (H100/H200); peak GPU memory allocated (and reserved by the
 caching allocator) from the variant's start; the share of the timed steps' wall time spent waiting for a batch.
 
-Time on one GPU: the plain variants take `--warmup` + `--steps` steps each (5 + 15 at bs 8 is about 20 s at the
-19 samples/s measured on an H200 for the default, a batch ×4 variant four times that); the compiled ones add their
-compilation, which is not measured yet. A variant that would start after `--budget` seconds is skipped and says so,
-so the run ends by `--budget` plus the variant in progress. Writes benchmarks/results/pretrain_levers.json (`--tiny`:
-pretrain_levers_tiny.json) unless `--output` says otherwise.
+Time on one GPU, estimated, not measured: the plain variants take `--warmup` + `--steps` steps each (5 + 15 at bs 8
+are about 8 s of steps at the 19 samples/s measured on an H200 for the default, plus building the model and starting
+the workers; a batch ×4 variant four times the steps); the compiled ones add their compilation, which is not known
+yet. A variant that would start after `--budget` seconds is skipped and says so, so the run ends by `--budget` plus
+the variant in progress: with the default 360 s, under 8 minutes as long as that one variant, compilation included,
+takes under 2. Writes benchmarks/results/pretrain_levers.json (`--tiny`: pretrain_levers_tiny.json) unless `--output`
+says otherwise.
 """
 import argparse
 import gc
@@ -82,8 +85,8 @@ def variants(base: arg_util.Args) -> list[tuple[str, str, list[str], str]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="toy sizes, a few steps: seconds on a CPU (compiling, "
-                        "if --variants has compile, takes minutes there)")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes, a few steps, to check the command on a CPU "
+                        "(compiling, if --variants has compile, takes minutes there)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_NAMES), choices=VARIANT_NAMES, metavar="NAME",
                         help=f"which to run, of {', '.join(VARIANT_NAMES)} (default: all; the default always runs)")
     parser.add_argument("--method", default="spark", help=f"a registered method: {', '.join(methods.METHODS)}")
