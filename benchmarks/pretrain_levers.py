@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     measured_peak = (utilisation.measured_matmul_peak(device) if not settings.tiny
                      else utilisation.measured_matmul_peak(device, size=512, repeats=5))
     sheet_peak = utilisation.data_sheet_peak(device_name)
+    release(device, compiled=False)  # the matrices' memory, so that the first variant's reserved memory is its own
     print(f"{device_name}, torch {torch.__version__}; {settings.method} {base.model}, {base.depth} × {base.tile_size}², "
           f"bs {base.bs}: {flops_per_sample / 1e9:.1f} GFLOP per sample (counted); peak: measured "
           f"{measured_peak / 1e12:.3f} TFLOP/s, data sheet "
