@@ -115,3 +115,23 @@ def test_the_data_sheet_peak_is_found_by_device_name():
     assert utilisation.data_sheet_peak("NVIDIA H200") == 989.5e12
     assert utilisation.data_sheet_peak("NVIDIA H200 NVL") == 835.5e12
     assert utilisation.data_sheet_peak("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_the_entry_points_table_gives_each_training_run_its_share_of_the_devices_it_ran_on():
+    info = {"gpu_count": 0, "gpus": []}
+    peaks = gpu_entry_points.device_peaks(info, smoke=True)  # a CPU: a measured matmul, no data sheet
+    assert peaks["measured_flops_per_s"] > 0 and peaks["data_sheet_flops_per_s"] is None
+    peaks = {"measured_flops_per_s": 500e12, "data_sheet_flops_per_s": 989.5e12}
+    common = {"error": None, "wall_seconds": 1.0, "gpu_memory_peak_mib": None, "gpu_memory_before_mib": None}
+    results = [{**common, "label": "SparK", "flops_per_sample": 1.445e12, "samples_per_s": 19.0},
+               {**common, "label": "SparK, torchrun", "flops_per_sample": 1.445e12, "samples_per_s": 38.0, "devices": 2},
+               {**common, "label": "ink_map", "tiles_per_s": 50.0}]
+    gpu_entry_points.add_utilisation(results, peaks)
+    spark, torchrun, ink_map = results
+    assert spark["achieved_flops_per_s"] == pytest.approx(1.445e12 * 19)
+    assert spark["share_of_measured_peak"] == pytest.approx(1.445e12 * 19 / 500e12)
+    assert torchrun["share_of_data_sheet_peak"] == pytest.approx(spark["share_of_data_sheet_peak"])  # two devices
+    assert ink_map["achieved_flops_per_s"] is None and ink_map["share_of_measured_peak"] is None
+    rows = gpu_entry_points.table(results).splitlines()
+    assert rows[2] == "| SparK | 19.0 | – | 1445.0 | 27.455 | 5.5% / 2.8% | – | – | 1 | ok |"
+    assert rows[4] == "| ink_map | – | 50.0 | – | – | – / – | – | – | 1 | ok |"
