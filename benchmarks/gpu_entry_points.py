@@ -6,7 +6,7 @@
 Each step is the real command, run as a subprocess on the demo segment (`--segment`):
 1. SparK pretraining, resnet50_3d, 32 layers × 256², bf16 (the entry scripts' default on a GPU), two epochs of
    `--steps` steps; samples/s and the data-wait fraction are the second epoch's, from the run's log.jsonl;
-2. the same with VICReg;
+2. the same with VICReg, and with every other method registered in pretrain/methods.py;
 3. fine-tuning from the SparK encoder (its model and input settings, as the checkpoint records them) for one
    epoch, then the whole-segment prediction: samples/s of the training epoch (its progress bar's count over its
    elapsed time, worker start-up included), tiles/s of the prediction (its tiles over the log's prediction
@@ -17,6 +17,10 @@ Each step is the real command, run as a subprocess on the demo segment (`--segme
 Peak GPU memory is nvidia-smi's `memory.used` polled during each run (CUDA context and the caching allocator's
 reserve included: what the run holds), with its value before the run. The progress bars' counts come from tqdm's
 TQDM_BAR_FORMAT variable, so the entry scripts need no timing code of their own.
+Utilisation, per training run: FLOPs per sample as torch's FlopCounterMode counts one forward + backward at the run's
+sizes (benchmarks/utilisation.py), times samples/s, as TFLOP/s and as a share of the device's peak: a bf16 matrix
+product measured after the runs (fp32 on a CPU), and the data sheet's dense bf16 figure where the GPU is known
+(H100, H200). `benchmarks/pretrain_levers.py` compares pretraining's throughput settings on the same terms.
 
 Prints the environment and a Markdown table; writes benchmarks/results/gpu_entry_points.json (with `--smoke`:
 gpu_entry_points_smoke.json). Runs write into a temporary folder, removed at the end unless a run failed
@@ -41,13 +45,14 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks import utilisation  # noqa: E402
 from finetune.inference import covering_origins  # noqa: E402
 from evaluate import encoder_input  # noqa: E402
-from pretrain import checkpoint  # noqa: E402
+from pretrain import checkpoint, methods  # noqa: E402
 from pretrain.data.patches import SOME_PAPYRUS, tile_origins  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.utils import run_log  # noqa: E402
+from pretrain.utils import arg_util, run_log  # noqa: E402
 from pretrain.utils.misc import RenamedOption, write_bytes_atomic  # noqa: E402
 
 # tqdm takes its defaults from TQDM_* variables: every progress bar of a run then ends with a line giving its
@@ -201,15 +206,18 @@ def pretraining_measures(exp_dir: pathlib.Path) -> dict:
             "epoch_seconds": epochs[-1]["seconds"]}
 
 
+def pretrain_options(args, method: str, exp_dir: pathlib.Path, processes: int = 1) -> list[str]:
+    return ["--method", method, "--model", args.model, "--depth", str(args.depth), "--tile_size", str(args.input_size),
+            "--bs", str(args.bs * processes), "--samples_per_ep", str(args.bs * processes * args.steps), "--ep", "2",
+            "--wp_ep", "1", "--num_workers", str(args.num_workers), "--data_path", args.segment,
+            "--exp_dir", str(exp_dir), "--exp_name", exp_dir.name, *(SMOKE_PRETRAIN if args.smoke else [])]
+
+
 def pretrain_command(args, method: str, exp_dir: pathlib.Path, processes: int = 1) -> list[str]:
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    return [*launcher, str(REPO_ROOT / "pretrain" / "main.py"), "--method", method, "--model", args.model,
-            "--depth", str(args.depth), "--tile_size", str(args.input_size), "--bs", str(args.bs * processes),
-            "--samples_per_ep", str(args.bs * processes * args.steps), "--ep", "2", "--wp_ep", "1",
-            "--num_workers", str(args.num_workers), "--data_path", args.segment, "--exp_dir", str(exp_dir),
-            "--exp_name", exp_dir.name, *(SMOKE_PRETRAIN if args.smoke else [])]
+    return [*launcher, str(REPO_ROOT / "pretrain" / "main.py"), *pretrain_options(args, method, exp_dir, processes)]
 
 
 def finetune_measures(args, result: dict, experiment_dir: pathlib.Path, segment) -> dict:
@@ -239,13 +247,17 @@ def ink_map_measures(args, result: dict, segment) -> dict:
 
 
 def run_all(args, work_dir: pathlib.Path, segment, gpu_count: int) -> list[dict]:
-    """Every entry point in turn; a run that needs the SparK encoder is skipped when there is none."""
+    """Every entry point in turn (every registered pretraining method); a run that needs the SparK encoder is skipped
+    when there is none. Each training run's counted FLOPs per sample are counted here first, on the meta device or the
+    CPU (benchmarks/utilisation.py), so that this process opens no CUDA context while the runs' memory is polled."""
     sizes = f"{args.model}, {args.depth} × {args.input_size}²"
     results = []
-    for method in ("spark", "vicreg"):
+    for method in methods.METHODS:
+        options = pretrain_options(args, method, work_dir / method)
+        flops_per_sample = utilisation.pretraining_flops_per_sample(arg_util.parse_args(options), [segment])
         result = run(method, pretrain_command(args, method, work_dir / method), work_dir, args.timeout)
-        result.update(label=f"{'SparK' if method == 'spark' else 'VICReg'} pretraining, {sizes}, bs {args.bs}, "
-                            f"2 epochs × {args.steps} steps", **pretraining_measures(work_dir / method))
+        result.update(label=f"{methods.get(method).title}, {sizes}, bs {args.bs}, 2 epochs × {args.steps} steps",
+                      flops_per_sample=flops_per_sample, **pretraining_measures(work_dir / method))
         results.append(result)
 
     encoder_path = checkpoint.encoder_file(work_dir / "spark", args.model)
@@ -255,9 +267,10 @@ def run_all(args, work_dir: pathlib.Path, segment, gpu_count: int) -> list[dict]
                    "--NUM_EPOCHS", "1", "--BATCH_SIZE", str(args.finetune_batch),
                    "--INFERENCE_STRIDE", str(args.inference_stride), "--NUM_WORKERS", str(args.num_workers),
                    *(SMOKE_FINETUNE if args.smoke else [])]
+        flops_per_sample = utilisation.finetuning_flops_per_sample(args.model, args.depth, args.input_size)
         result = run("finetune", command, work_dir, args.timeout)
         result.update(label=f"fine-tuning 1 epoch (bs {args.finetune_batch}) + whole-segment prediction "
-                            f"(stride {args.inference_stride}), SparK encoder",
+                            f"(stride {args.inference_stride}), SparK encoder", flops_per_sample=flops_per_sample,
                       **finetune_measures(args, result, work_dir / "finetune", segment))
         results.append(result)
         command = [sys.executable, str(REPO_ROOT / "evaluate" / "ink_map.py"), "--pretrained_path", str(encoder_path),
@@ -273,11 +286,38 @@ def run_all(args, work_dir: pathlib.Path, segment, gpu_count: int) -> list[dict]
         exp_dir = work_dir / "spark_torchrun"
         result = run("spark_torchrun", pretrain_command(args, "spark", exp_dir, processes=2), work_dir, args.timeout)
         result.update(label=f"SparK pretraining, torchrun × 2 {'GPUs' if gpu_count else 'CPU processes'}, {sizes}, "
-                            f"bs {args.bs} per process (samples/s of both)", **pretraining_measures(exp_dir))
+                            f"bs {args.bs} per process (samples/s of both)", devices=2,
+                      flops_per_sample=next(result for result in results if result["name"] == "spark")["flops_per_sample"],
+                      **pretraining_measures(exp_dir))
         results.append(result)
     else:
         print("skipped torchrun: it needs two GPUs, and this machine has one", flush=True)
     return results
+
+
+def device_peaks(info: dict, smoke: bool) -> dict:
+    """FLOP/s of one device: a matrix product measured now (after the runs: measuring opens a CUDA context here, which
+    would have counted in the runs' memory), and the data sheet's for the GPU's name where known."""
+    device = torch.device("cuda" if info["gpu_count"] else "cpu")
+    measured = (utilisation.measured_matmul_peak(device, size=1024, repeats=3) if smoke and device.type == "cpu"
+                else utilisation.measured_matmul_peak(device))
+    sheet = utilisation.data_sheet_peak(info["gpus"][0]["name"]) if info["gpus"] else None
+    return {"measured_flops_per_s": measured, "data_sheet_flops_per_s": sheet}
+
+
+def add_utilisation(results: list[dict], peaks: dict) -> None:
+    """Each training run's achieved FLOP/s (counted FLOPs per sample × samples/s) and its share of the peak of the
+    devices it ran on."""
+    for result in results:
+        devices = result.get("devices", 1)
+        measured = utilisation.utilisation(result.get("flops_per_sample"), result.get("samples_per_s"),
+                                           devices * peaks["measured_flops_per_s"])
+        sheet = peaks["data_sheet_flops_per_s"]
+        result.update(achieved_flops_per_s=measured["achieved_flops_per_s"],
+                      share_of_measured_peak=measured["share_of_peak"],
+                      share_of_data_sheet_peak=utilisation.utilisation(result.get("flops_per_sample"),
+                                                                       result.get("samples_per_s"),
+                                                                       devices * sheet if sheet else None)["share_of_peak"])
 
 
 def table(results: list[dict]) -> str:
@@ -291,13 +331,20 @@ def table(results: list[dict]) -> str:
         peak, before = max(zip(result["gpu_memory_peak_mib"], result["gpu_memory_before_mib"]))
         return f"{peak} MiB ({before} before)"
 
-    rows = ["| run | samples/s | tiles/s | data wait | peak GPU memory | wall s | outcome |",
-            "|---|---|---|---|---|---|---|"]
+    def share(value) -> str:
+        return "–" if value is None else f"{value:.1%}"
+
+    rows = ["| run | samples/s | tiles/s | GFLOP/sample | TFLOP/s | share of peak: matmul / data sheet | data wait | "
+            "peak GPU memory | wall s | outcome |", "|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         wait = result.get("data_wait_fraction")
+        flops, achieved = result.get("flops_per_sample"), result.get("achieved_flops_per_s")
         rows.append(f"| {result['label']} | {number(result.get('samples_per_s'))} | "
-                    f"{number(result.get('tiles_per_s'))} | {'–' if wait is None else f'{wait:.0%}'} | "
-                    f"{memory(result)} | {result['wall_seconds']:.0f} | {result['error'] or 'ok'} |")
+                    f"{number(result.get('tiles_per_s'))} | {'–' if flops is None else f'{flops / 1e9:.1f}'} | "
+                    f"{'–' if achieved is None else f'{achieved / 1e12:.3f}'} | "
+                    f"{share(result.get('share_of_measured_peak'))} / {share(result.get('share_of_data_sheet_peak'))} | "
+                    f"{'–' if wait is None else f'{wait:.0%}'} | {memory(result)} | {result['wall_seconds']:.0f} | "
+                    f"{result['error'] or 'ok'} |")
     return "\n".join(rows)
 
 
@@ -322,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work_dir.mkdir(parents=True, exist_ok=True)
     results = run_all(args, work_dir, segment, gpu_count)
+    peaks = device_peaks(info, args.smoke)
+    add_utilisation(results, peaks)
 
     failed = [result["name"] for result in results if result["error"]]
     for result in results:
@@ -331,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     output = REPO_ROOT / "benchmarks" / "results" / f"gpu_entry_points{'_smoke' if args.smoke else ''}.json"
     output.parent.mkdir(exist_ok=True)
     summary = [{key: value for key, value in result.items() if key != "output"} for result in results]
-    write_bytes_atomic(output, json.dumps({"settings": vars(args), "environment": info, "runs": summary},
+    write_bytes_atomic(output, json.dumps({"settings": vars(args), "environment": info, "peaks": peaks, "runs": summary},
                                           indent=1, default=str).encode())
     print(f"\n{'smoke run (tiny sizes), ' if args.smoke else ''}{describe_environment(info)}; "
           f"bf16 autocast on the GPU (fp32 on the CPU)\n")

@@ -22,7 +22,7 @@ import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
 import torch  # noqa: E402
 import tqdm  # noqa: E402
 
-from pretrain import checkpoint, dist, methods  # noqa: E402
+from pretrain import checkpoint, dist, methods, throughput  # noqa: E402
 from pretrain.data.patches import EpochSampler, voxel_dtypes  # noqa: E402
 from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
@@ -32,7 +32,8 @@ from pretrain.utils import arg_util, misc, schedule  # noqa: E402
 
 
 def build_model(args: arg_util.Args) -> torch.nn.Module:
-    return methods.get(args.method).build_model(args, build_encoder(args.model), args.sbn and dist.is_distributed())
+    model = methods.get(args.method).build_model(args, build_encoder(args.model), args.sbn and dist.is_distributed())
+    return throughput.use_channels_last(model) if args.channels_last else model
 
 
 def automatic_cpu_threads(num_workers: int) -> int:
@@ -51,7 +52,8 @@ def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.
         import timm.optim
 
         return timm.optim.Lamb(groups, lr=args.lr, weight_decay=args.wd, max_grad_norm=None)
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.95),
+                             **throughput.optimizer_kernel_options(args.optimizer_kernel))
 
 
 def load_start_state(args: arg_util.Args, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
@@ -176,7 +178,8 @@ def build_loader(args: arg_util.Args, segments: list, device: torch.device) -> t
     generator = torch.Generator().manual_seed(args.seed + dist.rank())
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size_per_process, sampler=sampler, num_workers=args.num_workers,
-        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, generator=generator)
+        drop_last=True, pin_memory=args.pin_memory and device.type == "cuda", persistent_workers=args.num_workers > 0,
+        prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None, generator=generator)
 
 
 def main() -> int:
@@ -185,6 +188,7 @@ def main() -> int:
     args.fill_runtime(str(device), dist.world_size())
     if device.type == "cpu":
         torch.set_num_threads(args.cpu_threads or automatic_cpu_threads(args.num_workers))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(args.seed + dist.rank())
     # Every user error (data, settings, checkpoints) surfaces before anything is written to exp_dir.
     segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
@@ -210,7 +214,7 @@ def main() -> int:
     log.write(event="start", command=args.command, commit=args.commit, args=args.settings())
     tensorboard = misc.TensorboardLogger(os.path.join(args.exp_dir, "tensorboard_logs"))
     tensorboard.text("config", f"```\n{args.to_json()}\n```")
-    ddp_model = dist.wrap(model, device)
+    ddp_model = throughput.compiled(dist.wrap(model, device), args.compile_model)  # what the step calls
     summary = methods.get(args.method).summary(model)
     if dist.is_master():
         print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "

@@ -16,6 +16,7 @@ from pretrain import checkpoint, methods
 from pretrain.data.patches import INPUT_OPTIONS, MOSTLY_PAPYRUS, NORMALIZATIONS, InputSettings
 from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
+from pretrain.throughput import OPTIMIZER_KERNELS
 from pretrain.utils.misc import git_commit, note_renamed
 
 
@@ -101,6 +102,18 @@ class Args(Tap):
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU, where bf16 is many times slower
     seed: int = 0
 
+    # ---------------------------------------------------------------- GPU throughput (pretrain/throughput.py)
+    # How a step runs, not what it computes (each gives the default's loss and gradients: tests/test_throughput.py).
+    # The defaults are the behaviour before these settings existed, on the CPU and the GPU alike: which ones pay on a
+    # GPU is for benchmarks/pretrain_levers.py to measure (notes/performance.md). The batch is `bs` above; lr follows it
+    # (lr = base_lr × bs / 256), so a larger batch keeps base_lr.
+    channels_last: bool = False  # channels-last 3D memory format for the model's 5-D weights and inputs
+    cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms on the first steps and keeps the fastest
+    compile_model: bool = False  # torch.compile the model the step calls (the first steps then take minutes)
+    optimizer_kernel: str = "default"  # "default", "foreach" or "fused": torch's AdamW kernels (opt adamw only)
+    pin_memory: bool = True  # batches in page-locked memory, copied to the GPU without blocking (ignored on the CPU)
+    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead (torch's default; with num_workers > 0)
+
     # ---------------------------------------------------------------- logging
     vis_every: int = 50  # iterations between TensorBoard reconstruction images (0: only at epoch ends)
     keep_epoch_encoders: bool = False  # also keep each epoch's encoder in exp_dir/epochs/ (for CKA across epochs)
@@ -152,6 +165,12 @@ class Args(Tap):
             problems.append(f"vicreg_weights needs 3 numbers (invariance, variance, covariance), got {self.vicreg_weights}")
         if self.opt not in ("lamb", "adamw"):
             problems.append(f"opt {self.opt!r} is not 'lamb' or 'adamw'")
+        if self.optimizer_kernel not in OPTIMIZER_KERNELS:
+            problems.append(f"optimizer_kernel {self.optimizer_kernel!r} is not one of {', '.join(OPTIMIZER_KERNELS)}")
+        elif self.optimizer_kernel != "default" and self.opt != "adamw":
+            problems.append(f"optimizer_kernel {self.optimizer_kernel!r} needs opt 'adamw' (timm's LAMB has one kernel)")
+        if self.prefetch_factor < 1:
+            problems.append(f"prefetch_factor {self.prefetch_factor} is not a positive number of batches")
         if not self.dist_timeout_minutes > 0:
             problems.append(f"dist_timeout_minutes {self.dist_timeout_minutes} is not a positive number of minutes")
         if self.probe_every < 0 or self.probe_tiles < 2:
