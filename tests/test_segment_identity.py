@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from evaluate import encoder_input, transfer
-from finetune import outputs, predict, train
+from finetune import inference, outputs, predict, train
 from finetune.config import Config, ConfigError
 from finetune.model import build_ink_unet
 from pretrain import checkpoint
@@ -306,3 +306,12 @@ def test_pretraining_takes_the_lock_of_its_folder(holder, labelled_segment_path,
     finally:
         torch.set_num_threads(threads)  # main sets this process's threads (cpu_threads)
     assert not (exp_dir / "log.jsonl").exists()
+
+
+def test_a_stride_past_the_tile_is_refused_by_training_and_inference():
+    config = Config(**{**train.DEFAULTS, "TILE_SIZE": 32, "INFERENCE_STRIDE": 48})
+    with pytest.raises(ConfigError, match="INFERENCE_STRIDE 48 is larger than TILE_SIZE 32: the pixels between tiles "
+                                          "would stay unpredicted"):
+        train.check_settings(config, PREDICT_SETTINGS)
+    with pytest.raises(ValueError, match="stride 48 is larger than the tile side 32"):
+        inference.predict_segment(None, None, np.ones((64, 64), bool), PREDICT_SETTINGS, 48, 4, torch.device("cpu"))
