@@ -100,6 +100,13 @@ def test_identity_is_the_scroll_and_id_the_demo_seed_or_the_resolved_path(spelli
     assert segment_identity("./a/seg.zarr/") == str(tmp_path / "a" / "seg.zarr")
     with pytest.raises(SegmentError, match="the seed after 'demo:' must be a whole number"):
         segment_identity("demo:one")
+    # The evaluation scripts run fine-tuning in the repository root: a relative path goes to them resolved.
+    assert encoder_input.segment_for_runs("./a/seg.zarr/") == str(tmp_path / "a" / "seg.zarr")
+    assert encoder_input.segment_for_runs("demo:01") == "demo:01"
+    arguments = transfer.parse_args(["--pretrained_path", "random", "--segment_id", "a/seg.zarr", "demo:1",
+                                     "--held_out", "b/seg.zarr"])
+    assert arguments.segment_id == [str(tmp_path / "a" / "seg.zarr"), "demo:1"]
+    assert arguments.held_out == str(tmp_path / "b" / "seg.zarr")
 
 
 def test_an_opened_segment_carries_its_identity(demo_family_cache, monkeypatch):
