@@ -32,8 +32,12 @@ def add_segment_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 def segment_for_runs(spec: str) -> str:
     """The spec as the fine-tuning runs are given it, each a process in the repository root: a local path resolved
-    (its `segment_identity`, so that a relative path names the same folder there), anything else as written."""
-    parsed = parse_spec(spec)
+    (its `segment_identity`, so that a relative path names the same folder there), anything else as written (a spec
+    that names no segment too: opening it says why)."""
+    try:
+        parsed = parse_spec(spec)
+    except SegmentError:
+        return spec
     return parsed.identity if parsed.kind == "path" else spec
 
 

@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                 if done:
                     print(f"{spec}: skipped, {output_dir / name}.png was made from this segment with this checkpoint "
                           "and settings")
+                    recorded = json.loads((output_dir / f"{name}.json").read_text())["score"]
+                    if recorded is not None:
+                        print(f"{spec}: scored {describe_score(recorded)}")
                     overlay_path = output_dir / f"{name}_overlay.png"
                     if arguments.overlay and not overlay_path.is_file():  # asked for now: from the prediction made then
                         prediction_yx = cv2.imread(str(output_dir / f"{name}.png"), cv2.IMREAD_GRAYSCALE)

@@ -207,7 +207,8 @@ def test_predict_skips_only_what_this_segment_checkpoint_and_settings_made(model
 
     # The same segment, checkpoint and settings, spelled otherwise: skipped.
     assert predict.main([*common, "--segment_id", f"{a}/"]) == 0
-    assert f"{a}/: skipped" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"{a}/: skipped" in said and f"{a}/: scored against its own ink labels" in said  # the score recorded
     # Other settings, or another checkpoint under the same name: predicted again; the old overlay goes.
     assert predict.main([*common, "--segment_id", a, "--stride", "32"]) == 0
     assert "1 of 1 segment(s) to predict" in capsys.readouterr().out
