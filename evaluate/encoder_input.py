@@ -17,7 +17,7 @@ import torch
 from pretrain import checkpoint, dist
 from pretrain.data.patches import INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS, OPTION_NAMES, InputSettings
 from pretrain.data.remote import RemoteReadError
-from pretrain.data.segment import SegmentError
+from pretrain.data.segment import SegmentError, parse_spec
 from pretrain.models import ENCODER_NAMES, build_encoder
 from pretrain.utils.misc import RenamedOption, show_warnings_as_lines
 
@@ -28,6 +28,17 @@ def add_segment_argument(parser: argparse.ArgumentParser, help: str) -> None:
     """The segment option of every evaluate/ script: --segment_id, as fine-tuning and finetune/predict.py name a
     segment (--segment, its older name in evaluate/, still works), as args.segment."""
     parser.add_argument("--segment_id", "--segment", dest="segment", default="demo", action=RenamedOption, help=help)
+
+
+def segment_for_runs(spec: str) -> str:
+    """The spec as the fine-tuning runs are given it, each a process in the repository root: a local path resolved
+    (its `segment_identity`, so that a relative path names the same folder there), anything else as written (a spec
+    that names no segment too: opening it says why)."""
+    try:
+        parsed = parse_spec(spec)
+    except SegmentError:
+        return spec
+    return parsed.identity if parsed.kind == "path" else spec
 
 
 def side_by_side(function, items: list, jobs: int):

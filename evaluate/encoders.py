@@ -175,6 +175,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="folder for the table, the images and the runs")
     args = parser.parse_args(argv)
     check_probe_arguments(args)
+    args.segment = encoder_input.segment_for_runs(args.segment)
     return args
 
 

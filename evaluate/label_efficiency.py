@@ -563,6 +563,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         note_renamed(OLDER_RANDOM, RANDOM)
         args.pretrained_path = [RANDOM if path == OLDER_RANDOM else path for path in args.pretrained_path]
     encoder_input.name_encoders(args)
+    args.segment = encoder_input.segment_for_runs(args.segment)
     return args
 
 

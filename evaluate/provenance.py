@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 
+from pretrain.data.segment import SegmentError, segment_identity
 from pretrain.utils.misc import write_bytes_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,9 +21,13 @@ _file_digests: dict[tuple, str] = {}
 
 
 def segment_key(spec: str) -> str:
-    """The identity of a segment spec in a key: every key goes through here, so that a resolved identity (the
-    same segment named two ways is one key; another segment behind the same name is another) needs one change."""
-    return spec
+    """The identity of a segment spec in a key: one segment however it is spelled (demo:1 and demo:01, an ID bare
+    or with its scroll, a path relative or absolute). A spec that names no segment stays as written: its run
+    refuses it."""
+    try:
+        return segment_identity(spec)
+    except SegmentError:
+        return spec
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from evaluate import encoder_input, encoders, report  # noqa: E402
 from finetune.metrics import all_ink_f05  # noqa: E402
 from pretrain.data.patches import InputSettings, finetune_options  # noqa: E402
+from pretrain.data.segment import segment_identity  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
 
@@ -86,6 +87,23 @@ def scored_pixels(args, question: str, name: str) -> str:
             f"{all_ink_f05(pooled['validation_ink_fraction']):.3f}")
 
 
+def check_segments(args) -> None:
+    """The held-out segment is none of --segment_id, and no segment is named twice, in whatever spellings
+    (`segment_identity`: demo:1 and demo:01, an ID bare and as scroll1:ID, a path relative and absolute)."""
+    identities = [segment_identity(spec) for spec in args.segment_id]
+    held_out = segment_identity(args.held_out)
+    if held_out in identities:
+        spelled = args.segment_id[identities.index(held_out)]
+        raise encoder_input.EvaluationError(
+            f"--held_out {args.held_out} is also in --segment_id" + (f" (as {spelled})" if spelled != args.held_out else "")
+            + ": the held-out segment must be one the probe does not train on whole")
+    for index, identity in enumerate(identities):
+        if identity in identities[:index]:
+            first = args.segment_id[identities.index(identity)]
+            raise encoder_input.EvaluationError(f"--segment_id names {first} twice" + (
+                f" (as {args.segment_id[index]} too)" if args.segment_id[index] != first else ""))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = encoders.probe_parser(__doc__)
     parser.add_argument("--segment_id", nargs="+", default=["demo:1", "demo:2", "demo:3"],
@@ -102,18 +120,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/transfer"),
                         help="folder for the tables, the images and the runs")
     args = parser.parse_args(argv)
-    if args.held_out in args.segment_id:
-        raise encoder_input.EvaluationError(f"--held_out {args.held_out} is also in --segment_id: the held-out segment "
-                                            "must be one the probe does not train on whole")
-    repeated = [spec for index, spec in enumerate(args.segment_id) if spec in args.segment_id[:index]]
-    if repeated:
-        raise encoder_input.EvaluationError(f"--segment_id names {repeated[0]} twice")
+    check_segments(args)
     if not 0 < args.held_out_fraction < 1:
         raise encoder_input.EvaluationError(f"--held_out_fraction {args.held_out_fraction} is not between 0 and 1")
     encoders.check_probe_arguments(args)
     if args.supervised_control and CONTROL in args.names:
         raise encoder_input.EvaluationError(f"the name '{CONTROL}' is the supervised control's; name that encoder otherwise")
     # Every run is a process in the repository root: paths from here must mean the same files there.
+    args.segment_id = [encoder_input.segment_for_runs(spec) for spec in args.segment_id]
+    args.held_out = encoder_input.segment_for_runs(args.held_out)
     args.output = args.output.resolve()
     args.pretrained_path = [path if path == "random" else str(pathlib.Path(path).resolve()) for path in args.pretrained_path]
     return args

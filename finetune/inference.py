@@ -115,10 +115,13 @@ def predict_segment(model: torch.nn.Module, segment: Segment, region_yx: np.ndar
     Written row band by row band into `output_yx`: any (Y, X) array that takes slice assignment, such as a
     zarr array on disk for a segment whose map should not be held in RAM; by default a new numpy array.
     Returns `output_yx`."""
+    tile_size = settings.tile_size
+    if stride > tile_size:
+        raise ValueError(f"stride {stride} is larger than the tile side {tile_size}: the pixels between tiles would "
+                         "stay unpredicted")
     model.eval()
     if output_yx is None:
         output_yx = np.zeros(region_yx.shape, np.float32)
-    tile_size = settings.tile_size
     all_origins = covering_origins(region_yx, tile_size, stride)  # (N, 2), row-major
     origins = all_origins[dist.rank()::dist.world_size()]
     dataset = tile_dataset(segment, origins, settings)

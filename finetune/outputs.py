@@ -7,6 +7,7 @@ records its round in `round_NN/` (the label file used, the prediction, the metri
 be compared side by side. Every image of labels for reading uses one colour scheme (`LABEL_COLOURS_BGR`:
 ink white, not ink blue, unknown grey, black outside the mask) and draws its legend.
 """
+import hashlib
 import json
 import os
 import pathlib
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from finetune.data import UNKNOWN, Box
-from pretrain.data.segment import SCROLL_SPEC_PATTERN, SEGMENT_ID_PATTERN, SegmentError
+from pretrain.data.segment import SegmentError, parse_spec, segment_identity
 from pretrain.utils import misc
 
 PREVIEW_SIDE = 1024  # longest side of TensorBoard images
@@ -36,21 +37,37 @@ LABELS_TITLE = "labels"
 PREDICTION_TITLE = "prediction (ink probability: black 0, white 1)"
 HELD_OUT_NOTE = "red box: held-out validation band"
 SAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+PATH_DIGEST_CHARACTERS = 8  # hex digits of a path's digest in a unique name: two paths share them with odds 1 in 4·10⁹
 
 
-def output_name(spec: str) -> str:
-    """The file name (without suffix) of a segment's outputs: the spec, fit for a file name and readable."""
-    spec = spec.strip()
-    if not (spec == "demo" or spec.startswith("demo:") or SCROLL_SPEC_PATTERN.fullmatch(spec)
-            or SEGMENT_ID_PATTERN.fullmatch(spec)):
-        spec = pathlib.Path(spec).expanduser().resolve().name.removesuffix(".zarr")  # a path: its folder's name
-    return SAFE_NAME_CHARACTERS.sub("_", spec).strip("._") or "segment"
+def output_name(spec: str, unique: bool = False) -> str:
+    """The file name (without suffix) of a segment's outputs, the same for every spelling of the segment and
+    readable: `demo_1` (demo:1, demo:01), the ID (a scroll-1 segment: bare or as scroll1:ID), `scroll4_<id>`, a
+    local path's folder name (without `.zarr`). `unique`: a path's name also carries a digest of the resolved path
+    (`seg-1a2b3c4d`), so that two folders' `seg.zarr` never share a file in one output folder, run after run."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "demo":
+        name = f"demo_{parsed.seed}"
+    elif parsed.kind == "server":
+        name = parsed.segment_id if parsed.scroll == "1" else f"scroll{parsed.scroll}_{parsed.segment_id}"
+    else:
+        name = parsed.path.resolve().name.removesuffix(".zarr")
+    name = SAFE_NAME_CHARACTERS.sub("_", name).strip("._") or "segment"
+    if unique and parsed.kind == "path":
+        name += "-" + hashlib.sha256(parsed.identity.encode()).hexdigest()[:PATH_DIGEST_CHARACTERS]
+    return name
 
 
-def output_names(specs: list[str]) -> list[str]:
-    """One output name per spec; two specs that would write the same file are an error naming both."""
-    names = [output_name(spec) for spec in specs]
+def output_names(specs: list[str], unique: bool = False) -> list[str]:
+    """One output name per spec (output_name); a segment given twice (in any spelling), or two that would write the
+    same file, is an error naming both."""
+    identities = [segment_identity(spec) for spec in specs]
+    names = [output_name(spec, unique) for spec in specs]
     for index, name in enumerate(names):
+        if identities[index] in identities[:index]:
+            first = specs[identities.index(identities[index])]
+            raise SegmentError(f"segment {specs[index]} is given twice" + (f" (as {first} too)" if first != specs[index]
+                                                                           else ""))
         if name in names[:index]:
             raise SegmentError(f"segments {specs[names.index(name)]!r} and {specs[index]!r} would both be written to "
                                f"{name}.png; write them to separate folders (--output_dir, exp_name)")

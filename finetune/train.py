@@ -49,9 +49,10 @@ from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import (FINETUNE_NAMES, INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS,  # noqa: E402
                                    InputSettings)
 from pretrain.data.remote import RemoteReadError  # noqa: E402
-from pretrain.data.segment import Segment, SegmentError, check_negatives, open_segment  # noqa: E402
+from pretrain.data.segment import (Segment, SegmentError, check_negatives, open_segment,  # noqa: E402
+                                   segment_identity)
 from pretrain.models import ENCODER_NAMES  # noqa: E402
-from pretrain.utils import misc, schedule  # noqa: E402
+from pretrain.utils import folder_lock, misc, schedule  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # experiment
@@ -208,6 +209,9 @@ def check_settings(config, settings: InputSettings) -> None:
     for name in ("NUM_EPOCHS", "BATCH_SIZE", "TILE_SIZE", "STRIDE", "INFERENCE_STRIDE", "DEPTH"):
         if chosen[name] < 1:
             problems.append(f"{name} must be at least 1")
+    if chosen["INFERENCE_STRIDE"] > chosen["TILE_SIZE"]:
+        problems.append(f"INFERENCE_STRIDE {chosen['INFERENCE_STRIDE']} is larger than TILE_SIZE {chosen['TILE_SIZE']}: "
+                        "the pixels between tiles would stay unpredicted")
     if isinstance(config.VALIDATION_FRACTION, list):  # one per segment: 0 holds out no band of that segment
         fractions, training_count = config.VALIDATION_FRACTION, len(as_list(config.segment_id))
         if len(fractions) != training_count:
@@ -368,15 +372,28 @@ class RunSegment:
     train_origins: np.ndarray  # (N, 2) the current round's training tiles
 
 
+def check_segments(config) -> list[str]:
+    """Each segment's identity (specs_of's order: `segment_identity`, which opens nothing). One segment given
+    twice, or in both segment_id and VALIDATION_SEGMENTS, in whatever spellings (demo:1 and demo:01, an ID bare and
+    as scroll1:ID, a path relative and absolute), is an error: a validation segment must be one never trained on."""
+    training_count, specs = len(as_list(config.segment_id)), specs_of(config)
+    identities = [segment_identity(spec) for spec in specs]
+    for index, identity in enumerate(identities):
+        if identity not in identities[:index]:
+            continue
+        first = identities.index(identity)
+        also = f" (as {specs[first]} too)" if specs[first] != specs[index] else ""
+        if first < training_count <= index:
+            raise ConfigError(f"segment {specs[index]} is in both segment_id and VALIDATION_SEGMENTS{also}: a "
+                              "validation segment must be one the model never trains on")
+        raise ConfigError(f"segment {specs[index]} is given twice{also}")
+    return identities
+
+
 def open_run_segments(config, settings: InputSettings) -> list[RunSegment]:
     """Every segment of the run (specs_of's order), opened, with its labels read and its tiles split."""
     training_specs, specs = as_list(config.segment_id), specs_of(config)
-    for index, spec in enumerate(specs):
-        if spec in training_specs and index >= len(training_specs):
-            raise ConfigError(f"segment {spec} is in both segment_id and VALIDATION_SEGMENTS: a validation segment "
-                              "must be one the model never trains on")
-        if spec in specs[:index]:
-            raise ConfigError(f"segment {spec} is given twice")
+    check_segments(config)
     run_segments, fractions = [], band_fractions(config)
     for index, (spec, name, files) in enumerate(zip(specs, outputs.output_names(specs), label_files(config))):
         segment = open_segment(spec)
@@ -822,8 +839,8 @@ def train_round(run: Run, run_segments: list[RunSegment], state: RunState, saved
     loaders = build_loaders(run, run_segments)
 
     # From here on the run writes.
+    folder_lock.hold(experiment_dir, "fine-tuning run")  # made if new; a second run in it stops here
     if dist.is_master():
-        experiment_dir.mkdir(parents=True, exist_ok=True)
         misc.remove_stale_temporaries(experiment_dir)
     segments_record, segments_text, segment_lines = describe_segments(run_segments, settings)
     run.log.write(event="start", command=" ".join([sys.executable, *sys.argv]), commit=misc.git_commit(),
@@ -862,19 +879,24 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(config, settings)
     run = Run(config, settings, weights, experiment_dir, device, log=misc.JsonLinesLog(experiment_dir / "log.jsonl"))
     run_segments = open_run_segments(config, settings)
-    state, saved = resume_point(run, labels_digest(run_segments), inputs_digest(config))
-    while True:
-        probabilities_yx, model = train_round(run, run_segments, state, saved)
-        if probabilities_yx is None or state.self_training_round >= config.SELF_TRAINING_ROUNDS:
-            return 0
-        state, saved = next_round(run, state, probabilities_yx, model, run_segments[0]), None
+    try:
+        if experiment_dir.is_dir():  # what it holds (last.pth) is read under the lock; a new folder is locked as made
+            folder_lock.hold(experiment_dir, "fine-tuning run")
+        state, saved = resume_point(run, labels_digest(run_segments), inputs_digest(config))
+        while True:
+            probabilities_yx, model = train_round(run, run_segments, state, saved)
+            if probabilities_yx is None or state.self_training_round >= config.SELF_TRAINING_ROUNDS:
+                return 0
+            state, saved = next_round(run, state, probabilities_yx, model, run_segments[0]), None
+    finally:
+        folder_lock.release(experiment_dir)
 
 
 if __name__ == "__main__":
     misc.show_warnings_as_lines()
     try:
         exit_code = main()
-    except (ConfigError, SegmentError, RemoteReadError, checkpoint.CheckpointError,
+    except (ConfigError, SegmentError, RemoteReadError, checkpoint.CheckpointError, folder_lock.FolderInUseError,
             schedule.NonFiniteLossError, outputs.NonFinitePredictionError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(1 if isinstance(error, (schedule.NonFiniteLossError, outputs.NonFinitePredictionError)) else 2)

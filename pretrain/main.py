@@ -28,7 +28,7 @@ from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
 from pretrain.probe import OnlineProbe  # noqa: E402
-from pretrain.utils import arg_util, misc, schedule  # noqa: E402
+from pretrain.utils import arg_util, folder_lock, misc, schedule  # noqa: E402
 
 
 def build_model(args: arg_util.Args) -> torch.nn.Module:
@@ -204,6 +204,7 @@ def main() -> int:
     start_epoch, global_step = load_start_state(args, model, optimizer)
     try:
         os.makedirs(args.exp_dir, exist_ok=True)
+        folder_lock.hold(args.exp_dir, "pretraining run")  # a second run in exp_dir stops here, before writing
         misc.remove_stale_temporaries(args.exp_dir)
         probe = pathlib.Path(args.exp_dir, f".write_test_{os.getpid()}")
         probe.touch()
@@ -245,7 +246,7 @@ if __name__ == "__main__":
     try:
         exit_code = main()
     except (arg_util.ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError,
-            schedule.NonFiniteLossError) as error:
+            folder_lock.FolderInUseError, schedule.NonFiniteLossError) as error:
         print(f"error: {misc.error_line(error)}", file=sys.stderr)
         sys.exit(2 if not isinstance(error, schedule.NonFiniteLossError) else 1)
     except RuntimeError as error:  # under torchrun: another rank stalled at a collective operation

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import predict
+from finetune import outputs, predict
 from pretrain import checkpoint
 from pretrain.data.patches import InputSettings
 from pretrain.data.segment import SegmentError
@@ -74,20 +74,22 @@ def test_prediction_is_exactly_train_py_s_own(trained_run, labelled_segment_path
     result = run_predict(["--checkpoint", str(trained_run / "best.pth"), "--segment_id", str(labelled_segment_path),
                           "--output_dir", str(output), "--overlay"])
     assert result.returncode == 0, result.stderr[-3000:]
-    ours = read_grey(output / "tiny.png")
+    name = predict.output_name(str(labelled_segment_path))
+    assert name.startswith("tiny-")  # the folder's name and a digest of its path
+    ours = read_grey(output / f"{name}.png")
     assert ours.dtype == np.uint8 and ours.shape == FINETUNE_SHAPE[1:]
     assert np.array_equal(ours, read_grey(trained_run / "prediction.png"))
-    overlay = read_grey(output / "tiny_overlay.png")
+    overlay = read_grey(output / f"{name}_overlay.png")
     assert overlay.ndim == 3 and overlay.shape[1:] == (FINETUNE_SHAPE[2], 3) and overlay.shape[0] > FINETUNE_SHAPE[1]
     assert "row" in result.stderr  # the progress bar, in rows of the segment
 
     # An overlay asked for later is drawn from the prediction already written, which is kept.
-    (output / "tiny_overlay.png").unlink()
-    predicted_at = (output / "tiny.png").stat().st_mtime_ns
+    (output / f"{name}_overlay.png").unlink()
+    predicted_at = (output / f"{name}.png").stat().st_mtime_ns
     assert predict.main(["--checkpoint", str(trained_run / "best.pth"), "--segment_id", str(labelled_segment_path),
                          "--output_dir", str(output), "--overlay"]) == 0
-    assert (output / "tiny.png").stat().st_mtime_ns == predicted_at
-    assert np.array_equal(read_grey(output / "tiny_overlay.png"), overlay)
+    assert (output / f"{name}.png").stat().st_mtime_ns == predicted_at
+    assert np.array_equal(read_grey(output / f"{name}_overlay.png"), overlay)
 
 
 def test_killed_after_the_first_segment_resumes_with_the_rest(trained_run, other_segments, tmp_path):
@@ -95,25 +97,26 @@ def test_killed_after_the_first_segment_resumes_with_the_rest(trained_run, other
     arguments = ["--checkpoint", str(trained_run / "last.pth"), "--segment_id", *other_segments,
                  "--output_dir", str(output)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    died = run_killed(["--rename", "2"], PREDICT, arguments, tmp_path / "killed.log", environment)
-    assert died["destination"] == str(output / "segment_1.png")  # the second PNG was being written
-    assert sorted(path.name for path in output.glob("*.png")) == ["segment_0.png"]
+    names = [f"{predict.output_name(spec)}.png" for spec in other_segments]
+    died = run_killed(["--rename", "3"], PREDICT, arguments, tmp_path / "killed.log", environment)
+    assert died["destination"] == str(output / names[1])  # the second PNG was being written (after a PNG, a record)
+    assert sorted(path.name for path in output.glob("*.png")) == names[:1]
     assert temporary_files(output)  # the half-written PNG, never renamed
-    first = output / "segment_0.png"
+    first = output / names[0]
     first_written = first.stat().st_mtime_ns
 
     result = run_predict(arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{other_segments[0]}: skipped" in result.stdout and "2 of 3 segment(s) to predict" in result.stdout
     assert first.stat().st_mtime_ns == first_written
-    assert sorted(path.name for path in output.glob("*.png")) == ["fragment.png", "segment_0.png", "segment_1.png"]
+    assert sorted(path.name for path in output.glob("*.png")) == sorted(names)
     assert not temporary_files(output)
-    assert read_grey(output / "fragment.png").shape == (48, 80)
+    assert read_grey(output / names[2]).shape == (48, 80)
 
     # What the resumed run wrote is what one uninterrupted run writes.
     straight = tmp_path / "straight"
     assert predict.main([*arguments[:-1], str(straight)]) == 0
-    for name in ("segment_0.png", "segment_1.png", "fragment.png"):
+    for name in names:
         assert np.array_equal(read_grey(output / name), read_grey(straight / name)), name
 
 
@@ -125,7 +128,7 @@ def test_torchrun_splits_the_tiles_and_writes_what_one_process_writes(trained_ru
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("to predict on 2 process(es)") == 1  # rank 0 speaks (and writes) alone
     assert predict.main([*arguments, "--output_dir", str(tmp_path / "one")]) == 0
-    for name in ("segment_0.png", "segment_1.png", "fragment.png"):
+    for name in (f"{predict.output_name(spec)}.png" for spec in other_segments):
         two, one = read_grey(tmp_path / "two" / name), read_grey(tmp_path / "one" / name)
         # The band sums are added in another order across processes: a pixel may round to the next grey level.
         assert np.abs(two.astype(int) - one).max() <= 1, name
@@ -191,14 +194,17 @@ def test_a_damaged_checkpoint_whose_checksum_key_was_renamed_is_one_error_line_a
     assert not list(output.rglob("*.png"))
 
 
-def test_output_names_are_the_specs_fit_for_file_names(tmp_path):
+def test_output_names_are_one_per_segment_fit_for_file_names(tmp_path):
+    (tmp_path / "fragment1").mkdir()
+    (tmp_path / "20230827161847.zarr").mkdir()
     assert predict.output_name("scroll4:20231107190228") == "scroll4_20231107190228"
-    assert predict.output_name("20230827161847") == "20230827161847"
-    assert predict.output_name("demo:3") == "demo_3"
-    assert predict.output_name(f"{tmp_path}/fragment1/") == "fragment1"
-    assert predict.output_name(f"{tmp_path}/20230827161847.zarr") == "20230827161847"
-    with pytest.raises(SegmentError, match="would both be written to 20230827161847.png"):
-        predict.output_names(["20230827161847", f"{tmp_path}/20230827161847.zarr"])
+    assert predict.output_name("20230827161847") == predict.output_name("scroll1:20230827161847") == "20230827161847"
+    assert predict.output_name("demo:3") == predict.output_name("demo:03") == "demo_3"
+    fragment = predict.output_name(f"{tmp_path}/fragment1/")
+    assert fragment.startswith("fragment1-") and predict.output_name(f"{tmp_path}/fragment1") == fragment
+    assert predict.output_name(f"{tmp_path}/20230827161847.zarr").startswith("20230827161847-")
+    with pytest.raises(SegmentError, match="segment demo:03 is given twice \\(as demo:3 too\\)"):
+        outputs.output_names(["demo:3", "demo:03"], unique=True)
 
 
 # ---------------------------------------------------------------- segments of any scroll, in one list

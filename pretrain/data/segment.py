@@ -21,6 +21,10 @@ the papyrus is and, sometimes, ink labels. `spec` may be:
    of `scroll` (pretraining's `--scroll`; 1 by default), so only segments of other scrolls need the prefix;
 6. a list of any of these, scrolls, zarrs, layer folders and demos mixed (returns a list of segments).
 
+One segment has many spellings (`demo:1` and `demo:01`, an ID bare and as `scroll1:<id>`, a path relative or absolute,
+with or without a trailing slash): `segment_identity(spec)` is its one name, and every script compares, deduplicates,
+names and caches segments by it.
+
 Label and mask images may be padded at the bottom and right, as the villa and Grand Prize tools pad
 them to whole tiles: `read_label_image` crops or pads them to the volume, with a warning.
 
@@ -118,6 +122,7 @@ class Segment:
     # (Y, X) uint8 in {0, 1}: pixels painted as *not* ink (`{id}_negatives.png`, as community label sets ship
     # beside the ink labels), or None. With it, pixels neither ink nor not ink are unknown, not background.
     negatives: np.ndarray | None = None
+    identity: str = ""  # segment_identity of the spec it was opened by: what tells two segments apart
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -156,12 +161,52 @@ def open_segment(
             raise SegmentError("the list of segments is empty")
         return [open_segment(item, **options) for item in spec]
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    parsed = parse_spec(spec, scroll, data_url)
+    if parsed.kind == "demo":
+        segment = _open_demo(parsed.seed, cache_dir, lru_bytes)
+    elif parsed.kind == "path":
+        if _find_layer_folder(parsed.path) is not None:
+            segment = _open_layer_folder(parsed.path, lru_bytes)
+        else:
+            segment = _open_local_zarr(parsed.path, lru_bytes)
+    else:
+        store_options = dict(max_concurrency=http_concurrency, retries=http_retries, backoff_seconds=http_backoff_seconds)
+        segment = _open_remote(parsed.segment_id, parsed.scroll, cache_dir, lru_bytes, data_url, store_options,
+                               recheck_absent)
+    segment.identity = parsed.identity
+    return segment
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentSpec:
+    """What a spec names, whatever its spelling: a demo seed, a local path, or a segment ID of a scroll."""
+
+    kind: str  # "demo", "path" or "server"
+    seed: int | None = None  # "demo"
+    path: pathlib.Path | None = None  # "path": as given (user folder expanded), for opening and for messages
+    scroll: str | None = None  # "server"
+    segment_id: str | None = None  # "server"
+
+    @property
+    def identity(self) -> str:
+        """`demo:<seed>` (the seed as a number), `scroll<N>:<id>`, or the path resolved (absolute, symbolic links
+        followed, no trailing slash)."""
+        if self.kind == "demo":
+            return f"demo:{self.seed}"
+        if self.kind == "server":
+            return f"scroll{self.scroll}:{self.segment_id}"
+        return str(self.path.resolve())
+
+
+def parse_spec(spec, scroll: str = "1", data_url: str | None = None) -> SegmentSpec:
+    """What `spec` names, read by the rules open_segment opens it by (a bare ID is of `scroll`); a spec it could
+    not open for its form (a demo seed that is no number, an unknown scroll, neither a path nor an ID) is an error."""
     spec = str(spec).strip()
     if spec == "demo" or spec.startswith("demo:"):
         seed_text = spec.partition(":")[2] or "0"
         if not seed_text.isdigit():
             raise SegmentError(f"demo segment spec {spec!r}: the seed after 'demo:' must be a whole number")
-        return _open_demo(int(seed_text), cache_dir, lru_bytes)
+        return SegmentSpec("demo", seed=int(seed_text))
     named_scroll = SCROLL_SPEC_PATTERN.fullmatch(spec)
     if named_scroll:
         scroll, spec = named_scroll.groups()
@@ -174,15 +219,20 @@ def open_segment(
                                "ID (digits such as 20231107190228)")
     path = pathlib.Path(spec).expanduser()
     if named_scroll is None and path.exists():
-        if _find_layer_folder(path) is not None:
-            return _open_layer_folder(path, lru_bytes)
-        return _open_local_zarr(path, lru_bytes)
+        return SegmentSpec("path", path=path)
     if SEGMENT_ID_PATTERN.fullmatch(spec):
-        store_options = dict(max_concurrency=http_concurrency, retries=http_retries, backoff_seconds=http_backoff_seconds)
-        return _open_remote(spec, str(scroll), cache_dir, lru_bytes, data_url, store_options, recheck_absent)
+        return SegmentSpec("server", scroll=str(scroll), segment_id=spec)
     raise SegmentError(
         f"segment {spec!r} is neither an existing path, a segment ID (digits such as 20230827161847), nor 'demo'"
     )
+
+
+def segment_identity(spec, scroll: str = "1", data_url: str | None = None) -> str:
+    """The one name of the segment `spec` names, however it is spelled: `demo:1` for demo:1 and demo:01,
+    `scroll1:20230827161847` for that ID bare (of `scroll`) or with its scroll, and a local path resolved
+    (`/data/seg.zarr` for seg.zarr, ./seg.zarr/ and /data/seg.zarr/ in /data). Whatever compares, deduplicates,
+    names or caches segments compares these, never the spellings. Opens nothing, and asks no server."""
+    return parse_spec(spec, scroll, data_url).identity
 
 
 # ---------------------------------------------------------------- labels and mask
