@@ -17,12 +17,10 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 

@@ -14,11 +14,8 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import pretrain.torchvision_compat  # noqa: F401,E402
 import timm.optim  # noqa: E402

@@ -37,7 +37,6 @@ import threading
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 

@@ -30,7 +30,6 @@ import numpy as np
 import zarr
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.sampling_memory import generate_segment  # noqa: E402
 

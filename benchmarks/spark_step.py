@@ -21,10 +21,7 @@ import pathlib
 import platform
 import resource
 import statistics
-import sys
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import pretrain.torchvision_compat  # noqa: F401,E402
 import timm.optim  # noqa: E402

@@ -55,7 +55,6 @@ import subprocess
 import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

@@ -30,8 +30,6 @@ import argparse
 import pathlib
 import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 from evaluate import encoder_input, encoders, report  # noqa: E402
 from finetune.metrics import all_ink_f05  # noqa: E402

@@ -22,8 +22,6 @@ import argparse
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
-
 import pretrain.torchvision_compat  # noqa: F401,E402 - must precede segmentation_models_pytorch and timm
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

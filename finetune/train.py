@@ -32,8 +32,6 @@ import time
 import typing
 import warnings
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
-
 import pretrain.torchvision_compat  # noqa: F401,E402 - must precede segmentation_models_pytorch and timm
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

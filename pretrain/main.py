@@ -16,8 +16,6 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
-
 import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
 import torch  # noqa: E402
 import tqdm  # noqa: E402
