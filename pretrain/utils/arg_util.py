@@ -19,6 +19,11 @@ from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.utils.misc import git_commit, note_renamed
 
 
+# Without a GPU, these defaults change so that the quickstart (`python pretrain/main.py`) finishes in about 15 min on
+# a 2-core CPU and still pretrains a ResNet-50 (notes/cpu_quickstart.md); a setting on the command line always wins.
+CPU_DEFAULTS = {"model": "resnet50_3d_narrow", "samples_per_ep": 80}
+
+
 class ArgumentError(ValueError):
     """A setting that cannot work; the message names it."""
 
@@ -183,6 +188,21 @@ class Args(Tap):
         self.commit = git_commit()
         self.command = " ".join([sys.executable, *sys.argv])
 
+    def use_cpu_defaults(self) -> str:
+        """No GPU: CPU_DEFAULTS for the settings the command line did not give. Returns the line that says so, or ''."""
+        given = [option for option in self._options_given if len(option) > 2]  # argparse takes unique prefixes too
+        chosen = {field: value for field, value in CPU_DEFAULTS.items()
+                  if not any(f"--{field}".startswith(option) for option in given)}
+        if not chosen:
+            return ""
+        if "samples_per_ep" in chosen:  # never fewer crops than a batch
+            chosen["samples_per_ep"] = max(chosen["samples_per_ep"], self.bs)
+        for field, value in chosen.items():
+            setattr(self, field, value)
+        return (f"no GPU: {', '.join(f'{field} {value}' for field, value in chosen.items())}, so that this finishes in "
+                f"minutes on a CPU; for the full width, as on a GPU: "
+                + " ".join(f"--{field} {getattr(Args, field)}" for field in chosen))
+
     def error(self, message: str):
         # argparse prints the whole usage before its complaint; one line naming the problem is enough.
         raise ArgumentError(f"{message} (see --help)")
@@ -208,4 +228,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
         if name in RENAMED:
             note_renamed(name, RENAMED[name])
             argv[index] = RENAMED[name] + equals + value
-    return Args(explicit_bool=True).parse_args(argv)
+    args = Args(explicit_bool=True).parse_args(argv)
+    args._options_given = [item.partition("=")[0] for item in argv if item.startswith("--")]
+    return args
