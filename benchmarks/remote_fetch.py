@@ -18,8 +18,8 @@ Writes benchmarks/results/remote_fetch.json and prints a Markdown table.
 the volume package), opens it three times on one cache (cold, then warm twice) and counts the requests
 of each open by kind (zarr metadata, images, chunks; 404s among them). `--exact_labels` serves labels of
 the volume's own size (code from before the padding rule refuses padded ones); `PYTHONPATH=DIR` imports
-`pretrain` from DIR ahead of the installed repository (e.g. `git archive 99e9138 pretrain | tar -x -C /tmp/before`). Writes
-benchmarks/results/remote_open.json.
+`pretrain` from DIR ahead of the installed repository (`git archive COMMIT pretrain | tar -x -C /tmp/before`;
+notes/performance.md names the commit). Writes benchmarks/results/remote_open.json.
 """
 import argparse
 import itertools

@@ -101,9 +101,9 @@ SEGMENT_SAMPLING: str = "area"
 # make only a few dozen tiles.
 MIN_TILES_PER_EPOCH: int = 512
 # Flips, rot90, affine, brightness/contrast, noise/blur, dropout, z-shift, slice dropout. Turn it on for scheme
-# "iterative": from two labelled letters of the demo, the model found the others with F0.5 0.710-0.735 with it
-# (3 seeds, commit e68f381), 0.13 without (commit 1aebe63). Off by default: with the demo's full labels every augmentation tried delayed learning past the
-# 20-minute CPU budget (notes/finetune.md).
+# "iterative": from two labelled letters of the demo, the model finds the others with it and only memorises the two
+# without it. Off by default: with the demo's full labels every augmentation tried delayed learning past the
+# 20-minute CPU budget. notes/finetune.md has both measurements and their commands.
 data_augmentation: bool = False
 # self-training (scheme "iterative"): after training on the labels, predict the region and go on training the model
 # on the labels plus pseudo-labels, this many times. Each round is recorded in its own round_NN/ (see README).
@@ -146,7 +146,7 @@ DEFAULTS = settings_in(globals())
 # The input settings without a pretrained encoder, and the setting that names each field.
 # A run whose final F0.5 is less than this above chance (calling every pixel ink) has shown no skill: the margin by
 # which evaluate/label_efficiency.py counts one encoder as beating another. A threshold sweep alone lifts a map
-# without skill a little above chance (self-training rounds that never took off ended at 0.141 against 0.140).
+# without skill a little above chance (notes/finetune.md, "Rounds trained afresh fell to chance").
 NO_SKILL_MARGIN = 0.05
 # The prediction's pixels that say how well a run generalised, in the order preferred: the held-out band (scheme
 # "validation"), else where nothing was labelled (needs the segment's full labels), else the labelled tiles.
