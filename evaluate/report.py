@@ -97,8 +97,8 @@ def pretraining_runs(args) -> dict:
 def pretrain(args) -> dict:
     """Step 1: every pretraining run; returns {name: encoder checkpoint path}."""
     runs = pretraining_runs(args)
-    exp_dirs = {name: args.work / name if name in methods.METHODS else args.work / "variants" / name.removeprefix("spark_")
-                for name in runs}
+    exp_dirs = {name: args.work / name if name in methods.METHODS
+                else args.work / "variants" / name.removeprefix("spark_") for name in runs}
 
     def run_pretraining(name: str) -> str:
         return run_step(f"pretraining, {name}", [
@@ -235,9 +235,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spark_epochs", type=int, default=40, help="SparK pretraining epochs")
     parser.add_argument("--vicreg_epochs", type=int, default=20, help="VICReg pretraining epochs")
     parser.add_argument("--vicreg_bs", type=int, default=8, help="VICReg's variance and covariance need a batch")
-    parser.add_argument("--method_epochs", type=int, default=20, help="pretraining epochs of any other registered method")
+    parser.add_argument("--method_epochs", type=int, default=20,
+                        help="pretraining epochs of any other registered method")
     parser.add_argument("--method_args", nargs="*", default=[],
-                        help="more pretraining settings of one method, as name=\"settings\" (e.g. vicreg=\"--projector 512-512\")")
+                        help="more pretraining settings of one method, as name=\"settings\" "
+                             "(e.g. vicreg=\"--projector 512-512\")")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="more SparK runs, as name=\"pretraining settings\"; each is probed reading tiles as it learnt")
     parser.add_argument("--variant_epochs", type=int, default=20, help="epochs of each variant")

@@ -53,8 +53,8 @@ def results_with(names: list[str]) -> dict:
     return {
         "run": {"command": "python evaluate/report.py", "date": "2026-01-01", "commit": "abc", "seconds": 600.0},
         "pretraining": pretraining,
-        "label_efficiency": [{"command": "python evaluate/label_efficiency.py", "table": "| table |", "plot": "curves.png",
-                              "encoders": names, "verdict": "no reading"}],
+        "label_efficiency": [{"command": "python evaluate/label_efficiency.py", "table": "| table |",
+                              "plot": "curves.png", "encoders": names, "verdict": "no reading"}],
         "probes": {"control_command": "python finetune/train.py", "groups": [{
             "command": "python evaluate/encoders.py", "baseline": "random",
             "rows": [probe_row(name, 0.2) for name in encoders],
