@@ -577,7 +577,8 @@ def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: Ru
         if not several and save_path.resolve() != (experiment_dir / "prediction.png").resolve():
             outputs.write_png_atomic(experiment_dir / "prediction.png", prediction_png)
         band = run_segment.held_out if run_segment.trains else None  # a validation segment is held out whole: no box
-        comparison = outputs.labels_vs_prediction(run_segment.labels_yx, probabilities_yx, segment.mask, band)
+        comparison = outputs.labels_vs_prediction(run_segment.labels_yx, probabilities_yx, segment.mask, band,
+                                                  run_segment.spec if several else "")
         outputs.write_png_atomic(comparison_path, comparison)
         tensorboard.image(f"prediction/{run_segment.name}" if several else "prediction/labels_vs_prediction",
                           outputs.preview_chw(comparison), state.global_step)
@@ -646,7 +647,8 @@ def validate_epoch(run: Run, model, validation_loaders, state: RunState):
         band = (slice(box.y0, box.y1), slice(box.x0, box.x1))
         tensorboard.image(f"validation/{run_segment.name}" if several else "validation/labels_vs_prediction",
                           outputs.preview_chw(outputs.labels_vs_prediction(
-                              run_segment.labels_yx[band], band_probabilities_hw, run_segment.segment.mask[band])),
+                              run_segment.labels_yx[band], band_probabilities_hw, run_segment.segment.mask[band],
+                              segment=run_segment.spec if several else "")),
                           state.global_step)
         if several:
             segment_scalars = per_segment[run_segment.name]
