@@ -1,7 +1,8 @@
 """Self-supervised pretraining of a 3D ResNet encoder on unlabeled segments: SparK-3D (default), VICReg, or any
 method of pretrain/methods.py.
 
-    python pretrain/main.py                      # the defaults of pretrain/utils/arg_util.py (demo segment)
+    python pretrain/main.py                      # the defaults of pretrain/utils/arg_util.py (demo segment; no GPU:
+                                                 # the narrow model on fewer crops, as its first line says)
     python pretrain/main.py --ep 3 --data_path 20230827161847
     python pretrain/main.py --method vicreg --exp_dir experiments/vicreg_demo
     torchrun --nproc_per_node 4 pretrain/main.py --bs 32

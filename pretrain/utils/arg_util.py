@@ -1,8 +1,8 @@
 """Pretraining arguments: edit the defaults here, or override any of them on the command line
 (`python pretrain/main.py --ep 3 --data_path 20230827161847`).
 
-The defaults pretrain the 3D ResNet-50 on the generated demo segment (the README's Quickstart says how long that
-took on a 2-core CPU, and its "A CPU path" what suits a CPU). For real segments on a GPU, see the README
+The defaults pretrain the 3D ResNet-50 on the generated demo segment; without a GPU, the narrow one on fewer crops
+(CPU_DEFAULTS below), unless the command line says otherwise. For real segments on a GPU, see the README
 (ScrollMAE-like: depth 32, tile_size 256, bs 8, ep 500+).
 """
 import argparse
