@@ -222,6 +222,7 @@ def main() -> int:
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
     # One bar for the whole run, so that tqdm's estimate is the time the run has left, not the epoch.
     progress = tqdm.tqdm(initial=start_epoch * len(loader), total=last_epoch * len(loader), unit="step",
+                         desc=f"epoch {start_epoch + 1}/{args.ep}",
                          disable=not dist.is_master() or start_epoch >= last_epoch)
     for epoch in range(start_epoch, last_epoch):
         started = time.time()

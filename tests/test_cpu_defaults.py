@@ -15,8 +15,8 @@ from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr
 def test_the_cpu_defaults_fill_only_what_the_command_line_left_out():
     args = arg_util.parse_args([])
     line = args.use_cpu_defaults()
-    assert (args.model, args.samples_per_ep) == ("resnet50_3d_narrow", 80)
-    assert line.startswith("no GPU: model resnet50_3d_narrow, samples_per_ep 80") and line.endswith(
+    assert (args.model, args.samples_per_ep) == ("resnet50_3d_narrow", 48)
+    assert line.startswith("no GPU: model resnet50_3d_narrow, samples_per_ep 48") and line.endswith(
         "for the full width, as on a GPU: --model resnet50_3d --samples_per_ep 180")
     args = arg_util.parse_args(["--model", "resnet18_3d_tiny", "--samples=6"])  # an abbreviation counts as given
     args_abbreviated = arg_util.parse_args(["--samples", "6"])
@@ -42,7 +42,7 @@ def test_pretraining_says_first_what_it_chose_without_a_gpu(tmp_path, monkeypatc
     with pytest.raises(SegmentError):  # the line comes before the data is read
         run_main(["--data_path", str(tmp_path / "missing.zarr"), "--exp_dir", str(tmp_path / "run")], monkeypatch)
     assert capsys.readouterr().out.splitlines()[0] == (
-        "no GPU: model resnet50_3d_narrow, samples_per_ep 80, so that this finishes in minutes on a CPU; for the full "
+        "no GPU: model resnet50_3d_narrow, samples_per_ep 48, so that this finishes in minutes on a CPU; for the full "
         "width, as on a GPU: --model resnet50_3d --samples_per_ep 180")
 
 

@@ -21,7 +21,7 @@ from pretrain.utils.misc import git_commit, note_renamed
 
 # Without a GPU, these defaults change so that the quickstart (`python pretrain/main.py`) finishes in about 15 min on
 # a 2-core CPU and still pretrains a ResNet-50 (notes/cpu_quickstart.md); a setting on the command line always wins.
-CPU_DEFAULTS = {"model": "resnet50_3d_narrow", "samples_per_ep": 80}
+CPU_DEFAULTS = {"model": "resnet50_3d_narrow", "samples_per_ep": 48}
 
 
 class ArgumentError(ValueError):
