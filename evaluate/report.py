@@ -103,7 +103,8 @@ def pretrain(args) -> dict:
     def run_pretraining(name: str) -> str:
         return run_step(f"pretraining, {name}", [
             "pretrain/main.py", "--model", args.model, "--data_path", args.segment, "--exp_name", f"report_{name}",
-            "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", *shlex.split(args.pretrain_args),
+            "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", "--samples_per_ep",
+            str(args.pretrain_samples), *shlex.split(args.pretrain_args),
             *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if args.jobs > 1 else None)
 
     # The runs are independent: side by side on a GPU, with --jobs.
@@ -261,6 +262,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time: pretraining runs, fine-tuning curves and probes (on one GPU, several small "
                              "runs keep it busier than one); with more than one, pretraining output goes to <run>.log")
+    parser.add_argument("--pretrain_samples", type=int, default=180,
+                        help="crops per pretraining epoch, with a GPU or without (pretrain/main.py would take fewer "
+                             "on a CPU)")
     parser.add_argument("--pretrain_args", default="", help="more pretrain/main.py settings for every pretraining run")
     parser.add_argument("--finetune_args", default="", help="more finetune/train.py settings for every fine-tuning run")
     parser.add_argument("--feature_args", default="", help="more settings for cka.py and ink_map.py")
