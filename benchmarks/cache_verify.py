@@ -18,20 +18,18 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.cache_warm_read import per_read_microseconds  # noqa: E402
-from pretrain.data.remote import CachedHTTPStore, cache_path_for_url  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from tests.loopback_server import LoopbackServer  # noqa: E402
-from tests.synthetic import rectangle_mask, write_server_segment  # noqa: E402
+from benchmarks.cache_warm_read import per_read_microseconds
+from pretrain.data.remote import CachedHTTPStore, cache_path_for_url
+from pretrain.data.segment import open_segment
+from tests.loopback_server import LoopbackServer
+from tests.synthetic import rectangle_mask, write_server_segment
 
 SEGMENT_ID = "20230827161847"
 SHAPE = (65, 1024, 1024)

@@ -23,19 +23,17 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from pretrain.data import cache, remote  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from tests.loopback_server import LoopbackServer  # noqa: E402
-from tests.synthetic import random_volume, rectangle_mask, write_server_segment  # noqa: E402
+from pretrain.data import cache, remote
+from pretrain.data.segment import open_segment
+from tests.loopback_server import LoopbackServer
+from tests.synthetic import random_volume, rectangle_mask, write_server_segment
 
 FILES = 64
 ROUNDS = 20

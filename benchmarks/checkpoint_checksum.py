@@ -14,22 +14,19 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import pretrain.torchvision_compat  # noqa: F401
+import timm.optim
+import torch
 
-import pretrain.torchvision_compat  # noqa: F401,E402
-import timm.optim  # noqa: E402
-import torch  # noqa: E402
-
-from pretrain import checkpoint  # noqa: E402
-from pretrain.data.patches import InputSettings  # noqa: E402
-from pretrain.decoder import LightDecoder3d  # noqa: E402
-from pretrain.encoder import SparseEncoder  # noqa: E402
-from pretrain.models import build_encoder  # noqa: E402
-from pretrain.spark import SparK3d  # noqa: E402
+from pretrain import checkpoint
+from pretrain.data.patches import InputSettings
+from pretrain.decoder import LightDecoder3d
+from pretrain.encoder import SparseEncoder
+from pretrain.models import build_encoder
+from pretrain.spark import SparK3d
 
 
 def median_seconds(function, repeats: int) -> float:

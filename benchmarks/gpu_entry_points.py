@@ -41,19 +41,18 @@ import threading
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import utilisation  # noqa: E402
-from finetune.inference import covering_origins  # noqa: E402
-from evaluate import encoder_input  # noqa: E402
-from pretrain import checkpoint, methods  # noqa: E402
-from pretrain.data.patches import SOME_PAPYRUS, tile_origins  # noqa: E402
-from pretrain.data.remote import RemoteReadError  # noqa: E402
-from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.utils import arg_util, run_log  # noqa: E402
-from pretrain.utils.misc import RenamedOption, write_bytes_atomic  # noqa: E402
+from benchmarks import utilisation
+from finetune.inference import covering_origins
+from evaluate import encoder_input
+from pretrain import checkpoint, methods
+from pretrain.data.patches import SOME_PAPYRUS, tile_origins
+from pretrain.data.remote import RemoteReadError
+from pretrain.data.segment import SegmentError, open_segment
+from pretrain.utils import arg_util, run_log
+from pretrain.utils.misc import RenamedOption, write_bytes_atomic
 
 # tqdm takes its defaults from TQDM_* variables: every progress bar of a run then ends with a line giving its
 # description, its count and its elapsed seconds.

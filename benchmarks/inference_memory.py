@@ -30,9 +30,8 @@ import numpy as np
 import zarr
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.sampling_memory import generate_segment  # noqa: E402
+from benchmarks.sampling_memory import generate_segment
 
 MEMORY_POLL_SECONDS = 0.1  # reading smaps_rollup walks the page tables: polling faster costs a core
 

@@ -22,17 +22,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import pretrain.torchvision_compat  # noqa: F401 - must precede timm (LAMB)
+import torch
+import tqdm
 
-import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
-import torch  # noqa: E402
-
-import pretrain.main  # noqa: E402
-from pretrain import dist  # noqa: E402
-from pretrain.data.patches import voxel_dtypes  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from pretrain.probe import OnlineProbe  # noqa: E402
-from pretrain.utils import arg_util, misc  # noqa: E402
+import pretrain.main
+from pretrain import dist
+from pretrain.data.patches import voxel_dtypes
+from pretrain.data.segment import open_segment
+from pretrain.probe import OnlineProbe
+from pretrain.utils import arg_util, misc
 
 
 def timed(work) -> tuple[float, float, object]:
@@ -74,7 +73,7 @@ def main() -> None:
 
     def train(epoch: int):
         return pretrain.main.train_one_epoch(args, model, model, optimizer, loader, epoch, epoch * options.steps,
-                                             tensorboard)
+                                             tensorboard, tqdm.tqdm(disable=True))
 
     train(0)  # warm-up: the DataLoader workers start, the allocator settles
     train_wall, train_cpu, _ = timed(lambda: train(1))

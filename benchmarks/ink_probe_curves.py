@@ -13,10 +13,9 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from pretrain.utils import run_log
+from pretrain.utils.misc import write_bytes_atomic
 
 
 def first_epoch_above(epochs: list[int], aucs: list[float], ceiling: float) -> int | None:

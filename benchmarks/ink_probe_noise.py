@@ -17,15 +17,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from pretrain import methods  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from pretrain.models import build_encoder  # noqa: E402
-from pretrain.probe import SCORES, probe_encoder, read_tiles  # noqa: E402
-from pretrain.utils import arg_util, misc  # noqa: E402
+from pretrain import methods
+from pretrain.data.segment import open_segment
+from pretrain.models import build_encoder
+from pretrain.probe import SCORES, probe_encoder, read_tiles
+from pretrain.utils import arg_util, misc
 
 
 def main() -> None:

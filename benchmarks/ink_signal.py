@@ -22,17 +22,16 @@ import sys
 import tempfile
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from evaluate.ink_map import FINE_THRESHOLDS, scale_to_unit  # noqa: E402
-from evaluate.local_contrast import contrast_map  # noqa: E402
-from finetune.metrics import ink_metrics  # noqa: E402
-from pretrain.data.demo import build_demo_segment  # noqa: E402
-from pretrain.data.patches import InputSettings, RandomPatchDataset  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from pretrain.spark import cell_statistics, local_contrast, split_into_cells  # noqa: E402
+from evaluate.ink_map import FINE_THRESHOLDS, scale_to_unit
+from evaluate.local_contrast import contrast_map
+from finetune.metrics import ink_metrics
+from pretrain.data.demo import build_demo_segment
+from pretrain.data.patches import InputSettings, RandomPatchDataset
+from pretrain.data.segment import open_segment
+from pretrain.spark import cell_statistics, local_contrast, split_into_cells
 
 CELL_SIZE = (8, 32, 32)  # the 3D ResNet's downsample ratio: one SparK cell
 INK_VOXEL_DIFFERENCE = 1.0 / 255  # a cell "holds ink" where some voxel moved by more than one grey level

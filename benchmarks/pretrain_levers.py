@@ -35,16 +35,15 @@ import sys
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-import pretrain.main  # noqa: E402 - first: it imports torchvision_compat before timm
-import torch  # noqa: E402
+import pretrain.main  # first: it imports torchvision_compat before timm
+import torch
 
-from benchmarks import utilisation  # noqa: E402
-from pretrain import dist, methods, throughput  # noqa: E402
-from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.utils import arg_util, schedule  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from benchmarks import utilisation
+from pretrain import dist, methods, throughput
+from pretrain.data.segment import SegmentError, open_segment
+from pretrain.utils import arg_util, schedule
+from pretrain.utils.misc import write_bytes_atomic
 
 # The README's real-segment command, and a toy-sized one that runs in seconds on a CPU.
 REAL_SIZES = ["--model", "resnet50_3d", "--depth", "32", "--tile_size", "256", "--bs", "8", "--base_lr", "0.03",

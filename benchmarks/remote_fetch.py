@@ -4,7 +4,7 @@ opening a segment laid out as on the real data server (cold and warm)?
     python benchmarks/remote_fetch.py                       # 400 random 32 × 128² crops from a 65 × 2048² segment
     python benchmarks/remote_fetch.py --side 4096 --samples 1000
     python benchmarks/remote_fetch.py --open                # requests to open a real-layout segment, cold and warm
-    python benchmarks/remote_fetch.py --open --exact_labels --code /tmp/before   # another checkout's pretrain/
+    PYTHONPATH=/tmp/before python benchmarks/remote_fetch.py --open --exact_labels   # another checkout's pretrain/
 
 A loopback HTTP server (127.0.0.1) serves a generated segment in the data server's layout (v2 OME-Zarr,
 slash-separated chunk keys). Pretraining-style random crops are drawn through `open_segment`; the
@@ -17,34 +17,32 @@ Writes benchmarks/results/remote_fetch.json and prints a Markdown table.
 (4, 512, 512) Blosc-zstd chunks, ink labels beside the zarr padded to whole 256-px tiles, the mask only in
 the volume package), opens it three times on one cache (cold, then warm twice) and counts the requests
 of each open by kind (zarr metadata, images, chunks; 404s among them). `--exact_labels` serves labels of
-the volume's own size (code from before the padding rule refuses padded ones); `--code DIR` imports
-`pretrain` from DIR (e.g. `git archive 99e9138 pretrain | tar -x -C /tmp/before`). Writes
-benchmarks/results/remote_open.json.
+the volume's own size (code from before the padding rule refuses padded ones); `PYTHONPATH=DIR` imports
+`pretrain` from DIR ahead of the installed repository (`git archive COMMIT pretrain | tar -x -C /tmp/before`;
+notes/performance.md names the commit). Writes benchmarks/results/remote_open.json.
 """
 import argparse
 import itertools
 import json
 import pathlib
-import sys
 import tempfile
 import time
 import warnings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# `--code DIR` takes `pretrain` from another checkout; `tests` (the server and its layout) always come from here.
-CODE_ROOT = pathlib.Path(sys.argv[sys.argv.index("--code") + 1]) if "--code" in sys.argv else REPO_ROOT
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(CODE_ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from pretrain.data.patches import InputSettings, RandomPatchDataset  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from tests.loopback_server import LoopbackServer  # noqa: E402
-from tests.synthetic import (SERVER_SEGMENTS, rectangle_mask, server_folder, write_png,  # noqa: E402
+import pretrain
+from pretrain.data.patches import InputSettings, RandomPatchDataset
+from pretrain.data.segment import open_segment
+from tests.loopback_server import LoopbackServer
+from tests.synthetic import (SERVER_SEGMENTS, rectangle_mask, server_folder, write_png,
                              write_server_segment)
 
 SEGMENT_ID = "20230827161847"
+# Where `pretrain` was imported from: this checkout, or DIR with `PYTHONPATH=DIR` (another checkout's code).
+CODE_ROOT = pathlib.Path(pretrain.__file__).resolve().parents[1]
 
 
 def build_mirror(root: pathlib.Path, side: int, chunks: tuple[int, int, int]) -> pathlib.Path:
@@ -142,7 +140,6 @@ def main() -> None:
     parser.add_argument("--lru_mb", type=int, default=64, help="small on purpose: evicted chunks must come from disk")
     parser.add_argument("--open", action="store_true", help="count the requests of opening a real-layout segment")
     parser.add_argument("--exact_labels", action="store_true", help="with --open: labels of the volume's size")
-    parser.add_argument("--code", type=pathlib.Path, default=REPO_ROOT, help="import pretrain from this checkout")
     args = parser.parse_args()
     if args.open:
         measure_open(args)
@@ -164,7 +161,7 @@ def main() -> None:
             _, warm_seconds = sample(server.url, folder / "cache", args)
             warm = {"chunk_requests": server.chunk_requests(), "bytes": server.bytes_sent}
     result = {
-        "settings": {**vars(args), "code": str(args.code)}, "unique_chunks_needed": len(keys),
+        "settings": {**vars(args), "code": str(CODE_ROOT)}, "unique_chunks_needed": len(keys),
         "unique_chunk_bytes": needed_bytes,
         "cold": cold, "cold_chunk_bytes": chunk_bytes_sent, "overfetch": chunk_bytes_sent / needed_bytes,
         "warm": warm, "cold_seconds": cold_seconds, "warm_seconds": warm_seconds,

@@ -26,7 +26,6 @@ import tempfile
 import numpy as np
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 PROBE = r"""
 import json, resource, sys, time

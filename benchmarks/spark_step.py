@@ -21,22 +21,19 @@ import pathlib
 import platform
 import resource
 import statistics
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import pretrain.torchvision_compat  # noqa: F401
+import timm.optim
+import torch
 
-import pretrain.torchvision_compat  # noqa: F401,E402
-import timm.optim  # noqa: E402
-import torch  # noqa: E402
-
-from pretrain.data.patches import EpochSampler, InputSettings, RandomPatchDataset  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from pretrain.decoder import LightDecoder3d  # noqa: E402
-from pretrain.encoder import SparseEncoder  # noqa: E402
-from pretrain.models import build_encoder  # noqa: E402
-from pretrain.spark import SparK3d  # noqa: E402
-from pretrain.utils.misc import RenamedOption  # noqa: E402
+from pretrain.data.patches import EpochSampler, InputSettings, RandomPatchDataset
+from pretrain.data.segment import open_segment
+from pretrain.decoder import LightDecoder3d
+from pretrain.encoder import SparseEncoder
+from pretrain.models import build_encoder
+from pretrain.spark import SparK3d
+from pretrain.utils.misc import RenamedOption
 
 
 class DenseAutoencoder(torch.nn.Module):

@@ -19,18 +19,15 @@ import argparse
 import csv
 import io
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from evaluate import encoder_input  # noqa: E402
-from pretrain import dist  # noqa: E402
-from pretrain.data.patches import GridTileDataset, InputSettings  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from pretrain.utils.misc import RenamedOption, write_bytes_atomic  # noqa: E402
+from evaluate import encoder_input
+from pretrain import dist
+from pretrain.data.patches import GridTileDataset, InputSettings
+from pretrain.data.segment import open_segment
+from pretrain.utils.misc import RenamedOption, write_bytes_atomic
 
 
 def centred_gram(gram_nn: torch.Tensor) -> torch.Tensor:

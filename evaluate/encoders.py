@@ -29,18 +29,17 @@ import subprocess
 import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from evaluate import encoder_input, provenance  # noqa: E402
-from evaluate.statistics import describe_interval, paired_interval  # noqa: E402
-from finetune.data import Box  # noqa: E402
-from finetune.metrics import NoSkillBand, no_skill_band  # noqa: E402
-from pretrain.data.patches import InputSettings, finetune_options  # noqa: E402
-from pretrain.data.segment import open_segment  # noqa: E402
-from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import RenamedOption, TensorboardLogger, write_bytes_atomic  # noqa: E402
+from evaluate import encoder_input, provenance
+from evaluate.statistics import describe_interval, paired_interval
+from finetune.data import Box
+from finetune.metrics import NoSkillBand, no_skill_band
+from pretrain.data.patches import InputSettings, finetune_options
+from pretrain.data.segment import open_segment
+from pretrain.utils import run_log
+from pretrain.utils.misc import RenamedOption, TensorboardLogger, write_bytes_atomic
 
 SCORES = {"f05": "validation_calibrated_f05", "f05_oracle": "validation_f05", "auc": "validation_auc",
           "average_precision": "validation_average_precision"}  # what a run reports: its prediction's metrics

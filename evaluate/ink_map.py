@@ -22,26 +22,23 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import cv2
+import numpy as np
+import sklearn.cluster
+import sklearn.decomposition
+import sklearn.linear_model
+import torch
+import tqdm
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import sklearn.cluster  # noqa: E402
-import sklearn.decomposition  # noqa: E402
-import sklearn.linear_model  # noqa: E402
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-
-from evaluate import encoder_input  # noqa: E402
-from finetune.data import choose_validation_box  # noqa: E402
-from finetune.metrics import ink_metrics  # noqa: E402
-from finetune.outputs import write_png_atomic  # noqa: E402
-from pretrain import dist  # noqa: E402
-from pretrain.data.patches import SOME_PAPYRUS, GridTileDataset, InputSettings  # noqa: E402
-from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.utils.misc import RenamedOption, write_bytes_atomic  # noqa: E402
+from evaluate import encoder_input
+from finetune.data import choose_validation_box
+from finetune.metrics import ink_metrics
+from finetune.outputs import write_png_atomic
+from pretrain import dist
+from pretrain.data.patches import SOME_PAPYRUS, GridTileDataset, InputSettings
+from pretrain.data.segment import SegmentError, open_segment
+from pretrain.utils.misc import RenamedOption, write_bytes_atomic
 
 FINE_THRESHOLDS = tuple(np.round(np.linspace(0.01, 0.99, 99), 2))
 PCA_FIT_PIXELS = 200_000

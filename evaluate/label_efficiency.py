@@ -61,23 +61,22 @@ import subprocess
 import sys
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import tqdm  # noqa: E402
+import cv2
+import numpy as np
+import tqdm
 
-from evaluate import encoder_input, provenance, verdict_rule  # noqa: E402
-from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval, sign_flip_p  # noqa: E402
-from evaluate.verdict_rule import CLAIMS, GOAL_MARGIN, GOAL_MAX_GLYPHS  # noqa: E402
-from finetune.data import read_prior  # noqa: E402
-from finetune.metrics import (NoSkillBand, average_precision, best_threshold, f05_at, ink_metrics,  # noqa: E402
+from evaluate import encoder_input, provenance, verdict_rule
+from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval, sign_flip_p
+from evaluate.verdict_rule import CLAIMS, GOAL_MARGIN, GOAL_MAX_GLYPHS
+from finetune.data import read_prior
+from finetune.metrics import (NoSkillBand, average_precision, best_threshold, f05_at, ink_metrics,
                               no_skill_band)
-from finetune.outputs import write_png_atomic  # noqa: E402
-from pretrain.data.patches import InputSettings, finetune_options  # noqa: E402
-from pretrain.data.segment import Segment, open_segment  # noqa: E402
-from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import RenamedOption, git_commit, note_renamed, write_bytes_atomic  # noqa: E402
+from finetune.outputs import write_png_atomic
+from pretrain.data.patches import InputSettings, finetune_options
+from pretrain.data.segment import Segment, open_segment
+from pretrain.utils import run_log
+from pretrain.utils.misc import RenamedOption, git_commit, note_renamed, write_bytes_atomic
 
 RANDOM = "random"  # no pretrained weights: the seeded random initialisation (training from scratch)
 OLDER_RANDOM = "scratch"  # what older code called it: still accepted for --pretrained_path, and as an arm's name

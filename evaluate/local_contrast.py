@@ -21,24 +21,20 @@ import argparse
 import json
 import pathlib
 import re
-import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import cv2
+import numpy as np
+import torch
+import tqdm
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-
-from evaluate import encoder_input  # noqa: E402
-from evaluate.ink_map import scale_to_unit  # noqa: E402
-from finetune.metrics import average_precision, ink_metrics  # noqa: E402
-from finetune.outputs import write_png_atomic  # noqa: E402
-from pretrain.data.patches import ANY_PAPYRUS, GridTileDataset, InputSettings  # noqa: E402
-from pretrain.data.segment import Segment, open_segment  # noqa: E402
-from pretrain.spark import local_contrast  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from evaluate import encoder_input
+from evaluate.ink_map import scale_to_unit
+from finetune.metrics import average_precision, ink_metrics
+from finetune.outputs import write_png_atomic
+from pretrain.data.patches import ANY_PAPYRUS, GridTileDataset, InputSettings
+from pretrain.data.segment import Segment, open_segment
+from pretrain.spark import local_contrast
+from pretrain.utils.misc import write_bytes_atomic
 
 
 @torch.no_grad()

@@ -13,16 +13,15 @@ import platform
 import sys
 from collections.abc import Callable
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-import cv2  # noqa: E402
+import cv2
 
-from evaluate import verdict_rule  # noqa: E402
-from evaluate.statistics import describe_interval  # noqa: E402
-from finetune.metrics import NoSkillBand, all_ink_f05  # noqa: E402
-from finetune.outputs import write_png_atomic  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from evaluate import verdict_rule
+from evaluate.statistics import describe_interval
+from finetune.metrics import NoSkillBand, all_ink_f05
+from finetune.outputs import write_png_atomic
+from pretrain import methods
+from pretrain.utils.misc import write_bytes_atomic
 
 RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates the report prints
 FIGURE_WIDTH = 512  # pixels: figures stay small PNGs in the repository
@@ -87,6 +86,8 @@ def label_efficiency_section(results: dict, figure: Callable) -> list[str]:
 
 def probe_section(results: dict, figure: Callable) -> list[str]:
     probes = results["probes"]
+    images = {name: path for group in reversed(probes["groups"]) for name, path in group["images"].items()}
+    shown = [name for name in ("random", *methods.METHODS) if name in images]
     lines = ["## Frozen-encoder probe", "",
              "`finetune/train.py` with `freeze_encoder=True` (scheme \"validation\": a held-out band, the same split, "
              "seeds and schedule for every encoder); only the UNet decoder learns. Each run is scored from its "
@@ -111,11 +112,9 @@ def probe_section(results: dict, figure: Callable) -> list[str]:
     band = NoSkillBand(**probes["groups"][0]["no_skill_band"])
     lines += ["", f"No-skill band of the held-out band: {band.describe()}.",
               "", "Commands: " + "; ".join(f"`{group['command']}`" for group in probes["groups"]), "",
-              "Each probe's labels and whole-segment prediction, the held-out band outlined in red; random, SparK, "
-              "VICReg:", ""]
-    images = {name: path for group in reversed(probes["groups"]) for name, path in group["images"].items()}
-    lines += [f"![probe {name}]({figure(images[name], f'report_probe_{name}.png')})"
-              for name in ("random", "spark", "vicreg") if name in images]
+              "Each probe's labels and whole-segment prediction, the held-out band outlined in red; "
+              f"{', '.join(shown)}:", ""]
+    lines += [f"![probe {name}]({figure(images[name], f'report_probe_{name}.png')})" for name in shown]
     lines += ["", "## Kinetics-700", ""]
     if "kinetics" in probes:
         lines += [f"Full-width `resnet50_3d` probes: `{probes['kinetics']['command']}`", "",
@@ -137,13 +136,15 @@ def representation_section(results: dict, figure: Callable) -> list[str]:
         return next(float(row["cka"]) for row in cka["rows"]
                     if row["stage"] == "4" and row["kernel"] == kernel and {row["a"], row["b"]} == {a, b})
 
+    # Every encoder CKA compared, in the order cka.py was given them: random, SparK's epochs, the other methods.
+    labels = list(dict.fromkeys(row[side] for row in cka["rows"] for side in ("a", "b")))
     chance = all_ink_f05(ink_maps["random"]["ink_fraction"])
     lines = ["", "## CKA: how far the representations move", "",
              f"Stage-4 features (averaged over depth and space) of one fixed set of tiles: `{cka['command']}`", "",
              f"![linear CKA]({figure(cka['heatmap'], 'report_cka_linear_stage4.png')})", "",
              "| pair | linear CKA | RBF CKA |", "|---|---|---|",
              *[f"| {label} and {final} | {cka_value(label, final, 'linear'):.3f} | {cka_value(label, final, 'rbf'):.3f} |"
-               for label in ["random", *[f"spark ep{epoch}" for epoch in cka["spark_epochs"][:-1]], "vicreg"]],
+               for label in labels if label != final],
              "", "## Unsupervised ink map", "",
              "Stage-1 features of the frozen encoder over the whole segment, PCA fitted on papyrus pixels, k-means on "
              f"the leading components; only then scored against the labels (chance: F0.5 {chance:.3f}). A linear probe "
@@ -156,7 +157,7 @@ def representation_section(results: dict, figure: Callable) -> list[str]:
                      f"{result['best_cluster']['f05']:.3f} | {result['best_cluster']['auc']:.3f} | "
                      f"{result['linear_probe']['f05']:.3f} | {result['linear_probe']['auc']:.3f} |")
     lines += ["", "Commands: " + "; ".join(f"`{result['command']}`" for result in ink_maps.values()), "",
-              "The best principal component of each encoder (random, SparK, VICReg):", "",
+              f"The best principal component of each encoder ({', '.join(ink_maps)}):", "",
               *[f"![ink map {name}]({figure(result['map'], f'report_ink_map_{name}.png')})"
                 for name, result in ink_maps.items()]]
     return lines
@@ -187,7 +188,7 @@ def what_it_means(results: dict) -> list[str]:
     lines.append(f"- **How far to trust it**: {report_error_rates(results['label_efficiency'])}")
     # Each encoder against the random encoder of its own input group (read the same way).
     rows = {row["encoder"]: (row, group["baseline"]) for group in results["probes"]["groups"] for row in group["rows"]}
-    for name in ("spark", "vicreg"):
+    for name in [name for name in methods.METHODS if name in rows]:
         row, baseline = rows[name]
         low, high = float(row["f05_difference_low"]), float(row["f05_difference_high"])
         if math.isnan(low):

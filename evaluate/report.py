@@ -1,4 +1,5 @@
-"""The encoder evaluation report, end to end: pretrain with SparK and with VICReg, fine-tune each encoder from a few
+"""The encoder evaluation report, end to end: pretrain with every registered method (pretrain/methods.py: SparK,
+VICReg and any method added there), fine-tune each encoder from a few
 labelled glyphs against training from scratch (`random`), probe each frozen encoder against a random one, compare
 representations with CKA, map ink without labels, and write the report.
 
@@ -9,13 +10,13 @@ representations with CKA, map ink without labels, and write the report.
 Every step runs its tool's own command as a subprocess, prints it, and writes what it measured, with that command,
 to `--work`/results/<step>.json; `evaluate/render_report.py` then turns those results into `--notes` (and its
 figures, small PNGs, into `--images`), so any number in the report can be reproduced by hand. The steps:
-1. `pretrain/main.py`: SparK, VICReg (each epoch's encoder kept for CKA), and each `--variants` SparK run;
+1. `pretrain/main.py`: every registered method (each epoch's encoder kept for CKA), and each `--variants` SparK run;
 2. `evaluate/label_efficiency.py`: fine-tuning curves from k labelled glyphs, random against the `--curves` encoders;
 3. `evaluate/encoders.py`: the frozen-encoder probes of random, every pretrained encoder and a supervised control.
    Encoders read tiles as their checkpoints record; those trained on other input settings (a variant's) are
    probed in a group of their own, next to a random encoder probed with the same settings;
-4. `evaluate/cka.py`: linear and RBF CKA between random, every `--cka_every`-th SparK epoch, and VICReg;
-5. `evaluate/ink_map.py` for random, SparK and VICReg.
+4. `evaluate/cka.py`: linear and RBF CKA between random, every `--cka_every`-th SparK epoch, and the other methods;
+5. `evaluate/ink_map.py` for random and every method.
 Running again reuses what is finished, keyed by content (evaluate/provenance.py: the code each step executes, its
 command with the content of every file it reads, the segment), so a commit that touches only README or notes reuses
 everything: pretraining resumes only a run of the same key (a finished one only reports; one of other settings,
@@ -33,13 +34,12 @@ import sys
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from evaluate import encoder_input, provenance, render_report, verdict_rule  # noqa: E402
-from pretrain import checkpoint  # noqa: E402
-from pretrain.data.patches import InputSettings, evaluate_options, finetune_options  # noqa: E402
-from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import RenamedOption, git_commit, write_bytes_atomic  # noqa: E402
+from evaluate import encoder_input, provenance, render_report, verdict_rule
+from pretrain import checkpoint, methods
+from pretrain.data.patches import InputSettings, evaluate_options, finetune_options
+from pretrain.utils import run_log
+from pretrain.utils.misc import RenamedOption, git_commit, write_bytes_atomic
 
 
 class StepError(RuntimeError):
@@ -85,22 +85,36 @@ def save_results(args, step: str, results) -> None:
     write_bytes_atomic(args.work / "results" / f"{step}.json", json.dumps(results, indent=1, default=str).encode())
 
 
+def pretraining_runs(args) -> dict:
+    """{name: (pretrain/main.py settings, description)}: one run per registered method, then the SparK variants."""
+    epochs = {"spark": args.spark_epochs, "vicreg": args.vicreg_epochs}
+    settings = {"vicreg": ["--bs", str(args.vicreg_bs)]}
+    for method_settings in args.method_args:
+        name, _, options = method_settings.partition("=")
+        settings[name] = [*settings.get(name, []), *shlex.split(options)]
+    runs = {}
+    for name in methods.METHODS:
+        extra = settings.get(name, [])
+        runs[name] = (["--method", name, "--ep", str(epochs.get(name, args.method_epochs)), *extra],
+                      methods.get(name).title + (f" with `{shlex.join(extra)}`" if extra else ", default settings"))
+    for variant in args.variants:
+        name, _, options = variant.partition("=")
+        runs[f"spark_{name}"] = (["--method", "spark", "--ep", str(args.variant_epochs), *shlex.split(options)],
+                                 f"SparK with `{options}`")
+    return runs
+
+
 def pretrain(args) -> dict:
     """Step 1: every pretraining run; returns {name: encoder checkpoint path}."""
-    runs = {"spark": (["--method", "spark", "--ep", str(args.spark_epochs)], "SparK, default settings"),
-            "vicreg": (["--method", "vicreg", "--ep", str(args.vicreg_epochs), "--bs", str(args.vicreg_bs)],
-                       "VICReg, default settings")}
-    for variant in args.variants:
-        name, _, settings = variant.partition("=")
-        runs[f"spark_{name}"] = (["--method", "spark", "--ep", str(args.variant_epochs), *shlex.split(settings)],
-                                 f"SparK with `{settings}`")
-    exp_dirs = {name: args.work / name if name in ("spark", "vicreg") else args.work / "variants" / name.removeprefix("spark_")
-                for name in runs}
+    runs = pretraining_runs(args)
+    exp_dirs = {name: args.work / name if name in methods.METHODS
+                else args.work / "variants" / name.removeprefix("spark_") for name in runs}
 
     def run_pretraining(name: str) -> str:
         return run_step(f"pretraining, {name}", [
             "pretrain/main.py", "--model", args.model, "--data_path", args.segment, "--exp_name", f"report_{name}",
-            "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", *shlex.split(args.pretrain_args),
+            "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", "--samples_per_ep",
+            str(args.pretrain_samples), *shlex.split(args.pretrain_args),
             *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if args.jobs > 1 else None,
             folder=exp_dirs[name])
 
@@ -210,7 +224,7 @@ def representations(args, encoders: dict) -> None:
 
     cka_checkpoints = {"random": "random", **{f"spark ep{epoch}": str(checkpoint.encoder_file(args.work / "spark", args.model, epoch))
                                               for epoch in spark_epochs},
-        "vicreg": encoders["vicreg"]}
+        **{name: encoders[name] for name in methods.METHODS if name != "spark"}}
     command = run_step("CKA", ["evaluate/cka.py", "--pretrained_path", *cka_checkpoints.values(), "--labels",
                                *cka_checkpoints, "--output", str(args.work / "cka"), *feature_options(settings, False)],
                        args.work / "cka" / "cka.csv")
@@ -218,7 +232,7 @@ def representations(args, encoders: dict) -> None:
                                "rows": list(csv.DictReader(open(args.work / "cka" / "cka.csv"))),
                                "heatmap": str(args.work / "cka" / "cka_linear_stage4.png")})
     ink_maps = {}
-    for name in ("random", "spark", "vicreg"):
+    for name in ("random", *methods.METHODS):
         folder = args.work / "ink_map" / name
         own = settings if name == "random" else checkpoint.input_settings(checkpoint.read(encoders[name]))
         command = run_step(f"ink map, {name}", ["evaluate/ink_map.py", "--pretrained_path", encoders.get(name, "random"),
@@ -235,11 +249,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spark_epochs", type=int, default=40, help="SparK pretraining epochs")
     parser.add_argument("--vicreg_epochs", type=int, default=20, help="VICReg pretraining epochs")
     parser.add_argument("--vicreg_bs", type=int, default=8, help="VICReg's variance and covariance need a batch")
+    parser.add_argument("--method_epochs", type=int, default=20,
+                        help="pretraining epochs of any other registered method")
+    parser.add_argument("--method_args", nargs="*", default=[],
+                        help="more pretraining settings of one method, as name=\"settings\" "
+                             "(e.g. vicreg=\"--projector 512-512\")")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="more SparK runs, as name=\"pretraining settings\"; each is probed reading tiles as it learnt")
     parser.add_argument("--variant_epochs", type=int, default=20, help="epochs of each variant")
-    parser.add_argument("--curves", nargs="+", default=["spark", "vicreg"],
-                        help="encoders (spark, vicreg, spark_<variant>) whose few-label curves are measured against random")
+    parser.add_argument("--curves", nargs="+", default=list(methods.METHODS),
+                        help="encoders (a registered method's name, or spark_<variant>) whose few-label curves are "
+                             "measured against random (default: every method)")
     parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4], help="labelled glyphs per curve point")
     parser.add_argument("--seeds", type=int, nargs="+", default=[verdict_rule.Design().seeds[0]],
                         help="seeds per curve point (the count evaluate/simulate_verdict.py chose: "
@@ -256,6 +276,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time: pretraining runs, fine-tuning curves and probes (on one GPU, several small "
                              "runs keep it busier than one); with more than one, pretraining output goes to <run>.log")
+    parser.add_argument("--pretrain_samples", type=int, default=180,
+                        help="crops per pretraining epoch, with a GPU or without (pretrain/main.py would take fewer "
+                             "on a CPU)")
     parser.add_argument("--pretrain_args", default="", help="more pretrain/main.py settings for every pretraining run")
     parser.add_argument("--finetune_args", default="", help="more finetune/train.py settings for every fine-tuning run")
     parser.add_argument("--feature_args", default="", help="more settings for cka.py and ink_map.py")
@@ -265,6 +288,10 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs} must be at least 1")
+    for method_settings in args.method_args:
+        if method_settings.partition("=")[0] not in methods.METHODS:
+            parser.error(f"--method_args {method_settings}: no registered method {method_settings.partition('=')[0]!r} "
+                         f"(pretrain/methods.py has {', '.join(methods.METHODS)})")
     if args.kinetics and not pathlib.Path(args.kinetics).is_file():
         parser.error(f"Kinetics checkpoint {args.kinetics} does not exist")
     return args

@@ -5,12 +5,9 @@ rule, the noise measured from real runs, and the scenarios).
     python evaluate/simulate_verdict.py --seeds 20 --glyphs 1 2 4 --encoders_per_group 1 1 --experiments 4000
 """
 import argparse
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from evaluate import verdict_rule  # noqa: E402
+from evaluate import verdict_rule
 
 
 def main(argv: list[str] | None = None) -> int:

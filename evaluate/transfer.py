@@ -30,15 +30,13 @@ import argparse
 import pathlib
 import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from evaluate import encoder_input, encoders, report  # noqa: E402
-from finetune.metrics import all_ink_f05  # noqa: E402
-from pretrain.data.patches import InputSettings, finetune_options  # noqa: E402
-from pretrain.data.segment import segment_identity  # noqa: E402
-from pretrain.utils import run_log  # noqa: E402
-from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from evaluate import encoder_input, encoders, report
+from finetune.metrics import all_ink_f05
+from pretrain.data.patches import InputSettings, finetune_options
+from pretrain.data.segment import segment_identity
+from pretrain.utils import run_log
+from pretrain.utils.misc import write_bytes_atomic
 
 CONTROL = "supervised"  # the name of the supervised control in the tables
 

@@ -129,7 +129,6 @@ def simulate(design: Design, scenario: str, experiments: int, seed: int = 0) -> 
     """(E,) the whole report's claim index per simulated experiment: the strongest claim over its groups' verdicts,
     "no" only when every group says no."""
     rng = np.random.default_rng(seed)
-    glyphs_c = np.array([count for count in design.glyphs])
     group_verdicts = []
     for encoders in design.encoders_per_group:
         alpha = design.alpha * encoders / sum(design.encoders_per_group)

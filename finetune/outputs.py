@@ -147,9 +147,10 @@ def label_colours(labels_yx: np.ndarray, mask_yx: np.ndarray) -> np.ndarray:
 
 
 def labels_vs_prediction(labels_yx: np.ndarray, probabilities_yx: np.ndarray, mask_yx: np.ndarray,
-                         held_out: Box | None = None) -> np.ndarray:
+                         held_out: Box | None = None, segment: str = "") -> np.ndarray:
     """(caption + Y, 2X + gap, 3) uint8 BGR: labels (`label_colours`) | prediction (grey), with the validation band
-    outlined in red on both, under a caption: each panel's title, the labels' legend and what the red box is."""
+    outlined in red on both, under a caption: the segment shown (given `segment`: a run on several), each panel's
+    title, the labels' legend and what the red box is."""
     gap = max(4, labels_yx.shape[1] // 100)
     panels = []
     for panel in (label_colours(labels_yx, mask_yx),
@@ -161,8 +162,9 @@ def labels_vs_prediction(labels_yx: np.ndarray, probabilities_yx: np.ndarray, ma
         panels.append(panel)
     separator = np.full((labels_yx.shape[0], gap, 3), 255, np.uint8)
     width = labels_yx.shape[1]
-    lines = [[(0, LABELS_TITLE, CAPTION_BGR), (width + gap, PREDICTION_TITLE, CAPTION_BGR)],
-             [(0, LEGEND_TEXT, CAPTION_BGR)]]
+    lines = [[(0, f"segment {segment}", CAPTION_BGR)]] if segment else []
+    lines += [[(0, LABELS_TITLE, CAPTION_BGR), (width + gap, PREDICTION_TITLE, CAPTION_BGR)],
+              [(0, LEGEND_TEXT, CAPTION_BGR)]]
     if held_out is not None:
         lines.append([(0, HELD_OUT_NOTE, VALIDATION_BOX_BGR)])
     caption = text_strip(width, gap, lines, panels=2)

@@ -32,22 +32,20 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
+import pretrain.torchvision_compat  # noqa: F401 - must precede segmentation_models_pytorch and timm
+import cv2
+import numpy as np
+import torch
+import tqdm
 
-import pretrain.torchvision_compat  # noqa: F401,E402 - must precede segmentation_models_pytorch and timm
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-
-from finetune import data, evaluation, inference, outputs  # noqa: E402
-from finetune.metrics import ink_metrics  # noqa: E402
-from finetune.model import InkUNet, build_ink_unet  # noqa: E402
-from pretrain import checkpoint, dist  # noqa: E402
-from pretrain.data.patches import DepthWindow, InputSettings, check_voxel_dtype, normalize_patch  # noqa: E402
-from pretrain.data.remote import RemoteReadError  # noqa: E402
-from pretrain.data.segment import SegmentError, open_segment, segment_identity  # noqa: E402
-from pretrain.utils import folder_lock, misc  # noqa: E402
+from finetune import data, evaluation, inference, outputs
+from finetune.metrics import ink_metrics
+from finetune.model import InkUNet, build_ink_unet
+from pretrain import checkpoint, dist
+from pretrain.data.patches import DepthWindow, InputSettings, check_voxel_dtype, normalize_patch
+from pretrain.data.remote import RemoteReadError
+from pretrain.data.segment import SegmentError, open_segment, segment_identity
+from pretrain.utils import folder_lock, misc
 
 OVERLAY_INK_BGR = np.array([0, 0, 255], np.float32)  # red: no layer's grey is mistaken for it
 OVERLAY_OPACITY = 0.6  # of certain ink: the layer stays visible under it, to judge the prediction by

@@ -33,26 +33,24 @@ import time
 import typing
 import warnings
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
+import pretrain.torchvision_compat  # noqa: F401 - must precede segmentation_models_pytorch and timm
+import numpy as np
+import torch
+import tqdm
 
-import pretrain.torchvision_compat  # noqa: F401,E402 - must precede segmentation_models_pytorch and timm
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-
-from finetune import data, evaluation, inference, outputs  # noqa: E402
-from finetune.loss import ink_loss  # noqa: E402
-from finetune.metrics import THRESHOLDS, all_ink_f05, threshold_counts  # noqa: E402
-from finetune.config import Config, ConfigError, apply_overrides, check_in_file_settings, settings_in  # noqa: E402
-from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet  # noqa: E402
-from pretrain import checkpoint, dist  # noqa: E402
-from pretrain.data.patches import (FINETUNE_NAMES, INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS,  # noqa: E402
+from finetune import data, evaluation, inference, outputs
+from finetune.loss import ink_loss
+from finetune.metrics import THRESHOLDS, all_ink_f05, threshold_counts
+from finetune.config import Config, ConfigError, apply_overrides, check_in_file_settings, settings_in
+from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet
+from pretrain import checkpoint, dist
+from pretrain.data.patches import (FINETUNE_NAMES, INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS,
                                    InputSettings)
-from pretrain.data.remote import RemoteReadError  # noqa: E402
-from pretrain.data.segment import (Segment, SegmentError, check_negatives, open_segment,  # noqa: E402
+from pretrain.data.remote import RemoteReadError
+from pretrain.data.segment import (Segment, SegmentError, check_negatives, open_segment,
                                    segment_identity)
-from pretrain.models import ENCODER_NAMES  # noqa: E402
-from pretrain.utils import folder_lock, misc, schedule  # noqa: E402
+from pretrain.models import ENCODER_NAMES
+from pretrain.utils import folder_lock, misc, schedule
 
 # --------------------------------------------------------------------------------------------------
 # experiment
@@ -109,9 +107,9 @@ SEGMENT_SAMPLING: str = "area"
 # make only a few dozen tiles.
 MIN_TILES_PER_EPOCH: int = 512
 # Flips, rot90, affine, brightness/contrast, noise/blur, dropout, z-shift, slice dropout. Turn it on for scheme
-# "iterative": from two labelled letters of the demo, the model found the others with F0.5 0.710-0.735 with it
-# (3 seeds, commit e68f381), 0.13 without (commit 1aebe63). Off by default: with the demo's full labels every augmentation tried delayed learning past the
-# 20-minute CPU budget (notes/finetune.md).
+# "iterative": from two labelled letters of the demo, the model finds the others with it and only memorises the two
+# without it. Off by default: with the demo's full labels every augmentation tried delayed learning past the
+# 20-minute CPU budget. notes/finetune.md has both measurements and their commands.
 data_augmentation: bool = False
 # self-training (scheme "iterative"): after training on the labels, predict the region and go on training the model
 # on the labels plus pseudo-labels, this many times. Each round is recorded in its own round_NN/ (see README).
@@ -154,7 +152,7 @@ DEFAULTS = settings_in(globals())
 # The input settings without a pretrained encoder, and the setting that names each field.
 # A run whose final F0.5 is less than this above chance (calling every pixel ink) has shown no skill: the margin by
 # which evaluate/label_efficiency.py counts one encoder as beating another. A threshold sweep alone lifts a map
-# without skill a little above chance (self-training rounds that never took off ended at 0.141 against 0.140).
+# without skill a little above chance (notes/finetune.md, "Rounds trained afresh fell to chance").
 NO_SKILL_MARGIN = 0.05
 # The prediction's pixels that say how well a run generalised, in the order preferred: the held-out band (scheme
 # "validation"), else where nothing was labelled (needs the segment's full labels), else the labelled tiles.
@@ -626,7 +624,8 @@ def predict_and_write(run: Run, model, run_segments: list[RunSegment], state: Ru
         if not several and save_path.resolve() != (experiment_dir / "prediction.png").resolve():
             outputs.write_png_atomic(experiment_dir / "prediction.png", prediction_png)
         band = run_segment.held_out if run_segment.trains else None  # a validation segment is held out whole: no box
-        comparison = outputs.labels_vs_prediction(run_segment.labels_yx, probabilities_yx, segment.mask, band)
+        comparison = outputs.labels_vs_prediction(run_segment.labels_yx, probabilities_yx, segment.mask, band,
+                                                  run_segment.spec if several else "")
         outputs.write_png_atomic(comparison_path, comparison)
         tensorboard.image(f"prediction/{run_segment.name}" if several else "prediction/labels_vs_prediction",
                           outputs.preview_chw(comparison), state.global_step)
@@ -695,7 +694,8 @@ def validate_epoch(run: Run, model, validation_loaders, state: RunState):
         band = (slice(box.y0, box.y1), slice(box.x0, box.x1))
         tensorboard.image(f"validation/{run_segment.name}" if several else "validation/labels_vs_prediction",
                           outputs.preview_chw(outputs.labels_vs_prediction(
-                              run_segment.labels_yx[band], band_probabilities_hw, run_segment.segment.mask[band])),
+                              run_segment.labels_yx[band], band_probabilities_hw, run_segment.segment.mask[band],
+                              segment=run_segment.spec if several else "")),
                           state.global_step)
         if several:
             segment_scalars = per_segment[run_segment.name]

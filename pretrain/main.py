@@ -1,7 +1,8 @@
 """Self-supervised pretraining of a 3D ResNet encoder on unlabeled segments: SparK-3D (default), VICReg, or any
 method of pretrain/methods.py.
 
-    python pretrain/main.py                      # the defaults of pretrain/utils/arg_util.py (demo segment)
+    python pretrain/main.py                      # the defaults of pretrain/utils/arg_util.py (demo segment; no GPU:
+                                                 # the narrow model on fewer crops, as its first line says)
     python pretrain/main.py --ep 3 --data_path 20230827161847
     python pretrain/main.py --method vicreg --exp_dir experiments/vicreg_demo
     torchrun --nproc_per_node 4 pretrain/main.py --bs 32
@@ -16,19 +17,17 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
+import pretrain.torchvision_compat  # noqa: F401 - must precede timm (LAMB)
+import torch
+import tqdm
 
-import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-
-from pretrain import checkpoint, dist, methods, throughput  # noqa: E402
-from pretrain.data.patches import EpochSampler, voxel_dtypes  # noqa: E402
-from pretrain.data.remote import RemoteReadError  # noqa: E402
-from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.models import build_encoder  # noqa: E402
-from pretrain.probe import OnlineProbe  # noqa: E402
-from pretrain.utils import arg_util, folder_lock, misc, schedule  # noqa: E402
+from pretrain import checkpoint, dist, methods, throughput
+from pretrain.data.patches import EpochSampler, voxel_dtypes
+from pretrain.data.remote import RemoteReadError
+from pretrain.data.segment import SegmentError, open_segment
+from pretrain.models import build_encoder
+from pretrain.probe import OnlineProbe
+from pretrain.utils import arg_util, folder_lock, misc, schedule
 
 
 def build_model(args: arg_util.Args) -> torch.nn.Module:
@@ -115,7 +114,8 @@ def middle_layer_image(volumes_bcdhw: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([(panel - panel.min()) / (panel.max() - panel.min() + 1e-6) for panel in panels], dim=1).unsqueeze(0)
 
 
-def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard) -> tuple[dict, int]:
+def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard,
+                    progress: tqdm.tqdm) -> tuple[dict, int]:
     model.train()
     # This epoch's crops come from (seed, epoch, index) keys that the sampler hands to the DataLoader workers,
     # and its masks from a generator seeded by (seed, rank, epoch): each rank draws its own, and a resumed
@@ -129,9 +129,9 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
     method = methods.get(args.method)
     loss_sum, wait_seconds, step_seconds = 0.0, 0.0, 0.0
     method_sums = {}  # epoch sums of the method's own scalars (VICReg's terms and embedding std) for log.jsonl
-    progress = tqdm.tqdm(loader, desc=f"epoch {epoch + 1}/{args.ep}", disable=not dist.is_master(), leave=True)
+    progress.set_description(f"epoch {epoch + 1}/{args.ep}")
     tick = time.perf_counter()
-    for iteration, batch in enumerate(progress):
+    for iteration, batch in enumerate(loader):
         wait_seconds += time.perf_counter() - tick
         lr = schedule.lr_at(global_step, args.lr, warmup_iterations, total_iterations)
         wd = schedule.wd_at(global_step, args.wd, args.wde, total_iterations)
@@ -154,7 +154,8 @@ def train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_ste
                             perf__samples_per_s=samples_per_second, **method_scalars)
         if panels is not None:
             tensorboard.image(method.image_tag, middle_layer_image(panels), global_step)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+        progress.update()
         global_step += 1
         tick = time.perf_counter()
     stats = {"loss": loss_sum / iterations_per_epoch, "data_wait_fraction": wait_seconds / max(step_seconds, 1e-9),
@@ -185,6 +186,9 @@ def build_loader(args: arg_util.Args, segments: list, device: torch.device) -> t
 def main() -> int:
     args = arg_util.parse_args()
     device = dist.initialize(args.dist_timeout_minutes)
+    cpu_defaults = args.use_cpu_defaults() if device.type == "cpu" else ""
+    if cpu_defaults and dist.is_master():
+        print(cpu_defaults, flush=True)
     args.fill_runtime(str(device), dist.world_size())
     if device.type == "cpu":
         torch.set_num_threads(args.cpu_threads or automatic_cpu_threads(args.num_workers))
@@ -224,9 +228,14 @@ def main() -> int:
     ink_probe.start(log, tensorboard)
 
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
+    # One bar for the whole run, so that tqdm's estimate is the time the run has left, not the epoch.
+    progress = tqdm.tqdm(initial=start_epoch * len(loader), total=last_epoch * len(loader), unit="step",
+                         desc=f"epoch {start_epoch + 1}/{args.ep}",
+                         disable=not dist.is_master() or start_epoch >= last_epoch)
     for epoch in range(start_epoch, last_epoch):
         started = time.time()
-        stats, global_step = train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard)
+        stats, global_step = train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard,
+                                             progress)
         stats.update(ink_probe.after_epoch(model, epoch, global_step, tensorboard))
         # The full checkpoint goes last: it is what marks the epoch done for a resume, so a kill before it
         # trains the epoch again instead of leaving its encoders or its log record behind.
@@ -234,6 +243,10 @@ def main() -> int:
         log.write(event="epoch", epoch=epoch + 1, global_step=global_step, seconds=round(time.time() - started, 1), **stats)
         save_full_checkpoint(args, model, optimizer, epoch, global_step)
         tensorboard.flush()
+        if dist.is_master():
+            progress.write(f"epoch {epoch + 1}/{args.ep}: loss {stats['loss']:.4f}, {time.time() - started:.0f} s, "
+                           f"{stats['samples_per_s']:.2f} samples/s")
+    progress.close()
     tensorboard.close()
     if dist.is_master():
         state = "done" if last_epoch == args.ep else f"stopped after epoch {last_epoch} of {args.ep} (run again to continue)"

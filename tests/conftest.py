@@ -1,17 +1,14 @@
-"""Shared fixtures. Also puts the repository root on sys.path so tests import `pretrain.*` package-qualified."""
+"""Shared fixtures. The repository is installed (`-e .` in the lock), so tests import `pretrain.*` package-qualified."""
 import dataclasses
 import os
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from tests.synthetic import (SERVER_LAYER_SEGMENT_ID, SERVER_SEGMENT_ID, random_volume,  # noqa: E402
+from tests.synthetic import (SERVER_LAYER_SEGMENT_ID, SERVER_SEGMENT_ID, random_volume,
                              rectangle_mask, write_png, write_server_layers, write_server_segment, write_zarr_segment)
 
 

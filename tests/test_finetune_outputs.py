@@ -69,3 +69,12 @@ def test_both_label_images_use_one_colour_scheme_and_draw_its_legend():
     assert legend_swatches_found(comparison[:comparison.shape[0] - 128]) == {"not ink", "unknown"}
     assert legend_swatches_found(reading[:reading.shape[0] - 128]) == {"not ink", "unknown"}
     assert reading.shape[1:] == (192, 3)
+
+
+def test_a_run_on_several_segments_names_the_segment_in_the_caption():
+    labels_yx, mask_yx = np.zeros((128, 192), np.uint8), np.ones((128, 192), bool)
+    plain = labels_vs_prediction(labels_yx, np.zeros(labels_yx.shape), mask_yx)
+    named = labels_vs_prediction(labels_yx, np.zeros(labels_yx.shape), mask_yx, segment="scroll4:20231107190228")
+    assert named.shape[0] > plain.shape[0]  # a caption line more, above the titles
+    first_line = named[:named.shape[0] - plain.shape[0]]
+    assert (first_line[:, :192].min(axis=2) > 200).sum() > 50  # its text

@@ -13,6 +13,7 @@ import pytest
 from finetune import train
 from finetune.config import ConfigError, apply_overrides
 from finetune.metrics import ink_metrics
+from finetune.outputs import labels_vs_prediction
 from pretrain.data.segment import open_segment
 from tests.conftest import DEMO_FAMILY_SHAPE, REPO_ROOT
 from tests.conftest import FINETUNE_TINY as TINY
@@ -67,7 +68,12 @@ def test_two_segments_train_while_a_third_validates(held_out_segment_run, demo_f
     for name in ("demo_1", "demo_2", "demo_3"):
         prediction = read_png(experiment / "predictions" / f"{name}.png")
         assert prediction.shape == DEMO_FAMILY_SHAPE[1:] and prediction.dtype == np.uint8
-        assert (experiment / "predictions" / f"{name}_labels_vs_prediction.png").is_file()
+        # Its comparison image's caption names it (the caption depends only on its texts and the image width).
+        comparison = read_png(experiment / "predictions" / f"{name}_labels_vs_prediction.png")
+        height, width = DEMO_FAMILY_SHAPE[1:]
+        expected = labels_vs_prediction(np.zeros((height, width), np.uint8), np.zeros((height, width)),
+                                        np.ones((height, width), bool), segment=name.replace("_", ":"))
+        assert np.array_equal(comparison[:-height], expected[:-height])
     assert not (experiment / "prediction.png").exists() and not (experiment / "labels_vs_prediction.png").exists()
     predictions = {record["segment"]: record for record in records if record["event"] == "prediction"}
     assert list(predictions) == ["demo:1", "demo:2", "demo:3"]

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import tqdm
 
 from pretrain import checkpoint
 from pretrain.data.patches import InputSettings
@@ -175,7 +176,8 @@ def test_non_finite_loss_stops_with_a_clear_message(segment_path, tmp_path):
 
     loader = torch.utils.data.DataLoader(Zeros(), batch_size=2, sampler=EpochSampler(6))
     with pytest.raises(pretrain.utils.schedule.NonFiniteLossError, match="loss is nan at epoch 1, iteration 0.*last good checkpoint"):
-        pretrain.main.train_one_epoch(args, model, model, optimizer, loader, 0, 0, misc.TensorboardLogger(tmp_path / "tb"))
+        pretrain.main.train_one_epoch(args, model, model, optimizer, loader, 0, 0, misc.TensorboardLogger(tmp_path / "tb"),
+                                      tqdm.tqdm(disable=True))
     assert model.weight.item() == 1.0  # no step was taken with the non-finite loss
 
 

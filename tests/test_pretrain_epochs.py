@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed
 import torch.multiprocessing
+import tqdm
 
 import pretrain.main
 from pretrain.data.segment import open_segment
@@ -60,7 +61,8 @@ def run_epochs(args: arg_util.Args, epochs: list[int], model: RecordingModel) ->
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     tensorboard = misc.TensorboardLogger(args.exp_dir + "/tb")
     for epoch in epochs:
-        pretrain.main.train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, 0, tensorboard)
+        pretrain.main.train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, 0, tensorboard,
+                                      tqdm.tqdm(disable=True))
     return model
 
 

@@ -105,7 +105,8 @@ FINETUNE_NAMES = {field: option.finetune_name for field, option in INPUT_OPTIONS
 OPTION_NAMES = {field: f"--{field}" for field in INPUT_OPTIONS}
 # The input without a checkpoint that records it (training from scratch, a random encoder, a bare state dict,
 # Kinetics weights), in fine-tuning and in every evaluate/ script alike: every `random` arm of evaluate/ is a
-# fine-tuning run. The narrow model: a full-width fine-tuning step took 2.5 s on 2 CPU cores.
+# fine-tuning run. The narrow model: full width makes fine-tuning steps many times slower on a CPU (notes/finetune.md,
+# "Choices, and why").
 NO_CHECKPOINT_INPUT = InputSettings(model="resnet50_3d_narrow", depth=16, depth_offset=0, follow_surface=False,
                                     normalization="range", tile_size=64)
 

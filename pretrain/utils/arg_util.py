@@ -1,8 +1,8 @@
 """Pretraining arguments: edit the defaults here, or override any of them on the command line
 (`python pretrain/main.py --ep 3 --data_path 20230827161847`).
 
-The defaults pretrain the 3D ResNet-50 on the generated demo segment (the README's Quickstart says how long that
-took on a 2-core CPU, and its "A CPU path" what suits a CPU). For real segments on a GPU, see the README
+The defaults pretrain the 3D ResNet-50 on the generated demo segment; without a GPU, the narrow one on fewer crops
+(CPU_DEFAULTS below), unless the command line says otherwise. For real segments on a GPU, see the README
 (ScrollMAE-like: depth 32, tile_size 256, bs 8, ep 500+).
 """
 import argparse
@@ -18,6 +18,11 @@ from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.throughput import OPTIMIZER_KERNELS
 from pretrain.utils.misc import git_commit, note_renamed
+
+
+# Without a GPU, these defaults change so that the quickstart (`python pretrain/main.py`) finishes in about 15 min on
+# a 2-core CPU and still pretrains a ResNet-50 (notes/cpu_quickstart.md); a setting on the command line always wins.
+CPU_DEFAULTS = {"model": "resnet50_3d_narrow", "samples_per_ep": 48}
 
 
 class ArgumentError(ValueError):
@@ -213,6 +218,21 @@ class Args(Tap):
         self.commit = git_commit()
         self.command = " ".join([sys.executable, *sys.argv])
 
+    def use_cpu_defaults(self) -> str:
+        """No GPU: CPU_DEFAULTS for the settings the command line did not give. Returns the line that says so, or ''."""
+        given = [option for option in self._options_given if len(option) > 2]  # argparse takes unique prefixes too
+        chosen = {field: value for field, value in CPU_DEFAULTS.items()
+                  if not any(f"--{field}".startswith(option) for option in given)}
+        if not chosen:
+            return ""
+        if "samples_per_ep" in chosen:  # never fewer crops than a batch
+            chosen["samples_per_ep"] = max(chosen["samples_per_ep"], self.bs)
+        for field, value in chosen.items():
+            setattr(self, field, value)
+        return (f"no GPU: {', '.join(f'{field} {value}' for field, value in chosen.items())}, so that this finishes in "
+                f"minutes on a CPU; for the full width, as on a GPU: "
+                + " ".join(f"--{field} {getattr(Args, field)}" for field in chosen))
+
     def error(self, message: str):
         # argparse prints the whole usage before its complaint; one line naming the problem is enough.
         raise ArgumentError(f"{message} (see --help)")
@@ -238,4 +258,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
         if name in RENAMED:
             note_renamed(name, RENAMED[name])
             argv[index] = RENAMED[name] + equals + value
-    return Args(explicit_bool=True).parse_args(argv)
+    args = Args(explicit_bool=True).parse_args(argv)
+    args._options_given = [item.partition("=")[0] for item in argv if item.startswith("--")]
+    return args
