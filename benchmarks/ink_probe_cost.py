@@ -1,6 +1,6 @@
 """What does the online ink probe (pretrain/probe.py) cost, as a fraction of a pretraining epoch?
 
-    python benchmarks/ink_probe_cost.py --model resnet50_3d_narrow               # the README's CPU settings
+    python benchmarks/ink_probe_cost.py --model resnet50_3d_narrow               # docs/pretrain.md's CPU path
     python benchmarks/ink_probe_cost.py --model resnet50_3d --depth 32 --tile_size 256 --bs 8 --steps 20   # a GPU
 
 Any pretrain/main.py setting may be given (defaults as there). The script builds what pretrain/main.py builds (the

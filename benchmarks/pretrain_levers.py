@@ -5,7 +5,7 @@
     python benchmarks/pretrain_levers.py --tiny          # the same sequence at toy sizes, to check it on a CPU
     python benchmarks/pretrain_levers.py --variants default channels_last   # a subset (the default always runs)
 
-Every variant is the README's real-segment pretraining command (depth 32, tile 256, bs 8, base_lr 0.03, 8 workers;
+Every variant is docs/pretrain.md's real-segment pretraining command (depth 32, tile 256, bs 8, base_lr 0.03, 8 workers;
 bf16 autocast on a GPU) on `--segment` (the demo by default) with the settings of pretrain/utils/arg_util.py's "GPU
 throughput" block changed: channels-last, cudnn.benchmark, batch ×2 and ×4 (lr = base_lr × bs / 256), AdamW with and
 without its fused kernel, more DataLoader workers and prefetch, no pinned memory, torch.compile, and all that paid
@@ -45,7 +45,7 @@ from pretrain.data.segment import SegmentError, open_segment
 from pretrain.utils import arg_util, schedule
 from pretrain.utils.misc import write_bytes_atomic
 
-# The README's real-segment command, and a toy-sized one that runs in seconds on a CPU.
+# docs/pretrain.md's real-segment command, and a toy-sized one that runs in seconds on a CPU.
 REAL_SIZES = ["--model", "resnet50_3d", "--depth", "32", "--tile_size", "256", "--bs", "8", "--base_lr", "0.03",
               "--num_workers", "8"]
 TINY_SIZES = ["--model", "resnet18_3d_tiny", "--depth", "16", "--tile_size", "64", "--bs", "2", "--num_workers", "0",

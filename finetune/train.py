@@ -112,7 +112,7 @@ MIN_TILES_PER_EPOCH: int = 512
 # 20-minute CPU budget. notes/finetune.md has both measurements and their commands.
 data_augmentation: bool = False
 # self-training (scheme "iterative"): after training on the labels, predict the region and go on training the model
-# on the labels plus pseudo-labels, this many times. Each round is recorded in its own round_NN/ (see README).
+# on the labels plus pseudo-labels, this many times. Each round is recorded in its own round_NN/ (docs/finetune.md, "Self-training").
 SELF_TRAINING_ROUNDS: int = 0
 PSEUDO_INK_THRESHOLD: float = 0.8  # a prediction at least this high becomes an ink pseudo-label
 PSEUDO_NOT_INK_THRESHOLD: float = 0.2  # at most this low: a not-ink pseudo-label; in between: unknown

@@ -39,7 +39,7 @@ def automatic_cpu_threads(num_workers: int) -> int:
     """Torch threads for `cpu_threads` 0: this process's share of the cores it may run on, less one per DataLoader
     worker, at least 1. torch's own default (a thread per core) ignores the workers; with more busy threads than
     cores, its threads wait for each other at every operation: on a shared 2-core machine, 2 threads ran 3× slower
-    than 1 (README, "A CPU path")."""
+    than 1 (docs/pretrain.md, "On a CPU")."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
     return max(1, cores // processes_here - num_workers)

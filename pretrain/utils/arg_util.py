@@ -2,8 +2,8 @@
 (`python pretrain/main.py --ep 3 --data_path 20230827161847`).
 
 The defaults pretrain the 3D ResNet-50 on the generated demo segment; without a GPU, the narrow one on fewer crops
-(CPU_DEFAULTS below), unless the command line says otherwise. For real segments on a GPU, see the README
-(ScrollMAE-like: depth 32, tile_size 256, bs 8, ep 500+).
+(CPU_DEFAULTS below), unless the command line says otherwise. For real segments on a GPU, see docs/pretrain.md,
+"On a GPU: settings for real segments" (ScrollMAE-like: depth 32, tile_size 256, bs 8, ep 500+).
 """
 import argparse
 import json
@@ -75,7 +75,7 @@ class Args(Tap):
     lru_mb: int = 512  # in-process cache of decoded chunks, per worker
     # torch threads per process on CPU. 0: the cores left after the DataLoader workers (1 on a 2-core machine with
     # 2 workers), not torch's one per core: on the shared 2-core machine at load average 6.5-9.4, 2 threads ran 53 s
-    # per step and 1 thread 18 s (README, "A CPU path"). Set 1 when other jobs share the cores.
+    # per step and 1 thread 18 s (docs/pretrain.md, "On a CPU"). Set 1 when other jobs share the cores.
     cpu_threads: int = 0
     # torchrun: a rank that waits this long at a collective operation for another rank (stalled or dead) stops the run
     # with one line naming it; torch's own default is 30 min
