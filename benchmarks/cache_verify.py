@@ -32,6 +32,7 @@ from pretrain.data.remote import CachedHTTPStore, cache_path_for_url  # noqa: E4
 from pretrain.data.segment import open_segment  # noqa: E402
 from tests.loopback_server import LoopbackServer  # noqa: E402
 from tests.synthetic import rectangle_mask, write_server_segment  # noqa: E402
+from pretrain.utils import errors  # noqa: E402
 
 SEGMENT_ID = "20230827161847"
 SHAPE = (65, 1024, 1024)
@@ -117,4 +118,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

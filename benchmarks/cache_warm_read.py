@@ -30,6 +30,7 @@ from pretrain.data import cache  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from tests.loopback_server import LoopbackServer  # noqa: E402
 from tests.synthetic import random_volume, rectangle_mask, write_server_segment  # noqa: E402
+from pretrain.utils import errors  # noqa: E402
 
 FILES = 64
 ROUNDS = 20
@@ -110,4 +111,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

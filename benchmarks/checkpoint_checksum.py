@@ -30,6 +30,7 @@ from pretrain.decoder import LightDecoder3d  # noqa: E402
 from pretrain.encoder import SparseEncoder  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
 from pretrain.spark import SparK3d  # noqa: E402
+from pretrain.utils import errors  # noqa: E402
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -83,4 +84,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

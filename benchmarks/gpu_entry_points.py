@@ -49,6 +49,7 @@ from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.utils import run_log  # noqa: E402
 from pretrain.utils.misc import RenamedOption, write_bytes_atomic  # noqa: E402
+from pretrain.utils import errors  # noqa: E402
 
 # tqdm takes its defaults from TQDM_* variables: every progress bar of a run then ends with a line giving its
 # description, its count and its elapsed seconds.
@@ -346,4 +347,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

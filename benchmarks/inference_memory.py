@@ -32,6 +32,8 @@ import zarr
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from pretrain.utils import errors  # noqa: E402
+
 from benchmarks.sampling_memory import generate_segment  # noqa: E402
 
 MEMORY_POLL_SECONDS = 0.1  # reading smaps_rollup walks the page tables: polling faster costs a core
@@ -130,13 +132,13 @@ def run_measured(probe: str, *arguments) -> dict:
         if process.stdout.readline().strip() == "ready":
             memory["baseline"] = process_tree_pss_mib(process.pid)
         result_line = process.stdout.readline()
-        errors = process.stderr.read()
+        messages = process.stderr.read()
         process.wait()
     finally:
         memory["running"] = False
         poller.join()
     if process.returncode != 0 or memory["baseline"] is None:
-        raise SystemExit(f"error: the probe failed: {(errors.strip().splitlines() or ['no output'])[-1]}")
+        raise SystemExit(f"error: the probe failed: {(messages.strip().splitlines() or ['no output'])[-1]}")
     return {**json.loads(result_line), "baseline_pss_mib": memory["baseline"], "peak_pss_mib": memory["peak"]}
 
 
@@ -189,4 +191,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

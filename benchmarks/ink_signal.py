@@ -33,6 +33,7 @@ from pretrain.data.demo import build_demo_segment  # noqa: E402
 from pretrain.data.patches import InputSettings, RandomPatchDataset  # noqa: E402
 from pretrain.data.segment import open_segment  # noqa: E402
 from pretrain.spark import cell_statistics, local_contrast, split_into_cells  # noqa: E402
+from pretrain.utils import errors  # noqa: E402
 
 CELL_SIZE = (8, 32, 32)  # the 3D ResNet's downsample ratio: one SparK cell
 INK_VOXEL_DIFFERENCE = 1.0 / 255  # a cell "holds ink" where some voxel moved by more than one grey level
@@ -105,4 +106,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

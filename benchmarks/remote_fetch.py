@@ -43,6 +43,7 @@ from pretrain.data.segment import open_segment  # noqa: E402
 from tests.loopback_server import LoopbackServer  # noqa: E402
 from tests.synthetic import (SERVER_SEGMENTS, rectangle_mask, server_folder, write_png,  # noqa: E402
                              write_server_segment)
+from pretrain.utils import errors  # noqa: E402
 
 SEGMENT_ID = "20230827161847"
 
@@ -179,4 +180,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

@@ -37,6 +37,7 @@ from pretrain.encoder import SparseEncoder  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
 from pretrain.spark import SparK3d  # noqa: E402
 from pretrain.utils.misc import RenamedOption  # noqa: E402
+from pretrain.utils import errors  # noqa: E402
 
 
 class DenseAutoencoder(torch.nn.Module):
@@ -189,4 +190,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

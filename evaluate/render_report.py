@@ -4,7 +4,6 @@ claim in it comes from those results, so a rerun cannot leave a stale sentence b
     python evaluate/render_report.py                           # experiments/report/results → notes/encoder_report.md
     python evaluate/render_report.py --results other/results --notes /tmp/report.md --images /tmp/images
 """
-import argparse
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from evaluate.statistics import describe_interval  # noqa: E402
 from finetune.metrics import NoSkillBand, all_ink_f05  # noqa: E402
 from finetune.outputs import write_png_atomic  # noqa: E402
 from pretrain.utils.misc import write_bytes_atomic  # noqa: E402
+from pretrain.utils import errors  # noqa: E402
 
 FIGURE_WIDTH = 512  # pixels: figures stay small PNGs in the repository
 STEPS = ("run", "pretraining", "label_efficiency", "probes", "cka", "ink_maps")
@@ -218,7 +218,7 @@ def render_to_files(results_folder: pathlib.Path, notes: pathlib.Path, images: p
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = errors.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("experiments/report/results"),
                         help="the folder evaluate/report.py's steps wrote (default: %(default)s)")
     parser.add_argument("--notes", type=pathlib.Path, default=pathlib.Path("notes/encoder_report.md"),
@@ -236,4 +236,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

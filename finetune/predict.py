@@ -35,9 +35,8 @@ from finetune.outputs import output_name, output_names  # noqa: E402,F401 - pred
 from finetune.model import InkUNet, build_ink_unet  # noqa: E402
 from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import DepthWindow, InputSettings, check_voxel_dtype, normalize_patch  # noqa: E402
-from pretrain.data.remote import RemoteReadError  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
-from pretrain.utils import misc  # noqa: E402
+from pretrain.utils import errors, misc, ranges  # noqa: E402
 
 OVERLAY_INK_BGR = np.array([0, 0, 255], np.float32)  # red: no layer's grey is mistaken for it
 OVERLAY_OPACITY = 0.6  # of certain ink: the layer stays visible under it, to judge the prediction by
@@ -46,12 +45,12 @@ OVERLAY_STRETCH_PERCENTILES = (1, 99)  # of the papyrus's grey: raw CT layers ar
 OVERLAY_ROWS = 512
 
 
-class ArgumentError(ValueError):
+class ArgumentError(OneLineError, ValueError):
     """An option that cannot work with this checkpoint or launch; the message names it."""
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Defaults marked 'the run's' are the "
+    parser = errors.ArgumentParser(description=__doc__.split("\n")[0], epilog="Defaults marked 'the run's' are the "
                                      "fine-tuning run's own settings, as its checkpoint records them.")
     parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
                         help="a fine-tuning run's best.pth or last.pth")
@@ -62,18 +61,14 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="average over flips and a rot90, 4× the time (default: the run's TTA)")
     parser.add_argument("--overlay", action="store_true", help="also <name>_overlay.png: the prediction over the "
                         "segment's middle layer")
-    parser.add_argument("--batch_size", type=int, help="tiles per batch, all processes together (default: the run's "
+    parser.add_argument("--batch_size", type=ranges.ranged(int, ranges.AT_LEAST_1), help="tiles per batch, all processes together (default: the run's "
                         "BATCH_SIZE)")
-    parser.add_argument("--stride", type=int, help="sliding-window stride in pixels (default: the run's "
+    parser.add_argument("--stride", type=ranges.ranged(int, ranges.AT_LEAST_1), help="sliding-window stride in pixels (default: the run's "
                         "INFERENCE_STRIDE)")
-    parser.add_argument("--num_workers", type=int, help="DataLoader workers per process (default: the run's "
+    parser.add_argument("--num_workers", type=ranges.ranged(int, ranges.AT_LEAST_0), help="DataLoader workers per process (default: the run's "
                         "NUM_WORKERS)")
-    parser.add_argument("--cpu_threads", type=int, help="torch threads per process on CPU, 0: one per core (default: "
-                        "the run's CPU_THREADS)")
+    parser.add_argument("--cpu_threads", type=ranges.ranged(int, ranges.AT_LEAST_0), help=f"{dist.CPU_THREADS_HELP} (default: the run's CPU_THREADS)")
     arguments = parser.parse_args(argv)
-    for name in ("batch_size", "stride"):
-        if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
-            parser.error(f"--{name} must be at least 1")
     return arguments
 
 
@@ -159,6 +154,7 @@ def predict_one(model: InkUNet, spec: str, settings: InputSettings, arguments, d
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    errors.name_run(f"{arguments.checkpoint} → {arguments.output_dir}", arguments.output_dir)
     device = dist.initialize()
     # Every user error (checkpoint, specs, segments) surfaces before anything is written.
     saved, settings = read_fine_tuned(arguments.checkpoint)
@@ -169,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(arguments, name, config[setting])
     if arguments.batch_size % dist.world_size():
         raise ArgumentError(f"--batch_size {arguments.batch_size} is not divisible by the {dist.world_size()} processes")
-    if device.type == "cpu" and arguments.cpu_threads > 0:
-        torch.set_num_threads(arguments.cpu_threads)
+    dist.set_cpu_threads(device, arguments.cpu_threads, arguments.num_workers)
     model = build_model(saved, arguments.checkpoint, settings).to(device)
     names = output_names(arguments.segment_id)
     # Decided once, before any process writes, so that every process walks the same segments in step.
@@ -207,11 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    misc.show_warnings_as_lines()
-    try:
-        exit_code = main()
-    except (ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError) as error:
-        print(f"error: {misc.error_line(error)}", file=sys.stderr)
-        sys.exit(2)
+    errors.install(__file__)
+    exit_code = main()
     dist.finalize()
     sys.exit(exit_code)

@@ -33,6 +33,7 @@ import torch
 from pretrain import methods
 from pretrain.data.patches import InputSettings
 from pretrain.models import ENCODER_NAMES, build_encoder
+from pretrain.utils.errors import OneLineError
 from pretrain.utils.misc import git_commit, save_atomic
 
 # The kinds besides the pretraining methods' (each method names its own, and where its encoder sits): where the
@@ -43,7 +44,7 @@ KIND_NAMES = {"encoder": "encoder-only", "finetune": "fine-tuning", "kinetics": 
 ALLOWED_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OneLineError, ValueError):
     """A checkpoint is missing, unreadable, unsafe, or made for another model; the message names which."""
 
 

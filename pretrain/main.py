@@ -18,30 +18,24 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere: package imports
 
+from pretrain.utils import errors  # noqa: E402
+
+if __name__ == "__main__":  # before arg_util.py is read: a mistake typed into it is one line too
+    errors.install(__file__, settings_files=(pathlib.Path(__file__).parent / "utils" / "arg_util.py",))
+
 import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
 import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 from pretrain import checkpoint, dist, methods  # noqa: E402
 from pretrain.data.patches import EpochSampler, voxel_dtypes  # noqa: E402
-from pretrain.data.remote import RemoteReadError  # noqa: E402
-from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
+from pretrain.data.segment import open_segment  # noqa: E402
 from pretrain.models import build_encoder  # noqa: E402
 from pretrain.utils import arg_util, misc, schedule  # noqa: E402
 
 
 def build_model(args: arg_util.Args) -> torch.nn.Module:
     return methods.get(args.method).build_model(args, build_encoder(args.model), args.sbn and dist.is_distributed())
-
-
-def automatic_cpu_threads(num_workers: int) -> int:
-    """Torch threads for `cpu_threads` 0: this process's share of the cores it may run on, less one per DataLoader
-    worker, at least 1. torch's own default (a thread per core) ignores the workers; with more busy threads than
-    cores, its threads wait for each other at every operation: on a shared 2-core machine, 2 threads ran 3× slower
-    than 1 (README, "A CPU path")."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
-    return max(1, cores // processes_here - num_workers)
 
 
 def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -180,10 +174,10 @@ def build_loader(args: arg_util.Args, segments: list, device: torch.device) -> t
 
 def main() -> int:
     args = arg_util.parse_args()
+    errors.name_run(args.exp_name, args.exp_dir)
     device = dist.initialize(args.dist_timeout_minutes)
     args.fill_runtime(str(device), dist.world_size())
-    if device.type == "cpu":
-        torch.set_num_threads(args.cpu_threads or automatic_cpu_threads(args.num_workers))
+    dist.set_cpu_threads(device, args.cpu_threads, args.num_workers)
     torch.manual_seed(args.seed + dist.rank())
     # Every user error (data, settings, checkpoints) surfaces before anything is written to exp_dir.
     segments = open_segment(args.data_path, scroll=args.scroll, lru_bytes=args.lru_mb * 2**20)
@@ -233,18 +227,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    misc.show_warnings_as_lines()
-    try:
-        exit_code = main()
-    except (arg_util.ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError,
-            schedule.NonFiniteLossError) as error:
-        print(f"error: {misc.error_line(error)}", file=sys.stderr)
-        sys.exit(2 if not isinstance(error, schedule.NonFiniteLossError) else 1)
-    except RuntimeError as error:  # under torchrun: another rank stalled at a collective operation
-        stalled = dist.stalled_rank_line(error)
-        if stalled is None:
-            raise
-        print(f"error: {stalled}", file=sys.stderr)
-        sys.exit(3)
+    exit_code = main()
     dist.finalize()  # main() has returned, so its DDP model is gone before the process group
     sys.exit(exit_code)

@@ -17,7 +17,6 @@ segment converted from layer images (`…/paths/{id}/layers.zarr`) is one unit: 
 whole or not at all, and never while a process has it open (each holds a shared lock on its `zarr.json` from
 opening it until exit), since a chunk missing there would read as zeros. The demo segments are never evicted.
 """
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -29,6 +28,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+
+from pretrain.utils import errors
 
 MAX_GB_VARIABLE = "SEGMENT_CACHE_MAX_GB"
 EVICT_TO = 0.9  # evicting below the bound leaves room, so a walk comes once per tenth of the bound fetched
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.data.remote import default_cache_dir  # deferred: remote imports this module
     from pretrain.data.segment import SEGMENT_ID_PATTERN
 
-    parser = argparse.ArgumentParser(prog="python -m pretrain.data.cache",
+    parser = errors.ArgumentParser(prog="python -m pretrain.data.cache",
                                      description="Report the segment cache's size per segment, or remove a segment.")
     parser.add_argument("--cache-dir", type=pathlib.Path, default=None,
                         help="the cache (default: $SEGMENT_CACHE_DIR or ~/.cache/vesuvius-ink)")
@@ -344,4 +345,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

@@ -53,6 +53,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 from pretrain.data import cache
 from pretrain.utils import temporaries
+from pretrain.utils.errors import OneLineError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 STREAM_BLOCK_BYTES = 2**20
 
 
-class RemoteReadError(OSError):
+class RemoteReadError(OneLineError, OSError):
     """A URL could not be read after all retries (or was refused outright)."""
 
 

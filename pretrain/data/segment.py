@@ -63,6 +63,7 @@ from pretrain.data.volume import (
     LayerStack,
     convert_layers_to_zarr,
 )
+from pretrain.utils.errors import OneLineError
 
 DEFAULT_DATA_URL = "https://dl.ash2txt.org"
 
@@ -102,7 +103,7 @@ SCROLL_SPEC_PATTERN = re.compile(r"scroll([^:/\s]*):(.*)", re.IGNORECASE)
 LABEL_PADDING_TILE = 256
 
 
-class SegmentError(ValueError):
+class SegmentError(OneLineError, ValueError):
     """A segment cannot be opened as asked; the message names the file, URL, shape or setting."""
 
 

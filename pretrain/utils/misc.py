@@ -8,28 +8,12 @@ import pathlib
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 
 from pretrain import dist
 from pretrain.utils import temporaries
-
-
-def error_line(error: BaseException) -> str:
-    """The one line to show a user. An error raised in a DataLoader worker arrives wrapped, its message
-    holding the worker's whole traceback; its last line is the original message."""
-    message = str(error).strip()
-    if "Original Traceback" in message:
-        message = message.splitlines()[-1].split(": ", 1)[-1]
-    return message
-
-
-def show_warnings_as_lines() -> None:
-    """Warnings as one `warning: ...` line each, as a user should read them, without the source line that raised
-    them. Entry scripts call it once."""
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
 def note_renamed(old: str, new: str) -> None:
