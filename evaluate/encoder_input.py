@@ -16,6 +16,7 @@ import torch
 from pretrain import checkpoint, dist
 from pretrain.data.patches import INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS, OPTION_NAMES, InputSettings
 from pretrain.models import ENCODER_NAMES, build_encoder
+from pretrain.utils.errors import OneLineError
 from pretrain.utils.misc import RenamedOption
 
 DEFAULTS = NO_CHECKPOINT_INPUT  # without a checkpoint that records them: as fine-tuning reads tiles

@@ -256,8 +256,8 @@ def apply_overrides(defaults: dict, argv: list[str], source_file: str | os.PathL
             raise ConfigError(f"--{name} needs a value")
         converted = [_convert(name, text, defaults[name], source) for text in texts]
         values[name] = converted[0] if len(converted) == 1 else converted
-        out_of_range = ranges.problem(f"--{name}", values[name], (setting_ranges or {}).get(name, ranges.Range()))
-        if out_of_range:
+        if name in (setting_ranges or {}) and (out_of_range := ranges.problem(f"--{name}", values[name],
+                                                                             setting_ranges[name])):
             raise ConfigError(out_of_range)
     return Config(**values)
 
@@ -323,10 +323,8 @@ def check_in_file_settings(defaults: dict, source_file: str | os.PathLike, reade
             expected = source.value_type.__name__ + (" or None" if source.allows_none else "")
             expected += f" or a list of {source.value_type.__name__}" if source.allows_list else ""
             problems.append(f"{where}: {name} expects {expected}, got {value!r}")
-        else:
-            out_of_range = ranges.problem(name, value, (setting_ranges or {}).get(name, ranges.Range()))
-            if out_of_range:
-                problems.append(f"{where}: {out_of_range}")
+        elif name in (setting_ranges or {}) and (out_of_range := ranges.problem(name, value, setting_ranges[name])):
+            problems.append(f"{where}: {out_of_range}")
     problems += [f"setting {name} is missing from the top of {script.name}, which reads it"
                  for name in sorted(missing - suggested)]
     if problems:

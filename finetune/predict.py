@@ -37,6 +37,7 @@ from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import DepthWindow, InputSettings, check_voxel_dtype, normalize_patch  # noqa: E402
 from pretrain.data.segment import SegmentError, open_segment  # noqa: E402
 from pretrain.utils import errors, misc, ranges  # noqa: E402
+from pretrain.utils.errors import OneLineError  # noqa: E402
 
 OVERLAY_INK_BGR = np.array([0, 0, 255], np.float32)  # red: no layer's grey is mistaken for it
 OVERLAY_OPACITY = 0.6  # of certain ink: the layer stays visible under it, to judge the prediction by
@@ -155,6 +156,7 @@ def predict_one(model: InkUNet, spec: str, settings: InputSettings, arguments, d
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     errors.name_run(f"{arguments.checkpoint} → {arguments.output_dir}", arguments.output_dir)
+    misc.check_writable_folder(arguments.output_dir, "--output_dir")
     device = dist.initialize()
     # Every user error (checkpoint, specs, segments) surfaces before anything is written.
     saved, settings = read_fine_tuned(arguments.checkpoint)

@@ -47,7 +47,7 @@ from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet 
 from pretrain import checkpoint, dist  # noqa: E402
 from pretrain.data.patches import (FINETUNE_NAMES, INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS,  # noqa: E402
                                    InputSettings)
-from pretrain.data.segment import Segment, check_negatives, open_segment  # noqa: E402
+from pretrain.data.segment import Segment, SegmentError, check_negatives, open_segment  # noqa: E402
 from pretrain.models import ENCODER_NAMES  # noqa: E402
 from pretrain.utils import errors, misc, ranges, schedule  # noqa: E402
 
@@ -839,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.set_cpu_threads(device, config.CPU_THREADS, config.NUM_WORKERS)
     experiment_dir = pathlib.Path(config.OUTPUT_DIR, config.exp_name)
     errors.name_run(config.exp_name, experiment_dir)
+    misc.check_writable_folder(experiment_dir, "OUTPUT_DIR/exp_name")
 
     # Every user error (settings, files, shapes, checkpoints) surfaces before anything is written.
     weights, settings = encoder_and_input(config)

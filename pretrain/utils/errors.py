@@ -22,6 +22,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -45,7 +46,7 @@ INTERRUPTED_STATUS = 130  # a shell's status for Ctrl-C
 STALLED_RANK_STATUS = 3
 BUG_STATUS = 1
 
-_run = {"script": "", "name": "", "folder": None, "settings_files": ()}
+_run = {"script": "", "name": "", "folder": None, "settings_files": (), "reported_by_thread": False}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -73,6 +74,7 @@ def install(script_file: str, settings_files: tuple = ()) -> None:
     # Warnings as one `warning: ...` line each, as a user should read them, without the source line that raised them.
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
     sys.excepthook = _exit_on_error
+    threading.excepthook = _report_thread_error
 
 
 def name_run(name: str, folder: str | os.PathLike) -> None:
@@ -89,8 +91,8 @@ def one_line(error: BaseException) -> tuple[int, str] | None:
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED_STATUS, "stopped: interrupted (Ctrl-C); run the same command again to continue"
     if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
-        where = f"{error.filename}: " if error.filename else ""
-        return 2, f"error: {where}{error.strerror or error}"
+        # Writers that lose the file's name (zarr's, TensorBoard's) say only the reason.
+        return 2, f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error.strerror or error}"
     if "pretrain.dist" in sys.modules:  # under torchrun: another rank stalled at a collective operation
         stalled = sys.modules["pretrain.dist"].stalled_rank_line(error)
         if stalled is not None:
@@ -147,11 +149,34 @@ def _exit_on_error(error_type, error, error_traceback) -> None:
     judged = one_line(error)
     if judged is not None:
         status, line = judged
-        print(line, file=sys.stderr)
+        # A full disk met first by a writer thread (TensorBoard's) was its line already; the main thread then
+        # meets it again, without the file's name.
+        if not (_run["reported_by_thread"] and isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS):
+            print(line, file=sys.stderr)
         raise SystemExit(status)
+    print(bug_line(error), file=sys.stderr)
+    raise SystemExit(BUG_STATUS)
+
+
+def bug_line(error: BaseException) -> str:
+    """The line of an unexpected error, once its traceback is in a file."""
     path = traceback_file(error)
     where = f"the full traceback is in {path}" if path is not None else "no file took its traceback:\n" + \
         "".join(traceback.format_exception(error)).rstrip()
-    print(f"error: unexpected {type(error).__name__} in {_run['name'] or 'this run'} (a bug, please report it): "
-          f"{error_line(error).splitlines()[0] if str(error).strip() else 'no message'}; {where}", file=sys.stderr)
-    raise SystemExit(BUG_STATUS)
+    message = error_line(error).splitlines()[0] if str(error).strip() else "no message"
+    return (f"error: unexpected {type(error).__name__} in {_run['name'] or 'this run'} (a bug, please report it): "
+            f"{message}; {where}")
+
+
+def _report_thread_error(hook_arguments) -> None:
+    """threading.excepthook: a thread's error as the main thread's would be, one line (the thread ends; the main
+    thread meets the consequence and exits)."""
+    if hook_arguments.exc_type is SystemExit:
+        return
+    error = hook_arguments.exc_value
+    judged = one_line(error)
+    if judged is not None:
+        _run["reported_by_thread"] = True
+        print(judged[1], file=sys.stderr)
+    else:
+        print(bug_line(error), file=sys.stderr)
