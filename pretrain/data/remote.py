@@ -292,7 +292,12 @@ class Credentials:
 
 def split_credentials(url: str) -> tuple[str, Credentials | None]:
     """`https://user:password@host/path` → (`https://host/path`, their Credentials); a URL without any → (url, None)."""
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": a '[' or ']' that opens no IPv6 address [::1]
+        raise RemoteSettingError(
+            "the data server URL (VESUVIUS_DATA_URL) cannot be parsed: it holds a '[' or ']' that is not around an "
+            "IPv6 address such as [::1]; in a password, percent-encode them (%5B, %5D)") from None
     # An unencoded '/', '?' or '#' in a password ends the host part early: the rest of the password and the
     # '@' land in the path, query or fragment, and the start of the password reads as a port. Such a URL is
     # refused without quoting it (any part of it may be the password).
