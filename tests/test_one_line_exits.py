@@ -6,6 +6,7 @@ be written, an option out of range); the rest is checked in-process, where one i
 import contextlib
 import errno
 import io
+import json
 import os
 import pathlib
 import re
@@ -213,13 +214,23 @@ def full_folder(tmp_path):
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_part_of_it(full_folder):
+    log = misc.JsonLinesLog(full_folder / "log.jsonl")
+    log.write(event="start")
+    (full_folder / "filler").write_bytes(b"0" * (64 * 1024 - 4096 - (full_folder / "log.jsonl").stat().st_size))
+    with pytest.raises(errors.WriteError, match=rf"^{full_folder / 'log.jsonl'} could not be written: No space left"):
+        log.write(event="epoch", notes="x" * 8192)
+    # No half line: a later run appends its records to whole ones.
+    assert [json.loads(line)["event"] for line in (full_folder / "log.jsonl").read_text().splitlines()] == ["start"]
+    for path in full_folder.iterdir():
+        path.unlink()
+
+    with pytest.raises(errors.WriteError, match=rf"^{full_folder / 'prediction.png'} could not be written: No space left"):
+        outputs.write_png_atomic(full_folder / "prediction.png", np.random.default_rng(0).integers(0, 255, (512, 512),
+                                                                                                 dtype=np.uint8))
     with pytest.raises(errors.WriteError) as raised:
         misc.save_atomic({"model": torch.zeros(64, 1024)}, full_folder / "best.pth")  # 256 KiB
     assert re.fullmatch(rf"{full_folder / 'best.pth'} could not be written: .*; 0\.\d MiB free in {full_folder}",
                         str(raised.value)), str(raised.value)
-    with pytest.raises(errors.WriteError, match=rf"^{full_folder / 'prediction.png'} could not be written: No space left"):
-        outputs.write_png_atomic(full_folder / "prediction.png", np.random.default_rng(0).integers(0, 255, (512, 512),
-                                                                                                 dtype=np.uint8))
     assert list(full_folder.iterdir()) == []  # no checkpoint, no PNG, no temp file
 
 

@@ -132,8 +132,15 @@ class JsonLinesLog:
 
     def write(self, **record) -> None:
         if dist.is_master():
-            with open(self.path, "a") as file:
-                file.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}, default=str) + "\n")
+            line = json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}, default=str) + "\n"
+            with write_errors_named(self.path), open(self.path, "a") as file:
+                length = file.tell()
+                try:
+                    file.write(line)
+                    file.flush()
+                except OSError:  # a full disk: no half line for a later run to append its own to
+                    file.truncate(length)
+                    raise
 
 
 class TensorboardLogger:
