@@ -11,8 +11,10 @@ Then every way a run can stop is one line on stderr and a non-zero exit status:
   `error:` line naming the file and the reason, status 2;
 - a mistake typed into a settings file (`NUM_EPOCHS: int = twenty` in finetune/train.py or pretrain/utils/arg_util.py):
   one line naming the file and line, status 2;
+- under torchrun, a rank that stopped answering: one line naming it, status 3; Ctrl-C: one line, status 130;
 - anything else is a bug: one line naming the run and the file that holds the full traceback (in the run's folder,
   or a temp file while it has none), status 1.
+A thread's error (TensorBoard's writer meeting a full disk) is judged the same way and printed once.
 """
 import argparse
 import errno
