@@ -17,7 +17,8 @@ import torch.distributed
 # that a stalled rank surfaces within minutes, not after torch's default of 30.
 DEFAULT_TIMEOUT_MINUTES = 10.0
 _timeout_minutes = DEFAULT_TIMEOUT_MINUTES
-GLOO_TIMEOUT_MESSAGE = "Timed out waiting"  # gloo's words when a peer did not answer in time
+# gloo's words when a peer did not answer in time: at a collective, or at DDP's buffer broadcast
+GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair closure")
 
 
 def initialize(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> torch.device:
@@ -61,7 +62,7 @@ def set_cpu_threads(device: torch.device, cpu_threads: int, num_workers: int) ->
 def stalled_rank_line(error: BaseException) -> str | None:
     """One line for a collective operation that timed out waiting for another rank, or None for any other error.
     With two processes the other rank is named; with more, gloo does not say which one it waited for."""
-    if not is_distributed() or GLOO_TIMEOUT_MESSAGE not in str(error):
+    if not is_distributed() or not any(words in str(error) for words in GLOO_TIMEOUT_MESSAGES):
         return None
     me, size = rank(), world_size()
     others = f"rank {1 - me}" if size == 2 else "another rank"

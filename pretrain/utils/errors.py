@@ -122,6 +122,12 @@ def _settings_line(error: BaseException) -> str | None:
     return f"{pathlib.Path(code.co_filename).name} line {innermost.tb_lineno}: {line}: {type(error).__name__}: {error}{hint}"
 
 
+def _stderr():
+    """The process's own stderr: a library may have swapped sys.stderr for a buffer by the time a run ends (one did
+    under torchrun), and the line must reach the user."""
+    return sys.__stderr__ or sys.stderr
+
+
 def traceback_file(error: BaseException) -> pathlib.Path | None:
     """Write the full traceback into the run's folder where it has one and it takes the file, else into a temp file;
     its path, or None when neither could be written."""
@@ -154,9 +160,9 @@ def _exit_on_error(error_type, error, error_traceback) -> None:
         # A full disk met first by a writer thread (TensorBoard's) was its line already; the main thread then
         # meets it again, without the file's name.
         if not (_run["reported_by_thread"] and isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS):
-            print(line, file=sys.stderr)
+            print(line, file=_stderr())
         raise SystemExit(status)
-    print(bug_line(error), file=sys.stderr)
+    print(bug_line(error), file=_stderr())
     raise SystemExit(BUG_STATUS)
 
 
@@ -179,6 +185,6 @@ def _report_thread_error(hook_arguments) -> None:
     judged = one_line(error)
     if judged is not None:
         _run["reported_by_thread"] = True
-        print(judged[1], file=sys.stderr)
+        print(judged[1], file=_stderr())
     else:
-        print(bug_line(error), file=sys.stderr)
+        print(bug_line(error), file=_stderr())
