@@ -115,9 +115,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", nargs="*", help="names for the checkpoints (default: file names)")
     encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
-    parser.add_argument("--tiles", type=ranges.ranged(int, ranges.AT_LEAST_1), default=128, help="number of fixed tiles the representations are taken on")
+    parser.add_argument("--tiles", type=ranges.ranged(int, ranges.AT_LEAST_1), default=128,
+                        help="number of fixed tiles the representations are taken on")
     parser.add_argument("--stages", default="4", choices=["4", "all"], help="the last stage, or all")
-    parser.add_argument("--sigma_ratio", type=ranges.ranged(float, ranges.ABOVE_0), default=0.5, help="RBF width, as a fraction of the median distance")
+    parser.add_argument("--sigma_ratio", type=ranges.ranged(float, ranges.ABOVE_0), default=0.5,
+                        help="RBF width, as a fraction of the median distance")
     parser.add_argument("--output", default="experiments/cka", help="folder for the heatmaps and cka.csv")
     return parser.parse_args(argv)
 

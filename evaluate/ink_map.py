@@ -113,12 +113,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--stage", type=int, default=1, choices=[1, 2, 3, 4], help="1: stride 4 … 4: stride 32")
-    parser.add_argument("--components", type=ranges.ranged(int, ranges.AT_LEAST_1), default=8, help="principal components scored (k-means uses them)")
+    parser.add_argument("--components", type=ranges.ranged(int, ranges.AT_LEAST_1), default=8,
+                        help="principal components scored (k-means uses them)")
     parser.add_argument("--clusters", type=ranges.ranged(int, ranges.AT_LEAST_1), default=4, help="k of k-means")
-    parser.add_argument("--seed", type=ranges.ranged(int, ranges.AT_LEAST_0), default=0, help="random encoder, PCA, k-means and probe sampling")
+    parser.add_argument("--seed", type=ranges.ranged(int, ranges.AT_LEAST_0), default=0,
+                        help="random encoder, PCA, k-means and probe sampling")
     parser.add_argument("--probe_tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64,
                         help="with --probe_fraction, the held-out band as finetune/train.py chooses it (its TILE_SIZE)")
-    parser.add_argument("--probe_fraction", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.2, help="finetune/train.py's VALIDATION_FRACTION")
+    parser.add_argument("--probe_fraction", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.2,
+                        help="finetune/train.py's VALIDATION_FRACTION")
     parser.add_argument("--output", default="experiments/ink_map", help="folder for the maps and ink_map.json")
     return parser.parse_args(argv)
 

@@ -480,8 +480,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "count for every --glyphs value, or one count per value (--glyphs 1 2 4 --seeds 8 8 3)")
     parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft"],
                         help="full fine-tuning, and/or LP-FT (frozen encoder first, then everything)")
-    parser.add_argument("--lp_epochs", type=ranges.ranged(int, ranges.AT_LEAST_0), default=5, help="LP-FT: epochs with the encoder frozen")
-    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=ranges.ranged(int, ranges.AT_LEAST_1), default=1, action=RenamedOption,
+    parser.add_argument("--lp_epochs", type=ranges.ranged(int, ranges.AT_LEAST_0), default=5,
+                        help="LP-FT: epochs with the encoder frozen")
+    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=ranges.ranged(int, ranges.AT_LEAST_1),
+                        default=1, action=RenamedOption,
                         help="above 1: also a random arm trained this many times the epochs (random_xN; "
                              "--scratch_epochs_factor: its older name)")
     parser.add_argument("--negatives", nargs="+", default=["off"], choices=["off", "on"],
@@ -491,9 +493,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prior", type=pathlib.Path,
                         help="a prior map of the segment (greyscale PNG): adds runs whose first labels come from it")
     parser.add_argument("--prior_name", default="prior", help="the prior's name in the arms and tables")
-    parser.add_argument("--label_part", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.4, help="fraction of the longer side where glyphs are labelled")
-    parser.add_argument("--score_part", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.5, help="fraction of the longer side, at its far end, scored")
-    parser.add_argument("--min_glyph_pixels", type=ranges.ranged(int, ranges.AT_LEAST_0), default=200, help="smaller components are not glyphs (specks)")
+    parser.add_argument("--label_part", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.4,
+                        help="fraction of the longer side where glyphs are labelled")
+    parser.add_argument("--score_part", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.5,
+                        help="fraction of the longer side, at its far end, scored")
+    parser.add_argument("--min_glyph_pixels", type=ranges.ranged(int, ranges.AT_LEAST_0), default=200,
+                        help="smaller components are not glyphs (specks)")
     parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=1,
                         help="fine-tuning runs at a time (on one GPU, several small runs keep it busier than one)")
     parser.add_argument("--reuse_other_code", action="store_true",

@@ -78,10 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = errors.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      formatter_class=encoder_input.HelpFormatter)
     encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
-    parser.add_argument("--depth", type=ranges.ranged(int, ranges.AT_LEAST_1), default=16, help="layers of the surface-following window searched")
+    parser.add_argument("--depth", type=ranges.ranged(int, ranges.AT_LEAST_1), default=16,
+                        help="layers of the surface-following window searched")
     parser.add_argument("--layers", type=int, default=2, help="layers under the surface whose contrast is averaged")
-    parser.add_argument("--tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64, help="tile side in pixels")
-    parser.add_argument("--smoothing_px", type=ranges.ranged(float, ranges.AT_LEAST_0), default=3.0, help="Gaussian smoothing of the map (0: none)")
+    parser.add_argument("--tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64,
+                        help="tile side in pixels")
+    parser.add_argument("--smoothing_px", type=ranges.ranged(float, ranges.AT_LEAST_0), default=3.0,
+                        help="Gaussian smoothing of the map (0: none)")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/local_contrast"),
                         help="folder for the map and its scores")
     args = parser.parse_args(argv)

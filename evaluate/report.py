@@ -222,26 +222,34 @@ def parse_args() -> argparse.Namespace:
     parser = errors.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
     encoder_input.add_segment_argument(parser, "segment spec with ink labels")
     parser.add_argument("--model", default="resnet50_3d_narrow", help="the encoder every method pretrains")
-    parser.add_argument("--spark_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=40, help="SparK pretraining epochs")
-    parser.add_argument("--vicreg_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=20, help="VICReg pretraining epochs")
-    parser.add_argument("--vicreg_bs", type=ranges.ranged(int, ranges.AT_LEAST_2), default=8, help="VICReg's variance and covariance need a batch")
+    parser.add_argument("--spark_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=40,
+                        help="SparK pretraining epochs")
+    parser.add_argument("--vicreg_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=20,
+                        help="VICReg pretraining epochs")
+    parser.add_argument("--vicreg_bs", type=ranges.ranged(int, ranges.AT_LEAST_2), default=8,
+                        help="VICReg's variance and covariance need a batch")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="more SparK runs, as name=\"pretraining settings\"; each is probed reading tiles as it learnt")
-    parser.add_argument("--variant_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=20, help="epochs of each variant")
+    parser.add_argument("--variant_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=20,
+                        help="epochs of each variant")
     parser.add_argument("--curves", nargs="+", default=["spark", "vicreg"],
                         help="encoders (spark, vicreg, spark_<variant>) whose few-label curves are measured against random")
-    parser.add_argument("--glyphs", type=ranges.ranged(int, ranges.AT_LEAST_1), nargs="+", default=[1, 2, 4], help="labelled glyphs per curve point")
+    parser.add_argument("--glyphs", type=ranges.ranged(int, ranges.AT_LEAST_1), nargs="+", default=[1, 2, 4],
+                        help="labelled glyphs per curve point")
     parser.add_argument("--seeds", type=ranges.ranged(int, ranges.AT_LEAST_1), nargs="+", default=[8, 8, 3],
                         help="seeds per curve point (a 'yes' needs 8): one count, or one per --glyphs value")
-    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=ranges.ranged(int, ranges.AT_LEAST_1), default=2, action=RenamedOption,
+    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=ranges.ranged(int, ranges.AT_LEAST_1),
+                        default=2, action=RenamedOption,
                         help="the curves' second random arm trains this many times the epochs (1: none), so that a "
                              "win is about labels, not optimisation speed (--scratch_epochs_factor: its older name)")
-    parser.add_argument("--probe_seeds", type=ranges.ranged(int, ranges.AT_LEAST_1), default=3, help="seeds per frozen-encoder probe")
+    parser.add_argument("--probe_seeds", type=ranges.ranged(int, ranges.AT_LEAST_1), default=3,
+                        help="seeds per frozen-encoder probe")
     parser.add_argument("--curve_args", default="", help="more evaluate/label_efficiency.py settings")
     parser.add_argument("--cka_every", type=ranges.ranged(int, ranges.AT_LEAST_1), default=8,
                         help="SparK epochs between the checkpoints CKA compares; the first is also probed")
     parser.add_argument("--kinetics", default="", help="a Hara r3d50_K*/KM* checkpoint: adds a full-width probe table")
-    parser.add_argument("--finetune_tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64, help="TILE_SIZE of every fine-tuning run")
+    parser.add_argument("--finetune_tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64,
+                        help="TILE_SIZE of every fine-tuning run")
     parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=1,
                         help="runs at a time: pretraining runs, fine-tuning curves and probes (on one GPU, several small "
                              "runs keep it busier than one); with more than one, pretraining output goes to <run>.log")

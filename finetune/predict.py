@@ -62,13 +62,17 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="average over flips and a rot90, 4× the time (default: the run's TTA)")
     parser.add_argument("--overlay", action="store_true", help="also <name>_overlay.png: the prediction over the "
                         "segment's middle layer")
-    parser.add_argument("--batch_size", type=ranges.ranged(int, ranges.AT_LEAST_1), help="tiles per batch, all processes together (default: the run's "
+    parser.add_argument("--batch_size", type=ranges.ranged(int, ranges.AT_LEAST_1),
+                        help="tiles per batch, all processes together (default: the run's "
                         "BATCH_SIZE)")
-    parser.add_argument("--stride", type=ranges.ranged(int, ranges.AT_LEAST_1), help="sliding-window stride in pixels (default: the run's "
+    parser.add_argument("--stride", type=ranges.ranged(int, ranges.AT_LEAST_1),
+                        help="sliding-window stride in pixels (default: the run's "
                         "INFERENCE_STRIDE)")
-    parser.add_argument("--num_workers", type=ranges.ranged(int, ranges.AT_LEAST_0), help="DataLoader workers per process (default: the run's "
+    parser.add_argument("--num_workers", type=ranges.ranged(int, ranges.AT_LEAST_0),
+                        help="DataLoader workers per process (default: the run's "
                         "NUM_WORKERS)")
-    parser.add_argument("--cpu_threads", type=ranges.ranged(int, ranges.AT_LEAST_0), help=f"{dist.CPU_THREADS_HELP} (default: the run's CPU_THREADS)")
+    parser.add_argument("--cpu_threads", type=ranges.ranged(int, ranges.AT_LEAST_0),
+                        help=f"{dist.CPU_THREADS_HELP} (default: the run's CPU_THREADS)")
     arguments = parser.parse_args(argv)
     return arguments
 

@@ -188,7 +188,8 @@ def test_pretrain_help_describes_its_settings_and_cpu_threads_means_one_thing_ev
     for method in ("spark", "vicreg"):
         assert f"{method} (pretrain.{method})" in help_text
     for option, words in (("--base_lr", "peak learning rate per 256 samples"), ("--seed", "the model's initial weights"),
-                          ("--dist_timeout_minutes", "torchrun: a rank that waits this long"), ("--cpu_threads", "torch threads per process on the CPU; 0: automatic")):
+                          ("--dist_timeout_minutes", "torchrun: a rank that waits this long"),
+                          ("--cpu_threads", "torch threads per process on the CPU; 0: automatic")):
         assert re.search(rf"{option} \S+ \(\w+, default=[^)]*\) {words}", help_text), option
     assert CPU_THREADS_HELP in help_text
     fine_tuning_help = " ".join(settings_help(train.DEFAULTS, train.__file__).split())
