@@ -30,6 +30,7 @@ from pretrain.data.remote import CachedHTTPStore, cache_path_for_url
 from pretrain.data.segment import open_segment
 from tests.loopback_server import LoopbackServer
 from tests.synthetic import rectangle_mask, write_server_segment
+from pretrain.utils import errors
 
 SEGMENT_ID = "20230827161847"
 SHAPE = (65, 1024, 1024)
@@ -115,4 +116,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

@@ -34,6 +34,7 @@ from pretrain.data import cache, remote
 from pretrain.data.segment import open_segment
 from tests.loopback_server import LoopbackServer
 from tests.synthetic import random_volume, rectangle_mask, write_server_segment
+from pretrain.utils import errors
 
 FILES = 64
 ROUNDS = 20
@@ -152,4 +153,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

@@ -27,6 +27,7 @@ from pretrain.decoder import LightDecoder3d
 from pretrain.encoder import SparseEncoder
 from pretrain.models import build_encoder
 from pretrain.spark import SparK3d
+from pretrain.utils import errors
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -80,4 +81,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

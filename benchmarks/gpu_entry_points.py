@@ -51,7 +51,7 @@ from pretrain import checkpoint, methods
 from pretrain.data.patches import SOME_PAPYRUS, tile_origins
 from pretrain.data.remote import RemoteReadError
 from pretrain.data.segment import SegmentError, open_segment
-from pretrain.utils import arg_util, run_log
+from pretrain.utils import arg_util, errors, run_log
 from pretrain.utils.misc import RenamedOption, write_bytes_atomic
 
 # tqdm takes its defaults from TQDM_* variables: every progress bar of a run then ends with a line giving its
@@ -394,4 +394,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

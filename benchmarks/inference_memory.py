@@ -32,6 +32,7 @@ import zarr
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 from benchmarks.sampling_memory import generate_segment
+from pretrain.utils import errors
 
 MEMORY_POLL_SECONDS = 0.1  # reading smaps_rollup walks the page tables: polling faster costs a core
 
@@ -129,13 +130,13 @@ def run_measured(probe: str, *arguments) -> dict:
         if process.stdout.readline().strip() == "ready":
             memory["baseline"] = process_tree_pss_mib(process.pid)
         result_line = process.stdout.readline()
-        errors = process.stderr.read()
+        messages = process.stderr.read()
         process.wait()
     finally:
         memory["running"] = False
         poller.join()
     if process.returncode != 0 or memory["baseline"] is None:
-        raise SystemExit(f"error: the probe failed: {(errors.strip().splitlines() or ['no output'])[-1]}")
+        raise SystemExit(f"error: the probe failed: {(messages.strip().splitlines() or ['no output'])[-1]}")
     return {**json.loads(result_line), "baseline_pss_mib": memory["baseline"], "peak_pss_mib": memory["peak"]}
 
 
@@ -188,4 +189,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

@@ -31,7 +31,7 @@ from pretrain import dist
 from pretrain.data.patches import voxel_dtypes
 from pretrain.data.segment import open_segment
 from pretrain.probe import OnlineProbe
-from pretrain.utils import arg_util, misc
+from pretrain.utils import arg_util, errors, misc
 
 
 def timed(work) -> tuple[float, float, object]:
@@ -109,4 +109,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

@@ -14,7 +14,7 @@ import pathlib
 import sys
 
 
-from pretrain.utils import run_log
+from pretrain.utils import errors, run_log
 from pretrain.utils.misc import write_bytes_atomic
 
 
@@ -73,4 +73,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

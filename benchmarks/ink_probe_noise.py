@@ -24,7 +24,7 @@ from pretrain import methods
 from pretrain.data.segment import open_segment
 from pretrain.models import build_encoder
 from pretrain.probe import SCORES, probe_encoder, read_tiles
-from pretrain.utils import arg_util, misc
+from pretrain.utils import arg_util, errors, misc
 
 
 def main() -> None:
@@ -66,4 +66,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

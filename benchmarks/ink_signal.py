@@ -32,6 +32,7 @@ from pretrain.data.demo import build_demo_segment
 from pretrain.data.patches import InputSettings, RandomPatchDataset
 from pretrain.data.segment import open_segment
 from pretrain.spark import cell_statistics, local_contrast, split_into_cells
+from pretrain.utils import errors
 
 CELL_SIZE = (8, 32, 32)  # the 3D ResNet's downsample ratio: one SparK cell
 INK_VOXEL_DIFFERENCE = 1.0 / 255  # a cell "holds ink" where some voxel moved by more than one grey level
@@ -104,4 +105,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

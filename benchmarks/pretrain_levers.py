@@ -42,7 +42,7 @@ import torch
 from benchmarks import utilisation
 from pretrain import dist, methods, throughput
 from pretrain.data.segment import SegmentError, open_segment
-from pretrain.utils import arg_util, schedule
+from pretrain.utils import arg_util, errors, schedule
 from pretrain.utils.misc import write_bytes_atomic
 
 # docs/pretrain.md's real-segment command, and a toy-sized one that runs in seconds on a CPU.
@@ -277,4 +277,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

@@ -39,6 +39,7 @@ from pretrain.data.segment import open_segment
 from tests.loopback_server import LoopbackServer
 from tests.synthetic import (SERVER_SEGMENTS, rectangle_mask, server_folder, write_png,
                              write_server_segment)
+from pretrain.utils import errors  # noqa: E402
 
 SEGMENT_ID = "20230827161847"
 # Where `pretrain` was imported from: this checkout, or DIR with `PYTHONPATH=DIR` (another checkout's code).
@@ -176,4 +177,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

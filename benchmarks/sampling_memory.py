@@ -27,6 +27,8 @@ import numpy as np
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+from pretrain.utils import errors  # noqa: E402
+
 PROBE = r"""
 import json, resource, sys, time
 from pretrain.data.patches import InputSettings, RandomPatchDataset
@@ -138,4 +140,5 @@ def main() -> None:
     output.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

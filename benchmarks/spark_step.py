@@ -34,6 +34,7 @@ from pretrain.encoder import SparseEncoder
 from pretrain.models import build_encoder
 from pretrain.spark import SparK3d
 from pretrain.utils.misc import RenamedOption
+from pretrain.utils import errors
 
 
 class DenseAutoencoder(torch.nn.Module):
@@ -186,4 +187,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     main()

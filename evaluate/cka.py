@@ -19,6 +19,7 @@ import argparse
 import csv
 import io
 import pathlib
+import sys
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from pretrain import dist
 from pretrain.data.patches import GridTileDataset, InputSettings
 from pretrain.data.segment import open_segment
 from pretrain.utils.misc import RenamedOption, write_bytes_atomic
+from pretrain.utils import errors, ranges
 
 
 def centred_gram(gram_nn: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, path: pathlib.Pat
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = errors.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--pretrained_path", "--checkpoints", nargs="+", required=True, action=RenamedOption,
                         help="encoder checkpoints to compare (any kind), or 'random' (seed 0); --checkpoints: its "
@@ -111,9 +113,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", nargs="*", help="names for the checkpoints (default: file names)")
     encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
-    parser.add_argument("--tiles", type=int, default=128, help="number of fixed tiles the representations are taken on")
+    parser.add_argument("--tiles", type=ranges.ranged(int, ranges.AT_LEAST_1), default=128,
+                        help="number of fixed tiles the representations are taken on")
     parser.add_argument("--stages", default="4", choices=["4", "all"], help="the last stage, or all")
-    parser.add_argument("--sigma_ratio", type=float, default=0.5, help="RBF width, as a fraction of the median distance")
+    parser.add_argument("--sigma_ratio", type=ranges.ranged(float, ranges.ABOVE_0), default=0.5,
+                        help="RBF width, as a fraction of the median distance")
     parser.add_argument("--output", default="experiments/cka", help="folder for the heatmaps and cka.csv")
     return parser.parse_args(argv)
 
@@ -161,4 +165,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    encoder_input.exit_on_user_error(main)
+    errors.install(__file__)
+    sys.exit(main())

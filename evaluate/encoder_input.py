@@ -1,5 +1,5 @@
 """What every evaluation script shares: an encoder from a checkpoint (or a random one), used with the input settings
-it was trained with, on the GPU where there is one; and the one-line error exit.
+it was trained with, on the GPU where there is one.
 
 The input options (`--model`, `--depth`, `--depth_offset`, `--follow_surface`, `--normalization`, `--tile_size`)
 default to the checkpoint's own settings. A value given that contradicts them is an error (the tile size only
@@ -9,17 +9,16 @@ import argparse
 import concurrent.futures
 import dataclasses
 import pathlib
-import sys
 import threading
 
 import torch
 
 from pretrain import checkpoint, dist
 from pretrain.data.patches import INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS, OPTION_NAMES, InputSettings
-from pretrain.data.remote import RemoteReadError
 from pretrain.data.segment import SegmentError, parse_spec
 from pretrain.models import ENCODER_NAMES, build_encoder
-from pretrain.utils.misc import RenamedOption, show_warnings_as_lines
+from pretrain.utils.errors import OneLineError
+from pretrain.utils.misc import RenamedOption
 
 DEFAULTS = NO_CHECKPOINT_INPUT  # without a checkpoint that records them: as fine-tuning reads tiles
 
@@ -66,7 +65,7 @@ def side_by_side(function, items: list, jobs: int):
             pool.shutdown(cancel_futures=True)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(OneLineError, ValueError):
     """A setting or input an evaluation script cannot work with; the message names it."""
 
 
@@ -161,12 +160,3 @@ def device() -> torch.device:
     """The GPU where there is one (the same helper as training), else the CPU."""
     return dist.initialize()
 
-
-def exit_on_user_error(main) -> None:
-    """Run `main()` and exit with its status; a user's mistake is one `error:` line and exit status 2."""
-    show_warnings_as_lines()
-    try:
-        sys.exit(main())
-    except (EvaluationError, SegmentError, RemoteReadError, checkpoint.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

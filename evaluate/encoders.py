@@ -38,7 +38,7 @@ from finetune.data import Box
 from finetune.metrics import NoSkillBand, no_skill_band
 from pretrain.data.patches import InputSettings, finetune_options
 from pretrain.data.segment import open_segment
-from pretrain.utils import run_log
+from pretrain.utils import errors, ranges, run_log
 from pretrain.utils.misc import RenamedOption, TensorboardLogger, write_bytes_atomic
 
 SCORES = {"f05": "validation_calibrated_f05", "f05_oracle": "validation_f05", "auc": "validation_auc",
@@ -143,7 +143,7 @@ def probe_parser(doc: str = __doc__) -> argparse.ArgumentParser:
     """The options of every command that probes each encoder (this one, evaluate/transfer.py), described by its
     `doc`: the encoders and their names, the input options, seeds and --jobs; settings after `--` go to every
     finetune/train.py run."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].replace("\n", " "),
+    parser = errors.ArgumentParser(description=doc.split("\n\n")[0].replace("\n", " "),
                                      epilog="Settings after `--` go to every finetune/train.py run (-- --NUM_EPOCHS 6).",
                                      formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--pretrained_path", "--encoders", nargs="+", required=True, action=RenamedOption,
@@ -151,7 +151,7 @@ def probe_parser(doc: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--names", nargs="*", help="a short name per encoder for the table (default: file names)")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1: finetune/train.py's SEED, the same for every encoder")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=1,
                         help="runs at a time (on one GPU, several small runs keep it busier than one); with more than "
                              "one, each run's output goes to its train.log")
     return parser
@@ -161,8 +161,6 @@ def check_probe_arguments(args: argparse.Namespace) -> None:
     """probe_parser's options checked, and the encoders named (args.names)."""
     if args.seeds < 1:
         raise encoder_input.EvaluationError(f"--seeds {args.seeds}: at least 1 seed is needed")
-    if args.jobs < 1:
-        raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
     encoder_input.name_encoders(args)
 
 
@@ -214,4 +212,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    encoder_input.exit_on_user_error(main)
+    errors.install(__file__)
+    sys.exit(main())

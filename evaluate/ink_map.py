@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import sys
 
 import cv2
 import numpy as np
@@ -39,6 +40,7 @@ from pretrain import dist
 from pretrain.data.patches import SOME_PAPYRUS, GridTileDataset, InputSettings
 from pretrain.data.segment import SegmentError, open_segment
 from pretrain.utils.misc import RenamedOption, write_bytes_atomic
+from pretrain.utils import errors, ranges
 
 FINE_THRESHOLDS = tuple(np.round(np.linspace(0.01, 0.99, 99), 2))
 PCA_FIT_PIXELS = 200_000
@@ -103,18 +105,21 @@ def scale_to_unit(values: np.ndarray) -> np.ndarray:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
+    parser = errors.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--pretrained_path", "--checkpoint", required=True, action=RenamedOption,
                         help="encoder checkpoint (any kind), or 'random' (--checkpoint: its older name)")
     encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
     encoder_input.add_input_arguments(parser)
     parser.add_argument("--stage", type=int, default=1, choices=[1, 2, 3, 4], help="1: stride 4 … 4: stride 32")
-    parser.add_argument("--components", type=int, default=8, help="principal components scored (k-means uses them)")
-    parser.add_argument("--clusters", type=int, default=4, help="k of k-means")
-    parser.add_argument("--seed", type=int, default=0, help="random encoder, PCA, k-means and probe sampling")
-    parser.add_argument("--probe_tile_size", type=int, default=64,
+    parser.add_argument("--components", type=ranges.ranged(int, ranges.AT_LEAST_1), default=8,
+                        help="principal components scored (k-means uses them)")
+    parser.add_argument("--clusters", type=ranges.ranged(int, ranges.AT_LEAST_1), default=4, help="k of k-means")
+    parser.add_argument("--seed", type=ranges.ranged(int, ranges.AT_LEAST_0), default=0,
+                        help="random encoder, PCA, k-means and probe sampling")
+    parser.add_argument("--probe_tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64,
                         help="with --probe_fraction, the held-out band as finetune/train.py chooses it (its TILE_SIZE)")
-    parser.add_argument("--probe_fraction", type=float, default=0.2, help="finetune/train.py's VALIDATION_FRACTION")
+    parser.add_argument("--probe_fraction", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.2,
+                        help="finetune/train.py's VALIDATION_FRACTION")
     parser.add_argument("--output", default="experiments/ink_map", help="folder for the maps and ink_map.json")
     return parser.parse_args(argv)
 
@@ -206,4 +211,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    encoder_input.exit_on_user_error(main)
+    errors.install(__file__)
+    sys.exit(main())

@@ -77,6 +77,7 @@ from pretrain.data.patches import InputSettings, finetune_options
 from pretrain.data.segment import Segment, open_segment
 from pretrain.utils import run_log
 from pretrain.utils.misc import RenamedOption, git_commit, note_renamed, write_bytes_atomic
+from pretrain.utils import errors, ranges
 
 RANDOM = "random"  # no pretrained weights: the seeded random initialisation (training from scratch)
 OLDER_RANDOM = "scratch"  # what older code called it: still accepted for --pretrained_path, and as an arm's name
@@ -504,7 +505,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     epilog = ("Settings after `--` go to every finetune/train.py run, e.g. `-- --NUM_EPOCHS 10 --BATCH_SIZE 4` "
               "(python finetune/train.py --help lists them). See the top of evaluate/label_efficiency.py for how runs "
               "are scored and judged.")
-    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=encoder_input.HelpFormatter)
+    parser = errors.ArgumentParser(description=description, epilog=epilog, formatter_class=encoder_input.HelpFormatter)
     parser.add_argument("--pretrained_path", "--encoders", nargs="+", required=True, action=RenamedOption,
                         help="'random' or encoder checkpoints (any kind) (--encoders: its older name)")
     parser.add_argument("--names", nargs="*", help="a short name per encoder (default: file names)")
@@ -517,24 +518,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "count for every --glyphs value, or one count per value (--glyphs 1 2 4 --seeds 8 8 3)")
     parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft"],
                         help="full fine-tuning, and/or LP-FT (frozen encoder first, then everything)")
-    parser.add_argument("--lp_epochs", type=int, default=5, help="LP-FT: epochs with the encoder frozen")
-    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=int, default=1, action=RenamedOption,
+    parser.add_argument("--lp_epochs", type=ranges.ranged(int, ranges.AT_LEAST_0), default=5,
+                        help="LP-FT: epochs with the encoder frozen")
+    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=ranges.ranged(int, ranges.AT_LEAST_1),
+                        default=1, action=RenamedOption,
                         help="above 1: also a random arm trained this many times the epochs (random_xN; "
                              "--scratch_epochs_factor: its older name)")
     parser.add_argument("--negatives", nargs="+", default=["off"], choices=["off", "on"],
                         help="also (or only) runs whose glyphs come with painted negatives around them, the rest unknown")
-    parser.add_argument("--self_training_rounds", type=int, default=0,
+    parser.add_argument("--self_training_rounds", type=ranges.ranged(int, ranges.AT_LEAST_0), default=0,
                         help="SELF_TRAINING_ROUNDS of every run; each round's prediction is scored")
     parser.add_argument("--prior", type=pathlib.Path,
                         help="a prior map of the segment (greyscale PNG): adds runs whose first labels come from it")
     parser.add_argument("--prior_name", default="prior", help="the prior's name in the arms and tables")
-    parser.add_argument("--label_part", type=float, default=0.4, help="fraction of the longer side where glyphs are labelled")
-    parser.add_argument("--score_part", type=float, default=0.5, help="fraction of the longer side, at its far end, scored")
-    parser.add_argument("--min_glyph_pixels", type=int, default=200, help="smaller components are not glyphs (specks)")
-    parser.add_argument("--alpha", type=float, default=verdict_rule.ALPHA,
+    parser.add_argument("--label_part", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.4,
+                        help="fraction of the longer side where glyphs are labelled")
+    parser.add_argument("--score_part", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.5,
+                        help="fraction of the longer side, at its far end, scored")
+    parser.add_argument("--min_glyph_pixels", type=ranges.ranged(int, ranges.AT_LEAST_0), default=200,
+                        help="smaller components are not glyphs (specks)")
+    parser.add_argument("--alpha", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=verdict_rule.ALPHA,
                         help="family-wise error this command's yes/suggestive claims may spend (evaluate/report.py "
                              "splits 0.05 across its commands)")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=1,
                         help="fine-tuning runs at a time (on one GPU, several small runs keep it busier than one)")
     parser.add_argument("--reuse_other_code", action="store_true",
                         help="reuse finished runs made by other code (the report then names their code)")
@@ -553,11 +559,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                             "(0, no human label, needs a --prior)")
     if args.prior is not None and not args.prior.is_file():
         raise encoder_input.EvaluationError(f"--prior {args.prior} does not exist")
-    if args.jobs < 1:
-        raise encoder_input.EvaluationError(f"--jobs {args.jobs} must be at least 1")
     args.seeds_per_glyphs = dict(zip(args.glyphs, args.seeds * len(args.glyphs) if len(args.seeds) == 1 else args.seeds))
-    if args.random_epochs_factor < 1:
-        raise encoder_input.EvaluationError(f"--random_epochs_factor {args.random_epochs_factor} must be at least 1")
     if OLDER_RANDOM in args.pretrained_path:
         note_renamed(OLDER_RANDOM, RANDOM)
         args.pretrained_path = [RANDOM if path == OLDER_RANDOM else path for path in args.pretrained_path]
@@ -638,4 +640,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    encoder_input.exit_on_user_error(main)
+    errors.install(__file__)
+    sys.exit(main())

@@ -20,6 +20,7 @@ an oracle, labelled as such.
 import argparse
 import json
 import pathlib
+import sys
 import re
 
 import cv2
@@ -35,6 +36,7 @@ from pretrain.data.patches import ANY_PAPYRUS, GridTileDataset, InputSettings
 from pretrain.data.segment import Segment, open_segment
 from pretrain.spark import local_contrast
 from pretrain.utils.misc import write_bytes_atomic
+from pretrain.utils import errors, ranges
 
 
 @torch.no_grad()
@@ -70,13 +72,16 @@ def file_stem(segment: Segment) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+    parser = errors.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      formatter_class=encoder_input.HelpFormatter)
     encoder_input.add_segment_argument(parser, "segment spec (ID, zarr, layer folder, demo[:seed])")
-    parser.add_argument("--depth", type=int, default=16, help="layers of the surface-following window searched")
+    parser.add_argument("--depth", type=ranges.ranged(int, ranges.AT_LEAST_1), default=16,
+                        help="layers of the surface-following window searched")
     parser.add_argument("--layers", type=int, default=2, help="layers under the surface whose contrast is averaged")
-    parser.add_argument("--tile_size", type=int, default=64, help="tile side in pixels")
-    parser.add_argument("--smoothing_px", type=float, default=3.0, help="Gaussian smoothing of the map (0: none)")
+    parser.add_argument("--tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64,
+                        help="tile side in pixels")
+    parser.add_argument("--smoothing_px", type=ranges.ranged(float, ranges.AT_LEAST_0), default=3.0,
+                        help="Gaussian smoothing of the map (0: none)")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/local_contrast"),
                         help="folder for the map and its scores")
     args = parser.parse_args(argv)
@@ -109,4 +114,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    encoder_input.exit_on_user_error(main)
+    errors.install(__file__)
+    sys.exit(main())

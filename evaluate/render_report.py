@@ -4,7 +4,6 @@ claim in it comes from those results, so a rerun cannot leave a stale sentence b
     python evaluate/render_report.py                           # experiments/report/results → notes/encoder_report.md
     python evaluate/render_report.py --results other/results --notes /tmp/report.md --images /tmp/images
 """
-import argparse
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from finetune.metrics import NoSkillBand, all_ink_f05
 from finetune.outputs import write_png_atomic
 from pretrain import methods
 from pretrain.utils.misc import write_bytes_atomic
+from pretrain.utils import errors
 
 RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates the report prints
 FIGURE_WIDTH = 512  # pixels: figures stay small PNGs in the repository
@@ -239,7 +239,7 @@ def render_to_files(results_folder: pathlib.Path, notes: pathlib.Path, images: p
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = errors.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path("experiments/report/results"),
                         help="the folder evaluate/report.py's steps wrote (default: %(default)s)")
     parser.add_argument("--notes", type=pathlib.Path, default=pathlib.Path("notes/encoder_report.md"),
@@ -257,4 +257,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

@@ -38,12 +38,15 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 from evaluate import encoder_input, provenance, render_report, verdict_rule
 from pretrain import checkpoint, methods
 from pretrain.data.patches import InputSettings, evaluate_options, finetune_options
-from pretrain.utils import run_log
+from pretrain.utils import errors, ranges, run_log
 from pretrain.utils.misc import RenamedOption, git_commit, write_bytes_atomic
+from pretrain.utils.errors import OneLineError
 
 
-class StepError(RuntimeError):
+class StepError(OneLineError, RuntimeError):
     """A step's command failed; its own error line was printed above."""
+
+    exit_status = 1
 
 
 def run_step(name: str, command: list[str], output: pathlib.Path | None = None, log: pathlib.Path | None = None,
@@ -243,37 +246,46 @@ def representations(args, encoders: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
+    parser = errors.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=encoder_input.HelpFormatter)
     encoder_input.add_segment_argument(parser, "segment spec with ink labels")
     parser.add_argument("--model", default="resnet50_3d_narrow", help="the encoder every method pretrains")
-    parser.add_argument("--spark_epochs", type=int, default=40, help="SparK pretraining epochs")
-    parser.add_argument("--vicreg_epochs", type=int, default=20, help="VICReg pretraining epochs")
-    parser.add_argument("--vicreg_bs", type=int, default=8, help="VICReg's variance and covariance need a batch")
-    parser.add_argument("--method_epochs", type=int, default=20,
+    parser.add_argument("--spark_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=40,
+                        help="SparK pretraining epochs")
+    parser.add_argument("--vicreg_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=20,
+                        help="VICReg pretraining epochs")
+    parser.add_argument("--vicreg_bs", type=ranges.ranged(int, ranges.AT_LEAST_2), default=8,
+                        help="VICReg's variance and covariance need a batch")
+    parser.add_argument("--method_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=20,
                         help="pretraining epochs of any other registered method")
     parser.add_argument("--method_args", nargs="*", default=[],
                         help="more pretraining settings of one method, as name=\"settings\" "
                              "(e.g. vicreg=\"--projector 512-512\")")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="more SparK runs, as name=\"pretraining settings\"; each is probed reading tiles as it learnt")
-    parser.add_argument("--variant_epochs", type=int, default=20, help="epochs of each variant")
+    parser.add_argument("--variant_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=20,
+                        help="epochs of each variant")
     parser.add_argument("--curves", nargs="+", default=list(methods.METHODS),
                         help="encoders (a registered method's name, or spark_<variant>) whose few-label curves are "
                              "measured against random (default: every method)")
-    parser.add_argument("--glyphs", type=int, nargs="+", default=[1, 2, 4], help="labelled glyphs per curve point")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[verdict_rule.Design().seeds[0]],
+    parser.add_argument("--glyphs", type=ranges.ranged(int, ranges.AT_LEAST_1), nargs="+", default=[1, 2, 4],
+                        help="labelled glyphs per curve point")
+    parser.add_argument("--seeds", type=ranges.ranged(int, ranges.AT_LEAST_1), nargs="+",
+                        default=[verdict_rule.Design().seeds[0]],
                         help="seeds per curve point (the count evaluate/simulate_verdict.py chose: "
                              "notes/verdict_rules.md): one count, or one per --glyphs value")
-    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=int, default=2, action=RenamedOption,
+    parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=ranges.ranged(int, ranges.AT_LEAST_1),
+                        default=2, action=RenamedOption,
                         help="the curves' second random arm trains this many times the epochs (1: none), so that a "
                              "win is about labels, not optimisation speed (--scratch_epochs_factor: its older name)")
-    parser.add_argument("--probe_seeds", type=int, default=3, help="seeds per frozen-encoder probe")
+    parser.add_argument("--probe_seeds", type=ranges.ranged(int, ranges.AT_LEAST_1), default=3,
+                        help="seeds per frozen-encoder probe")
     parser.add_argument("--curve_args", default="", help="more evaluate/label_efficiency.py settings")
-    parser.add_argument("--cka_every", type=int, default=8,
+    parser.add_argument("--cka_every", type=ranges.ranged(int, ranges.AT_LEAST_1), default=8,
                         help="SparK epochs between the checkpoints CKA compares; the first is also probed")
     parser.add_argument("--kinetics", default="", help="a Hara r3d50_K*/KM* checkpoint: adds a full-width probe table")
-    parser.add_argument("--finetune_tile_size", type=int, default=64, help="TILE_SIZE of every fine-tuning run")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--finetune_tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64,
+                        help="TILE_SIZE of every fine-tuning run")
+    parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=1,
                         help="runs at a time: pretraining runs, fine-tuning curves and probes (on one GPU, several small "
                              "runs keep it busier than one); with more than one, pretraining output goes to <run>.log")
     parser.add_argument("--pretrain_samples", type=int, default=180,
@@ -286,8 +298,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--notes", type=pathlib.Path, default=pathlib.Path("notes/encoder_report.md"), help="the report")
     parser.add_argument("--images", type=pathlib.Path, default=pathlib.Path("images"), help="the report's figures")
     args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error(f"--jobs {args.jobs} must be at least 1")
     for method_settings in args.method_args:
         if method_settings.partition("=")[0] not in methods.METHODS:
             parser.error(f"--method_args {method_settings}: no registered method {method_settings.partition('=')[0]!r} "
@@ -313,8 +323,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except StepError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    errors.install(__file__)
+    sys.exit(main())

@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from evaluate import verdict_rule
+from pretrain.utils import errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,4 +46,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

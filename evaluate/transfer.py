@@ -37,6 +37,7 @@ from pretrain.data.patches import InputSettings, finetune_options
 from pretrain.data.segment import segment_identity
 from pretrain.utils import run_log
 from pretrain.utils.misc import write_bytes_atomic
+from pretrain.utils import errors, ranges
 
 CONTROL = "supervised"  # the name of the supervised control in the tables
 
@@ -107,7 +108,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--segment_id", nargs="+", default=["demo:1", "demo:2", "demo:3"],
                         help="the segments every probe trains on (segment specs, as fine-tuning takes them)")
     parser.add_argument("--held_out", default="demo:4", help="the segment scored: part of it trains in question (a)")
-    parser.add_argument("--held_out_fraction", type=float, default=0.3,
+    parser.add_argument("--held_out_fraction", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=0.3,
                         help="question (a): the width of the scored band of the held-out segment, as a fraction of "
                              "its longer side (finetune/train.py's VALIDATION_FRACTION)")
     parser.add_argument("--question", nargs="+", choices=["a", "b"], default=["a", "b"],
@@ -119,8 +120,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="folder for the tables, the images and the runs")
     args = parser.parse_args(argv)
     check_segments(args)
-    if not 0 < args.held_out_fraction < 1:
-        raise encoder_input.EvaluationError(f"--held_out_fraction {args.held_out_fraction} is not between 0 and 1")
     encoders.check_probe_arguments(args)
     if args.supervised_control and CONTROL in args.names:
         raise encoder_input.EvaluationError(f"the name '{CONTROL}' is the supervised control's; name that encoder otherwise")
@@ -171,4 +170,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    encoder_input.exit_on_user_error(main)
+    errors.install(__file__)
+    sys.exit(main())

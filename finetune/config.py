@@ -28,6 +28,9 @@ import textwrap
 import tokenize
 import types
 
+from pretrain.utils import ranges
+from pretrain.utils.errors import OneLineError
+
 SETTING_TYPES = (bool, int, float, str, type(None))
 HELP_ARGUMENTS = ("--help", "-h")
 ANNOTATION_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
@@ -35,7 +38,7 @@ RULE_COMMENT = re.compile(r"[-=#*~_ ]*")  # a comment line that only draws a sep
 HELP_WIDTH = 100
 
 
-class ConfigError(ValueError):
+class ConfigError(OneLineError, ValueError):
     """An override that cannot be applied; the message names the setting."""
 
 
@@ -221,10 +224,11 @@ def _convert(name: str, text: str, default, source: SettingSource = SettingSourc
 
 
 def apply_overrides(defaults: dict, argv: list[str], source_file: str | os.PathLike | None = None,
-                    descriptions: dict[str, str] | None = None) -> Config:
-    """`defaults` with the `--NAME value` pairs of `argv` applied. `source_file` is the entry script whose
-    settings these are (`__file__`): `--help` / `-h` then prints them with its comments (or `descriptions`'
-    words, as settings_help), and exits 0."""
+                    descriptions: dict[str, str] | None = None,
+                    setting_ranges: dict[str, ranges.Range] | None = None) -> Config:
+    """`defaults` with the `--NAME value` pairs of `argv` applied, each value checked against its type and against
+    its range in `setting_ranges`. `source_file` is the entry script whose settings these are (`__file__`): `--help`
+    / `-h` then prints them with its comments (or `descriptions`' words, as settings_help), and exits 0."""
     if any(argument in HELP_ARGUMENTS for argument in argv):
         print(settings_help(defaults, source_file, descriptions))
         raise SystemExit(0)
@@ -252,6 +256,9 @@ def apply_overrides(defaults: dict, argv: list[str], source_file: str | os.PathL
             raise ConfigError(f"--{name} needs a value")
         converted = [_convert(name, text, defaults[name], source) for text in texts]
         values[name] = converted[0] if len(converted) == 1 else converted
+        if name in (setting_ranges or {}) and (out_of_range := ranges.problem(f"--{name}", values[name],
+                                                                             setting_ranges[name])):
+            raise ConfigError(out_of_range)
     return Config(**values)
 
 
@@ -266,19 +273,31 @@ def _has_type(value, expected: type, allows_none: bool, allows_list: bool = Fals
 
 
 def check_in_file_settings(defaults: dict, source_file: str | os.PathLike, reader: str = "config",
-                           read_elsewhere: tuple[str, ...] = ()) -> None:
+                           read_elsewhere: tuple[str, ...] = (),
+                           setting_ranges: dict[str, ranges.Range] | None = None) -> None:
     """Raise one ConfigError naming every in-file setting of `source_file` that an override of it would be refused
     for: a setting the script never reads (a typo such as NUM_EPOCH for NUM_EPOCHS, which would silently be a new
-    setting), one without a type annotation, or a value of another type than its annotation. The script reads a
+    setting), one without a type annotation, a value of another type than its annotation (a trailing comma, which
+    makes a tuple, included) or out of its range in `setting_ranges`. The script reads a
     setting as `reader.NAME` or names it in a string (`getattr(config, "MODEL")`); a name read as `reader.NAME` that
     is not a setting any more (renamed by a typo) is missing. `read_elsewhere`: names it reads through a table kept
     in another module (the input settings' names, `pretrain.data.patches.FINETUNE_NAMES`)."""
     script = pathlib.Path(source_file)
-    module = ast.parse(script.read_text(encoding="utf-8"))
+    module_source = script.read_text(encoding="utf-8")
+    module = ast.parse(module_source)
     sources = read_script(script, defaults)[1]
     mentioned, read_from_reader = set(read_elsewhere), set()
+    problems, not_plain = [], set()
     for statement in module.body:
-        if _assigned_name(statement)[0] in defaults:
+        name, annotation = _assigned_name(statement)
+        if name in defaults:
+            continue
+        if annotation is not None and _annotated_type(annotation)[0] is not None:  # a setting whose value is no value
+            not_plain.add(name)
+            value_text = ast.get_source_segment(module_source, statement.value)
+            comma = " (a trailing comma makes a tuple: remove it)" if isinstance(statement.value, ast.Tuple) else ""
+            problems.append(f"{script.name} line {statement.lineno}: {name} expects {ast.unparse(annotation)}, got "
+                            f"{value_text}{comma}")
             continue
         for node in ast.walk(statement):
             if isinstance(node, ast.Attribute):
@@ -287,9 +306,9 @@ def check_in_file_settings(defaults: dict, source_file: str | os.PathLike, reade
                     read_from_reader.add(node.attr)
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 mentioned.add(node.value)
-    missing = read_from_reader - set(defaults)
+    missing = read_from_reader - set(defaults) - not_plain
     known = (set(defaults) & mentioned) | missing
-    problems, suggested = [], set()
+    suggested = set()
     for name, value in defaults.items():
         source = sources.get(name, SettingSource())
         where = f"{script.name} line {source.line}"
@@ -304,6 +323,8 @@ def check_in_file_settings(defaults: dict, source_file: str | os.PathLike, reade
             expected = source.value_type.__name__ + (" or None" if source.allows_none else "")
             expected += f" or a list of {source.value_type.__name__}" if source.allows_list else ""
             problems.append(f"{where}: {name} expects {expected}, got {value!r}")
+        elif name in (setting_ranges or {}) and (out_of_range := ranges.problem(name, value, setting_ranges[name])):
+            problems.append(f"{where}: {out_of_range}")
     problems += [f"setting {name} is missing from the top of {script.name}, which reads it"
                  for name in sorted(missing - suggested)]
     if problems:

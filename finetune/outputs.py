@@ -20,6 +20,7 @@ import torch
 from finetune.data import UNKNOWN, Box
 from pretrain.data.segment import SegmentError, parse_spec, segment_identity
 from pretrain.utils import misc
+from pretrain.utils.errors import OneLineError
 
 PREVIEW_SIDE = 1024  # longest side of TensorBoard images
 VALIDATION_BOX_BGR = (0, 0, 255)
@@ -84,9 +85,11 @@ def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
     misc.write_bytes_atomic(path, encoded.tobytes())
 
 
-class NonFinitePredictionError(ValueError):
+class NonFinitePredictionError(OneLineError, ValueError):
     """A prediction holds NaN or infinite probabilities: written as an image they would read as 0, a map that
     scores exactly chance, silently."""
+
+    exit_status = 1
 
 
 def probability_image(probabilities_yx: np.ndarray, what: str = "a prediction") -> np.ndarray:

@@ -43,9 +43,9 @@ from finetune.metrics import ink_metrics
 from finetune.model import InkUNet, build_ink_unet
 from pretrain import checkpoint, dist
 from pretrain.data.patches import DepthWindow, InputSettings, check_voxel_dtype, normalize_patch
-from pretrain.data.remote import RemoteReadError
 from pretrain.data.segment import SegmentError, open_segment, segment_identity
-from pretrain.utils import folder_lock, misc
+from pretrain.utils import errors, folder_lock, misc, ranges
+from pretrain.utils.errors import OneLineError
 
 OVERLAY_INK_BGR = np.array([0, 0, 255], np.float32)  # red: no layer's grey is mistaken for it
 OVERLAY_OPACITY = 0.6  # of certain ink: the layer stays visible under it, to judge the prediction by
@@ -56,12 +56,12 @@ SCALE_GREY = 128  # the grey under the overlay's colour scale: a mid-grey papyru
 DIGEST_BLOCK_BYTES = 2**20
 
 
-class ArgumentError(ValueError):
+class ArgumentError(OneLineError, ValueError):
     """An option that cannot work with this checkpoint or launch; the message names it."""
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Defaults marked 'the run's' are the "
+    parser = errors.ArgumentParser(description=__doc__.split("\n")[0], epilog="Defaults marked 'the run's' are the "
                                      "fine-tuning run's own settings, as its checkpoint records them.")
     parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
                         help="a fine-tuning run's best.pth or last.pth")
@@ -72,18 +72,18 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="average over flips and a rot90, 4× the time (default: the run's TTA)")
     parser.add_argument("--overlay", action="store_true", help="also <name>_overlay.png: the prediction over the "
                         "segment's middle layer")
-    parser.add_argument("--batch_size", type=int, help="tiles per batch, all processes together (default: the run's "
+    parser.add_argument("--batch_size", type=ranges.ranged(int, ranges.AT_LEAST_1),
+                        help="tiles per batch, all processes together (default: the run's "
                         "BATCH_SIZE)")
-    parser.add_argument("--stride", type=int, help="sliding-window stride in pixels (default: the run's "
+    parser.add_argument("--stride", type=ranges.ranged(int, ranges.AT_LEAST_1),
+                        help="sliding-window stride in pixels (default: the run's "
                         "INFERENCE_STRIDE)")
-    parser.add_argument("--num_workers", type=int, help="DataLoader workers per process (default: the run's "
+    parser.add_argument("--num_workers", type=ranges.ranged(int, ranges.AT_LEAST_0),
+                        help="DataLoader workers per process (default: the run's "
                         "NUM_WORKERS)")
-    parser.add_argument("--cpu_threads", type=int, help="torch threads per process on CPU, 0: one per core (default: "
-                        "the run's CPU_THREADS)")
+    parser.add_argument("--cpu_threads", type=ranges.ranged(int, ranges.AT_LEAST_0),
+                        help=f"{dist.CPU_THREADS_HELP} (default: the run's CPU_THREADS)")
     arguments = parser.parse_args(argv)
-    for name in ("batch_size", "stride"):
-        if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
-            parser.error(f"--{name} must be at least 1")
     return arguments
 
 
@@ -234,6 +234,8 @@ def predict_one(model: InkUNet, spec: str, settings: InputSettings, arguments, d
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    errors.name_run(f"{arguments.checkpoint} → {arguments.output_dir}", arguments.output_dir)
+    misc.check_writable_folder(arguments.output_dir, "--output_dir")
     device = dist.initialize()
     # Every user error (checkpoint, specs, segments) surfaces before anything is written.
     saved, settings = read_fine_tuned(arguments.checkpoint)
@@ -248,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{settings.tile_size}")
     if arguments.batch_size % dist.world_size():
         raise ArgumentError(f"--batch_size {arguments.batch_size} is not divisible by the {dist.world_size()} processes")
-    if device.type == "cpu" and arguments.cpu_threads > 0:
-        torch.set_num_threads(arguments.cpu_threads)
+    dist.set_cpu_threads(device, arguments.cpu_threads, arguments.num_workers)
     model = build_model(saved, arguments.checkpoint, settings).to(device)
     output_dir = arguments.output_dir
     names = outputs.output_names(arguments.segment_id, unique=True)
@@ -316,12 +317,7 @@ def write_outputs(output_dir: pathlib.Path, name: str, spec: str, segment, predi
 
 
 if __name__ == "__main__":
-    misc.show_warnings_as_lines()
-    try:
-        exit_code = main()
-    except (ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError,
-            folder_lock.FolderInUseError) as error:
-        print(f"error: {misc.error_line(error)}", file=sys.stderr)
-        sys.exit(2)
+    errors.install(__file__)
+    exit_code = main()
     dist.finalize()
     sys.exit(exit_code)

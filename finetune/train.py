@@ -46,11 +46,13 @@ from finetune.model import DEPTH_POOLS, OUTPUT_STRIDES, InkUNet, build_ink_unet
 from pretrain import checkpoint, dist
 from pretrain.data.patches import (FINETUNE_NAMES, INPUT_OPTIONS, NO_CHECKPOINT_INPUT, NORMALIZATIONS,
                                    InputSettings)
-from pretrain.data.remote import RemoteReadError
 from pretrain.data.segment import (Segment, SegmentError, check_negatives, open_segment,
                                    segment_identity)
 from pretrain.models import ENCODER_NAMES
-from pretrain.utils import folder_lock, misc, schedule
+from pretrain.utils import errors, folder_lock, misc, ranges, schedule
+
+if __name__ == "__main__":  # before the settings below are read: a mistake typed into them is one line too
+    errors.install(__file__)
 
 # --------------------------------------------------------------------------------------------------
 # experiment
@@ -141,14 +143,29 @@ LABEL_SMOOTHING: float = 0.1  # of the BCE targets: labels are drawn by hand, th
 CLIP: float = 10.0  # gradient-norm clip (0: off)
 SEED: int = 0
 NUM_WORKERS: int = 1  # DataLoader workers per process (0: read tiles in the main process)
-# torch threads per process on CPU (0: torch's default, one per core). On the 2-core machine one thread
-# leaves a core to the tile reader, and two threads competing with other jobs ran 5-10× slower.
+# torch threads per process on the CPU; 0: automatic, the cores this process may use less one per DataLoader worker
+# (at least 1), not torch's one per core. On the 2-core machine one thread leaves a core to the tile reader, and two
+# threads competing with other jobs ran 5-10× slower.
 CPU_THREADS: int = 1
 # inference
 INFERENCE_STRIDE: int = 32  # sliding-window stride for the whole-segment prediction
 TTA: bool = False  # average over flips and a rot90 (4× the inference time)
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = settings_in(globals())
+# The range of every numeric setting above, checked for the values written here and for those given on the command
+# line alike (a list setting: each of its values; None, "the checkpoint's own", passes).
+SETTING_RANGES = {
+    "FREEZE_ENCODER_EPOCHS": ranges.AT_LEAST_0, "DEPTH": ranges.AT_LEAST_1, "TILE_SIZE": ranges.AT_LEAST_1,
+    "STRIDE": ranges.AT_LEAST_1, "VALIDATION_FRACTION": ranges.FRACTION_BELOW_1, "MIN_INK_FRACTION": ranges.FRACTION,
+    "MIN_TILES_PER_EPOCH": ranges.AT_LEAST_0, "SELF_TRAINING_ROUNDS": ranges.AT_LEAST_0,
+    "PSEUDO_INK_THRESHOLD": ranges.FRACTION, "PSEUDO_NOT_INK_THRESHOLD": ranges.FRACTION,
+    "PRIOR_INK_FRACTION": ranges.FRACTION_ABOVE_0, "PRIOR_NOT_INK_FRACTION": ranges.FRACTION_ABOVE_0,
+    "PSEUDO_MIN_INK_PIXELS": ranges.AT_LEAST_0, "NUM_EPOCHS": ranges.AT_LEAST_1, "STOP_AFTER_EPOCHS": ranges.AT_LEAST_0,
+    "BATCH_SIZE": ranges.AT_LEAST_1, "LR": ranges.ABOVE_0, "WARMUP_EPOCHS": ranges.AT_LEAST_0,
+    "WEIGHT_DECAY": ranges.AT_LEAST_0, "LABEL_SMOOTHING": ranges.FRACTION_BELOW_1, "CLIP": ranges.AT_LEAST_0,
+    "SEED": ranges.AT_LEAST_0, "NUM_WORKERS": ranges.AT_LEAST_0, "CPU_THREADS": ranges.AT_LEAST_0,
+    "INFERENCE_STRIDE": ranges.AT_LEAST_1,
+}
 # The input settings without a pretrained encoder, and the setting that names each field.
 # A run whose final F0.5 is less than this above chance (calling every pixel ink) has shown no skill: the margin by
 # which evaluate/label_efficiency.py counts one encoder as beating another. A threshold sweep alone lifts a map
@@ -204,9 +221,6 @@ def check_settings(config, settings: InputSettings) -> None:
                           ("NORMALIZATION", NORMALIZATIONS)):
         if chosen[name] not in allowed:
             problems.append(f"{name} {chosen[name]!r} is not one of {', '.join(map(str, allowed))}")
-    for name in ("NUM_EPOCHS", "BATCH_SIZE", "TILE_SIZE", "STRIDE", "INFERENCE_STRIDE", "DEPTH"):
-        if chosen[name] < 1:
-            problems.append(f"{name} must be at least 1")
     if chosen["INFERENCE_STRIDE"] > chosen["TILE_SIZE"]:
         problems.append(f"INFERENCE_STRIDE {chosen['INFERENCE_STRIDE']} is larger than TILE_SIZE {chosen['TILE_SIZE']}: "
                         "the pixels between tiles would stay unpredicted")
@@ -864,15 +878,17 @@ def train_round(run: Run, run_segments: list[RunSegment], state: RunState, saved
 
 def main(argv: list[str] | None = None) -> int:
     # The values written above, checked as overrides of them are (the input settings are read through their table).
-    check_in_file_settings(DEFAULTS, __file__, read_elsewhere=tuple(FINETUNE_NAMES.values()))
+    check_in_file_settings(DEFAULTS, __file__, read_elsewhere=tuple(FINETUNE_NAMES.values()),
+                           setting_ranges=SETTING_RANGES)
     input_help = {option.finetune_name: f"{option.help}; else {getattr(NO_CHECKPOINT_INPUT, field)}"
                   for field, option in INPUT_OPTIONS.items()}
     config = apply_overrides(DEFAULTS, sys.argv[1:] if argv is None else argv, source_file=__file__,
-                             descriptions=input_help)
+                             descriptions=input_help, setting_ranges=SETTING_RANGES)
     device = dist.initialize()
-    if device.type == "cpu" and config.CPU_THREADS > 0:
-        torch.set_num_threads(config.CPU_THREADS)
+    dist.set_cpu_threads(device, config.CPU_THREADS, config.NUM_WORKERS)
     experiment_dir = pathlib.Path(config.OUTPUT_DIR, config.exp_name)
+    errors.name_run(config.exp_name, experiment_dir)
+    misc.check_writable_folder(experiment_dir, "OUTPUT_DIR/exp_name")
 
     # Every user error (settings, files, shapes, checkpoints) surfaces before anything is written.
     weights, settings = encoder_and_input(config)
@@ -893,12 +909,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    misc.show_warnings_as_lines()
-    try:
-        exit_code = main()
-    except (ConfigError, SegmentError, RemoteReadError, checkpoint.CheckpointError, folder_lock.FolderInUseError,
-            schedule.NonFiniteLossError, outputs.NonFinitePredictionError) as error:
-        print(f"error: {misc.error_line(error)}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, (schedule.NonFiniteLossError, outputs.NonFinitePredictionError)) else 2)
+    exit_code = main()
     dist.finalize()  # main() has returned, so its DDP model is gone before the process group
     sys.exit(exit_code)

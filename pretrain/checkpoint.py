@@ -36,6 +36,7 @@ import torch
 from pretrain import methods
 from pretrain.data.patches import InputSettings
 from pretrain.models import ENCODER_NAMES, build_encoder
+from pretrain.utils.errors import OneLineError
 from pretrain.utils.misc import git_commit, save_atomic
 
 # The kinds besides the pretraining methods' (each method names its own, and where its encoder sits): where the
@@ -48,7 +49,7 @@ ALLOWED_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dt
 CHECKSUM_SCHEME = "sha256-all"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OneLineError, ValueError):
     """A checkpoint is missing, unreadable, unsafe, or made for another model; the message names which."""
 
 

@@ -17,7 +17,8 @@ import torch.distributed
 # that a stalled rank surfaces within minutes, not after torch's default of 30.
 DEFAULT_TIMEOUT_MINUTES = 10.0
 _timeout_minutes = DEFAULT_TIMEOUT_MINUTES
-GLOO_TIMEOUT_MESSAGE = "Timed out waiting"  # gloo's words when a peer did not answer in time
+# gloo's words when a peer did not answer in time: at a collective, or at DDP's buffer broadcast
+GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair closure")
 
 
 def initialize(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> torch.device:
@@ -37,10 +38,31 @@ def initialize(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> torch.device
     return device
 
 
+# What cpu_threads (CPU_THREADS) means, in every script's --help.
+CPU_THREADS_HELP = ("torch threads per process on the CPU; 0: automatic, the cores this process may use less one per "
+                    "DataLoader worker (at least 1), not torch's one per core")
+
+
+def automatic_cpu_threads(num_workers: int) -> int:
+    """Torch threads for `cpu_threads` 0: this process's share of the cores it may run on, less one per DataLoader
+    worker, at least 1. torch's own default (a thread per core) ignores the workers; with more busy threads than
+    cores, its threads wait for each other at every operation: on a shared 2-core machine, 2 threads ran 3× slower
+    than 1 (README, "A CPU path")."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
+    return max(1, cores // processes_here - num_workers)
+
+
+def set_cpu_threads(device: torch.device, cpu_threads: int, num_workers: int) -> None:
+    """On the CPU, torch's threads: `cpu_threads`, or automatic_cpu_threads for 0 (CPU_THREADS_HELP)."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads or automatic_cpu_threads(num_workers))
+
+
 def stalled_rank_line(error: BaseException) -> str | None:
     """One line for a collective operation that timed out waiting for another rank, or None for any other error.
     With two processes the other rank is named; with more, gloo does not say which one it waited for."""
-    if not is_distributed() or GLOO_TIMEOUT_MESSAGE not in str(error):
+    if not is_distributed() or not any(words in str(error) for words in GLOO_TIMEOUT_MESSAGES):
         return None
     me, size = rank(), world_size()
     others = f"rank {1 - me}" if size == 2 else "another rank"

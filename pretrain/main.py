@@ -17,32 +17,26 @@ import pathlib
 import sys
 import time
 
-import pretrain.torchvision_compat  # noqa: F401 - must precede timm (LAMB)
-import torch
-import tqdm
+from pretrain.utils import errors
 
-from pretrain import checkpoint, dist, methods, throughput
-from pretrain.data.patches import EpochSampler, voxel_dtypes
-from pretrain.data.remote import RemoteReadError
-from pretrain.data.segment import SegmentError, open_segment
-from pretrain.models import build_encoder
-from pretrain.probe import OnlineProbe
-from pretrain.utils import arg_util, folder_lock, misc, schedule
+if __name__ == "__main__":  # before arg_util.py is read: a mistake typed into it is one line too
+    errors.install(__file__, settings_files=(pathlib.Path(__file__).parent / "utils" / "arg_util.py",))
+
+import pretrain.torchvision_compat  # noqa: F401,E402 - must precede timm (LAMB)
+import torch  # noqa: E402
+import tqdm  # noqa: E402
+
+from pretrain import checkpoint, dist, methods, throughput  # noqa: E402
+from pretrain.data.patches import EpochSampler, voxel_dtypes  # noqa: E402
+from pretrain.data.segment import open_segment  # noqa: E402
+from pretrain.models import build_encoder  # noqa: E402
+from pretrain.probe import OnlineProbe  # noqa: E402
+from pretrain.utils import arg_util, folder_lock, misc, schedule  # noqa: E402
 
 
 def build_model(args: arg_util.Args) -> torch.nn.Module:
     model = methods.get(args.method).build_model(args, build_encoder(args.model), args.sbn and dist.is_distributed())
     return throughput.use_channels_last(model) if args.channels_last else model
-
-
-def automatic_cpu_threads(num_workers: int) -> int:
-    """Torch threads for `cpu_threads` 0: this process's share of the cores it may run on, less one per DataLoader
-    worker, at least 1. torch's own default (a thread per core) ignores the workers; with more busy threads than
-    cores, its threads wait for each other at every operation: on a shared 2-core machine, 2 threads ran 3× slower
-    than 1 (docs/pretrain.md, "On a CPU")."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
-    return max(1, cores // processes_here - num_workers)
 
 
 def build_optimizer(args: arg_util.Args, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -185,13 +179,13 @@ def build_loader(args: arg_util.Args, segments: list, device: torch.device) -> t
 
 def main() -> int:
     args = arg_util.parse_args()
+    errors.name_run(args.exp_name, args.exp_dir)
     device = dist.initialize(args.dist_timeout_minutes)
     cpu_defaults = args.use_cpu_defaults() if device.type == "cpu" else ""
     if cpu_defaults and dist.is_master():
         print(cpu_defaults, flush=True)
     args.fill_runtime(str(device), dist.world_size())
-    if device.type == "cpu":
-        torch.set_num_threads(args.cpu_threads or automatic_cpu_threads(args.num_workers))
+    dist.set_cpu_threads(device, args.cpu_threads, args.num_workers)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(args.seed + dist.rank())
     # Every user error (data, settings, checkpoints) surfaces before anything is written to exp_dir.
@@ -255,18 +249,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    misc.show_warnings_as_lines()
-    try:
-        exit_code = main()
-    except (arg_util.ArgumentError, SegmentError, RemoteReadError, checkpoint.CheckpointError,
-            folder_lock.FolderInUseError, schedule.NonFiniteLossError) as error:
-        print(f"error: {misc.error_line(error)}", file=sys.stderr)
-        sys.exit(2 if not isinstance(error, schedule.NonFiniteLossError) else 1)
-    except RuntimeError as error:  # under torchrun: another rank stalled at a collective operation
-        stalled = dist.stalled_rank_line(error)
-        if stalled is None:
-            raise
-        print(f"error: {stalled}", file=sys.stderr)
-        sys.exit(3)
+    exit_code = main()
     dist.finalize()  # main() has returned, so its DDP model is gone before the process group
     sys.exit(exit_code)

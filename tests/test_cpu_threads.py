@@ -2,7 +2,7 @@
 that thrashes when the workers (or other jobs) also want them."""
 import pytest
 
-from pretrain import main
+from pretrain import dist
 
 
 @pytest.mark.parametrize("cores, workers, processes, threads", [
@@ -13,9 +13,9 @@ from pretrain import main
     (2, 4, None, 1),  # more workers than cores: still one thread
 ])
 def test_automatic_cpu_threads_leave_the_workers_their_cores(monkeypatch, cores, workers, processes, threads):
-    monkeypatch.setattr(main.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     if processes is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
-    assert main.automatic_cpu_threads(workers) == threads
+    assert dist.automatic_cpu_threads(workers) == threads

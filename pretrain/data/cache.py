@@ -23,7 +23,6 @@ does, whatever kill -9 or a second process does meanwhile, and the file's bytes 
 them (`pretrain.data.remote`): Blosc-zstd has no checksum of its own, so a flipped bit inside a chunk of the right
 size would otherwise decode to wrong voxels without a word.
 """
-import argparse
 import contextlib
 import dataclasses
 import errno
@@ -41,6 +40,7 @@ from collections.abc import Iterator
 import crc32c
 
 from pretrain.utils import temporaries
+from pretrain.utils import errors
 
 MAX_GB_VARIABLE = "SEGMENT_CACHE_MAX_GB"
 EVICT_TO = 0.9  # evicting below the bound leaves room, so a walk comes once per tenth of the bound fetched
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.data.remote import default_cache_dir  # deferred: remote imports this module
     from pretrain.data.segment import SEGMENT_ID_PATTERN
 
-    parser = argparse.ArgumentParser(prog="python -m pretrain.data.cache",
+    parser = errors.ArgumentParser(prog="python -m pretrain.data.cache",
                                      description="Report the segment cache's size per segment, or remove a segment.")
     parser.add_argument("--cache-dir", type=pathlib.Path, default=None,
                         help="the cache (default: $SEGMENT_CACHE_DIR or ~/.cache/vesuvius-ink)")
@@ -434,4 +434,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

@@ -12,7 +12,6 @@ and cached if the server has it now, so a wrong 404 or labels added later never 
 layer images (scrolls 2, 3, 4) is downloaded and converted by `open_segment` itself; a run after
 completion fetches nothing else.
 """
-import argparse
 import asyncio
 import itertools
 import json
@@ -29,7 +28,7 @@ from pretrain.data import cache
 from pretrain.data.remote import (CachedHTTPStore, RemoteReadError, chunk_format_from_metadata, chunk_problem,
                                   default_cache_dir)
 from pretrain.data.segment import SEGMENT_ID_PATTERN, SegmentError, open_segment, segment_zarr_url
-from pretrain.utils import misc
+from pretrain.utils import errors
 
 BATCH_KEYS = 256  # keys in flight at once: keeps the pending coroutines few; the store bounds the requests
 
@@ -130,9 +129,9 @@ def run_batches(store: CachedHTTPStore, keys: list[str], progress: tqdm.tqdm, de
         for start in range(0, len(keys), BATCH_KEYS):
             results = await asyncio.gather(*(read_one(key) for key in keys[start : start + BATCH_KEYS]),
                                            return_exceptions=True)
-            errors = [result for result in results if isinstance(result, BaseException)]
-            if errors:
-                raise errors[0]
+            failures = [result for result in results if isinstance(result, BaseException)]
+            if failures:
+                raise failures[0]
             total += sum(results)
         return total
 
@@ -140,8 +139,8 @@ def run_batches(store: CachedHTTPStore, keys: list[str], progress: tqdm.tqdm, de
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="./download_segment.sh takes the "
-                                     "same arguments: ./download_segment.sh SEGMENT_ID [SCROLL] [options]")
+    parser = errors.ArgumentParser(description=__doc__.split("\n")[0], epilog="./download_segment.sh takes the "
+                                   "same arguments: ./download_segment.sh SEGMENT_ID [SCROLL] [options]")
     parser.add_argument("segment_id", help="segment ID, e.g. 20230827161847")
     parser.add_argument("scroll_number", nargs="?", metavar="SCROLL", help="scroll number, as --scroll")
     parser.add_argument("--scroll", help="scroll number (sets the server folders); default 1")
@@ -154,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 1:
         parser.error(f"--concurrency {args.concurrency}: give at least 1 simultaneous request")
     scroll = args.scroll or args.scroll_number or "1"
-    misc.show_warnings_as_lines()
     try:
         counts = download_segment(args.segment_id, scroll, args.cache_dir, args.concurrency)
     except (SegmentError, RemoteReadError) as error:
@@ -168,4 +166,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

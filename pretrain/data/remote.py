@@ -57,6 +57,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 from pretrain.data import cache
 from pretrain.utils import temporaries
+from pretrain.utils.errors import OneLineError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 STREAM_BLOCK_BYTES = 2**20
 
 
-class RemoteReadError(OSError):
+class RemoteReadError(OneLineError, OSError):
     """A URL could not be read after all retries (or was refused outright)."""
 
 
@@ -295,7 +296,12 @@ class Credentials:
 
 def split_credentials(url: str) -> tuple[str, Credentials | None]:
     """`https://user:password@host/path` → (`https://host/path`, their Credentials); a URL without any → (url, None)."""
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": a '[' or ']' that opens no IPv6 address [::1]
+        raise RemoteSettingError(
+            "the data server URL (VESUVIUS_DATA_URL) cannot be parsed: it holds a '[' or ']' that is not around an "
+            "IPv6 address such as [::1]; in a password, percent-encode them (%5B, %5D)") from None
     # An unencoded '/', '?' or '#' in a password ends the host part early: the rest of the password and the
     # '@' land in the path, query or fragment, and the start of the password reads as a port. Such a URL is
     # refused without quoting it (any part of it may be the password).

@@ -42,6 +42,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import uuid
 import warnings
 
@@ -67,6 +68,7 @@ from pretrain.data.volume import (
     LayerStack,
     convert_layers_to_zarr,
 )
+from pretrain.utils.errors import ENVIRONMENT_ERRNOS, OneLineError
 
 DEFAULT_DATA_URL = "https://dl.ash2txt.org"
 
@@ -106,7 +108,7 @@ SCROLL_SPEC_PATTERN = re.compile(r"scroll([^:/\s]*):(.*)", re.IGNORECASE)
 LABEL_PADDING_TILE = 256
 
 
-class SegmentError(ValueError):
+class SegmentError(OneLineError, ValueError):
     """A segment cannot be opened as asked; the message names the file, URL, shape or setting."""
 
 
@@ -676,16 +678,42 @@ def demo_segment_path(seed: int, cache_dir: pathlib.Path) -> pathlib.Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    building = target.parent / f".building-{os.getpid()}-{uuid.uuid4().hex}"
+    _remove_dead_builds(target.parent)
+    building = target.parent / f".building-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         demo.build_demo_segment(building, seed=seed)
         os.rename(building, target)
-    except OSError:
-        if not target.is_dir():  # not a lost race with another process building the same seed
+    except OSError as error:
+        if target.is_dir():  # a lost race with another process building the same seed
+            pass
+        elif error.errno in ENVIRONMENT_ERRNOS:  # a full or read-only cache: zarr's error names no file
+            free = shutil.disk_usage(target.parent).free / 2**20
+            raise SegmentError(f"the demo segment demo:{seed} could not be built in {target.parent}: "
+                               f"{error.strerror} ({free:.1f} MiB free there; SEGMENT_CACHE_DIR moves the cache)") from error
+        else:
             raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return target
+
+
+def _remove_dead_builds(folder: pathlib.Path) -> None:
+    """Delete the half-built demos of this machine's processes that are gone: a build that failed (a full disk) can
+    leave one, its zarr writes still landing after its own clean-up. (A shared cache's other machines keep theirs.)"""
+    for building in folder.glob(f".building-{socket.gethostname()}-*-*"):
+        process_id = building.name.rsplit("-", 2)[1]
+        if process_id.isdigit() and not _process_alive(int(process_id)):
+            shutil.rmtree(building, ignore_errors=True)
+
+
+def _process_alive(process_id: int) -> bool:
+    try:
+        os.kill(process_id, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's, alive
+        return True
+    return True
 
 
 def _open_demo(seed: int, cache_dir: pathlib.Path, lru_bytes: int) -> Segment:

@@ -19,11 +19,17 @@ from collections.abc import Callable
 import numpy as np
 import tifffile
 import zarr
+import zarr.storage
 
 from pretrain.data.images import decode_image, image_header
 from pretrain.utils import temporaries
+from pretrain.utils.errors import OneLineError
 
 DEFAULT_LRU_BYTES = 512 * 2**20
+
+
+class UndecodableChunkError(OneLineError, ValueError):
+    """A chunk of a zarr on disk that its codec cannot decode (a truncated or damaged file); the message names it."""
 
 
 def _normalise_index(key, shape: tuple[int, ...]) -> tuple[list[slice], list[int]]:
@@ -125,7 +131,14 @@ class ChunkCachedVolume:
         box = tuple(
             slice(start.start, self._chunk_bounds(tuple(high))[axis].stop) for axis, start in enumerate(box)
         )
-        block = np.asarray(backend[box])
+        try:
+            block = np.asarray(backend[box])
+        except (RuntimeError, ValueError) as error:  # the codec's words for a damaged body (Zstd, Blosc)
+            # A remote chunk is checked where it enters the cache (pretrain.data.remote); a local zarr's only here.
+            if not (isinstance(backend, zarr.Array) and isinstance(backend.store, zarr.storage.LocalStore)) \
+                    or isinstance(error, OneLineError):
+                raise
+            raise UndecodableChunkError(self._undecodable(backend, chunk_indices, error)) from error
         chunks = {}
         for chunk_index in chunk_indices:
             bounds = self._chunk_bounds(chunk_index)
@@ -133,6 +146,17 @@ class ChunkCachedVolume:
             chunks[chunk_index] = np.ascontiguousarray(block[local])
         self.decoded_chunks += len(chunk_indices)
         return chunks
+
+    def _undecodable(self, backend: zarr.Array, chunk_indices: list[tuple[int, ...]], error: Exception) -> str:
+        """The line naming the first chunk of `chunk_indices` that does not decode, found by reading each alone."""
+        for chunk_index in chunk_indices:
+            try:
+                backend[self._chunk_bounds(chunk_index)]
+            except (RuntimeError, ValueError) as chunk_error:
+                return (f"{backend.store_path}/{backend.metadata.encode_chunk_key(chunk_index)}: chunk {chunk_index} "
+                        f"cannot be decoded ({chunk_error}): the file is truncated or damaged; copy or download the "
+                        "segment again")
+        return f"{backend.store_path}: chunks {chunk_indices} cannot be decoded ({error})"
 
     def _remember(self, chunk_index: tuple[int, ...], chunk: np.ndarray) -> None:
         if chunk.nbytes > self.lru_bytes:

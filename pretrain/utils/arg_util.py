@@ -6,17 +6,21 @@ The defaults pretrain the 3D ResNet-50 on the generated demo segment; without a 
 "On a GPU: settings for real segments" (ScrollMAE-like: depth 32, tile_size 256, bs 8, ep 500+).
 """
 import argparse
+import ast
 import json
 import os
 import sys
+import typing
 
 from tap import Tap
 
 from pretrain import checkpoint, methods
 from pretrain.data.patches import INPUT_OPTIONS, MOSTLY_PAPYRUS, NORMALIZATIONS, InputSettings
-from pretrain.dist import DEFAULT_TIMEOUT_MINUTES
+from pretrain.dist import CPU_THREADS_HELP, DEFAULT_TIMEOUT_MINUTES
 from pretrain.spark import MASK_MODES, TARGETS
 from pretrain.throughput import OPTIMIZER_KERNELS
+from pretrain.utils import ranges
+from pretrain.utils.errors import OneLineError
 from pretrain.utils.misc import git_commit, note_renamed
 
 
@@ -25,7 +29,7 @@ from pretrain.utils.misc import git_commit, note_renamed
 CPU_DEFAULTS = {"model": "resnet50_3d_narrow", "samples_per_ep": 48}
 
 
-class ArgumentError(ValueError):
+class ArgumentError(OneLineError, ValueError):
     """A setting that cannot work; the message names it."""
 
 
@@ -55,8 +59,7 @@ class Args(Tap):
     exp_dir: str = "experiments/spark_demo"  # checkpoints, log.jsonl and tensorboard_logs/ go here
     resume_from: str = ""  # a *_withdecoder_spark_style.pth to continue; empty: continue exp_dir's own if it has one
     init_weight: str = ""  # encoder weights only: an encoder-only, SparK, VICReg or Kinetics (Hara r3d50_K*) checkpoint
-    # "spark" (sparse masked autoencoder), "vicreg" (two views, variance-invariance-covariance): pretrain/methods.py
-    method: str = "spark"
+    method: str = "spark"  # the pretraining method (--help lists every one registered in pretrain/methods.py)
 
     # ---------------------------------------------------------------- data
     data_path: list[str] = ["demo"]  # segment specs, mixed: IDs, "scroll4:ID", zarrs, layer folders, "demo[:seed]"
@@ -73,13 +76,11 @@ class Args(Tap):
     samples_per_ep: int = 180  # crops per epoch (all processes together)
     num_workers: int = 2  # DataLoader workers per process (0: load in the main process)
     lru_mb: int = 512  # in-process cache of decoded chunks, per worker
-    # torch threads per process on CPU. 0: the cores left after the DataLoader workers (1 on a 2-core machine with
-    # 2 workers), not torch's one per core: on the shared 2-core machine at load average 6.5-9.4, 2 threads ran 53 s
-    # per step and 1 thread 18 s (docs/pretrain.md, "On a CPU"). Set 1 when other jobs share the cores.
-    cpu_threads: int = 0
-    # torchrun: a rank that waits this long at a collective operation for another rank (stalled or dead) stops the run
-    # with one line naming it; torch's own default is 30 min
-    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    # 0 (automatic) gives 1 thread on a 2-core machine with 2 workers: on the shared 2-core machine at load average
+    # 6.5-9.4, 2 threads ran 53 s per step and 1 thread 18 s (docs/pretrain.md, "On a CPU"). Set 1 when other jobs
+    # share the cores.
+    cpu_threads: int = 0  # torch threads per process on the CPU (0: automatic; --help says how, as every script's)
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: a rank waiting this long for another stops the run
 
     # ---------------------------------------------------------------- model
     model: str = "resnet50_3d"  # an input setting, as depth above
@@ -99,13 +100,13 @@ class Args(Tap):
     bs: int = 2  # global batch size (all processes together)
     # lr = base_lr × bs / 256, as SparK. SparK's base_lr 2e-4 assumes batches of thousands: at bs 2 it gives
     # lr 1.6e-6, and LAMB (whose step is lr × the layer's weight norm) then barely moves. 0.1 gives 7.8e-4.
-    base_lr: float = 0.1
+    base_lr: float = 0.1  # peak learning rate per 256 samples: lr = base_lr × bs / 256, after wp_ep of warm-up
     wd: float = 0.04  # weight decay at the start ...
     wde: float = 0.2  # ... and at the end (cosine in between), as SparK
     opt: str = "lamb"  # "lamb" (SparK's choice, timm's implementation) or "adamw"
     clip: float = 5.0  # gradient-norm clip (0: off)
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU, where bf16 is many times slower
-    seed: int = 0
+    seed: int = 0  # the model's initial weights, the crops and the masks (each rank and epoch draws its own)
 
     # ---------------------------------------------------------------- GPU throughput (pretrain/throughput.py)
     # How a step runs, not what it computes (each gives the default's loss and gradients: tests/test_throughput.py).
@@ -142,9 +143,16 @@ class Args(Tap):
     voxel_dtype: str = ""  # the segments' voxel dtype(s), recorded with the input settings
 
     def configure(self) -> None:
-        for field, option in INPUT_OPTIONS.items():
+        described = {field: option.help for field, option in INPUT_OPTIONS.items()}
+        described["method"] = ("the pretraining method, one of those registered in pretrain/methods.py: "
+                               + ", ".join(f"{name} ({module})" for name, module in methods.METHODS.items()))
+        described["cpu_threads"] = CPU_THREADS_HELP
+        described["dist_timeout_minutes"] = ("torchrun: a rank that waits this long at a collective operation for "
+                                             "another rank (stalled or dead) stops the run with one line naming it; "
+                                             "torch's own default is 30 min")
+        for field, help in described.items():
             default = getattr(type(self), field)
-            self.add_argument(f"--{field}", help=f"({type(default).__name__}, default={default}) {option.help}")
+            self.add_argument(f"--{field}", help=f"({type(default).__name__}, default={default}) {help}")
         for name in RUNTIME_FIELDS:
             self.add_argument(f"--{name}", type=str, action=RefuseRuntimeField, help=argparse.SUPPRESS)
 
@@ -160,8 +168,6 @@ class Args(Tap):
             problems.append(f"normalization {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.float_range and (len(self.float_range) != 2 or not self.float_range[0] < self.float_range[1]):
             problems.append(f"float_range {self.float_range} is not two numbers LOW HIGH with LOW below HIGH")
-        if not 0 < self.mask < 1:
-            problems.append(f"mask {self.mask} is not between 0 and 1")
         if self.method not in methods.METHODS:
             problems.append(f"method {self.method!r} is not {' or '.join(map(repr, methods.METHODS))}")
         else:
@@ -170,18 +176,14 @@ class Args(Tap):
             problems.append(f"vicreg_weights needs 3 numbers (invariance, variance, covariance), got {self.vicreg_weights}")
         if self.opt not in ("lamb", "adamw"):
             problems.append(f"opt {self.opt!r} is not 'lamb' or 'adamw'")
+        problems += [problem for name, allowed in SETTING_RANGES.items()
+                     if (problem := ranges.problem(name, getattr(self, name), allowed))]
         if self.optimizer_kernel not in OPTIMIZER_KERNELS:
             problems.append(f"optimizer_kernel {self.optimizer_kernel!r} is not one of {', '.join(OPTIMIZER_KERNELS)}")
         elif self.optimizer_kernel != "default" and self.opt != "adamw":
             problems.append(f"optimizer_kernel {self.optimizer_kernel!r} needs opt 'adamw' (timm's LAMB has one kernel)")
-        if self.prefetch_factor < 1:
-            problems.append(f"prefetch_factor {self.prefetch_factor} is not a positive number of batches")
-        if not self.dist_timeout_minutes > 0:
-            problems.append(f"dist_timeout_minutes {self.dist_timeout_minutes} is not a positive number of minutes")
-        if self.probe_every < 0 or self.probe_tiles < 2:
-            problems.append(f"need probe_every ≥ 0 and probe_tiles ≥ 2 (got {self.probe_every}, {self.probe_tiles})")
-        if self.ep < 1 or self.bs < 1 or self.samples_per_ep < self.bs:
-            problems.append(f"need ep ≥ 1, bs ≥ 1 and samples_per_ep ≥ bs (got {self.ep}, {self.bs}, {self.samples_per_ep})")
+        if self.samples_per_ep < self.bs:
+            problems.append(f"need samples_per_ep ≥ bs (got {self.samples_per_ep}, {self.bs})")
         if problems:
             raise ArgumentError("; ".join(problems))
 
@@ -245,6 +247,50 @@ class Args(Tap):
         return json.dumps(self.settings(), default=str, indent=1)
 
 
+# The range of every numeric setting above, checked once the command line is read (a list: each of its values).
+SETTING_RANGES = {
+    "samples_per_ep": ranges.AT_LEAST_1, "num_workers": ranges.AT_LEAST_0, "lru_mb": ranges.AT_LEAST_0,
+    "min_mask_fraction": ranges.FRACTION, "depth": ranges.AT_LEAST_1, "tile_size": ranges.AT_LEAST_1,
+    "cpu_threads": ranges.AT_LEAST_0, "dist_timeout_minutes": ranges.ABOVE_0, "mask": ranges.FRACTION_INSIDE,
+    "decoder_width": ranges.AT_LEAST_1, "vicreg_weights": ranges.AT_LEAST_0, "ep": ranges.AT_LEAST_1,
+    "stop_after_ep": ranges.AT_LEAST_0, "wp_ep": ranges.AT_LEAST_0, "bs": ranges.AT_LEAST_1,
+    "base_lr": ranges.ABOVE_0, "wd": ranges.AT_LEAST_0, "wde": ranges.AT_LEAST_0, "clip": ranges.AT_LEAST_0,
+    "seed": ranges.AT_LEAST_0, "vis_every": ranges.AT_LEAST_0, "prefetch_factor": ranges.AT_LEAST_1,
+    "probe_every": ranges.AT_LEAST_0, "probe_tiles": ranges.AT_LEAST_2,
+}
+
+
+def check_in_file_values() -> None:
+    """Raise one ArgumentError naming the file and line of every default above of another type than its annotation
+    (`ep: int = "five"`): argparse would call it a command-line error, and a value out of its range the same."""
+    tree = ast.parse(open(__file__, encoding="utf-8").read())
+    lines = {statement.target.id: statement.lineno for node in tree.body
+             if isinstance(node, ast.ClassDef) and node.name == "Args"
+             for statement in node.body if isinstance(statement, ast.AnnAssign)}
+    problems = []
+    for name, annotation in typing.get_type_hints(Args).items():
+        if name not in lines:
+            continue
+        value = getattr(Args, name)
+        origin, members = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is list:
+            fits = isinstance(value, list) and all(_has_type(item, members[0]) for item in value)
+        else:
+            fits = _has_type(value, annotation)
+        where = f"{os.path.basename(__file__)} line {lines[name]}"
+        if not fits:
+            problems.append(f"{where}: {name} expects {getattr(annotation, '__name__', annotation)}, got {value!r}")
+        elif name in SETTING_RANGES and (problem := ranges.problem(name, value, SETTING_RANGES[name])):
+            problems.append(f"{where}: {problem}")
+    if problems:
+        raise ArgumentError("; ".join(problems))
+
+
+def _has_type(value, expected: type) -> bool:
+    """An int is a float too, but a bool is not an int."""
+    return type(value) is expected or (expected is float and type(value) is int)
+
+
 # Options renamed so that one concept has one name across the scripts; the old names still work, with a note.
 # Tap gives a field one option name only, so the old names are rewritten before it parses (argparse scripts give
 # the old name to `RenamedOption` instead).
@@ -252,6 +298,7 @@ RENAMED = {"--input_size": "--tile_size"}  # the tile side, as fine-tuning (TILE
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
+    check_in_file_values()
     argv = list(sys.argv[1:] if argv is None else argv)
     for index, item in enumerate(argv):
         name, equals, value = item.partition("=")

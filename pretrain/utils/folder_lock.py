@@ -17,6 +17,7 @@ import sys
 import time
 
 from pretrain import dist
+from pretrain.utils.errors import OneLineError
 
 LOCK_FILE = ".run.lock"
 HOLDER_READ_ATTEMPTS = 5  # the holder writes itself in just after taking the lock: a reader may come in between
@@ -25,7 +26,7 @@ HOLDER_READ_ATTEMPTS = 5  # the holder writes itself in just after taking the lo
 _held: dict[pathlib.Path, int] = {}
 
 
-class FolderInUseError(RuntimeError):
+class FolderInUseError(OneLineError, RuntimeError):
     """Another run holds the folder; the message names it."""
 
 

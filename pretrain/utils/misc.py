@@ -1,35 +1,21 @@
 """Atomic writes, the JSON-lines log, the master-only TensorBoard writer, seeds, git commit, renamed options. (What
 goes into checkpoints, and how they are read, is `pretrain.checkpoint`.)"""
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 
 from pretrain import dist
-from pretrain.utils import temporaries
-
-
-def error_line(error: BaseException) -> str:
-    """The one line to show a user. An error raised in a DataLoader worker arrives wrapped, its message
-    holding the worker's whole traceback; its last line is the original message."""
-    message = str(error).strip()
-    if "Original Traceback" in message:
-        message = message.splitlines()[-1].split(": ", 1)[-1]
-    return message
-
-
-def show_warnings_as_lines() -> None:
-    """Warnings as one `warning: ...` line each, as a user should read them, without the source line that raised
-    them. Entry scripts call it once."""
-    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+from pretrain.utils import errors, temporaries
 
 
 def note_renamed(old: str, new: str) -> None:
@@ -78,12 +64,50 @@ def git_commit(repository: str | os.PathLike | None = None) -> str:
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save, atomically (`pretrain.utils.temporaries.write_atomic`)."""
-    temporaries.write_atomic(path, lambda temporary: torch.save(obj, temporary))
+    with write_errors_named(path):
+        temporaries.write_atomic(path, lambda temporary: torch.save(obj, temporary))
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Bytes (an encoded PNG, JSON, Markdown) to a file, atomically."""
-    temporaries.write_atomic(path, lambda temporary: temporary.write_bytes(data))
+    with write_errors_named(path):
+        temporaries.write_atomic(path, lambda temporary: temporary.write_bytes(data))
+
+
+# How torch's zip writer words a failed write (a full disk) in its RuntimeError.
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+@contextlib.contextmanager
+def write_errors_named(path: str | os.PathLike):
+    """A write of `path` that fails for want of room or rights is a WriteError naming `path` (not its temp file) and
+    the room left. torch reports a failed write as a RuntimeError of its zip writer: one of those too."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, errors.OneLineError) or (isinstance(error, OSError)
+                                                        and error.errno not in errors.ENVIRONMENT_ERRNOS):
+            raise
+        if isinstance(error, RuntimeError) and not any(words in str(error) for words in TORCH_WRITE_FAILURES):
+            raise
+        folder = pathlib.Path(path).parent
+        free = f"; {shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder}" if folder.is_dir() else ""
+        reason = error.strerror if isinstance(error, OSError) else str(error).strip().splitlines()[-1]
+        raise errors.WriteError(f"{path} could not be written: {reason}{free}") from error
+
+
+def check_writable_folder(folder: str | os.PathLike, setting: str) -> None:
+    """A WriteError naming `setting` unless `folder` can be written or made: checked before any work, and without
+    making it, so that a run refused later for another mistake leaves nothing behind."""
+    folder = pathlib.Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise errors.WriteError(f"{setting} {folder} cannot be made: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "is not writable"
+        raise errors.WriteError(f"{setting} {folder} cannot be written: {existing} {why}")
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
@@ -108,8 +132,15 @@ class JsonLinesLog:
 
     def write(self, **record) -> None:
         if dist.is_master():
-            with open(self.path, "a") as file:
-                file.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}, default=str) + "\n")
+            line = json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **record}, default=str) + "\n"
+            with write_errors_named(self.path), open(self.path, "a") as file:
+                length = file.tell()
+                try:
+                    file.write(line)
+                    file.flush()
+                except OSError:  # a full disk: no half line for a later run to append its own to
+                    file.truncate(length)
+                    raise
 
 
 class TensorboardLogger:

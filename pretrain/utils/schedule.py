@@ -11,10 +11,13 @@ import math
 import torch
 
 from pretrain import dist
+from pretrain.utils.errors import OneLineError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(OneLineError, RuntimeError):
     """The loss became NaN or infinite: the run stops, its last checkpoint intact."""
+
+    exit_status = 1
 
 
 def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip: float,
