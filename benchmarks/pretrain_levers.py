@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if device.type == "cpu":  # as pretrain/main.py sets them for its cpu_threads 0
-        torch.set_num_threads(pretrain.main.automatic_cpu_threads(base.num_workers))
+        torch.set_num_threads(dist.automatic_cpu_threads(base.num_workers))
     flops_per_sample = utilisation.pretraining_flops_per_sample(base, segments)
     measured_peak = (utilisation.measured_matmul_peak(device) if not settings.tiny
                      else utilisation.measured_matmul_peak(device, size=512, repeats=5))

@@ -549,8 +549,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.seeds) < 1:
         raise encoder_input.EvaluationError(f"--seeds {' '.join(map(str, args.seeds))}: at least 1 seed is needed")
-    if not 0 < args.alpha < 1:
-        raise encoder_input.EvaluationError(f"--alpha {args.alpha} must lie between 0 and 1")
     if len(args.seeds) not in (1, len(args.glyphs)):
         raise encoder_input.EvaluationError(f"--seeds gives {len(args.seeds)} counts for {len(args.glyphs)} --glyphs values: "
                                             "give one count, or one per value")

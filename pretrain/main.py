@@ -222,25 +222,26 @@ def main() -> int:
     ink_probe.start(log, tensorboard)
 
     last_epoch = min(args.ep, args.stop_after_ep) if args.stop_after_ep else args.ep
-    # One bar for the whole run, so that tqdm's estimate is the time the run has left, not the epoch.
-    progress = tqdm.tqdm(initial=start_epoch * len(loader), total=last_epoch * len(loader), unit="step",
-                         desc=f"epoch {start_epoch + 1}/{args.ep}",
-                         disable=not dist.is_master() or start_epoch >= last_epoch)
-    for epoch in range(start_epoch, last_epoch):
-        started = time.time()
-        stats, global_step = train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step, tensorboard,
-                                             progress)
-        stats.update(ink_probe.after_epoch(model, epoch, global_step, tensorboard))
-        # The full checkpoint goes last: it is what marks the epoch done for a resume, so a kill before it
-        # trains the epoch again instead of leaving its encoders or its log record behind.
-        save_encoders(args, model, epoch)
-        log.write(event="epoch", epoch=epoch + 1, global_step=global_step, seconds=round(time.time() - started, 1), **stats)
-        save_full_checkpoint(args, model, optimizer, epoch, global_step)
-        tensorboard.flush()
-        if dist.is_master():
-            progress.write(f"epoch {epoch + 1}/{args.ep}: loss {stats['loss']:.4f}, {time.time() - started:.0f} s, "
-                           f"{stats['samples_per_s']:.2f} samples/s")
-    progress.close()
+    # One bar for the whole run, so that tqdm's estimate is the time the run has left, not the epoch. Closed on any
+    # way out (a `with`), so that an error's one line starts a line of its own.
+    with tqdm.tqdm(initial=start_epoch * len(loader), total=last_epoch * len(loader), unit="step",
+                   desc=f"epoch {start_epoch + 1}/{args.ep}",
+                   disable=not dist.is_master() or start_epoch >= last_epoch) as progress:
+        for epoch in range(start_epoch, last_epoch):
+            started = time.time()
+            stats, global_step = train_one_epoch(args, model, ddp_model, optimizer, loader, epoch, global_step,
+                                                 tensorboard, progress)
+            stats.update(ink_probe.after_epoch(model, epoch, global_step, tensorboard))
+            # The full checkpoint goes last: it is what marks the epoch done for a resume, so a kill before it
+            # trains the epoch again instead of leaving its encoders or its log record behind.
+            save_encoders(args, model, epoch)
+            log.write(event="epoch", epoch=epoch + 1, global_step=global_step, seconds=round(time.time() - started, 1),
+                      **stats)
+            save_full_checkpoint(args, model, optimizer, epoch, global_step)
+            tensorboard.flush()
+            if dist.is_master():
+                progress.write(f"epoch {epoch + 1}/{args.ep}: loss {stats['loss']:.4f}, {time.time() - started:.0f} s, "
+                               f"{stats['samples_per_s']:.2f} samples/s")
     tensorboard.close()
     if dist.is_master():
         state = "done" if last_epoch == args.ep else f"stopped after epoch {last_epoch} of {args.ep} (run again to continue)"

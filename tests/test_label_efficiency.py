@@ -197,8 +197,9 @@ def test_budget_arm_trains_longer_and_bad_counts_are_one_error_line(labelled_seg
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --seeds 0: at least 1 seed is needed"]
-    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--alpha 1.5"):
+    with pytest.raises(SystemExit) as refused:
         label_efficiency.parse_args(["--pretrained_path", "random", "--alpha", "1.5"])
+    assert refused.value.code == 2 and "--alpha: 1.5 is out of range: it must be > 0 and < 1" in capsys.readouterr().err
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--glyphs 0 1"):
         label_efficiency.parse_args(["--pretrained_path", "random", "--glyphs", "0", "1"])
     # Seeds: one count for every number of glyphs, or one count per number.

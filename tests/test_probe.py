@@ -79,7 +79,7 @@ def test_a_probe_segment_without_labels_is_refused_and_a_data_path_without_them_
         probe.OnlineProbe.build(args, open_segment(args.data_path))
     args.probe_segment = ""
     assert not probe.OnlineProbe.build(args, open_segment(args.data_path)).enabled
-    with pytest.raises(arg_util.ArgumentError, match="need probe_every ≥ 0"):
+    with pytest.raises(arg_util.ArgumentError, match="probe_every -1 is out of range: it must be ≥ 0"):
         arg_util.parse_args(["--probe_every", "-1"])
 
 

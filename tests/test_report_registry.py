@@ -1,11 +1,12 @@
 """Methods join the encoder report by the registry alone: a method registered in pretrain/methods.py is pretrained,
 curved, probed, compared and mapped by evaluate/report.py, and evaluate/render_report.py shows it, without either
 file naming it. The method is tests/test_methods.py's toy, registered as that test registers it."""
+import dataclasses
 import sys
 
 import pytest
 
-from evaluate import render_report, report
+from evaluate import render_report, report, verdict_rule
 from pretrain import methods
 from tests.test_methods import TOY_METHOD
 
@@ -54,7 +55,8 @@ def results_with(names: list[str]) -> dict:
         "run": {"command": "python evaluate/report.py", "date": "2026-01-01", "commit": "abc", "seconds": 600.0},
         "pretraining": pretraining,
         "label_efficiency": [{"command": "python evaluate/label_efficiency.py", "table": "| table |",
-                              "plot": "curves.png", "encoders": names, "verdict": "no reading"}],
+                              "plot": "curves.png", "encoders": names, "verdict": "no reading",
+                              "design": dataclasses.asdict(verdict_rule.Design())}],
         "probes": {"control_command": "python finetune/train.py", "groups": [{
             "command": "python evaluate/encoders.py", "baseline": "random",
             "rows": [probe_row(name, 0.2) for name in encoders],

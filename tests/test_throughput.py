@@ -71,7 +71,7 @@ def test_an_optimizer_kernel_that_lamb_lacks_is_refused_in_one_line():
         arg_util.parse_args(["--optimizer_kernel", "fused"])
     with pytest.raises(arg_util.ArgumentError, match="optimizer_kernel 'fast' is not one of default, foreach, fused"):
         arg_util.parse_args(["--optimizer_kernel", "fast", "--opt", "adamw"])
-    with pytest.raises(arg_util.ArgumentError, match="prefetch_factor 0 is not a positive"):
+    with pytest.raises(arg_util.ArgumentError, match="prefetch_factor 0 is out of range: it must be ≥ 1"):
         arg_util.parse_args(["--prefetch_factor", "0"])
 
 

@@ -256,7 +256,7 @@ SETTING_RANGES = {
     "stop_after_ep": ranges.AT_LEAST_0, "wp_ep": ranges.AT_LEAST_0, "bs": ranges.AT_LEAST_1,
     "base_lr": ranges.ABOVE_0, "wd": ranges.AT_LEAST_0, "wde": ranges.AT_LEAST_0, "clip": ranges.AT_LEAST_0,
     "seed": ranges.AT_LEAST_0, "vis_every": ranges.AT_LEAST_0, "prefetch_factor": ranges.AT_LEAST_1,
-    "probe_every": ranges.AT_LEAST_0, "probe_tiles": ranges.AT_LEAST_2,
+    "probe_every": ranges.AT_LEAST_0, "probe_tiles": ranges.AT_LEAST_2, "probe_seed": ranges.AT_LEAST_0,
 }
 
 
