@@ -1,15 +1,14 @@
 """Without a GPU, `python pretrain/main.py` with no arguments pretrains the narrow ResNet-50 on fewer crops (so the
 quickstart finishes in minutes on a CPU), says so in its first line with the options for the full width, and any
 setting given on the command line wins. Pretraining prints a line per epoch."""
-import sys
 
 import pytest
 import torch
 
-import pretrain.main
 from pretrain.data.segment import SegmentError
 from pretrain.utils import arg_util
 from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
+from tests.test_probe import run_main
 
 
 def test_the_cpu_defaults_fill_only_what_the_command_line_left_out():
@@ -26,15 +25,6 @@ def test_the_cpu_defaults_fill_only_what_the_command_line_left_out():
     big_batch = arg_util.parse_args(["--bs", "128"])
     big_batch.use_cpu_defaults()
     assert big_batch.samples_per_ep == 128  # never fewer crops than a batch
-
-
-def run_main(arguments: list[str], monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["pretrain/main.py", *arguments])
-    threads = torch.get_num_threads()
-    try:
-        assert pretrain.main.main() == 0
-    finally:
-        torch.set_num_threads(threads)  # main sets this process's threads (cpu_threads)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU keeps the defaults")
