@@ -683,7 +683,10 @@ class CachedHTTPStore(Store):
                 raise
             except Exception as error:  # noqa: BLE001 - classified right below
                 if deadline is not None and loop.time() >= deadline:
-                    raise self._deadline_error(url, deadline - first_request, attempts, error) from None
+                    # An attempt the deadline cut short says only "timeout": name the last answer before it.
+                    cut_short = isinstance(error, TimeoutError) and last_error is not None
+                    raise self._deadline_error(url, deadline - first_request, attempts,
+                                               last_error if cut_short else error) from None
                 if not _is_retryable(error):
                     if isinstance(error, OSError):  # not the network's (those are retryable): the local disk's
                         raise self.cache_write_error(error, url, announced) from None
