@@ -9,7 +9,7 @@ import os
 import pathlib
 
 from pretrain.data.segment import SegmentError, segment_identity
-from pretrain.utils.misc import write_bytes_atomic
+from pretrain.utils.misc import file_sha256, write_bytes_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEGMENT_OPTIONS = ("--segment_id", "--data_path", "--VALIDATION_SEGMENTS")  # each followed by one or more specs
@@ -17,7 +17,6 @@ KEY_FILE = "key.json"  # in a run folder: the key of the run it holds (written b
 TRAIN_CODE = ("finetune", "pretrain")  # what finetune/train.py executes
 PRETRAIN_CODE = ("pretrain",)
 EVALUATE_CODE = ("evaluate", "finetune", "pretrain")
-_file_digests: dict[tuple, str] = {}
 
 
 def segment_key(spec: str) -> str:
@@ -31,17 +30,8 @@ def segment_key(spec: str) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (remembered per path, size and modification time within a process: checkpoints are
-    large and a report names each several times)."""
-    stat = os.stat(path)
-    remembered = (str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if remembered not in _file_digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-        _file_digests[remembered] = "sha256:" + digest.hexdigest()
-    return _file_digests[remembered]
+    """A file argument in a key: the sha256 of its bytes."""
+    return "sha256:" + file_sha256(path)
 
 
 def code_digest(packages: tuple[str, ...]) -> str:

@@ -27,7 +27,6 @@ second run there is refused in one line naming the first. Under torchrun each se
 processes, and rank 0 writes.
 """
 import argparse
-import hashlib
 import json
 import pathlib
 import sys
@@ -53,7 +52,6 @@ OVERLAY_STRETCH_PERCENTILES = (1, 99)  # of the papyrus's grey: raw CT layers ar
 # Rows of the overlay blended at a time: in float at once, a 20 000 × 15 000 segment would take some 10 GB.
 OVERLAY_ROWS = 512
 SCALE_GREY = 128  # the grey under the overlay's colour scale: a mid-grey papyrus
-DIGEST_BLOCK_BYTES = 2**20
 
 
 class ArgumentError(OneLineError, ValueError):
@@ -91,15 +89,6 @@ def output_name(spec: str) -> str:
     """The file name (without suffix) of a segment's outputs here: one per segment, never shared by two
     (`finetune.outputs.output_name` with `unique`)."""
     return outputs.output_name(spec, unique=True)
-
-
-def file_digest(path: pathlib.Path) -> str:
-    """sha256 of the file's bytes: what the checkpoint is, whatever its name or time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(DIGEST_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def made_by(spec: str, checkpoint_digest: str, arguments) -> dict:
@@ -254,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(saved, arguments.checkpoint, settings).to(device)
     output_dir = arguments.output_dir
     names = outputs.output_names(arguments.segment_id, unique=True)
-    checkpoint_digest = file_digest(arguments.checkpoint)
+    checkpoint_digest = misc.file_sha256(arguments.checkpoint)
     expected = [made_by(spec, checkpoint_digest, arguments) for spec in arguments.segment_id]
     try:
         # What a folder holds is judged under its lock (a new folder holds nothing, and is locked as it is made).

@@ -455,14 +455,8 @@ def build_model(run: Run) -> InkUNet:
 def inputs_digest(config) -> str:
     """sha256 of the bytes of the files a run starts from besides its labels: the pretrained encoder and the prior.
     Their paths say nothing: a checkpoint overwritten in place is another start."""
-    digest = hashlib.sha256()
-    for path in (config.pretrained_path, config.PRIOR_PATH):
-        digest.update(b"\0")
-        if path:
-            with open(path, "rb") as stream:
-                for block in iter(lambda: stream.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+    return hashlib.sha256(" ".join(misc.file_sha256(path) if path else "-"
+                                   for path in (config.pretrained_path, config.PRIOR_PATH)).encode()).hexdigest()
 
 
 def resume_point(run: Run, labels_digest: str, start_digest: str):

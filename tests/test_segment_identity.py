@@ -24,7 +24,7 @@ from finetune.model import build_ink_unet
 from pretrain import checkpoint
 from pretrain.data.patches import InputSettings
 from pretrain.data.segment import SegmentError, open_segment, segment_identity
-from pretrain.utils import folder_lock
+from pretrain.utils import folder_lock, misc
 from tests.conftest import FINETUNE_TINY, REPO_ROOT
 from tests.loopback_server import LoopbackServer
 from tests.synthetic import SERVER_SEGMENT_ID, random_volume, rectangle_mask, write_png, write_zarr_segment
@@ -195,7 +195,7 @@ def test_predict_skips_only_what_this_segment_checkpoint_and_settings_made(model
     assert f"{a}: scored against its own ink labels" in said and "AUC" in said
     record = json.loads((output / f"{name_a}.json").read_text())
     assert record["made_by"]["segment"] == segment_identity(a) and record["score"]["pixels"] > 0
-    assert record["made_by"]["checkpoint_sha256"] == predict.file_digest(model_checkpoint)
+    assert record["made_by"]["checkpoint_sha256"] == misc.file_sha256(model_checkpoint)
 
     # The second folder's seg.zarr is its own segment: predicted, under its own name, A's files untouched.
     a_written = (output / f"{name_a}.png").stat().st_mtime_ns

@@ -62,6 +62,24 @@ def git_commit(repository: str | os.PathLike | None = None) -> str:
     return commit if not changes and not any(untracked) else f"{commit}-dirty-{digest.hexdigest()[:10]}"
 
 
+_file_sha256s: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in blocks: what a checkpoint, label image or prior is, whatever its name.
+    Remembered per resolved path, size and modification time within a process: checkpoints are large, and a run or
+    report names each several times."""
+    stat = os.stat(path)
+    remembered = (str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if remembered not in _file_sha256s:
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        _file_sha256s[remembered] = digest.hexdigest()
+    return _file_sha256s[remembered]
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save, atomically (`pretrain.utils.temporaries.write_atomic`)."""
     with write_errors_named(path):
