@@ -3,6 +3,7 @@ their annotation, and the in-file values checked as overrides are; on small sett
 and on finetune/train.py (a copy of it edited as a user would, run as the real script)."""
 import argparse
 import os
+import pathlib
 import re
 import runpy
 import subprocess
@@ -226,14 +227,21 @@ def test_the_shipped_train_py_passes_its_own_check():
     check_in_file_settings(train.DEFAULTS, train.__file__, read_elsewhere=tuple(train.FINETUNE_NAMES.values()))
 
 
-def test_a_typo_in_train_py_itself_is_one_error_line_before_anything_runs(tmp_path):
-    """A copy of finetune/train.py with the typo of the issue, run as the real script (its imports from the repo)."""
+def edited_train_script(tmp_path, num_epochs_line: str) -> tuple[pathlib.Path, str]:
+    """A copy of finetune/train.py under tmp_path/finetune/ whose `NUM_EPOCHS: int = 20` line reads `num_epochs_line`
+    instead (the rest of that line, its comment, stays): (the copy, its text)."""
     source = (REPO_ROOT / "finetune" / "train.py").read_text()
-    edited, count = re.subn(r"^NUM_EPOCHS: int = 20 ", "NUM_EPOCHS: int = 20\nNUM_EPOCH = 2 ", source, flags=re.M)
+    edited, count = re.subn(r"^NUM_EPOCHS: int = 20 ", num_epochs_line + " ", source, flags=re.M)
     assert count == 1
     copy = tmp_path / "finetune" / "train.py"
     copy.parent.mkdir()
     copy.write_text(edited)
+    return copy, edited
+
+
+def test_a_typo_in_train_py_itself_is_one_error_line_before_anything_runs(tmp_path):
+    """A copy of finetune/train.py with the typo of the issue, run as the real script (its imports from the repo)."""
+    copy, edited = edited_train_script(tmp_path, "NUM_EPOCHS: int = 20\nNUM_EPOCH = 2")
     result = subprocess.run([sys.executable, str(copy), "--OUTPUT_DIR", str(tmp_path / "runs")], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})

@@ -27,6 +27,7 @@ from pretrain.dist import CPU_THREADS_HELP
 from pretrain.utils import arg_util, errors, misc, ranges
 from tests.conftest import REPO_ROOT
 from tests.test_cache_integrity import small_tmpfs
+from tests.test_finetune_config import edited_train_script
 from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 ENVIRONMENT = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -45,12 +46,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 def test_a_word_typed_as_an_in_file_setting_is_one_line_naming_file_and_line(tmp_path):
     """`NUM_EPOCHS: int = twenty` stops train.py while its settings are read (a NameError, before main())."""
-    source = (REPO_ROOT / "finetune" / "train.py").read_text()
-    edited, count = re.subn(r"^NUM_EPOCHS: int = 20 ", "NUM_EPOCHS: int = twenty ", source, flags=re.M)
-    assert count == 1
-    copy = tmp_path / "finetune" / "train.py"
-    copy.parent.mkdir()
-    copy.write_text(edited)
+    copy, edited = edited_train_script(tmp_path, "NUM_EPOCHS: int = twenty")
     result = run([sys.executable, str(copy), "--OUTPUT_DIR", str(tmp_path / "runs")], cwd=tmp_path)
     line_number = next(number for number, line in enumerate(edited.splitlines(), 1) if "= twenty" in line)
     assert result.returncode == 2
