@@ -294,6 +294,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pretrain_args", default="", help="more pretrain/main.py settings for every pretraining run")
     parser.add_argument("--finetune_args", default="", help="more finetune/train.py settings for every fine-tuning run")
     parser.add_argument("--feature_args", default="", help="more settings for cka.py and ink_map.py")
+    parser.add_argument("--pretrain_only", action="store_true",
+                        help="stop after step 1 (a sitting of its own: the rest reuses it when run with the same settings)")
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("experiments/report"), help="runs and results")
     parser.add_argument("--notes", type=pathlib.Path, default=pathlib.Path("notes/encoder_report.md"), help="the report")
     parser.add_argument("--images", type=pathlib.Path, default=pathlib.Path("images"), help="the report's figures")
@@ -311,6 +313,9 @@ def main() -> int:
     args = parse_args()
     started = time.time()
     encoders = pretrain(args)
+    if args.pretrain_only:
+        print(f"\npretraining done: {', '.join(encoders.values())}; the same command without --pretrain_only goes on")
+        return 0
     label_efficiency(args, encoders)
     probes(args, encoders)
     representations(args, encoders)

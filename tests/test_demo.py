@@ -1,6 +1,9 @@
 """The demo segment: layout, determinism, and calibrated difficulty (ink hidden from one slice, present
 in the surface texture); and the single-layer threshold baseline against a brute-force reference."""
 import itertools
+import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 import sklearn.metrics
 import zarr
 
+from pretrain.data import demo
 from pretrain.data.demo import CHUNKS_ZYX, GENERATOR_VERSION, best_single_layer_threshold_f05, build_demo_segment
 
 SMALL_SHAPE = (65, 256, 384)
@@ -84,6 +88,40 @@ def test_same_seed_same_segment_other_seed_differs(small_segment, tmp_path):
         np.testing.assert_array_equal(images[name], again_images[name])
         assert not np.array_equal(images[name], other_images[name])
     assert not np.array_equal(volume_zyx, other_zyx)
+
+
+def test_the_default_demo_is_the_reference_one(default_segment, tmp_path):
+    # The arrays every recorded score comes from, byte for byte (the build checks it too, and refuses another).
+    volume_zyx, images = default_segment
+    digest = demo.demo_digest(volume_zyx, images["mask"], images["inklabels"], images["inklabels_two_letters"])
+    assert digest == demo.REFERENCE_SHA256[0]
+
+
+def test_a_demo_other_than_the_reference_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "DEFAULT_SHAPE", SMALL_SHAPE)
+    build_demo_segment(tmp_path / "reference", seed=3, shape=SMALL_SHAPE)
+    monkeypatch.setattr(demo, "REFERENCE_SHA256", {3: zarr.open_group(tmp_path / "reference").attrs["sha256"]})
+    build_demo_segment(tmp_path / "same", seed=3, shape=SMALL_SHAPE)
+    monkeypatch.setattr(demo, "REFERENCE_SHA256", {3: "0" * 64})
+    with pytest.raises(demo.DemoDigestError, match="different demo:3"):
+        build_demo_segment(tmp_path / "other", seed=3, shape=SMALL_SHAPE)
+    assert not (tmp_path / "other" / "0").exists()
+
+
+def test_the_demo_does_not_depend_on_the_instruction_set(small_segment):
+    # numpy picks SSE, AVX2 or AVX-512 code for its ufuncs by machine; the float32 generator of version 1 built a
+    # different demo:0 with AVX disabled. Built with only the baseline instructions, the demo must not change.
+    from numpy._core._multiarray_umath import __cpu_baseline__, __cpu_features__
+
+    extra = [feature for feature, present in __cpu_features__.items() if present and feature not in __cpu_baseline__]
+    if not extra:
+        pytest.skip("this machine has only numpy's baseline instructions")
+    script = ("import sys, zarr; from pretrain.data.demo import build_demo_segment; "
+              f"build_demo_segment(sys.argv[1], seed=3, shape={SMALL_SHAPE}); "
+              "print(zarr.open_group(sys.argv[1]).attrs['sha256'])")
+    baseline = subprocess.run([sys.executable, "-c", script, str(small_segment.parent / "baseline")], check=True,
+                              capture_output=True, text=True, env={**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(extra)})
+    assert baseline.stdout.split()[-1] == zarr.open_group(small_segment).attrs["sha256"]
 
 
 def test_existing_folder_is_refused(small_segment):

@@ -14,7 +14,14 @@ only the first voxel or two of the recto (a slight density increase plus a crack
 single layer shows it: the warp moves the surface across layers, and a slow gain/offset drift and
 CT-like noise hide the small density change. A 3D model that follows the surface and reads the
 texture can find it. `contrast` scales the ink signal (1.0 is the calibrated difficulty).
+
+The same seed gives the same bytes on every machine, so that scores measured on a CPU and on a GPU box can be
+compared and pooled: every field is computed in float64 with numpy and scipy (elementwise arithmetic and fixed-order
+filters, whose rounding differences between builds and instruction sets stay far below the rounding to uint8),
+OpenCV only rasterises the letters (integer arithmetic), and a segment whose digest is recorded in REFERENCE_SHA256
+is checked against it at build: a machine that builds another demo says so instead of scoring on it.
 """
+import hashlib
 import pathlib
 from typing import NamedTuple
 
@@ -23,8 +30,14 @@ import numpy as np
 import scipy.ndimage
 import zarr
 
+from pretrain.utils.errors import OneLineError
+
 # Bump when the generated data changes for a given seed, so cached demo segments get rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+DEFAULT_SHAPE = (65, 1024, 1536)  # (Z, Y, X)
+# `demo_digest` of the segments every recorded number comes from (default shape and contrast), by seed.
+REFERENCE_SHA256 = {0: "9ba7f00294aa9d9827fa90f5b7d4758f8ae1c7e91246aece5229476a3db7e028",
+                    1: "d346c8fa6f72e3ccfe998bd10f01305bcaaa15f29809348d8f5bef2a0f4cf00e"}
 
 CHUNKS_ZYX = (16, 128, 128)  # small chunks: a 16-layer depth window decodes little beyond itself
 SHEET_THICKNESS = 12.0  # layers
@@ -47,6 +60,10 @@ INK_DEPTH_WIDTH = 0.6  # layers (standard deviation)
 ALPHABET = "ABCEHIKMNOPTXYZ"
 
 
+class DemoDigestError(OneLineError, RuntimeError):
+    """This machine built a demo segment other than the reference one: its scores would not be comparable."""
+
+
 class _Letter(NamedTuple):
     line: int
     origin_xy: tuple  # bottom-left corner of the text, as cv2.putText takes it
@@ -55,25 +72,23 @@ class _Letter(NamedTuple):
 
 
 def _smooth_noise(rng: np.random.Generator, shape_yx: tuple, sigma_yx: tuple) -> np.ndarray:
-    """Gaussian-filtered white noise with zero mean and unit standard deviation, (Y, X) float32.
+    """Gaussian-filtered white noise with zero mean and unit standard deviation, (Y, X) float64.
 
     Large sigmas are filtered on a coarser grid and upsampled: a kernel hundreds of pixels wide on
     the full grid is slow, for a field that has no fine detail anyway.
     """
     factor = max(1, int(min(sigma_yx) // 4))
     coarse_shape = (-(-shape_yx[0] // factor) + 1, -(-shape_yx[1] // factor) + 1)
-    noise_yx = rng.standard_normal(coarse_shape, dtype=np.float32)
-    noise_yx = cv2.GaussianBlur(noise_yx, (0, 0), sigmaX=sigma_yx[1] / factor, sigmaY=sigma_yx[0] / factor,
-                                borderType=cv2.BORDER_REFLECT)
-    if factor > 1:
-        size_xy = (coarse_shape[1] * factor, coarse_shape[0] * factor)
-        noise_yx = cv2.resize(noise_yx, size_xy, interpolation=cv2.INTER_LINEAR)
+    noise_yx = rng.standard_normal(coarse_shape, dtype=np.float32).astype(np.float64)
+    noise_yx = scipy.ndimage.gaussian_filter(noise_yx, (sigma_yx[0] / factor, sigma_yx[1] / factor), mode="reflect")
+    if factor > 1:  # linear, sampling at pixel centres
+        noise_yx = scipy.ndimage.zoom(noise_yx, factor, order=1, mode="nearest", grid_mode=True)
     noise_yx = noise_yx[:shape_yx[0], :shape_yx[1]]
     return (noise_yx - noise_yx.mean()) / noise_yx.std()
 
 
 def _sigmoid(value: np.ndarray) -> np.ndarray:
-    # The tanh form never overflows, unlike 1 / (1 + exp(-value)) in float32.
+    # The tanh form never overflows, unlike 1 / (1 + exp(-value)).
     return 0.5 + 0.5 * np.tanh(0.5 * value)
 
 
@@ -141,13 +156,22 @@ def _ink_labels(rng: np.random.Generator, mask_yx: np.ndarray) -> tuple[np.ndarr
     return draw(letters), draw(pair)
 
 
-def build_demo_segment(directory: pathlib.Path, seed: int = 0, shape: tuple[int, int, int] = (65, 1024, 1536),
+def demo_digest(volume_zyx: np.ndarray, *images_yx: np.ndarray) -> str:
+    """sha256 of a segment's arrays (not of its files, whose encoding may vary between library versions)."""
+    digest = hashlib.sha256()
+    for array in (volume_zyx, *images_yx):
+        digest.update(str(array.shape).encode() + np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def build_demo_segment(directory: pathlib.Path, seed: int = 0, shape: tuple[int, int, int] = DEFAULT_SHAPE,
                        contrast: float = 1.0) -> None:
     """Write a synthetic segment into the new folder `directory`.
 
     Writes the zarr v3 group (array "0", uint8 (Z, Y, X), chunks CHUNKS_ZYX), mask.png,
     inklabels.png (all ink) and inklabels_two_letters.png (two adjacent letters), all (Y, X) uint8
-    in {0, 255}. The same seed, shape and contrast always give the same files.
+    in {0, 255}. The same seed, shape and contrast always give the same arrays; with the default shape and
+    contrast, a seed in REFERENCE_SHA256 that does not (another build of numpy or scipy) is a DemoDigestError.
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True)  # fails, before any work, if the folder exists
@@ -158,7 +182,7 @@ def build_demo_segment(directory: pathlib.Path, seed: int = 0, shape: tuple[int,
     mask_yx = _segment_mask(rng, shape_yx)
     inklabels_yx, two_letters_yx = _ink_labels(rng, mask_yx)
 
-    # Sheet geometry, all (Y, X) float32 in layers. The surface bends broadly and has smaller bumps.
+    # Sheet geometry, all (Y, X) float64 in layers. The surface bends broadly and has smaller bumps.
     surface_yx = layer_count // 2 + 3.0 * _smooth_noise(rng, shape_yx, (180, 180)) \
         + 1.0 * _smooth_noise(rng, shape_yx, (60, 60))
     thickness_yx = SHEET_THICKNESS + 0.7 * _smooth_noise(rng, shape_yx, (100, 100))
@@ -169,7 +193,7 @@ def build_demo_segment(directory: pathlib.Path, seed: int = 0, shape: tuple[int,
     next_sheet_start_yx = surface_yx + thickness_yx + gap_after_yx
     previous_sheet_end_yx = surface_yx - gap_before_yx
 
-    # Textures, (Y, X) float32. Fibres are noise stretched along x (recto) or y (verso).
+    # Textures, (Y, X) float64. Fibres are noise stretched along x (recto) or y (verso).
     recto_fibres_yx = _smooth_noise(rng, shape_yx, (1.2, 18.0))
     verso_fibres_yx = _smooth_noise(rng, shape_yx, (18.0, 1.2))
     neighbour_texture_yx = _smooth_noise(rng, shape_yx, (3.0, 3.0))
@@ -177,10 +201,11 @@ def build_demo_segment(directory: pathlib.Path, seed: int = 0, shape: tuple[int,
     # Crackle: thin dark cracks along the zero lines of fine noise, bright plates between them,
     # and grain on top.
     cracks_yx = np.abs(_smooth_noise(rng, shape_yx, (2.5, 2.5))) < 0.3
-    crackle_yx = np.where(cracks_yx, -2.0, 0.6) + 0.5 * rng.standard_normal(shape_yx, dtype=np.float32)
+    grain_yx = rng.standard_normal(shape_yx, dtype=np.float32).astype(np.float64)
+    crackle_yx = np.where(cracks_yx, -2.0, 0.6) + 0.5 * grain_yx
     crackle_yx = (crackle_yx - crackle_yx.mean()) / crackle_yx.std()
     # Ink edges are soft: the label is where a person would draw, the carbon thins out around it.
-    ink_amount_yx = cv2.GaussianBlur(inklabels_yx.astype(np.float32) / 255.0, (0, 0), 1.0)
+    ink_amount_yx = scipy.ndimage.gaussian_filter(inklabels_yx / 255.0, 1.0, mode="mirror")
     ink_signal_yx = contrast * ink_amount_yx * (INK_DENSITY_STEP + INK_CRACKLE_AMPLITUDE * crackle_yx)
 
     # Slow scanner drift over the segment.
@@ -200,16 +225,26 @@ def build_demo_segment(directory: pathlib.Path, seed: int = 0, shape: tuple[int,
                       + sheet_yx * (papyrus_yx + FIBRE_AMPLITUDE * fibres_yx - AIR_LEVEL)
                       + neighbours_yx * (papyrus_yx + FIBRE_AMPLITUDE * neighbour_texture_yx - AIR_LEVEL)
                       + ink_weight_yx * ink_signal_yx)
-        layer_yx = offset_yx + gain_yx * density_yx + NOISE_STD * rng.standard_normal(shape_yx, dtype=np.float32)
+        noise_yx = rng.standard_normal(shape_yx, dtype=np.float32).astype(np.float64)
+        layer_yx = offset_yx + gain_yx * density_yx + NOISE_STD * noise_yx
         # Outside the segment there is no surface to render: real segments are black there.
         volume_zyx[z] = np.where(mask_yx, np.clip(np.rint(layer_yx), 0, 255), 0)
 
+    mask_image_yx = mask_yx.astype(np.uint8) * 255
+    digest = demo_digest(volume_zyx, mask_image_yx, inklabels_yx, two_letters_yx)
+    reference = REFERENCE_SHA256.get(seed) if (tuple(shape), contrast) == (DEFAULT_SHAPE, 1.0) else None
+    if reference is not None and digest != reference:
+        raise DemoDigestError(
+            f"this machine built a different demo:{seed} (sha256 {digest[:12]}…, the reference is {reference[:12]}…; "
+            f"numpy {np.__version__}, scipy {scipy.__version__}, OpenCV {cv2.__version__}): scores on it would not be "
+            "comparable with any recorded one; please report it with these versions")
     group = zarr.open_group(directory, mode="w")
     group.attrs.update({"generator": "pretrain.data.demo", "generator_version": GENERATOR_VERSION,
-                        "seed": int(seed), "contrast": float(contrast), "shape": [int(size) for size in shape]})
+                        "seed": int(seed), "contrast": float(contrast), "shape": [int(size) for size in shape],
+                        "sha256": digest})
     array = group.create_array("0", shape=shape, chunks=CHUNKS_ZYX, dtype=np.uint8)
     array[:] = volume_zyx
-    cv2.imwrite(str(directory / "mask.png"), mask_yx.astype(np.uint8) * 255)
+    cv2.imwrite(str(directory / "mask.png"), mask_image_yx)
     cv2.imwrite(str(directory / "inklabels.png"), inklabels_yx)
     cv2.imwrite(str(directory / "inklabels_two_letters.png"), two_letters_yx)
 
