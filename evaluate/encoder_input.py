@@ -8,6 +8,7 @@ warns), exactly as in fine-tuning: `pretrain.checkpoint.resolve_input_settings`.
 import argparse
 import concurrent.futures
 import dataclasses
+import os
 import pathlib
 import threading
 
@@ -38,6 +39,14 @@ def segment_for_runs(spec: str) -> str:
     except SegmentError:
         return spec
     return parsed.identity if parsed.kind == "path" else spec
+
+
+def automatic_jobs(jobs: int) -> int:
+    """`jobs` runs at a time, or for 0 one run per core this process may use on a CPU (a fine-tuning run computes in
+    one torch thread, finetune/train.py's CPU_THREADS, so one run leaves the other cores idle) and one on a GPU."""
+    if jobs:
+        return jobs
+    return 1 if torch.cuda.is_available() else len(os.sched_getaffinity(0))
 
 
 def side_by_side(function, items: list, jobs: int):

@@ -49,13 +49,13 @@ reuses everything; any other run is moved to `runs/.superseded/` and run again, 
 run whose inputs are the same but whose code differs, and then the report names its code.
 """
 import argparse
-import ast
 import csv
 import dataclasses
 import hashlib
 import io
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -81,6 +81,11 @@ from pretrain.utils import errors, ranges
 
 RANDOM = "random"  # no pretrained weights: the seeded random initialisation (training from scratch)
 OLDER_RANDOM = "scratch"  # what older code called it: still accepted for --pretrained_path, and as an arm's name
+# Every run's step budget: RUN_EPOCHS epochs of at least RUN_TILES_PER_EPOCH tiles (notes/performance.md: the pilot
+# of F0.5 and AUC against steps that chose it, and the check against finetune/train.py's own 20 epochs of 512).
+RUN_EPOCHS = 8
+RUN_TILES_PER_EPOCH = 128
+PREDICTED_REGION = "predicted_region.png"  # the calibration strip and the scored region, where runs predict
 RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates printed beside the verdict
 NEGATIVES_REACH = 32  # pixels around a labelled glyph that a simulated labeler paints as not ink
 NEGATIVES_CLEARANCE = 3  # pixels the painted negatives keep off any ink
@@ -183,16 +188,6 @@ def painted_negatives(glyph_labels_yx: np.ndarray, inklabels_yx: np.ndarray, mas
     return (near_yx & mask_yx & ~ink_yx).astype(np.uint8) * 255
 
 
-def default_epochs() -> int:
-    """finetune/train.py's NUM_EPOCHS, read from its source (importing the entry script would build nothing we need)."""
-    tree = ast.parse((REPO_ROOT / "finetune" / "train.py").read_text())
-    for statement in tree.body:
-        target = statement.targets[0] if isinstance(statement, ast.Assign) else getattr(statement, "target", None)
-        if isinstance(target, ast.Name) and target.id == "NUM_EPOCHS":
-            return int(ast.literal_eval(statement.value))
-    raise encoder_input.EvaluationError("finetune/train.py sets no NUM_EPOCHS")
-
-
 def without_epochs(extra: list[str]) -> tuple[list[str], int | None]:
     """The settings after `--` less any NUM_EPOCHS, and that NUM_EPOCHS (None when not given)."""
     kept, epochs, index = [], None, 0
@@ -213,6 +208,10 @@ def run_command(run: dict, args, settings: InputSettings, extra: list[str], fold
     command = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--exp_name", run["name"],
                "--OUTPUT_DIR", str(args.output / "runs"), "--segment_id", args.segment, "--scheme", "iterative",
                "--data_augmentation", "True", "--SEED", str(run["seed"]), *finetune_options(settings)]
+    if not any(item.split("=")[0] == "--MIN_TILES_PER_EPOCH" for item in extra):
+        command += ["--MIN_TILES_PER_EPOCH", str(args.run_tiles_per_epoch)]
+    if predicts_scored_only(args):
+        command += ["--mask_path", str(args.output / PREDICTED_REGION)]
     if run["glyphs"]:  # k = 0: the prior alone
         command += ["--inklabel_path", str(folder / f"glyphs_k{run['glyphs']}_seed{run['seed']}.png")]
     if run["prior"]:
@@ -225,9 +224,14 @@ def run_command(run: dict, args, settings: InputSettings, extra: list[str], fold
         command += ["--FREEZE_ENCODER_EPOCHS", str(args.lp_epochs)]
     if args.self_training_rounds:
         command += ["--SELF_TRAINING_ROUNDS", str(args.self_training_rounds)]
-    if run["epochs"] is None:
-        return command + extra
     return command + without_epochs(extra)[0] + ["--NUM_EPOCHS", str(run["epochs"])]
+
+
+def predicts_scored_only(args) -> bool:
+    """Whether runs predict only where predictions are used: the calibration strip and the scored region (a pixel's
+    prediction there is the same, the tiles that cover it being the same), not the labelling part. Self-training and
+    a prior read the prediction of the whole segment, so their runs predict it all."""
+    return not args.self_training_rounds and args.prior is None
 
 
 def earlier_run(folder: pathlib.Path, run_key: dict, reuse_other_code: bool) -> dict | None:
@@ -262,8 +266,10 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
         images[str(folder / f"negatives_k{run['glyphs']}_seed{run['seed']}.png")] = painted_negatives(
             glyphs_yx, segment.inklabels, segment.mask & scoring.label_yx)
     check_held_out(images.values(), scoring, settings.tile_size, run["name"])
-    run_key = provenance.key(command, provenance.TRAIN_CODE,
-                             {path: label_digest(image_yx) for path, image_yx in images.items()})
+    digests = {path: label_digest(image_yx) for path, image_yx in images.items()}
+    if predicts_scored_only(args):
+        digests[str(args.output / PREDICTED_REGION)] = label_digest(predicted_region(scoring))
+    run_key = provenance.key(command, provenance.TRAIN_CODE, digests)
     earlier = earlier_run(folder, run_key, args.reuse_other_code)
     if earlier is not None:
         return [{key: value for key, value in earlier.items() if key not in ("command", "key", "later_rounds")},
@@ -271,8 +277,11 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
     for path, image_yx in images.items():
         write_png_atomic(pathlib.Path(path), image_yx)
     with open(folder / "train.log", "w") as log:
-        finished = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if finished.returncode != 0:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # wait4: this run's own CPU time (with its tile reader), which runs side by side cannot mix up
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
         tail = (folder / "train.log").read_text().strip().splitlines()[-1:]
         raise encoder_input.EvaluationError(f"run {run['name']} failed: {' '.join(tail)} (whole log: {folder / 'train.log'})")
     results = []
@@ -283,10 +292,16 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
                         "mode": arm(run["mode"], run["negatives"], self_training_round if args.self_training_rounds else None,
                                     args.prior_name if run["prior"] else None),
                         "round": self_training_round, "labelled_pixels": int((glyphs_yx > 0).sum()),
-                        "prediction": str(prediction), "training_seconds": epochs[-1]["training_seconds"], "code": code})
+                        "prediction": str(prediction), "training_seconds": epochs[-1]["training_seconds"],
+                        "cpu_seconds": usage.ru_utime + usage.ru_stime, "code": code})
     write_bytes_atomic(folder / "result.json", json.dumps(
         {**results[0], "command": command, "key": run_key, "later_rounds": results[1:]}, indent=1).encode())
     return results
+
+
+def predicted_region(scoring: Regions) -> np.ndarray:
+    """(Y, X) uint8 0/255: where runs predict when only the calibration strip and the scored region are used."""
+    return (scoring.calibration_yx | scoring.score_yx).astype(np.uint8) * 255
 
 
 def label_digest(image_yx: np.ndarray) -> str:
@@ -329,18 +344,30 @@ def summarise(results: list[dict]) -> list[dict]:
     rows = []
     for (encoder, mode, count), group in groups.items():
         row = {"encoder": encoder, "mode": mode, "glyphs": count, "seeds": len(group)}
-        for key in ("f05", "f05_oracle", "auc", "average_precision", "training_seconds"):
-            values = [result[key] for result in group]
+        for key in ("f05", "f05_oracle", "auc", "average_precision", "training_seconds", "cpu_seconds"):
+            values = [result.get(key, math.nan) for result in group]  # runs of older code recorded no CPU time
             row.update({f"{key}_mean": float(np.mean(values)), f"{key}_min": min(values), f"{key}_max": max(values)})
         rows.append(row)
     return rows
 
 
-def comparisons(results: list[dict], alpha: float = verdict_rule.ALPHA) -> list[dict]:
+def claimable_counts(results: list[dict], alpha: float) -> list[int]:
+    """The glyph counts at which some encoder's cell beats `random` with a sign-flip p ≤ `alpha` before correction.
+    A cell's p-value is its largest over the random arms and Holm's step-down never tests one above `alpha`, so a
+    cell beyond these is claimed neither yes nor suggestive whatever a longer-trained random arm scores: that arm is
+    trained only at these counts. (A missing arm can only make "no" harder: see `comparisons`.)"""
+    rows = comparisons([result for result in results if result["encoder"] in (RANDOM, OLDER_RANDOM)
+                        or not is_random(result["encoder"])], alpha)
+    return sorted({row["glyphs"] for row in rows if row["p_gain"] <= alpha})
+
+
+def comparisons(results: list[dict], alpha: float = verdict_rule.ALPHA, planned_arms: int = 1) -> list[dict]:
     """Every pretrained encoder against every random arm, per mode and number of glyphs, paired by seed: the mean
     F0.5 difference, its t interval (a description), the sign-flip p-values of a gain and of a gain below
     GOAL_MARGIN, and the claim of its cell (encoder, mode, glyphs) under evaluate/verdict_rule.py's rule, Holm's
-    step-down spending `alpha` across the cells."""
+    step-down spending `alpha` across the cells. `planned_arms`: the random arms the design plans (a cell is judged as if it
+    had them all, its missing ones standing in as copies of one it has: "no", which needs a small p against some arm
+    at ALPHA divided by the arms, is then never easier than with every arm, and yes or suggestive never changes)."""
     by_key = {(result["encoder"], result["mode"], result["glyphs"], result["seed"]): result for result in results}
     random_arms = sorted({result["encoder"] for result in results if is_random(result["encoder"])})
     rows, cells = [], {}
@@ -361,8 +388,8 @@ def comparisons(results: list[dict], alpha: float = verdict_rule.ALPHA) -> list[
             cells.setdefault((encoder, mode, count), []).append(row)
     if not cells:
         return rows
-    # A cell lacking an arm (no seed in common) is judged against the arms it has.
-    arms = max(len(cell) for cell in cells.values())
+    # A cell lacking an arm (no seed in common, or not trained there: claimable_counts) is judged against the arms it has.
+    arms = max(planned_arms, *(len(cell) for cell in cells.values()))
     padded = [cell + [cell[-1]] * (arms - len(cell)) for cell in cells.values()]
     claims = verdict_rule.judge(np.array([cell[0]["glyphs"] for cell in padded]),
                                 *(np.array([[[row[key] for row in cell] for cell in padded]])
@@ -425,13 +452,15 @@ def markdown(rows: list[dict], compared: list[dict], description: str, band: NoS
 
     def table(title: str, key: str, extra_column: bool = False) -> list[str]:
         lines = ["", title, "", "| encoder | mode | " + " | ".join(f"{count} glyph(s)" for count in counts) + " |"
-                 + (" training time per run |" if extra_column else ""),
+                 + (" time per run (wall, CPU) |" if extra_column else ""),
                  "|---|---|" + "---|" * len(counts) + ("---|" if extra_column else "")]
         for (encoder, mode), by_count in curves.items():
             cells = [f"{by_count[count][f'{key}_mean']:.3f} ({by_count[count][f'{key}_min']:.3f} – "
                      f"{by_count[count][f'{key}_max']:.3f})" if count in by_count else "–" for count in counts]
             minutes = np.mean([row["training_seconds_mean"] for row in by_count.values()]) / 60
-            lines.append(f"| {encoder} | {mode} | " + " | ".join(cells) + " |" + (f" {minutes:.1f} min |" if extra_column else ""))
+            cpu_seconds = np.mean([row["cpu_seconds_mean"] for row in by_count.values()])
+            lines.append(f"| {encoder} | {mode} | " + " | ".join(cells) + " |"
+                         + (f" {minutes:.1f} min, {cpu_seconds:.0f} CPU-s |" if extra_column else ""))
         return lines
 
     lines = [description, "",
@@ -524,6 +553,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         default=1, action=RenamedOption,
                         help="above 1: also a random arm trained this many times the epochs (random_xN; "
                              "--scratch_epochs_factor: its older name)")
+    parser.add_argument("--random_epochs_when", choices=["claimable", "always"], default="claimable",
+                        help="train the longer random arm only at the glyph counts where a cell could still be claimed "
+                             "(a gain over random with p ≤ --alpha before correction), or at every count")
+    parser.add_argument("--run_epochs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=RUN_EPOCHS,
+                        help="NUM_EPOCHS of every run (unless given after --), each of at least --run_tiles_per_epoch "
+                             "tiles (notes/performance.md: the pilot that chose them)")
+    parser.add_argument("--run_tiles_per_epoch", type=ranges.ranged(int, ranges.AT_LEAST_1), default=RUN_TILES_PER_EPOCH,
+                        help="MIN_TILES_PER_EPOCH of every run (unless given after --)")
     parser.add_argument("--negatives", nargs="+", default=["off"], choices=["off", "on"],
                         help="also (or only) runs whose glyphs come with painted negatives around them, the rest unknown")
     parser.add_argument("--self_training_rounds", type=ranges.ranged(int, ranges.AT_LEAST_0), default=0,
@@ -540,8 +577,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--alpha", type=ranges.ranged(float, ranges.FRACTION_INSIDE), default=verdict_rule.ALPHA,
                         help="family-wise error this command's yes/suggestive claims may spend (evaluate/report.py "
                              "splits 0.05 across its commands)")
-    parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=1,
-                        help="fine-tuning runs at a time (on one GPU, several small runs keep it busier than one)")
+    parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_0), default=0,
+                        help="fine-tuning runs at a time; 0: one per core on a CPU (each run computes in one thread), "
+                             "one on a GPU (where several small runs may keep it busier)")
     parser.add_argument("--reuse_other_code", action="store_true",
                         help="reuse finished runs made by other code (the report then names their code)")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("experiments/label_efficiency"),
@@ -563,6 +601,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.pretrained_path = [RANDOM if path == OLDER_RANDOM else path for path in args.pretrained_path]
     encoder_input.name_encoders(args)
     args.segment = encoder_input.segment_for_runs(args.segment)
+    args.jobs = encoder_input.automatic_jobs(args.jobs)
     return args
 
 
@@ -579,37 +618,61 @@ def main() -> int:
     if len(all_glyphs) < max(args.glyphs):
         raise encoder_input.EvaluationError(f"the labelling part holds {len(all_glyphs)} glyphs of at least "
                                             f"{args.min_glyph_pixels} pixels; --glyphs asks for {max(args.glyphs)}")
-    arms = [(name, checkpoint, None) for name, checkpoint in zip(args.names, args.pretrained_path)]
-    if args.random_epochs_factor > 1:
-        epochs = (without_epochs(extra)[1] or default_epochs()) * args.random_epochs_factor
-        arms.append((f"{RANDOM}_x{args.random_epochs_factor}", RANDOM, epochs))
+    given_epochs = without_epochs(extra)[1]
+    epochs = args.run_epochs if given_epochs is None else given_epochs
+    arms = [(name, checkpoint, epochs) for name, checkpoint in zip(args.names, args.pretrained_path)]
+    longer_arm = (f"{RANDOM}_x{args.random_epochs_factor}", RANDOM, epochs * args.random_epochs_factor)
+    planned_random_arms = 1 + (args.random_epochs_factor > 1)
     suffix = f"_st{args.self_training_rounds}" if args.self_training_rounds else ""
     priors = [False, True] if args.prior else [False]
-    runs = [{"name": f"{name}_{mode}{'_negatives' if negatives == 'on' else ''}{'_prior' if prior else ''}{suffix}"
-                     f"_k{count}_seed{seed}",
-             "encoder": name, "checkpoint": checkpoint, "epochs": epochs, "mode": mode, "negatives": negatives == "on",
-             "prior": prior, "glyphs": count, "seed": seed}
-            for mode in args.modes for negatives in args.negatives for prior in priors for count in args.glyphs
-            for seed in range(args.seeds_per_glyphs[count]) for name, checkpoint, epochs in arms
-            if count > 0 or (prior and negatives == "off")]  # no glyph: the prior alone, nothing to paint around
+
+    def plan(arms: list[tuple], counts: list[int]) -> list[dict]:
+        return [{"name": f"{name}_{mode}{'_negatives' if negatives == 'on' else ''}{'_prior' if prior else ''}{suffix}"
+                         f"_k{count}_seed{seed}",
+                 "encoder": name, "checkpoint": checkpoint, "epochs": epochs, "mode": mode, "negatives": negatives == "on",
+                 "prior": prior, "glyphs": count, "seed": seed}
+                for mode in args.modes for negatives in args.negatives for prior in priors for count in counts
+                for seed in range(args.seeds_per_glyphs[count]) for name, checkpoint, epochs in arms
+                if count > 0 or (prior and negatives == "off")]  # no glyph: the prior alone, nothing to paint around
+
     seeds = ", ".join(f"{count}: {seeds}" for count, seeds in args.seeds_per_glyphs.items())
+    steps = -(-args.run_tiles_per_epoch // 8) * epochs  # at the default BATCH_SIZE of 8
     description = (f"Segment `{segment.name}`: {scoring.description}; {len(all_glyphs)} glyphs to draw from; "
-                   f"input {settings.describe()}; seeds per glyph count: {seeds}; "
+                   f"input {settings.describe()}; seeds per glyph count: {seeds}; each run {epochs} epochs of at least "
+                   f"{args.run_tiles_per_epoch} tiles (about {steps} steps at batch 8)"
+                   + (f", `{longer_arm[0]}` {longer_arm[2]} epochs " + (
+                       "at every glyph count" if args.random_epochs_when == "always" else
+                       f"where an encoder's gain over `{RANDOM}` has p ≤ {args.alpha:.3g} before correction (only "
+                       "such a cell can be claimed)") if planned_random_arms > 1 else "") + "; "
                    + (f"prior `{args.prior_name}`: {args.prior}; " if args.prior else "") + f"extra fine-tuning settings: "
                    f"{' '.join(extra) or 'none'}.")
     print(description)
+    if predicts_scored_only(args):
+        write_png_atomic(args.output / PREDICTED_REGION, predicted_region(scoring))
     code = git_commit()
-    results = []
-    # Runs go --jobs at a time, each its own process; they are scored here, in order, as they finish. Once one fails
-    # no other starts (those running finish and are kept), and its error is the command's.
-    finished = encoder_input.side_by_side(lambda run: run_one(run, args, settings, extra, segment, scoring, all_glyphs, code),
-                                          runs, args.jobs)
-    for run_results in tqdm.tqdm(finished, total=len(runs), desc="fine-tuning runs", unit="run"):
-        results += [score(result, segment, scoring) for result in run_results]
-        tqdm.tqdm.write(f"{run_results[-1]['name']}: F0.5 {results[-1]['f05']:.3f} (threshold {results[-1]['threshold']:.2f}, "
-                        f"chosen on the calibration strip), AUC {results[-1]['auc']:.3f}; chance {scoring.chance_f05:.3f}, "
-                        f"no-skill band up to {scoring.band.blind_p95:.3f}")
-    rows, compared = summarise(results), comparisons(results, args.alpha)
+
+    def execute(runs: list[dict]) -> list[dict]:
+        """Runs go --jobs at a time, each its own process, scored here in order as they finish. Once one fails no
+        other starts (those running finish and are kept), and its error is the command's."""
+        results = []
+        finished = encoder_input.side_by_side(
+            lambda run: run_one(run, args, settings, extra, segment, scoring, all_glyphs, code), runs, args.jobs)
+        for run_results in tqdm.tqdm(finished, total=len(runs), desc="fine-tuning runs", unit="run"):
+            results += [score(result, segment, scoring) for result in run_results]
+            tqdm.tqdm.write(f"{run_results[-1]['name']}: F0.5 {results[-1]['f05']:.3f} (threshold "
+                            f"{results[-1]['threshold']:.2f}, chosen on the calibration strip), AUC {results[-1]['auc']:.3f};"
+                            f" chance {scoring.chance_f05:.3f}, no-skill band up to {scoring.band.blind_p95:.3f}; "
+                            f"{run_results[-1].get('cpu_seconds', math.nan):.0f} CPU-s")
+        return results
+
+    results = execute(plan(arms, args.glyphs))
+    if planned_random_arms > 1:
+        counts = args.glyphs if args.random_epochs_when == "always" else claimable_counts(results, args.alpha)
+        if counts != args.glyphs:
+            print(f"{longer_arm[0]}: at glyph count(s) {', '.join(map(str, counts)) or 'none'}, where a gain over {RANDOM} "
+                  f"has p ≤ {args.alpha:.3g} before correction; no other cell can be claimed, whatever it would score")
+        results += execute(plan([longer_arm], counts))
+    rows, compared = summarise(results), comparisons(results, args.alpha, planned_random_arms)
     design = verdict_rule.Design(encoders_per_group=(len({(row["encoder"], row["mode"]) for row in compared}) or 1,),
                                  glyphs=tuple(args.glyphs), seeds=tuple(args.seeds_per_glyphs[count] for count in args.glyphs),
                                  random_arms=len({row["against"] for row in compared}) or 1, alpha=args.alpha)

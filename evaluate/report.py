@@ -118,11 +118,12 @@ def pretrain(args) -> dict:
             "pretrain/main.py", "--model", args.model, "--data_path", args.segment, "--exp_name", f"report_{name}",
             "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", "--samples_per_ep",
             str(args.pretrain_samples), *shlex.split(args.pretrain_args),
-            *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if args.jobs > 1 else None,
+            *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if jobs > 1 else None,
             folder=exp_dirs[name])
 
-    # The runs are independent: side by side on a GPU, with --jobs.
-    commands = dict(zip(runs, encoder_input.side_by_side(run_pretraining, list(runs), args.jobs)))
+    # The runs are independent: side by side on a GPU, with --jobs (a pretraining run takes every core of a CPU).
+    jobs = args.jobs or 1
+    commands = dict(zip(runs, encoder_input.side_by_side(run_pretraining, list(runs), jobs)))
     results, encoders = {}, {}
     for name, (settings, description) in runs.items():
         exp_dir, command = exp_dirs[name], commands[name]
@@ -193,7 +194,7 @@ def probes(args, encoders: dict) -> None:
         names = [random_name, *group["encoders"]]
         command = run_step(f"frozen-encoder probes, {', '.join(names)}", [
             "evaluate/encoders.py", "--pretrained_path", "random", *group["encoders"].values(), "--names", *names,
-            "--segment_id", args.segment, "--seeds", str(args.probe_seeds), "--jobs", str(args.jobs),
+            "--segment_id", args.segment, "--seeds", str(args.probe_seeds), "--jobs", str(encoder_input.automatic_jobs(args.jobs)),
             *input_options(group["settings"], args.finetune_tile_size), "--output", str(output), "--",
             *shlex.split(args.finetune_args)])
         rows = list(csv.DictReader(open(output / "encoders.csv")))
@@ -285,9 +286,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kinetics", default="", help="a Hara r3d50_K*/KM* checkpoint: adds a full-width probe table")
     parser.add_argument("--finetune_tile_size", type=ranges.ranged(int, ranges.AT_LEAST_1), default=64,
                         help="TILE_SIZE of every fine-tuning run")
-    parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_1), default=1,
+    parser.add_argument("--jobs", type=ranges.ranged(int, ranges.AT_LEAST_0), default=0,
                         help="runs at a time: pretraining runs, fine-tuning curves and probes (on one GPU, several small "
-                             "runs keep it busier than one); with more than one, pretraining output goes to <run>.log")
+                             "runs keep it busier than one); with more than one, pretraining output goes to <run>.log; "
+                             "0: fine-tuning runs one per core on a CPU and one on a GPU, pretraining runs one at a time")
     parser.add_argument("--pretrain_samples", type=int, default=180,
                         help="crops per pretraining epoch, with a GPU or without (pretrain/main.py would take fewer "
                              "on a CPU)")
