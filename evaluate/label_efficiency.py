@@ -29,7 +29,9 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
 - **Runs**: each is one `finetune/train.py` run in scheme "iterative" (with data augmentation, which few labels
   need) from the glyph label image, with SEED = the seed; `random` is the seeded random initialisation (training
   from scratch); `full` fine-tunes everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs
-  epochs (LP-FT). `--random_epochs_factor 2` adds a random arm with twice the epochs, so that a win is about labels
+  epochs (LP-FT). `frozen` runs no fine-tuning: a logistic regression reads the frozen encoder's finest-stage
+  features (computed once per encoder; per seed for `random`), fitted on the glyphs and the papyrus within half a
+  tile of them, in this process, in seconds a run; the same glyphs, regions, scores and verdict. `--random_epochs_factor 2` adds a random arm with twice the epochs, so that a win is about labels
   rather than optimisation speed. Every run reads tiles as the checkpoints record (they must agree; random follows
   them), or as the input options say. Everything after `--` goes to every run.
 - **Partial labels and self-training**: `--negatives on` adds runs whose glyphs come with the negatives a labeler would
@@ -53,20 +55,23 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import pathlib
 import subprocess
 import sys
+import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 import cv2
 import numpy as np
+import sklearn.linear_model
 import tqdm
 
-from evaluate import encoder_input, provenance, verdict_rule
+from evaluate import encoder_input, ink_map, provenance, verdict_rule
 from evaluate.statistics import CONFIDENCE, describe_interval, paired_interval, sign_flip_p
 from evaluate.verdict_rule import CLAIMS, GOAL_MARGIN, GOAL_MAX_GLYPHS
 from finetune.data import read_prior
@@ -86,6 +91,7 @@ OLDER_RANDOM = "scratch"  # what older code called it: still accepted for --pret
 RUN_EPOCHS = 8
 RUN_TILES_PER_EPOCH = 128
 PREDICTED_REGION = "predicted_region.png"  # the calibration strip and the scored region, where runs predict
+FROZEN_STAGE = 1  # the finest stage (one feature per 4 pixels): a stroke is a few features wide there
 RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates printed beside the verdict
 NEGATIVES_REACH = 32  # pixels around a labelled glyph that a simulated labeler paints as not ink
 NEGATIVES_CLEARANCE = 3  # pixels the painted negatives keep off any ink
@@ -299,6 +305,72 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
     return results
 
 
+class FrozenFeatures:
+    """Each frozen encoder's depth-pooled FROZEN_STAGE features of the whole segment (evaluate/ink_map.py's
+    feature_grid), computed once per encoder and kept for every run that reads it; `random` is the seeded random
+    initialisation, so its features are computed once per seed, as a fine-tuning run from random starts anew per
+    seed. Computing them is the frozen curve's main cost: the CPU seconds are charged to the first run that asks."""
+
+    def __init__(self, segment: Segment, settings: InputSettings):
+        self.segment, self.settings, self.device = segment, settings, encoder_input.device()
+        self.features = {}
+
+    def get(self, checkpoint_path: str, seed: int) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """(C, Y/f, X/f) features, the grid's (Y/f, X/f) mask, f, and the CPU seconds spent now (0 when kept)."""
+        key = (checkpoint_path, seed if checkpoint_path == RANDOM else None)
+        if key in self.features:
+            return (*self.features[key], 0.0)
+        self.features.clear()  # runs come encoder by encoder: keep one encoder's features in memory at a time
+        started = time.process_time()
+        encoder, _ = encoder_input.load_encoder(checkpoint_path, self.settings, self.device, seed)
+        self.features[key] = ink_map.feature_grid(encoder, self.segment, FROZEN_STAGE, self.settings, self.device)
+        return (*self.features[key], time.process_time() - started)
+
+
+def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs: list[np.ndarray], output: pathlib.Path,
+               tile_size: int, code: str) -> list[dict]:
+    """A frozen run: logistic regression from each feature of the frozen encoder to its label, fitted on the glyphs
+    (ink) and the papyrus within half a tile of them (not ink: as in a fine-tuning run's training tiles, or with
+    negatives the painted ones), then the map of ink probability, upsampled to the segment's pixels, written as the
+    run's prediction.png for `score`. The reach of these pixels is within what `check_held_out` checks."""
+    segment = features.segment
+    started = time.process_time()
+    features_chw, grid_mask_hw, factor, feature_seconds = features.get(run["checkpoint"], run["seed"])
+    glyphs_yx = glyph_labels(all_glyphs, segment.shape[1:], run["seed"], run["glyphs"])
+    if run["negatives"]:
+        not_ink_yx = painted_negatives(glyphs_yx, segment.inklabels, segment.mask & scoring.label_yx) > 0
+    else:
+        near_yx = cv2.dilate((glyphs_yx > 0).astype(np.uint8), np.ones((tile_size + 1,) * 2, np.uint8)) > 0
+        not_ink_yx = near_yx & segment.mask & (glyphs_yx == 0)
+    check_held_out([glyphs_yx, not_ink_yx], scoring, tile_size, run["name"])
+    height, width = grid_mask_hw.shape
+
+    def on_grid(map_yx: np.ndarray) -> np.ndarray:  # a pixel map, as the fraction of each feature's pixels it covers
+        return cv2.resize(map_yx.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+
+    ink_hw = (on_grid(glyphs_yx > 0) >= 0.5) & grid_mask_hw
+    not_ink_hw = (on_grid(not_ink_yx) >= 0.5) & grid_mask_hw & ~ink_hw
+    pixels_nc = features_chw.reshape(len(features_chw), -1).T  # (Y/f · X/f, C)
+    fitted = np.flatnonzero((ink_hw | not_ink_hw).ravel())
+    mean, std = pixels_nc[fitted].mean(axis=0), pixels_nc[fitted].std(axis=0) + 1e-6
+    probe = sklearn.linear_model.LogisticRegression(C=0.1, max_iter=500)
+    probe.fit((pixels_nc[fitted] - mean) / std, ink_hw.ravel()[fitted])
+    predicted_hw = predicted_region(scoring)[::factor, ::factor][:height, :width] > 0
+    probabilities_hw = np.zeros((height, width), np.float32)
+    probabilities_hw[predicted_hw] = probe.predict_proba((pixels_nc[predicted_hw.ravel()] - mean) / std)[:, 1]
+    # Each feature's value over its f × f pixels (the upsampling of a fine-tuning run's logits is smoother; the
+    # same for every encoder).
+    probabilities_yx = np.zeros(segment.shape[1:], np.float32)
+    upsampled = np.repeat(np.repeat(probabilities_hw, factor, axis=0), factor, axis=1)
+    probabilities_yx[:upsampled.shape[0], :upsampled.shape[1]] = upsampled[:segment.shape[1], :segment.shape[2]]
+    prediction = output / "runs" / run["name"] / "prediction.png"
+    write_png_atomic(prediction, np.round(probabilities_yx * 255).astype(np.uint8))
+    return [{**{key: run[key] for key in ("name", "encoder", "glyphs", "seed")},
+             "mode": arm(run["mode"], run["negatives"], None), "round": 0, "labelled_pixels": int((glyphs_yx > 0).sum()),
+             "prediction": str(prediction), "training_seconds": 0.0,
+             "cpu_seconds": time.process_time() - started, "feature_cpu_seconds": feature_seconds, "code": code}]
+
+
 def predicted_region(scoring: Regions) -> np.ndarray:
     """(Y, X) uint8 0/255: where runs predict when only the calibration strip and the scored region are used."""
     return (scoring.calibration_yx | scoring.score_yx).astype(np.uint8) * 255
@@ -356,8 +428,8 @@ def claimable_counts(results: list[dict], alpha: float) -> list[int]:
     A cell's p-value is its largest over the random arms and Holm's step-down never tests one above `alpha`, so a
     cell beyond these is claimed neither yes nor suggestive whatever a longer-trained random arm scores: that arm is
     trained only at these counts. (A missing arm can only make "no" harder: see `comparisons`.)"""
-    rows = comparisons([result for result in results if result["encoder"] in (RANDOM, OLDER_RANDOM)
-                        or not is_random(result["encoder"])], alpha)
+    rows = comparisons([result for result in results if not result["mode"].startswith("frozen")
+                        and (result["encoder"] in (RANDOM, OLDER_RANDOM) or not is_random(result["encoder"]))], alpha)
     return sorted({row["glyphs"] for row in rows if row["p_gain"] <= alpha})
 
 
@@ -545,8 +617,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seeds 0 … n-1: glyph choice and fine-tuning SEED (notes/verdict_rules.md: how many a "
                              "'yes' needs); one "
                              "count for every --glyphs value, or one count per value (--glyphs 1 2 4 --seeds 8 8 3)")
-    parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft"],
-                        help="full fine-tuning, and/or LP-FT (frozen encoder first, then everything)")
+    parser.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lpft", "frozen"],
+                        help="full fine-tuning, LP-FT (frozen encoder first, then everything), and/or a frozen encoder "
+                             "read by logistic regression from its features (seconds a run, beside minutes)")
     parser.add_argument("--lp_epochs", type=ranges.ranged(int, ranges.AT_LEAST_0), default=5,
                         help="LP-FT: epochs with the encoder frozen")
     parser.add_argument("--random_epochs_factor", "--scratch_epochs_factor", type=ranges.ranged(int, ranges.AT_LEAST_1),
@@ -593,6 +666,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if min(args.glyphs) < (0 if args.prior else 1):
         raise encoder_input.EvaluationError(f"--glyphs {' '.join(map(str, args.glyphs))}: every count must be at least 1 "
                                             "(0, no human label, needs a --prior)")
+    if "frozen" in args.modes and (args.prior is not None or args.self_training_rounds):
+        raise encoder_input.EvaluationError("--modes frozen fits a probe to the glyphs alone: it takes neither --prior "
+                                            "nor --self_training_rounds")
     if args.prior is not None and not args.prior.is_file():
         raise encoder_input.EvaluationError(f"--prior {args.prior} does not exist")
     args.seeds_per_glyphs = dict(zip(args.glyphs, args.seeds * len(args.glyphs) if len(args.seeds) == 1 else args.seeds))
@@ -650,14 +726,20 @@ def main() -> int:
     if predicts_scored_only(args):
         write_png_atomic(args.output / PREDICTED_REGION, predicted_region(scoring))
     code = git_commit()
+    frozen_features = FrozenFeatures(segment, settings)
 
     def execute(runs: list[dict]) -> list[dict]:
-        """Runs go --jobs at a time, each its own process, scored here in order as they finish. Once one fails no
+        """Frozen runs first, here, encoder by encoder (each one's features computed once); then fine-tuning runs,
+        --jobs at a time, each its own process. Each is scored here, in order, as it finishes. Once one fails no
         other starts (those running finish and are kept), and its error is the command's."""
+        frozen = sorted((run for run in runs if run["mode"] == "frozen"),
+                        key=lambda run: (run["checkpoint"], run["seed"] if run["checkpoint"] == RANDOM else -1))
+        finished = itertools.chain(
+            (run_frozen(run, frozen_features, scoring, all_glyphs, args.output, settings.tile_size, code) for run in frozen),
+            encoder_input.side_by_side(lambda run: run_one(run, args, settings, extra, segment, scoring, all_glyphs, code),
+                                       [run for run in runs if run["mode"] != "frozen"], args.jobs))
         results = []
-        finished = encoder_input.side_by_side(
-            lambda run: run_one(run, args, settings, extra, segment, scoring, all_glyphs, code), runs, args.jobs)
-        for run_results in tqdm.tqdm(finished, total=len(runs), desc="fine-tuning runs", unit="run"):
+        for run_results in tqdm.tqdm(finished, total=len(runs), desc="runs", unit="run"):
             results += [score(result, segment, scoring) for result in run_results]
             tqdm.tqdm.write(f"{run_results[-1]['name']}: F0.5 {results[-1]['f05']:.3f} (threshold "
                             f"{results[-1]['threshold']:.2f}, chosen on the calibration strip), AUC {results[-1]['auc']:.3f};"
@@ -671,7 +753,7 @@ def main() -> int:
         if counts != args.glyphs:
             print(f"{longer_arm[0]}: at glyph count(s) {', '.join(map(str, counts)) or 'none'}, where a gain over {RANDOM} "
                   f"has p ≤ {args.alpha:.3g} before correction; no other cell can be claimed, whatever it would score")
-        results += execute(plan([longer_arm], counts))
+        results += execute([run for run in plan([longer_arm], counts) if run["mode"] != "frozen"])
     rows, compared = summarise(results), comparisons(results, args.alpha, planned_random_arms)
     design = verdict_rule.Design(encoders_per_group=(len({(row["encoder"], row["mode"]) for row in compared}) or 1,),
                                  glyphs=tuple(args.glyphs), seeds=tuple(args.seeds_per_glyphs[count] for count in args.glyphs),

@@ -97,6 +97,34 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
                                         reuse_other_code=False) is not None
 
 
+def test_frozen_runs_read_each_encoder_s_features_once_with_the_same_glyphs_and_scores(labelled_segment_path, tmp_path):
+    torch.manual_seed(4)
+    checkpoint.save(tmp_path / "pretrained.pth", "encoder", build_encoder("resnet18_3d_tiny").state_dict(),
+                    InputSettings(model="resnet18_3d_tiny", depth=8, tile_size=32))
+    command = [sys.executable, str(REPO_ROOT / "evaluate" / "label_efficiency.py"), "--pretrained_path", "random",
+               str(tmp_path / "pretrained.pth"), "--names", "random", "pretrained", "--segment_id",
+               str(labelled_segment_path), "--glyphs", "1", "2", "--seeds", "2", "--label_part", "0.4", "--score_part",
+               "0.4", "--min_glyph_pixels", "100", "--modes", "frozen", "--random_epochs_factor", "2",
+               "--output", str(tmp_path / "curves")]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list(csv.DictReader(open(tmp_path / "curves" / "runs.csv")))
+    assert sorted((row["encoder"], row["mode"], row["glyphs"], row["seed"]) for row in runs) == sorted(
+        (encoder, "frozen", glyphs, seed) for encoder in ("random", "pretrained") for glyphs in "12" for seed in "01")
+    # Features once per encoder, and once per seed for random, whose seed is its initialisation.
+    computed = sorted((row["encoder"], row["seed"]) for row in runs if float(row["feature_cpu_seconds"]) > 0)
+    assert computed[:1] == [("pretrained", computed[0][1])] and computed[1:] == [("random", "0"), ("random", "1")]
+    segment = open_segment(labelled_segment_path)
+    scoring = label_efficiency.regions(segment, 0.4, 0.4, 32)
+    for row in runs:  # scored as every run is: the calibrated threshold, the scored region
+        prediction = cv2.imread(str(tmp_path / "curves" / "runs" / row["name"] / "prediction.png"), cv2.IMREAD_UNCHANGED)
+        assert not prediction[~(scoring.calibration_yx | scoring.score_yx)].any()
+        assert float(row["f05"]) == label_efficiency.scores(prediction / 255.0, segment, scoring)["f05"]
+    assert "| pretrained | frozen |" in (tmp_path / "curves" / "label_efficiency.md").read_text()
+    with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--modes frozen"):
+        label_efficiency.parse_args(["--pretrained_path", "random", "--modes", "frozen", "--self_training_rounds", "1"])
+
+
 def test_runs_predict_only_where_predictions_are_read_and_read_the_same(labelled_segment_path):
     segment = open_segment(labelled_segment_path)
     scoring = label_efficiency.regions(segment, 0.4, 0.4, 32)
