@@ -31,9 +31,14 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
   from scratch); `full` fine-tunes everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs
   epochs (LP-FT). `frozen` runs no fine-tuning: a logistic regression reads the frozen encoder's finest-stage
   features (computed once per encoder; per seed for `random`), fitted on the glyphs and the papyrus within half a
-  tile of them, in this process, in seconds a run; the same glyphs, regions, scores and verdict. `--random_epochs_factor 2` adds a random arm with twice the epochs, so that a win is about labels
-  rather than optimisation speed. Every run reads tiles as the checkpoints record (they must agree; random follows
-  them), or as the input options say. Everything after `--` goes to every run.
+  tile of them, in this process, in seconds a run; the same glyphs, regions, scores and verdict.
+  `--random_epochs_factor 2` adds a random arm with twice the epochs, so that a win is about labels rather than
+  optimisation speed, trained only where a cell can still be claimed (`claimable_counts`). Every run reads tiles as
+  the checkpoints record (they must agree; random follows them), or as the input options say. Everything after `--`
+  goes to every run.
+- **Cost**: a fine-tuning run trains --run_epochs epochs of --run_tiles_per_epoch tiles, predicts only the
+  calibration strip and the scored region, and runs one per core on a CPU (--jobs 0); its CPU seconds are recorded.
+  notes/performance.md ("The verdict's cost") has the measurements behind these settings.
 - **Partial labels and self-training**: `--negatives on` adds runs whose glyphs come with the negatives a labeler would
   paint around them (the papyrus within NEGATIVES_REACH pixels that the labels call not ink, kept off any ink), so
   that the rest of the segment is unknown rather than background; `--self_training_rounds N` runs N pseudo-label
@@ -86,10 +91,11 @@ from pretrain.utils import errors, ranges
 
 RANDOM = "random"  # no pretrained weights: the seeded random initialisation (training from scratch)
 OLDER_RANDOM = "scratch"  # what older code called it: still accepted for --pretrained_path, and as an arm's name
-# Every run's step budget: RUN_EPOCHS epochs of at least RUN_TILES_PER_EPOCH tiles (notes/performance.md: the pilot
-# of F0.5 and AUC against steps that chose it, and the check against finetune/train.py's own 20 epochs of 512).
-RUN_EPOCHS = 8
-RUN_TILES_PER_EPOCH = 128
+# Every fine-tuning run's step budget: RUN_EPOCHS epochs of at least RUN_TILES_PER_EPOCH tiles, finetune/train.py's
+# own (1,280 steps at batch 8), the budget the verdict rule's noise was measured at. A smaller one waits for the pilot
+# of F0.5 and AUC against steps (benchmarks/curve_steps.py; notes/performance.md, "The verdict's cost").
+RUN_EPOCHS = 20
+RUN_TILES_PER_EPOCH = 512
 PREDICTED_REGION = "predicted_region.png"  # the calibration strip and the scored region, where runs predict
 FROZEN_STAGE = 1  # the finest stage (one feature per 4 pixels): a stroke is a few features wide there
 RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates printed beside the verdict
@@ -698,7 +704,7 @@ def main() -> int:
     epochs = args.run_epochs if given_epochs is None else given_epochs
     arms = [(name, checkpoint, epochs) for name, checkpoint in zip(args.names, args.pretrained_path)]
     longer_arm = (f"{RANDOM}_x{args.random_epochs_factor}", RANDOM, epochs * args.random_epochs_factor)
-    planned_random_arms = 1 + (args.random_epochs_factor > 1)
+    planned_random_arms = 1 + (args.random_epochs_factor > 1 and any(mode != "frozen" for mode in args.modes))
     suffix = f"_st{args.self_training_rounds}" if args.self_training_rounds else ""
     priors = [False, True] if args.prior else [False]
 
@@ -745,7 +751,8 @@ def main() -> int:
                             f"{results[-1]['threshold']:.2f}, chosen on the calibration strip), AUC {results[-1]['auc']:.3f};"
                             f" chance {scoring.chance_f05:.3f}, no-skill band up to {scoring.band.blind_p95:.3f}; "
                             f"{run_results[-1].get('cpu_seconds', math.nan):.0f} CPU-s")
-        return results
+        order = {run["name"]: index for index, run in enumerate(runs)}
+        return sorted(results, key=lambda result: order[result["name"]])  # as planned, whatever ran first
 
     results = execute(plan(arms, args.glyphs))
     if planned_random_arms > 1:

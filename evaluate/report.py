@@ -3,7 +3,9 @@ VICReg and any method added there), fine-tune each encoder from a few
 labelled glyphs against training from scratch (`random`), probe each frozen encoder against a random one, compare
 representations with CKA, map ink without labels, and write the report.
 
-    python evaluate/report.py                                  # the demo segment: hours on a 2-core CPU
+    python evaluate/report.py                                  # the demo segment (pretraining: hours on a 2-core CPU)
+    python evaluate/report.py --pretrain_only                  # the pretraining alone, a sitting of its own
+    python evaluate/report.py --curve_modes frozen full        # fine-tuning curves too (a GPU's hours)
     python evaluate/report.py --variants mask0.4="--mask 0.4" surface="--follow_surface True"
     python evaluate/report.py --kinetics r3d50_KM_200ep.pth    # also a full-width probe: random vs Kinetics-700
 
@@ -11,7 +13,8 @@ Every step runs its tool's own command as a subprocess, prints it, and writes wh
 to `--work`/results/<step>.json; `evaluate/render_report.py` then turns those results into `--notes` (and its
 figures, small PNGs, into `--images`), so any number in the report can be reproduced by hand. The steps:
 1. `pretrain/main.py`: every registered method (each epoch's encoder kept for CKA), and each `--variants` SparK run;
-2. `evaluate/label_efficiency.py`: fine-tuning curves from k labelled glyphs, random against the `--curves` encoders;
+2. `evaluate/label_efficiency.py`: curves from k labelled glyphs, random against the `--curves` encoders, each
+   encoder frozen and read by a logistic regression (`--curve_modes frozen`, the default) and/or fine-tuned;
 3. `evaluate/encoders.py`: the frozen-encoder probes of random, every pretrained encoder and a supervised control.
    Encoders read tiles as their checkpoints record; those trained on other input settings (a variant's) are
    probed in a group of their own, next to a random encoder probed with the same settings;
@@ -163,7 +166,7 @@ def label_efficiency(args, encoders: dict) -> None:
         output = args.work / ("label_efficiency" if index == 0 else f"label_efficiency_{names[0]}")
         command = run_step(f"label efficiency, {', '.join(names)}", [
             "evaluate/label_efficiency.py", "--pretrained_path", "random", *group["encoders"].values(), "--names",
-            "random", *names, "--segment_id", args.segment, "--seeds", *map(str, args.seeds), "--glyphs",
+            "random", *names, "--segment_id", args.segment, "--modes", *args.curve_modes, "--seeds", *map(str, args.seeds), "--glyphs",
             *map(str, args.glyphs), "--random_epochs_factor", str(args.random_epochs_factor), "--jobs", str(args.jobs),
             # The whole report's family-wise error (verdict_rule.ALPHA) shared by the groups, by their encoders.
             "--alpha", f"{verdict_rule.ALPHA * len(names) / len(chosen):.6g}",
@@ -268,6 +271,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curves", nargs="+", default=list(methods.METHODS),
                         help="encoders (a registered method's name, or spark_<variant>) whose few-label curves are "
                              "measured against random (default: every method)")
+    parser.add_argument("--curve_modes", nargs="+", default=["frozen"], choices=["frozen", "full", "lpft"],
+                        help="how the curves use each encoder (evaluate/label_efficiency.py --modes): frozen, read by a "
+                             "logistic regression (minutes for the whole verdict on a CPU), and/or fine-tuned (full, "
+                             "lpft: a run's minutes each, hours of a GPU at the verdict's seeds)")
     parser.add_argument("--glyphs", type=ranges.ranged(int, ranges.AT_LEAST_1), nargs="+", default=[1, 2, 4],
                         help="labelled glyphs per curve point")
     parser.add_argument("--seeds", type=ranges.ranged(int, ranges.AT_LEAST_1), nargs="+",

@@ -39,9 +39,10 @@ def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_pa
     curves, vicreg_curves = results["label_efficiency"]
     assert [(row["encoder"], row["glyphs"]) for row in curves["summary"]] == [("random", 1), ("spark", 1)]
     assert [(row["encoder"], row["glyphs"]) for row in vicreg_curves["summary"]] == [("random", 1), ("vicreg", 1)]
+    assert {row["mode"] for row in curves["summary"] + vicreg_curves["summary"]} == {"frozen"}  # --curve_modes' default
 
     report = (tmp_path / "notes" / "report.md").read_text()
-    for heading in ("## Few-label fine-tuning", "## Frozen-encoder probe", "## Kinetics-700", "## CKA",
+    for heading in ("## Few-label curves", "## Frozen-encoder probe", "## Kinetics-700", "## CKA",
                     "## Unsupervised ink map", "## What it means"):
         assert heading in report
     assert curves["verdict"] in report and vicreg_curves["verdict"] in report and "| spark_zscore | random_vicreg |" in report
