@@ -3,6 +3,13 @@ import dataclasses
 import os
 import pathlib
 
+# One thread per process for torch (and numpy's BLAS) in the test processes and every script they start, unless the
+# caller chose otherwise: pytest -n 2 already keeps both cores busy, and torch's default of a thread per core makes
+# their threads wait for each other at every operation (2 threads ran 2-3× slower than 1 on the 2-core machine).
+# Set before numpy and torch are imported, which read it once. A script with cpu_threads 0 (automatic) sets its own
+# count, the cores less its DataLoader workers (2 with num_workers 0): the tests pass those --cpu_threads 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 

@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT, hara_checkpoint
 from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 TINY = ["--model", "resnet18_3d_tiny", "--depth", "16", "--tile_size", "64", "--bs", "2", "--samples_per_ep", "4",
-        "--num_workers", "0", "--vis_every", "1", "--decoder_width", "32", "--base_lr", "0.1"]
+        "--num_workers", "0", "--cpu_threads", "1", "--vis_every", "1", "--decoder_width", "32", "--base_lr", "0.1"]
 
 
 @pytest.fixture(scope="module")
