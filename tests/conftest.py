@@ -2,6 +2,14 @@
 import dataclasses
 import os
 import pathlib
+import sys
+
+# One thread per process for torch (and numpy's BLAS) in the test processes and every script they start, unless the
+# caller chose otherwise: pytest -n 2 already keeps both cores busy, and torch's default of a thread per core makes
+# their threads wait for each other at every operation (2 threads ran 2-3× slower than 1 on the 2-core machine).
+# Set before numpy and torch are imported, which read it once. A script with cpu_threads 0 (automatic) sets its own
+# count, the cores less its DataLoader workers (2 with num_workers 0): the tests pass those --cpu_threads 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -10,6 +18,18 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 from tests.synthetic import (SERVER_LAYER_SEGMENT_ID, SERVER_SEGMENT_ID, random_volume,
                              rectangle_mask, write_png, write_server_layers, write_server_segment, write_zarr_segment)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_put_back():
+    """A script's main() run in the test process sets torch's threads for the whole process (cpu_threads 0 gives 2
+    here); put OMP_NUM_THREADS' count back after each test, so that later tests in this pytest worker do not run
+    with it."""
+    yield
+    torch = sys.modules.get("torch")
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is not None and threads.isdigit() and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
 
 
 @dataclasses.dataclass

@@ -15,9 +15,11 @@ from tests.loopback_server import LoopbackServer
 from tests.synthetic import random_volume, rectangle_mask, write_png, write_zarr_segment
 
 PRETRAIN = [sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), "--model", "resnet18_3d_tiny", "--depth", "16",
-            "--tile_size", "64", "--samples_per_ep", "4", "--num_workers", "0", "--decoder_width", "32", "--ep", "1"]
+            "--tile_size", "64", "--samples_per_ep", "4", "--num_workers", "0", "--cpu_threads", "1",
+            "--decoder_width", "32", "--ep", "1"]
 FINETUNE = [sys.executable, str(REPO_ROOT / "finetune" / "train.py"), "--MODEL", "resnet18_3d_tiny", "--DEPTH", "8",
-            "--TILE_SIZE", "32", "--STRIDE", "32", "--BATCH_SIZE", "4", "--NUM_EPOCHS", "1", "--NUM_WORKERS", "0"]
+            "--TILE_SIZE", "32", "--STRIDE", "32", "--BATCH_SIZE", "4", "--NUM_EPOCHS", "1", "--NUM_WORKERS", "0",
+            "--CPU_THREADS", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -234,8 +234,8 @@ def test_pretraining_records_the_voxel_dtype_and_the_float_range(tmp_path):
     segment = dtype_segment(tmp_path, np.float32, random_volume((65, 64, 64), seed=4).astype(np.float32) * 257)
     result = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain" / "main.py"), "--data_path", str(segment),
                              "--exp_dir", str(tmp_path / "run"), "--model", "resnet18_3d_tiny", "--tile_size", "64",
-                             "--decoder_width", "32", "--samples_per_ep", "2", "--num_workers", "0", "--ep", "1",
-                             "--float_range", "0", "65535"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                             "--decoder_width", "32", "--samples_per_ep", "2", "--num_workers", "0", "--cpu_threads", "1",
+                             "--ep", "1", "--float_range", "0", "65535"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = checkpoint.input_settings(checkpoint.read(tmp_path / "run" / "resnet18_3d_tiny_timm_style.pth"))
     assert saved.voxel_dtype == "float32" and saved.float_range == (0.0, 65535.0)

@@ -18,7 +18,7 @@ def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_pa
                "--random_epochs_factor", "1", "--jobs", "2",
                "--curve_args", "--min_glyph_pixels 100 --score_part 0.4",
                "--pretrain_args", "--depth 16 --tile_size 64 --samples_per_ep 8 --decoder_width 32 --projector 64-64 "
-                                  "--num_workers 0 --vis_every 0 --probe_every 0",  # the probe: tests/test_probe.py
+                                  "--num_workers 0 --cpu_threads 1 --vis_every 0 --probe_every 0",  # the probe: tests/test_probe.py
                "--finetune_args", " ".join([*finetune, "--MIN_INK_FRACTION", "0.05"]),
                "--feature_args", "--tile_size 64", "--work", str(tmp_path / "work"),
                "--notes", str(tmp_path / "notes" / "report.md"), "--images", str(tmp_path / "images")]
