@@ -30,8 +30,9 @@ scratch), and what a Vesuvius researcher does: label a letter or two, train, pre
   need) from the glyph label image, with SEED = the seed; `random` is the seeded random initialisation (training
   from scratch); `full` fine-tunes everything, `lpft` first trains the decoder on the frozen encoder for --lp_epochs
   epochs (LP-FT). `frozen` runs no fine-tuning: a logistic regression reads the frozen encoder's finest-stage
-  features (computed once per encoder; per seed for `random`), fitted on the glyphs and the papyrus within half a
-  tile of them, in this process, in seconds a run; the same glyphs, regions, scores and verdict.
+  features (computed once per encoder; per seed for `random`), fitted on the glyphs and the labelling part's
+  papyrus within half a tile of them, in this process, in seconds a run; the same glyphs, regions, scores and
+  verdict.
   `--random_epochs_factor 2` adds a random arm with twice the epochs, so that a win is about labels rather than
   optimisation speed, trained only where a cell can still be claimed (`claimable_counts`). Every run reads tiles as
   the checkpoints record (they must agree; random follows them), or as the input options say. Everything after `--`
@@ -336,9 +337,9 @@ class FrozenFeatures:
 def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs: list[np.ndarray], output: pathlib.Path,
                tile_size: int, code: str) -> list[dict]:
     """A frozen run: logistic regression from each feature of the frozen encoder to its label, fitted on the glyphs
-    (ink) and the papyrus within half a tile of them (not ink: as in a fine-tuning run's training tiles, or with
-    negatives the painted ones), then the map of ink probability, upsampled to the segment's pixels, written as the
-    run's prediction.png for `score`. The reach of these pixels is within what `check_held_out` checks."""
+    (ink) and the labelling part's papyrus within half a tile of them (not ink: as in a fine-tuning run's training
+    tiles, or with negatives the painted ones), then the map of ink probability, upsampled to the segment's pixels,
+    written as the run's prediction.png for `score`. Every fitted pixel passes `check_held_out`."""
     segment = features.segment
     started = time.process_time()
     features_chw, grid_mask_hw, factor, feature_seconds = features.get(run["checkpoint"], run["seed"])
@@ -347,7 +348,7 @@ def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs
         not_ink_yx = painted_negatives(glyphs_yx, segment.inklabels, segment.mask & scoring.label_yx) > 0
     else:
         near_yx = cv2.dilate((glyphs_yx > 0).astype(np.uint8), np.ones((tile_size + 1,) * 2, np.uint8)) > 0
-        not_ink_yx = near_yx & segment.mask & (glyphs_yx == 0)
+        not_ink_yx = near_yx & segment.mask & scoring.label_yx & (glyphs_yx == 0)
     check_held_out([glyphs_yx, not_ink_yx], scoring, tile_size, run["name"])
     height, width = grid_mask_hw.shape
 

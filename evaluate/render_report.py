@@ -76,7 +76,8 @@ def label_efficiency_section(results: dict, figure: Callable) -> list[str]:
     lines = ["", "## Few-label curves: does pretraining find ink with fewer labels?", "",
              "Each encoder learns from k labelled glyphs, with several seeds, and is scored far from every labelled "
              "glyph, as the table's mode says: `frozen`, its features read by a logistic regression fitted on the "
-             "glyphs and the papyrus within half a tile of them (a linear probe: is the ink in the representation?), "
+             "glyphs and the labelling part's papyrus within half a tile of them (a linear probe: is the ink in the "
+             "representation?), "
              "and `full`, fine-tuned (scheme \"iterative\", with augmentation: what a researcher labelling one or two "
              "letters does). `random` is the random initialisation, read the same way or trained from scratch. "
              "These are the two ways self-supervised encoders are judged.", ""]
