@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from evaluate.statistics import paired_interval
+from pretrain.utils import errors
 from pretrain.utils.misc import write_bytes_atomic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -131,4 +132,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    errors.install(__file__)
     sys.exit(main())

@@ -289,12 +289,8 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
                 *earlier.get("later_rounds", [])]
     for path, image_yx in images.items():
         write_png_atomic(pathlib.Path(path), image_yx)
-    with open(folder / "train.log", "w") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        # wait4: this run's own CPU time (with its tile reader), which runs side by side cannot mix up
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+    returncode, cpu_seconds = run_training(command, folder / "train.log")
+    if returncode != 0:
         tail = (folder / "train.log").read_text().strip().splitlines()[-1:]
         raise encoder_input.EvaluationError(f"run {run['name']} failed: {' '.join(tail)} (whole log: {folder / 'train.log'})")
     results = []
@@ -306,7 +302,7 @@ def run_one(run: dict, args, settings: InputSettings, extra: list[str], segment:
                                     args.prior_name if run["prior"] else None),
                         "round": self_training_round, "labelled_pixels": int((glyphs_yx > 0).sum()),
                         "prediction": str(prediction), "training_seconds": epochs[-1]["training_seconds"],
-                        "cpu_seconds": usage.ru_utime + usage.ru_stime, "code": code})
+                        "cpu_seconds": cpu_seconds, "code": code})
     write_bytes_atomic(folder / "result.json", json.dumps(
         {**results[0], "command": command, "key": run_key, "later_rounds": results[1:]}, indent=1).encode())
     return results
@@ -381,6 +377,16 @@ def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs
 def predicted_region(scoring: Regions) -> np.ndarray:
     """(Y, X) uint8 0/255: where runs predict when only the calibration strip and the scored region are used."""
     return (scoring.calibration_yx | scoring.score_yx).astype(np.uint8) * 255
+
+
+def run_training(command: list[str], log_path: pathlib.Path) -> tuple[int, float]:
+    """Run one finetune/train.py command, its output to `log_path`: its exit status and CPU seconds, its own and its
+    tile reader's (wait4's, which runs side by side cannot mix up)."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return process.returncode, usage.ru_utime + usage.ru_stime
 
 
 def label_digest(image_yx: np.ndarray) -> str:

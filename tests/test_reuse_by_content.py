@@ -30,19 +30,17 @@ def save_encoder(path: pathlib.Path, seed: int) -> None:
 
 def stub_train(monkeypatch, shape_yx) -> list[str]:
     """finetune/train.py replaced by a stub that writes what label_efficiency reads; returns the runs it ran."""
-    ran, real_run = [], subprocess.run
+    ran = []
 
-    def run(command, **options):
-        if "--OUTPUT_DIR" not in command:  # git, asked which code this is
-            return real_run(command, **options)
+    def run_training(command, log_path):
         folder = pathlib.Path(command[command.index("--OUTPUT_DIR") + 1]) / command[command.index("--exp_name") + 1]
         ran.append(folder.name)
         rng = np.random.default_rng(len(ran))
         cv2.imwrite(str(folder / "prediction.png"), rng.integers(0, 256, shape_yx, dtype=np.uint8))
         (folder / "log.jsonl").write_text(json.dumps({"event": "epoch", "round": 1, "epoch": 1, "training_seconds": 1.0}) + "\n")
-        return subprocess.CompletedProcess(command, 0)
+        return 0, 1.0
 
-    monkeypatch.setattr(label_efficiency.subprocess, "run", run)
+    monkeypatch.setattr(label_efficiency, "run_training", run_training)
     return ran
 
 
@@ -69,13 +67,13 @@ def test_few_label_runs_are_reused_only_with_the_same_encoder_content_and_glyphs
     save_encoder(encoder, 2)  # overwritten in place: the same path, other weights
     assert curves() == ["pretrained_full_k1_seed0", "pretrained_full_k2_seed0"]
     assert len(list((tmp_path / "curves" / "runs" / ".superseded").iterdir())) == 2  # kept, not deleted
-    # Other regions choose from other glyphs: exactly the runs whose glyph image differs run again.
+    # Other regions choose from other glyphs, and runs predict where the new regions calibrate and score: every run
+    # again, those whose glyph image is the same too (their predicted region, an input by content, differs).
     before = label_efficiency.glyphs(segment.inklabels, label_efficiency.regions(segment, 0.4, 0.4, 32).label_yx, 100)
     after = label_efficiency.glyphs(segment.inklabels, label_efficiency.regions(segment, 0.5, 0.3, 32).label_yx, 100)
-    changed = [count for count in (1, 2) if not np.array_equal(label_efficiency.glyph_labels(before, segment.shape[1:], 0, count),
-                                                               label_efficiency.glyph_labels(after, segment.shape[1:], 0, count))]
-    assert changed and curves("--label_part", "0.5", "--score_part", "0.3") == sorted(
-        f"{name}_full_k{count}_seed0" for name in ("pretrained", "random") for count in changed)
+    assert any(np.array_equal(label_efficiency.glyph_labels(before, segment.shape[1:], 0, count),
+                              label_efficiency.glyph_labels(after, segment.shape[1:], 0, count)) for count in (1, 2))
+    assert curves("--label_part", "0.5", "--score_part", "0.3") == everything
 
 
 def test_a_key_holds_file_contents_and_segments_not_paths(tmp_path):
