@@ -81,10 +81,20 @@ def label_efficiency_section(results: dict, figure: Callable) -> list[str]:
              "and `full`, fine-tuned (scheme \"iterative\", with augmentation: what a researcher labelling one or two "
              "letters does). `random` is the random initialisation, read the same way or trained from scratch. "
              "These are the two ways self-supervised encoders are judged.", ""]
+    several, previous = len(curve_segments(results)) > 1, None
     for index, curves in enumerate(results["label_efficiency"]):
+        if several and curves["segment"] != previous:
+            lines += [f"### Segment `{curves['segment']}`", ""]
+        previous = curves.get("segment")
         lines += [f"`{curves['command']}`", "", curves["table"].strip(), "",
                   f"![few-label curves]({figure(curves['plot'], f'report_label_efficiency_{index}.png')})", ""]
     return lines
+
+
+def curve_segments(results: dict) -> list[str]:
+    """The segments the few-label curves were measured on, in the report's order (results written before
+    --curve_segments name none: the report's segment)."""
+    return list(dict.fromkeys(curves.get("segment", "") for curves in results["label_efficiency"]))
 
 
 def probe_section(results: dict, figure: Callable) -> list[str]:
@@ -167,16 +177,19 @@ def representation_section(results: dict, figure: Callable) -> list[str]:
 
 
 def report_error_rates(label_efficiency: list[dict]) -> str:
-    """The verdict rule's error rates for the report's whole design (every group's comparisons together, each group
-    spending its share of the family-wise error), simulated as notes/verdict_rules.md says."""
-    designs = [curves["design"] for curves in label_efficiency]
+    """The verdict rule's error rates for one segment's whole design (every group's comparisons together, each group
+    spending its share of the family-wise error), simulated as notes/verdict_rules.md says. Every segment's curves
+    have the same design, each segment's verdict its own family-wise error."""
+    first = label_efficiency[0].get("segment")
+    designs = [curves["design"] for curves in label_efficiency if curves.get("segment") == first]
     design = verdict_rule.Design(encoders_per_group=tuple(sum(design["encoders_per_group"]) for design in designs),
                                  glyphs=tuple(designs[0]["glyphs"]), seeds=tuple(designs[0]["seeds"]),
                                  random_arms=max(design["random_arms"] for design in designs),
                                  alpha=sum(design["alpha"] for design in designs))
     rates = verdict_rule.error_rates(design, RATE_EXPERIMENTS)
-    return (f"for this report's whole design ({design.describe()}), the rule (evaluate/verdict_rule.py; "
-            f"notes/verdict_rules.md) gives, {rates.describe()}. Command: `python evaluate/simulate_verdict.py "
+    several = len({curves.get("segment") for curves in label_efficiency}) > 1
+    return (f"for {'each segment' if several else 'this report'}'s whole design ({design.describe()}), the rule "
+            f"(evaluate/verdict_rule.py; notes/verdict_rules.md) gives, {rates.describe()}. Command: `python evaluate/simulate_verdict.py "
             f"--seeds {','.join(map(str, design.seeds))} --glyphs {' '.join(map(str, design.glyphs))} --encoders_per_group "
             f"{' '.join(map(str, design.encoders_per_group))} --random_arms {design.random_arms} --alpha {design.alpha:.6g} "
             f"--experiments "
@@ -186,8 +199,10 @@ def report_error_rates(label_efficiency: list[dict]) -> str:
 def what_it_means(results: dict) -> list[str]:
     """The reading of the numbers, worded from the numbers."""
     lines = ["", "## What it means", ""]
+    several = len(curve_segments(results)) > 1
     for curves in results["label_efficiency"]:
-        lines.append(f"- **Few labels** ({', '.join(curves['encoders'])} against random): {curves['verdict']}")
+        where = f" on `{curves['segment']}`" if several else ""
+        lines.append(f"- **Few labels**{where} ({', '.join(curves['encoders'])} against random): {curves['verdict']}")
     lines.append(f"- **How far to trust it**: {report_error_rates(results['label_efficiency'])}")
     # Each encoder against the random encoder of its own input group (read the same way).
     rows = {row["encoder"]: (row, group["baseline"]) for group in results["probes"]["groups"] for row in group["rows"]}

@@ -5,6 +5,7 @@ representations with CKA, map ink without labels, and write the report.
 
     python evaluate/report.py                                  # the demo segment (pretraining: hours on a 2-core CPU)
     python evaluate/report.py --pretrain_only                  # the pretraining alone, a sitting of its own
+    python evaluate/report.py --curve_segments demo demo:1     # the verdict on demo and on demo:1 too
     python evaluate/report.py --curve_modes frozen full        # fine-tuning curves too (a GPU's hours)
     python evaluate/report.py --variants mask0.4="--mask 0.4" surface="--follow_surface True"
     python evaluate/report.py --kinetics r3d50_KM_200ep.pth    # also a full-width probe: random vs Kinetics-700
@@ -14,7 +15,8 @@ to `--work`/results/<step>.json; `evaluate/render_report.py` then turns those re
 figures, small PNGs, into `--images`), so any number in the report can be reproduced by hand. The steps:
 1. `pretrain/main.py`: every registered method (each epoch's encoder kept for CKA), and each `--variants` SparK run;
 2. `evaluate/label_efficiency.py`: curves from k labelled glyphs, random against the `--curves` encoders, each
-   encoder frozen and read by a logistic regression (`--curve_modes frozen`, the default) and/or fine-tuned;
+   encoder frozen and read by a logistic regression (`--curve_modes frozen`, the default) and/or fine-tuned, on
+   each `--curve_segments` segment (a verdict each);
 3. `evaluate/encoders.py`: the frozen-encoder probes of random, every pretrained encoder and a supervised control.
    Encoders read tiles as their checkpoints record; those trained on other input settings (a variant's) are
    probed in a group of their own, next to a random encoder probed with the same settings;
@@ -41,6 +43,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 from evaluate import encoder_input, provenance, render_report, verdict_rule
 from pretrain import checkpoint, methods
 from pretrain.data.patches import InputSettings, evaluate_options, finetune_options
+from pretrain.data.segment import SegmentError, parse_spec
 from pretrain.utils import errors, ranges, run_log
 from pretrain.utils.misc import RenamedOption, git_commit, write_bytes_atomic
 from pretrain.utils.errors import OneLineError
@@ -157,25 +160,40 @@ def input_options(settings: InputSettings, tile_size: int) -> list[str]:
     return evaluate_options(dataclasses.replace(settings, tile_size=tile_size))
 
 
+def curve_folders(args) -> dict:
+    """{segment spec: the folder its curves go to}, for each --curve_segments segment: --segment_id's in --work (so
+    that a report of that segment alone keeps its runs), each other's in --work/segments/<its identity>."""
+    folders = {}
+    for segment in args.curve_segments:
+        identity = parse_spec(segment).identity
+        folders[segment] = args.work if identity == parse_spec(args.segment).identity else \
+            args.work / "segments" / identity.replace(":", "_").replace("/", "_")
+    return folders
+
+
 def label_efficiency(args, encoders: dict) -> None:
-    """Step 2: few-label fine-tuning curves of random against each --curves encoder, per input-settings group."""
+    """Step 2: few-label curves of random against each --curves encoder, per input-settings group, on each
+    --curve_segments segment: a verdict per segment, each with the report's family-wise error."""
     chosen = {name: encoders[name] for name in args.curves}
     results = []
-    for index, group in enumerate(groups_by_input(chosen, args.finetune_tile_size)):
-        names = list(group["encoders"])
-        output = args.work / ("label_efficiency" if index == 0 else f"label_efficiency_{names[0]}")
-        command = run_step(f"label efficiency, {', '.join(names)}", [
-            "evaluate/label_efficiency.py", "--pretrained_path", "random", *group["encoders"].values(), "--names",
-            "random", *names, "--segment_id", args.segment, "--modes", *args.curve_modes, "--seeds", *map(str, args.seeds), "--glyphs",
-            *map(str, args.glyphs), "--random_epochs_factor", str(args.random_epochs_factor), "--jobs", str(args.jobs),
-            # The whole report's family-wise error (verdict_rule.ALPHA) shared by the groups, by their encoders.
-            "--alpha", f"{verdict_rule.ALPHA * len(names) / len(chosen):.6g}",
-            *input_options(group["settings"], args.finetune_tile_size), *shlex.split(args.curve_args),
-            "--output", str(output), "--",
-            *shlex.split(args.finetune_args)])
-        results.append({"command": command, "output": str(output), "encoders": names,
-                        **json.loads((output / "label_efficiency.json").read_text()),
-                        "table": (output / "label_efficiency.md").read_text(), "plot": str(output / "label_efficiency.png")})
+    for segment, folder in curve_folders(args).items():
+        for index, group in enumerate(groups_by_input(chosen, args.finetune_tile_size)):
+            names = list(group["encoders"])
+            output = folder / ("label_efficiency" if index == 0 else f"label_efficiency_{names[0]}")
+            command = run_step(f"label efficiency, {segment}, {', '.join(names)}", [
+                "evaluate/label_efficiency.py", "--pretrained_path", "random", *group["encoders"].values(), "--names",
+                "random", *names, "--segment_id", segment, "--modes", *args.curve_modes, "--seeds", *map(str, args.seeds),
+                "--glyphs", *map(str, args.glyphs), "--random_epochs_factor", str(args.random_epochs_factor), "--jobs",
+                str(args.jobs),
+                # A segment's family-wise error (verdict_rule.ALPHA) shared by the groups, by their encoders.
+                "--alpha", f"{verdict_rule.ALPHA * len(names) / len(chosen):.6g}",
+                *input_options(group["settings"], args.finetune_tile_size), *shlex.split(args.curve_args),
+                "--output", str(output), "--",
+                *shlex.split(args.finetune_args)])
+            results.append({"command": command, "output": str(output), "encoders": names, "segment": segment,
+                            **json.loads((output / "label_efficiency.json").read_text()),
+                            "table": (output / "label_efficiency.md").read_text(),
+                            "plot": str(output / "label_efficiency.png")})
     save_results(args, "label_efficiency", results)
 
 
@@ -271,6 +289,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curves", nargs="+", default=list(methods.METHODS),
                         help="encoders (a registered method's name, or spark_<variant>) whose few-label curves are "
                              "measured against random (default: every method)")
+    parser.add_argument("--curve_segments", nargs="+", default=[],
+                        help="segments the few-label curves are measured on, a verdict each, with the encoders "
+                             "pretrained on --segment_id (default: that segment alone)")
     parser.add_argument("--curve_modes", nargs="+", default=["frozen"], choices=["frozen", "full", "lpft"],
                         help="how the curves use each encoder (evaluate/label_efficiency.py --modes): frozen, read by a "
                              "logistic regression (minutes for the whole verdict on a CPU), and/or fine-tuned (full, "
@@ -313,6 +334,16 @@ def parse_args() -> argparse.Namespace:
         if method_settings.partition("=")[0] not in methods.METHODS:
             parser.error(f"--method_args {method_settings}: no registered method {method_settings.partition('=')[0]!r} "
                          f"(pretrain/methods.py has {', '.join(methods.METHODS)})")
+    args.curve_segments = args.curve_segments or [args.segment]
+    identities = []
+    for segment in args.curve_segments:
+        try:
+            identities.append(parse_spec(segment).identity)
+        except SegmentError as error:
+            parser.error(f"--curve_segments: {error}")
+    if len(set(identities)) < len(identities):
+        parser.error(f"--curve_segments names a segment twice ({' '.join(args.curve_segments)} are "
+                     f"{' '.join(identities)})")
     if args.kinetics and not pathlib.Path(args.kinetics).is_file():
         parser.error(f"Kinetics checkpoint {args.kinetics} does not exist")
     return args

@@ -1,0 +1,44 @@
+"""The report's verdict on several segments (--curve_segments): each segment's curves in a folder of their own, the
+report segment's where a report of that segment alone keeps them, a segment named twice by two spellings refused,
+and the rendered report giving each segment its curves and its verdict."""
+import copy
+import pathlib
+import sys
+
+import pytest
+
+from evaluate import render_report, report
+from tests.test_report_registry import results_with
+
+
+def parse(monkeypatch, *arguments: str):
+    monkeypatch.setattr(sys, "argv", ["evaluate/report.py", "--work", "work", *arguments])
+    return report.parse_args()
+
+
+def test_each_curve_segment_has_its_own_folder_and_the_report_segment_keeps_its_own(monkeypatch):
+    assert report.curve_folders(parse(monkeypatch)) == {"demo": pathlib.Path("work")}
+    folders = report.curve_folders(parse(monkeypatch, "--curve_segments", "demo:0", "demo:1"))
+    assert folders == {"demo:0": pathlib.Path("work"), "demo:1": pathlib.Path("work/segments/demo_1")}
+
+
+def test_one_segment_named_twice_is_refused(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(monkeypatch, "--curve_segments", "demo", "demo:1", "demo:0")
+    assert exit_info.value.code == 2
+    assert "--curve_segments names a segment twice (demo demo:1 demo:0 are demo:0 demo:1 demo:0)" in capsys.readouterr().err
+
+
+def test_the_report_gives_each_segment_its_curves_and_its_verdict():
+    results = results_with(["spark", "vicreg"])
+    first = {**results["label_efficiency"][0], "segment": "demo", "verdict": "no on demo"}
+    second = {**copy.deepcopy(first), "segment": "demo:1", "verdict": "no on demo:1", "plot": "other.png"}
+    results["label_efficiency"] = [first, second]
+    text = render_report.render(results, lambda source, name: name)
+    assert text.index("### Segment `demo`") < text.index("(report_label_efficiency_0.png)") \
+        < text.index("### Segment `demo:1`") < text.index("(report_label_efficiency_1.png)")
+    assert "- **Few labels** on `demo` (spark, vicreg against random): no on demo" in text
+    assert "- **Few labels** on `demo:1` (spark, vicreg against random): no on demo:1" in text
+    assert "- **How far to trust it**: for each segment's whole design" in text
+    alone = render_report.render(results_with(["spark", "vicreg"]), lambda source, name: name)
+    assert "### Segment" not in alone and "for this report's whole design" in alone
