@@ -1,0 +1,85 @@
+"""Does a cheaper curve mode agree with full fine-tuning? Two evaluate/label_efficiency.py outputs of the same
+segment and encoders (e.g. the report's frozen curves and full fine-tuning runs of a few of its seeds) are joined run
+by run on (encoder, glyphs, seed): the same glyphs are labelled in both (checked by their labelled pixel count), so
+each pair differs only in how the encoder was used.
+
+    python benchmarks/mode_agreement.py --cheap experiments/report/label_efficiency \
+        --full experiments/agreement/full_demo0 --output experiments/agreement/agreement.md
+
+Prints per run F0.5 and AUC in both modes, and per (glyphs, seed) each encoder's paired difference from random in
+both modes: the verdict compares exactly these differences, so agreement of their signs and sizes is what matters.
+"""
+import argparse
+import csv
+import pathlib
+import sys
+
+from pretrain.utils import errors
+from pretrain.utils.errors import OneLineError
+from pretrain.utils.misc import write_bytes_atomic
+
+
+class AgreementError(OneLineError, ValueError):
+    """The two outputs cannot be paired run by run."""
+
+
+def read_runs(folder: pathlib.Path) -> dict:
+    """{(encoder, glyphs, seed): runs.csv row} of one label_efficiency.py output (its first round, one mode)."""
+    path = folder / "runs.csv"
+    if not path.is_file():
+        raise AgreementError(f"{path} does not exist: not a finished evaluate/label_efficiency.py output")
+    rows = [row for row in csv.DictReader(open(path)) if row["round"] == "0"]
+    modes = {row["mode"] for row in rows}
+    if len(modes) != 1:
+        raise AgreementError(f"{path} holds the modes {', '.join(sorted(modes))}: give an output of one mode")
+    return {(row["encoder"], int(row["glyphs"]), int(row["seed"])): row for row in rows}
+
+
+def agreement(cheap: dict, full: dict) -> str:
+    """The markdown tables: runs in both outputs, then each encoder's paired difference from random per mode."""
+    pairs = sorted(set(cheap) & set(full))
+    if not pairs:
+        raise AgreementError("the two outputs share no (encoder, glyphs, seed) run")
+    for key in pairs:
+        if cheap[key]["labelled_pixels"] != full[key]["labelled_pixels"]:
+            raise AgreementError(f"run {key}: {cheap[key]['labelled_pixels']} labelled pixels in one output, "
+                                 f"{full[key]['labelled_pixels']} in the other: not the same glyphs")
+    cheap_mode, full_mode = next(iter(cheap.values()))["mode"], next(iter(full.values()))["mode"]
+    lines = [f"| encoder | glyphs | seed | F0.5 {cheap_mode} | F0.5 {full_mode} | AUC {cheap_mode} | AUC {full_mode} |",
+             "|---|---|---|---|---|---|---|"]
+    for key in pairs:
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {float(cheap[key]['f05']):.3f} | {float(full[key]['f05']):.3f} "
+                     f"| {float(cheap[key]['auc']):.3f} | {float(full[key]['auc']):.3f} |")
+    lines += ["", f"| encoder − random | glyphs | seed | F0.5 {cheap_mode} | F0.5 {full_mode} | AUC {cheap_mode} | "
+              f"AUC {full_mode} | same sign (F0.5) |", "|---|---|---|---|---|---|---|---|"]
+    agree = total = 0
+    for encoder, glyphs, seed in pairs:
+        baseline = ("random", glyphs, seed)
+        if encoder == "random" or baseline not in pairs:
+            continue
+        differences = {metric: [float(runs[(encoder, glyphs, seed)][metric]) - float(runs[baseline][metric])
+                                for runs in (cheap, full)] for metric in ("f05", "auc")}
+        same = (differences["f05"][0] > 0) == (differences["f05"][1] > 0)
+        agree, total = agree + same, total + 1
+        lines.append(f"| {encoder} | {glyphs} | {seed} | {differences['f05'][0]:+.3f} | {differences['f05'][1]:+.3f} | "
+                     f"{differences['auc'][0]:+.3f} | {differences['auc'][1]:+.3f} | {'yes' if same else 'no'} |")
+    lines += ["", f"{agree} of {total} paired F0.5 differences have the same sign in both modes."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = errors.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cheap", type=pathlib.Path, required=True, help="the cheaper mode's label_efficiency.py output")
+    parser.add_argument("--full", type=pathlib.Path, required=True, help="the full fine-tuning output")
+    parser.add_argument("--output", type=pathlib.Path, help="a markdown file for the tables (default: print them)")
+    args = parser.parse_args()
+    text = agreement(read_runs(args.cheap), read_runs(args.full))
+    if args.output:
+        write_bytes_atomic(args.output, text.encode())
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    errors.install(__file__)
+    sys.exit(main())
