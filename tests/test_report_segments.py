@@ -29,7 +29,8 @@ def test_one_segment_named_twice_is_refused(monkeypatch, capsys):
     assert "--curve_segments names a segment twice (demo demo:1 demo:0 are demo:0 demo:1 demo:0)" in capsys.readouterr().err
 
 
-def test_the_report_gives_each_segment_its_curves_and_its_verdict():
+def test_the_report_gives_each_segment_its_curves_and_its_verdict(monkeypatch):
+    monkeypatch.setattr(render_report, "RATE_EXPERIMENTS", 20)  # the wording is tested, not the rates
     results = results_with(["spark", "vicreg"])
     first = {**results["label_efficiency"][0], "segment": "demo", "verdict": "no on demo"}
     second = {**copy.deepcopy(first), "segment": "demo:1", "verdict": "no on demo:1", "plot": "other.png"}
