@@ -6,6 +6,7 @@ representations with CKA, map ink without labels, and write the report.
     python evaluate/report.py                                  # the demo segment (pretraining: hours on a 2-core CPU)
     python evaluate/report.py --pretrain_only                  # the pretraining alone, a sitting of its own
     python evaluate/report.py --curve_segments demo demo:1     # the verdict on demo and on demo:1 too
+    python evaluate/report.py --curve_segments demo demo:1 --verdict_only   # that verdict alone (minutes)
     python evaluate/report.py --curve_modes frozen full        # fine-tuning curves too (a GPU's hours)
     python evaluate/report.py --variants mask0.4="--mask 0.4" surface="--follow_surface True"
     python evaluate/report.py --kinetics r3d50_KM_200ep.pth    # also a full-width probe: random vs Kinetics-700
@@ -326,6 +327,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--feature_args", default="", help="more settings for cka.py and ink_map.py")
     parser.add_argument("--pretrain_only", action="store_true",
                         help="stop after step 1 (a sitting of its own: the rest reuses it when run with the same settings)")
+    parser.add_argument("--verdict_only", action="store_true",
+                        help="the few-label curves and their verdict, then the report: no frozen-encoder probes, CKA "
+                             "or ink maps (the probes are hours of a CPU)")
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("experiments/report"), help="runs and results")
     parser.add_argument("--notes", type=pathlib.Path, default=pathlib.Path("notes/encoder_report.md"), help="the report")
     parser.add_argument("--images", type=pathlib.Path, default=pathlib.Path("images"), help="the report's figures")
@@ -357,11 +361,14 @@ def main() -> int:
         print(f"\npretraining done: {', '.join(encoders.values())}; the same command without --pretrain_only goes on")
         return 0
     label_efficiency(args, encoders)
-    probes(args, encoders)
-    representations(args, encoders)
+    steps = ["run", "pretraining", "label_efficiency"]
+    if not args.verdict_only:
+        probes(args, encoders)
+        representations(args, encoders)
+        steps = list(render_report.STEPS)
     save_results(args, "run", {"command": shlex.join(["python", "evaluate/report.py", *sys.argv[1:]]),
                                "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
-                               "seconds": time.time() - started})
+                               "seconds": time.time() - started, "segment": args.segment, "steps": steps})
     render_report.render_to_files(args.work / "results", args.notes, args.images)
     print(f"\nreport written to {args.notes}, figures to {args.images}/report_*.png")
     return 0

@@ -43,3 +43,26 @@ def test_the_report_gives_each_segment_its_curves_and_its_verdict(monkeypatch):
     assert "- **How far to trust it**: for each segment's whole design" in text
     alone = render_report.render(results_with(["spark", "vicreg"]), lambda source, name: name)
     assert "### Segment" not in alone and "for this report's whole design" in alone
+
+
+def test_a_verdict_only_report_runs_no_probes_and_says_what_it_left_out(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(report, "pretrain", lambda args: calls.append("pretrain") or {})
+    monkeypatch.setattr(report, "label_efficiency", lambda args, encoders: calls.append("label_efficiency"))
+    monkeypatch.setattr(report, "probes", lambda args, encoders: calls.append("probes"))
+    monkeypatch.setattr(report, "representations", lambda args, encoders: calls.append("representations"))
+    monkeypatch.setattr(render_report, "render_to_files", lambda *folders: calls.append("render"))
+    monkeypatch.setattr(sys, "argv", ["evaluate/report.py", "--work", str(tmp_path), "--verdict_only"])
+    assert report.main() == 0
+    assert calls == ["pretrain", "label_efficiency", "render"]
+    assert render_report.steps_run(tmp_path / "results") == ["run", "pretraining", "label_efficiency"]
+
+    monkeypatch.setattr(render_report, "RATE_EXPERIMENTS", 20)
+    results = {step: value for step, value in results_with(["spark", "vicreg"]).items()
+               if step in ("run", "pretraining", "label_efficiency")}
+    results["run"].update(command="python evaluate/report.py --curve_segments demo demo:1 --verdict_only", segment="demo")
+    text = render_report.render(results, lambda source, name: name)
+    assert "## Frozen-encoder probe" not in text and "## CKA" not in text and "- **Frozen probe**" not in text
+    assert "## Not in this report" in text and "`python evaluate/report.py --curve_segments demo demo:1` adds them" in text
+    assert "- **Segment** `demo`, which every method pretrained on" in text
+    assert "- **Few labels** (spark, vicreg against random): no reading" in text
