@@ -7,7 +7,8 @@ each pair differs only in how the encoder was used.
         --full experiments/agreement/full_demo0 --output experiments/agreement/agreement.md
 
 Prints per run F0.5 and AUC in both modes, and per (glyphs, seed) each encoder's paired difference from random in
-both modes: the verdict compares exactly these differences, so agreement of their signs and sizes is what matters.
+both modes, and their mean per encoder and glyph count: the verdict compares exactly these differences, so agreement
+of their signs and sizes is what matters. A difference of exactly 0 (both arms scored alike) is a tie, not a sign.
 """
 import argparse
 import csv
@@ -52,18 +53,29 @@ def agreement(cheap: dict, full: dict) -> str:
                      f"| {float(cheap[key]['auc']):.3f} | {float(full[key]['auc']):.3f} |")
     lines += ["", f"| encoder − random | glyphs | seed | F0.5 {cheap_mode} | F0.5 {full_mode} | AUC {cheap_mode} | "
               f"AUC {full_mode} | same sign (F0.5) |", "|---|---|---|---|---|---|---|---|"]
-    agree = total = 0
+    # {(encoder, glyphs): [(cheap, full) F0.5 difference per seed]}; a difference of exactly 0 (both arms scored the
+    # same, e.g. both calling every pixel ink) has no sign, so it neither agrees nor disagrees.
+    by_arm = {}
     for encoder, glyphs, seed in pairs:
         baseline = ("random", glyphs, seed)
         if encoder == "random" or baseline not in pairs:
             continue
         differences = {metric: [float(runs[(encoder, glyphs, seed)][metric]) - float(runs[baseline][metric])
                                 for runs in (cheap, full)] for metric in ("f05", "auc")}
-        same = (differences["f05"][0] > 0) == (differences["f05"][1] > 0)
-        agree, total = agree + same, total + 1
+        by_arm.setdefault((encoder, glyphs), []).append(differences["f05"])
+        signs = [(difference > 0) - (difference < 0) for difference in differences["f05"]]
+        same = "tie" if 0 in signs else "yes" if signs[0] == signs[1] else "no"
         lines.append(f"| {encoder} | {glyphs} | {seed} | {differences['f05'][0]:+.3f} | {differences['f05'][1]:+.3f} | "
-                     f"{differences['auc'][0]:+.3f} | {differences['auc'][1]:+.3f} | {'yes' if same else 'no'} |")
-    lines += ["", f"{agree} of {total} paired F0.5 differences have the same sign in both modes."]
+                     f"{differences['auc'][0]:+.3f} | {differences['auc'][1]:+.3f} | {same} |")
+    lines += ["", f"| encoder − random | glyphs | seeds | mean F0.5 {cheap_mode} | mean F0.5 {full_mode} |", "|---|---|---|---|---|"]
+    for (encoder, glyphs), differences in sorted(by_arm.items()):
+        means = [sum(pair[mode] for pair in differences) / len(differences) for mode in (0, 1)]
+        lines.append(f"| {encoder} | {glyphs} | {len(differences)} | {means[0]:+.3f} | {means[1]:+.3f} |")
+    signed = [pair for differences in by_arm.values() for pair in differences if 0 not in pair]
+    agree = sum((pair[0] > 0) == (pair[1] > 0) for pair in signed)
+    ties = sum(len(differences) for differences in by_arm.values()) - len(signed)
+    lines += ["", f"{agree} of {len(signed)} paired F0.5 differences have the same sign in both modes; {ties} "
+              f"exactly 0 in one mode (no sign)."]
     return "\n".join(lines) + "\n"
 
 

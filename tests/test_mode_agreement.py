@@ -25,17 +25,22 @@ def agreement(tmp_path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_runs_pair_by_encoder_glyphs_and_seed(tmp_path):
-    # seed 2 is frozen-only: not paired.
+    # seed 2 is frozen-only: not paired; at seed 3 both frozen arms score alike (a tie, no sign).
     write_runs(tmp_path / "frozen", "frozen", {("random", 0): (0.13, 0.50), ("spark", 0): (0.15, 0.55),
                                                ("random", 1): (0.13, 0.50), ("spark", 1): (0.12, 0.49),
-                                               ("random", 2): (0.13, 0.5)})
+                                               ("random", 2): (0.13, 0.5),
+                                               ("random", 3): (0.131, 0.5), ("spark", 3): (0.131, 0.5)})
     write_runs(tmp_path / "full", "full", {("random", 0): (0.20, 0.60), ("spark", 0): (0.30, 0.70),
-                                           ("random", 1): (0.20, 0.60), ("spark", 1): (0.25, 0.62)})
+                                           ("random", 1): (0.20, 0.60), ("spark", 1): (0.25, 0.62),
+                                           ("random", 3): (0.20, 0.60), ("spark", 3): (0.22, 0.60)})
     result = agreement(tmp_path, "--output", str(tmp_path / "agreement.md"))
     assert result.returncode == 0, result.stderr
     assert "| spark | 1 | 0 | +0.020 | +0.100 | +0.050 | +0.100 | yes |" in result.stdout
     assert "| spark | 1 | 1 | -0.010 | +0.050 | -0.010 | +0.020 | no |" in result.stdout
-    assert "1 of 2 paired F0.5 differences have the same sign in both modes." in result.stdout
+    assert "| spark | 1 | 3 | +0.000 | +0.020 | +0.000 | +0.000 | tie |" in result.stdout
+    assert "| spark | 1 | 3 | +0.003 | +0.057 |" in result.stdout
+    assert "1 of 2 paired F0.5 differences have the same sign in both modes; 1 exactly 0 in one mode (no sign)." \
+        in result.stdout
     assert "| random | 1 | 2 |" not in result.stdout
     assert (tmp_path / "agreement.md").read_text() == result.stdout
 
