@@ -102,6 +102,7 @@ FROZEN_STAGE = 1  # the finest stage (one feature per 4 pixels): a stroke is a f
 RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates printed beside the verdict
 NEGATIVES_REACH = 32  # pixels around a labelled glyph that a simulated labeler paints as not ink
 NEGATIVES_CLEARANCE = 3  # pixels the painted negatives keep off any ink
+MODE_WORDS = {"full": "fine-tuned", "lpft": "probed then fine-tuned", "frozen": "read frozen by a linear probe"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,7 +568,10 @@ def markdown(rows: list[dict], compared: list[dict], description: str, band: NoS
         lines.append(f"| {row['encoder']} | {row['against']} | {row['mode']} | {row['glyphs']} | {row['seeds']} | "
                      f"{row['mean_difference']:+.3f} | {interval} | {row['p_gain']:.4f} | {row['p_below_goal']:.4f} | "
                      f"{row['claim']} |")
-    lines += ["", f"Does a pretrained encoder find ink with fewer labels? {answer}", "",
+    # The question names how the encoders were used: a frozen probe can miss ink that fine-tuning finds.
+    used = [MODE_WORDS[mode] for mode in MODE_WORDS if mode in {row["mode"] for row in compared}]
+    question = f"Does a pretrained encoder, {' or '.join(used)}, find ink" if used else "Does a pretrained encoder find ink"
+    lines += ["", f"{question} with fewer labels? {answer}", "",
               f"Runs from code {', '.join(codes)}." if len(codes) > 1 else f"Every run from code {codes[0]}.", ""]
     return "\n".join(lines)
 

@@ -84,7 +84,7 @@ def test_curves_are_written_and_a_rerun_reuses_every_run(labelled_segment_path, 
     table = (curves / "label_efficiency.md").read_text()
     assert "| random | full |" in table and "| pretrained | full |" in table and "No-skill band" in table
     # One seed gives no interval: whatever the scores, the answer is inconclusive, never "no".
-    assert "Does a pretrained encoder find ink with fewer labels? **Inconclusive**" in table
+    assert "Does a pretrained encoder, fine-tuned, find ink with fewer labels? **Inconclusive**" in table
     assert (curves / "label_efficiency.png").read_bytes().startswith(b"\x89PNG")
 
     log = curves / "runs" / "random_full_k1_seed0" / "train.log"
@@ -120,7 +120,9 @@ def test_frozen_runs_read_each_encoder_s_features_once_with_the_same_glyphs_and_
         prediction = cv2.imread(str(tmp_path / "curves" / "runs" / row["name"] / "prediction.png"), cv2.IMREAD_UNCHANGED)
         assert not prediction[~(scoring.calibration_yx | scoring.score_yx)].any()
         assert float(row["f05"]) == label_efficiency.scores(prediction / 255.0, segment, scoring)["f05"]
-    assert "| pretrained | frozen |" in (tmp_path / "curves" / "label_efficiency.md").read_text()
+    table = (tmp_path / "curves" / "label_efficiency.md").read_text()
+    assert "| pretrained | frozen |" in table
+    assert "Does a pretrained encoder, read frozen by a linear probe, find ink with fewer labels?" in table
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--modes frozen"):
         label_efficiency.parse_args(["--pretrained_path", "random", "--modes", "frozen", "--self_training_rounds", "1"])
 
