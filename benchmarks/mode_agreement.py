@@ -55,7 +55,7 @@ def agreement(cheap: dict, full: dict) -> str:
               f"AUC {full_mode} | same sign (F0.5) |", "|---|---|---|---|---|---|---|---|"]
     # {(encoder, glyphs): [(cheap, full) F0.5 difference per seed]}; a difference of exactly 0 (both arms scored the
     # same, e.g. both calling every pixel ink) has no sign, so it neither agrees nor disagrees.
-    by_arm = {}
+    by_arm, agreements = {}, []
     for encoder, glyphs, seed in pairs:
         baseline = ("random", glyphs, seed)
         if encoder == "random" or baseline not in pairs:
@@ -65,17 +65,15 @@ def agreement(cheap: dict, full: dict) -> str:
         by_arm.setdefault((encoder, glyphs), []).append(differences["f05"])
         signs = [(difference > 0) - (difference < 0) for difference in differences["f05"]]
         same = "tie" if 0 in signs else "yes" if signs[0] == signs[1] else "no"
+        agreements.append(same)
         lines.append(f"| {encoder} | {glyphs} | {seed} | {differences['f05'][0]:+.3f} | {differences['f05'][1]:+.3f} | "
                      f"{differences['auc'][0]:+.3f} | {differences['auc'][1]:+.3f} | {same} |")
     lines += ["", f"| encoder − random | glyphs | seeds | mean F0.5 {cheap_mode} | mean F0.5 {full_mode} |", "|---|---|---|---|---|"]
     for (encoder, glyphs), differences in sorted(by_arm.items()):
         means = [sum(pair[mode] for pair in differences) / len(differences) for mode in (0, 1)]
         lines.append(f"| {encoder} | {glyphs} | {len(differences)} | {means[0]:+.3f} | {means[1]:+.3f} |")
-    signed = [pair for differences in by_arm.values() for pair in differences if 0 not in pair]
-    agree = sum((pair[0] > 0) == (pair[1] > 0) for pair in signed)
-    ties = sum(len(differences) for differences in by_arm.values()) - len(signed)
-    lines += ["", f"{agree} of {len(signed)} paired F0.5 differences have the same sign in both modes; {ties} "
-              f"exactly 0 in one mode (no sign)."]
+    lines += ["", f"{agreements.count('yes')} of {len(agreements) - agreements.count('tie')} paired F0.5 "
+              f"differences have the same sign in both modes; {agreements.count('tie')} exactly 0 in one mode (no sign)."]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,8 @@ from pretrain.utils import errors
 
 RATE_EXPERIMENTS = 1000  # simulated reports per scenario behind the error rates the report prints
 FIGURE_WIDTH = 512  # pixels: figures stay small PNGs in the repository
-STEPS = ("run", "pretraining", "label_efficiency", "probes", "cka", "ink_maps")
+VERDICT_STEPS = ("run", "pretraining", "label_efficiency")  # what report.py --verdict_only runs
+STEPS = (*VERDICT_STEPS, "probes", "cka", "ink_maps")
 
 
 def copy_figure(source: str, images: pathlib.Path, name: str) -> str:

@@ -361,14 +361,13 @@ def main() -> int:
         print(f"\npretraining done: {', '.join(encoders.values())}; the same command without --pretrain_only goes on")
         return 0
     label_efficiency(args, encoders)
-    steps = ["run", "pretraining", "label_efficiency"]
     if not args.verdict_only:
         probes(args, encoders)
         representations(args, encoders)
-        steps = list(render_report.STEPS)
+    steps = render_report.VERDICT_STEPS if args.verdict_only else render_report.STEPS
     save_results(args, "run", {"command": shlex.join(["python", "evaluate/report.py", *sys.argv[1:]]),
                                "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
-                               "seconds": time.time() - started, "segment": args.segment, "steps": steps})
+                               "seconds": time.time() - started, "segment": args.segment, "steps": list(steps)})
     render_report.render_to_files(args.work / "results", args.notes, args.images)
     print(f"\nreport written to {args.notes}, figures to {args.images}/report_*.png")
     return 0
