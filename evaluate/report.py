@@ -25,9 +25,9 @@ figures, small PNGs, into `--images`), so any number in the report can be reprod
 5. `evaluate/ink_map.py` for random and every method.
 Running again reuses what is finished, keyed by content (evaluate/provenance.py: the code each step executes, its
 command with the content of every file it reads, the segment), so a commit that touches only README or notes reuses
-everything: pretraining resumes only a run of the same key (a finished one only reports; one of other settings,
-e.g. other --spark_epochs, is moved to .superseded/ and run afresh), fine-tuning runs are reused or only predict
-again, and an encoder overwritten in place is probed and fine-tuned again.
+everything: a step that finished with the same key is not started again, pretraining resumes only a run of the
+same key (one of other settings, e.g. other --spark_epochs, is moved to .superseded/ and run afresh), fine-tuning
+runs are reused or only predict again, and an encoder overwritten in place is probed and fine-tuned again.
 """
 import argparse
 import csv
@@ -125,8 +125,8 @@ def pretrain(args) -> dict:
             "pretrain/main.py", "--model", args.model, "--data_path", args.segment, "--exp_name", f"report_{name}",
             "--exp_dir", str(exp_dirs[name]), "--keep_epoch_encoders", "True", "--samples_per_ep",
             str(args.pretrain_samples), *shlex.split(args.pretrain_args),
-            *runs[name][0]], log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if jobs > 1 else None,
-            folder=exp_dirs[name])
+            *runs[name][0]], checkpoint.encoder_file(exp_dirs[name], args.model),
+            log=exp_dirs[name].with_name(exp_dirs[name].name + ".log") if jobs > 1 else None, folder=exp_dirs[name])
 
     # The runs are independent: side by side on a GPU, with --jobs (a pretraining run takes every core of a CPU).
     jobs = args.jobs or 1
@@ -190,7 +190,7 @@ def label_efficiency(args, encoders: dict) -> None:
                 "--alpha", f"{verdict_rule.ALPHA * len(names) / len(chosen):.6g}",
                 *input_options(group["settings"], args.finetune_tile_size), *shlex.split(args.curve_args),
                 "--output", str(output), "--",
-                *shlex.split(args.finetune_args)])
+                *shlex.split(args.finetune_args)], output / "label_efficiency.json")
             results.append({"command": command, "output": str(output), "encoders": names, "segment": segment,
                             **json.loads((output / "label_efficiency.json").read_text()),
                             "table": (output / "label_efficiency.md").read_text(),
@@ -207,7 +207,8 @@ def probes(args, encoders: dict) -> None:
     control = run_step("supervised control: full fine-tuning", [
         "finetune/train.py", "--exp_name", "supervised", "--OUTPUT_DIR", str(args.work / "control"), "--scheme",
         "validation", "--BEST_BY", "last", "--segment_id", args.segment, "--SEED", "0", *finetune_options(spark_settings),
-        *shlex.split(args.finetune_args)], folder=args.work / "control" / "supervised")
+        *shlex.split(args.finetune_args)], args.work / "control" / "supervised" / "last.pth",
+        folder=args.work / "control" / "supervised")
     probed = {**encoders, "supervised": str(args.work / "control" / "supervised" / "best.pth")}
     results = {"control_command": control, "groups": []}
     for index, group in enumerate(groups_by_input(probed, args.finetune_tile_size)):
@@ -218,7 +219,7 @@ def probes(args, encoders: dict) -> None:
             "evaluate/encoders.py", "--pretrained_path", "random", *group["encoders"].values(), "--names", *names,
             "--segment_id", args.segment, "--seeds", str(args.probe_seeds), "--jobs", str(encoder_input.automatic_jobs(args.jobs)),
             *input_options(group["settings"], args.finetune_tile_size), "--output", str(output), "--",
-            *shlex.split(args.finetune_args)])
+            *shlex.split(args.finetune_args)], output / "encoders.csv")
         rows = list(csv.DictReader(open(output / "encoders.csv")))
         results["groups"].append({"command": command, "baseline": random_name, "input": group["settings"].as_dict(),
                                   "rows": rows, "images": {name: str(output / f"{name}_probe.png") for name in names},
@@ -229,7 +230,7 @@ def probes(args, encoders: dict) -> None:
             "evaluate/encoders.py", "--pretrained_path", "random", args.kinetics, "--names", "random", "kinetics",
             "--segment_id", args.segment, "--model", "resnet50_3d", "--tile_size", str(args.finetune_tile_size), "--seeds",
             str(args.probe_seeds), "--output", str(output),
-            "--", *shlex.split(args.finetune_args)])
+            "--", *shlex.split(args.finetune_args)], output / "encoders.csv")
         results["kinetics"] = {"command": command, "rows": list(csv.DictReader(open(output / "encoders.csv")))}
     save_results(args, "probes", results)
 

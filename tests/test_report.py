@@ -57,14 +57,18 @@ def test_report_runs_every_step_and_renders_from_the_results(labelled_segment_pa
     for figure in figures:
         assert (tmp_path / "notes" / figure).resolve().stat().st_size > 0
 
-    # A second run reuses every finished run: no pretraining or fine-tuning epoch is trained again, and the report,
-    # rendered again from the same results by the renderer alone, is the same.
+    # With --jobs 2 the pretraining runs went side by side, their output to <run>.log.
+    assert sorted(log.name for log in (tmp_path / "work").glob("*.log")) == ["spark.log", "vicreg.log"]
+    assert all("epoch 1/" in log.read_text() for log in (tmp_path / "work").glob("*.log"))
+
+    # A second run starts none of the finished steps: 3 pretraining runs, 2 curve groups, the supervised control,
+    # 2 probe groups, CKA and 3 ink maps. The report, rendered again from the same results by the renderer alone,
+    # is the same.
+    logs = {log: log.stat().st_mtime_ns for log in (tmp_path / "work").glob("*.log")}
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "epoch 1/" not in again.stderr and again.stdout.count("finished earlier with the same command and code") == 4
-    # With --jobs 2 the pretraining runs went side by side, their output to <run>.log, rewritten by the second run.
-    assert all("epoch 1/" not in log.read_text() for log in (tmp_path / "work").glob("*.log"))
-    assert sorted(log.name for log in (tmp_path / "work").glob("*.log")) == ["spark.log", "vicreg.log"]
+    assert again.stdout.count("finished earlier with the same command and code") == 12, again.stdout
+    assert "epoch 1/" not in again.stderr and {log: log.stat().st_mtime_ns for log in logs} == logs
     rendered = subprocess.run([sys.executable, str(REPO_ROOT / "evaluate" / "render_report.py"), "--results",
                                str(tmp_path / "work" / "results"), "--notes", str(tmp_path / "notes" / "again.md"),
                                "--images", str(tmp_path / "images")], cwd=REPO_ROOT, capture_output=True, text=True,
