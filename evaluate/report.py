@@ -60,10 +60,10 @@ def run_step(name: str, command: list[str], output: pathlib.Path | None = None, 
              folder: pathlib.Path | None = None) -> str:
     """Run a repository script with this Python; returns the command as a person would type it. A step is keyed by
     what decides its result (evaluate/provenance.py: the code the script executes, its command with the content of
-    every file it names, the segment). With `output` (a file the step writes last), a step that finished with the
-    same key is not run again. With `folder` (the folder the step works in), work there of another key is moved to
-    .superseded/ first, so that nothing of other settings or inputs is continued. With `log`, the step's output goes
-    there (steps that run side by side)."""
+    every file it names, the segment). With `output` (a file the step writes; its key is recorded beside it once the
+    step succeeds), a step that finished with the same key is not run again. With `folder` (the folder the step
+    works in), work there of another key is moved to .superseded/ first, so that nothing of other settings or inputs
+    is continued. With `log`, the step's output goes there (steps that run side by side)."""
     printable = shlex.join(["python", *command])
     step_key = provenance.key([sys.executable, *command], provenance.code_of(command[0]))
     record = output.with_name(output.name + ".key.json") if output is not None else None
