@@ -52,7 +52,7 @@ the paired comparisons, training time, the verdict), `label_efficiency.png` (F0.
 glyphs, the seed spread shaded, with chance and the no-skill band), `runs.csv` (every run), and per run
 `runs/<name>/` with its label image, prediction.png and result.json. A rerun reuses every run whose key is the same
 (evaluate/provenance.py: the code finetune/train.py executes, its command with the content of every file it reads:
-the glyph image, the encoder checkpoint, the prior; and the segment), so a commit that touches only README or notes
+the glyph image, the encoder checkpoint, the prior; and the segment; for a frozen run, `run_frozen`'s key), so a commit that touches only README or notes
 reuses everything; any other run is moved to `runs/.superseded/` and run again, unless --reuse_other_code keeps a
 run whose inputs are the same but whose code differs, and then the report names its code.
 """
@@ -317,7 +317,15 @@ class FrozenFeatures:
 
     def __init__(self, segment: Segment, settings: InputSettings):
         self.segment, self.settings, self.device = segment, settings, encoder_input.device()
-        self.features = {}
+        self.features, self.digests = {}, {}
+
+    def identity(self, checkpoint_path: str, seed: int) -> str:
+        """The encoder as content, for a run's key: the random initialisation's seed, or the checkpoint's digest."""
+        if checkpoint_path == RANDOM:
+            return f"{RANDOM}:seed{seed}"
+        if checkpoint_path not in self.digests:
+            self.digests[checkpoint_path] = provenance.file_digest(checkpoint_path)
+        return self.digests[checkpoint_path]
 
     def get(self, checkpoint_path: str, seed: int) -> tuple[np.ndarray, np.ndarray, int, float]:
         """(C, Y/f, X/f) features, the grid's (Y/f, X/f) mask, f, and the CPU seconds spent now (0 when kept)."""
@@ -331,15 +339,17 @@ class FrozenFeatures:
         return (*self.features[key], time.process_time() - started)
 
 
-def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs: list[np.ndarray], output: pathlib.Path,
-               tile_size: int, code: str) -> list[dict]:
+def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs: list[np.ndarray], args,
+               code: str) -> list[dict]:
     """A frozen run: logistic regression from each feature of the frozen encoder to its label, fitted on the glyphs
     (ink) and the labelling part's papyrus within half a tile of them (not ink: as in a fine-tuning run's training
     tiles, or with negatives the painted ones), then the map of ink probability, upsampled to the segment's pixels,
-    written as the run's prediction.png for `score`. Every fitted pixel passes `check_held_out`."""
-    segment = features.segment
+    written as the run's prediction.png for `score`. Every fitted pixel passes `check_held_out`. Like a fine-tuning
+    run it is reused (`earlier_run`) when its key is the same: the code of this process (evaluate/, finetune/,
+    pretrain/), the encoder's content, the input settings, the segment, the device, and the pixels it fits and
+    predicts; the encoder's features are then not computed at all."""
+    segment, tile_size = features.segment, features.settings.tile_size
     started = time.process_time()
-    features_chw, grid_mask_hw, factor, feature_seconds = features.get(run["checkpoint"], run["seed"])
     glyphs_yx = glyph_labels(all_glyphs, segment.shape[1:], run["seed"], run["glyphs"])
     if run["negatives"]:
         not_ink_yx = painted_negatives(glyphs_yx, segment.inklabels, segment.mask & scoring.label_yx) > 0
@@ -347,6 +357,15 @@ def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs
         near_yx = cv2.dilate((glyphs_yx > 0).astype(np.uint8), np.ones((tile_size + 1,) * 2, np.uint8)) > 0
         not_ink_yx = near_yx & segment.mask & scoring.label_yx & (glyphs_yx == 0)
     check_held_out([glyphs_yx, not_ink_yx], scoring, tile_size, run["name"])
+    folder = args.output / "runs" / run["name"]
+    run_key = {"code": provenance.code_digest(provenance.EVALUATE_CODE), "inputs": [
+        "frozen", features.identity(run["checkpoint"], run["seed"]), json.dumps(features.settings.as_dict(), sort_keys=True),
+        provenance.segment_key(args.segment), features.device.type, label_digest(glyphs_yx),
+        label_digest(not_ink_yx.astype(np.uint8)), label_digest(predicted_region(scoring))]}
+    earlier = earlier_run(folder, run_key, args.reuse_other_code)
+    if earlier is not None:
+        return [{key: value for key, value in earlier.items() if key != "key"}]
+    features_chw, grid_mask_hw, factor, feature_seconds = features.get(run["checkpoint"], run["seed"])
     height, width = grid_mask_hw.shape
 
     def on_grid(map_yx: np.ndarray) -> np.ndarray:  # a pixel map, as the fraction of each feature's pixels it covers
@@ -367,12 +386,14 @@ def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs
     probabilities_yx = np.zeros(segment.shape[1:], np.float32)
     upsampled = np.repeat(np.repeat(probabilities_hw, factor, axis=0), factor, axis=1)
     probabilities_yx[:upsampled.shape[0], :upsampled.shape[1]] = upsampled[:segment.shape[1], :segment.shape[2]]
-    prediction = output / "runs" / run["name"] / "prediction.png"
+    prediction = folder / "prediction.png"
     write_png_atomic(prediction, np.round(probabilities_yx * 255).astype(np.uint8))
-    return [{**{key: run[key] for key in ("name", "encoder", "glyphs", "seed")},
-             "mode": arm(run["mode"], run["negatives"], None), "round": 0, "labelled_pixels": int((glyphs_yx > 0).sum()),
-             "prediction": str(prediction), "training_seconds": 0.0,
-             "cpu_seconds": time.process_time() - started, "feature_cpu_seconds": feature_seconds, "code": code}]
+    result = {**{key: run[key] for key in ("name", "encoder", "glyphs", "seed")},
+              "mode": arm(run["mode"], run["negatives"], None), "round": 0, "labelled_pixels": int((glyphs_yx > 0).sum()),
+              "prediction": str(prediction), "training_seconds": 0.0,
+              "cpu_seconds": time.process_time() - started, "feature_cpu_seconds": feature_seconds, "code": code}
+    write_bytes_atomic(folder / "result.json", json.dumps({**result, "key": run_key}, indent=1).encode())
+    return [result]
 
 
 def predicted_region(scoring: Regions) -> np.ndarray:
@@ -752,7 +773,7 @@ def main() -> int:
         frozen = sorted((run for run in runs if run["mode"] == "frozen"),
                         key=lambda run: (run["checkpoint"], run["seed"] if run["checkpoint"] == RANDOM else -1))
         finished = itertools.chain(
-            (run_frozen(run, frozen_features, scoring, all_glyphs, args.output, settings.tile_size, code) for run in frozen),
+            (run_frozen(run, frozen_features, scoring, all_glyphs, args, code) for run in frozen),
             encoder_input.side_by_side(lambda run: run_one(run, args, settings, extra, segment, scoring, all_glyphs, code),
                                        [run for run in runs if run["mode"] != "frozen"], args.jobs))
         results = []

@@ -1,7 +1,7 @@
 """Few-label fine-tuning curves: glyph choice is reproducible and never near the scoring region; thresholds are
 chosen on the calibration strip; the verdict follows the paired statistics; a tiny run of the command writes the
 table, CSV, plot and each run's prediction, a rerun reuses every finished run of the same code, and a run of other
-code is run again with the earlier one kept."""
+code or inputs is run again with the earlier one kept (fine-tuned and frozen runs alike)."""
 import csv
 import json
 import subprocess
@@ -123,6 +123,24 @@ def test_frozen_runs_read_each_encoder_s_features_once_with_the_same_glyphs_and_
     table = (tmp_path / "curves" / "label_efficiency.md").read_text()
     assert "| pretrained | frozen |" in table
     assert "Does a pretrained encoder, read frozen by a linear probe, find ink with fewer labels?" in table
+
+    # A rerun reuses every run of the same key without computing any encoder's features ...
+    predictions = {row["name"]: tmp_path / "curves" / "runs" / row["name"] / "prediction.png" for row in runs}
+    written = {name: path.stat().st_mtime_ns for name, path in predictions.items()}
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "encoding tiles" not in again.stderr and list(csv.DictReader(open(tmp_path / "curves" / "runs.csv"))) == runs
+    assert {name: path.stat().st_mtime_ns for name, path in predictions.items()} == written
+    # ... and other weights at the same path run the pretrained encoder's runs again, the earlier ones kept aside.
+    torch.manual_seed(5)
+    checkpoint.save(tmp_path / "pretrained.pth", "encoder", build_encoder("resnet18_3d_tiny").state_dict(),
+                    InputSettings(model="resnet18_3d_tiny", depth=8, tile_size=32))
+    changed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    rerun = {name for name, path in predictions.items() if path.stat().st_mtime_ns != written[name]}
+    assert rerun == {name for name in predictions if name.startswith("pretrained")}
+    assert sorted(path.name for path in (tmp_path / "curves" / "runs" / ".superseded").iterdir()) == sorted(
+        f"{name}-1" for name in rerun)
     with pytest.raises(label_efficiency.encoder_input.EvaluationError, match="--modes frozen"):
         label_efficiency.parse_args(["--pretrained_path", "random", "--modes", "frozen", "--self_training_rounds", "1"])
 
