@@ -52,9 +52,10 @@ the paired comparisons, training time, the verdict), `label_efficiency.png` (F0.
 glyphs, the seed spread shaded, with chance and the no-skill band), `runs.csv` (every run), and per run
 `runs/<name>/` with its label image, prediction.png and result.json. A rerun reuses every run whose key is the same
 (evaluate/provenance.py: the code finetune/train.py executes, its command with the content of every file it reads:
-the glyph image, the encoder checkpoint, the prior; and the segment; for a frozen run, `run_frozen`'s key), so a commit that touches only README or notes
-reuses everything; any other run is moved to `runs/.superseded/` and run again, unless --reuse_other_code keeps a
-run whose inputs are the same but whose code differs, and then the report names its code.
+the glyph image, the encoder checkpoint, the prior; and the segment; a frozen run's key is `run_frozen`'s), so a
+commit that touches only README or notes reuses everything; any other run is moved to `runs/.superseded/` and run
+again, unless --reuse_other_code keeps a run whose inputs are the same but whose code differs, and then the report
+names its code.
 """
 import argparse
 import csv
