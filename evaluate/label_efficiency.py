@@ -250,8 +250,9 @@ def predicts_scored_only(args) -> bool:
 
 
 def earlier_run(folder: pathlib.Path, run_key: dict, reuse_other_code: bool) -> dict | None:
-    """What a finished run in `folder` recorded, when it may stand for this one: the same key (evaluate/provenance.py:
-    the code train.py executes, the command with the content of every file it reads, the segment), or with
+    """What a finished run in `folder` recorded, when it may stand for this one: the same key (a fine-tuning run's
+    from evaluate/provenance.py: the code train.py executes, the command with the content of every file it reads,
+    the segment; a frozen run's from `run_frozen`), or with
     `reuse_other_code` the same inputs from other code. Otherwise the folder is moved to runs/.superseded/ (nothing
     is deleted) and None says to run it; a killed run of the same key is left to continue."""
     result_path = folder / "result.json"
@@ -359,8 +360,10 @@ def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs
         not_ink_yx = near_yx & segment.mask & scoring.label_yx & (glyphs_yx == 0)
     check_held_out([glyphs_yx, not_ink_yx], scoring, tile_size, run["name"])
     folder = args.output / "runs" / run["name"]
+    reading = {field.name: getattr(features.settings, field.name) for field in dataclasses.fields(features.settings)
+               if field.compare}  # how tiles are read, not what the checkpoint records of its data
     run_key = {"code": provenance.code_digest(provenance.EVALUATE_CODE), "inputs": [
-        "frozen", features.identity(run["checkpoint"], run["seed"]), json.dumps(features.settings.as_dict(), sort_keys=True),
+        "frozen", features.identity(run["checkpoint"], run["seed"]), json.dumps(reading, sort_keys=True),
         provenance.segment_key(args.segment), features.device.type, label_digest(glyphs_yx),
         label_digest(not_ink_yx.astype(np.uint8)), label_digest(predicted_region(scoring))]}
     earlier = earlier_run(folder, run_key, args.reuse_other_code)

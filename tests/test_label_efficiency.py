@@ -125,6 +125,7 @@ def test_frozen_runs_read_each_encoder_s_features_once_with_the_same_glyphs_and_
     assert "Does a pretrained encoder, read frozen by a linear probe, find ink with fewer labels?" in table
 
     # A rerun reuses every run of the same key without computing any encoder's features ...
+    assert "encoding tiles" in result.stderr
     predictions = {row["name"]: tmp_path / "curves" / "runs" / row["name"] / "prediction.png" for row in runs}
     written = {name: path.stat().st_mtime_ns for name, path in predictions.items()}
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
