@@ -4,14 +4,15 @@ by run on (encoder, glyphs, seed): the same glyphs are labelled in both (checked
 each pair differs only in how the encoder was used.
 
     python benchmarks/mode_agreement.py --cheap experiments/report/label_efficiency \
-        --full experiments/agreement/full_demo0 --output experiments/agreement/agreement.md
+        --full experiments/agreement/full_demo0 --output experiments/agreement/agreement.md --plot images/agreement.png
 
 Prints per run F0.5 and AUC in both modes, and per (glyphs, seed) each encoder's paired difference from random in
 both modes, and their mean per encoder and glyph count: the verdict compares exactly these differences, so agreement
 of their signs and sizes is what matters. A difference of exactly 0 (both arms scored alike) is a tie, not a sign.
+`--plot` draws each pair as a point, random's F0.5 across and the encoder's up, one panel per glyph count.
 """
-import argparse
 import csv
+import io
 import pathlib
 import sys
 
@@ -77,15 +78,53 @@ def agreement(cheap: dict, full: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(cheap: dict, full: dict, path: pathlib.Path) -> None:
+    """Each (glyphs, seed) pair of every encoder against random as a point (random's F0.5, the encoder's F0.5), in
+    both modes: above the diagonal the encoder won that seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = sorted(set(cheap) & set(full))
+    counts = sorted({glyphs for _, glyphs, _ in pairs})
+    figure, axes = plt.subplots(1, len(counts), figsize=(3.2 * len(counts), 3.4), squeeze=False)
+    for panel, count in zip(axes[0], counts):
+        panel.plot([0, 1], [0, 1], color="black", linewidth=0.8)
+        for runs, marker in ((cheap, "x"), (full, "o")):
+            points = [(float(runs[("random", glyphs, seed)]["f05"]), float(runs[(encoder, glyphs, seed)]["f05"]))
+                      for encoder, glyphs, seed in pairs
+                      if glyphs == count and encoder != "random" and ("random", glyphs, seed) in pairs]
+            if points:
+                panel.scatter(*zip(*points), marker=marker, s=18, label=next(iter(runs.values()))["mode"])
+        panel.set_xlim(0, 1)  # the whole scale, as every F0.5 plot here: a zoomed axis makes noise look like a gap
+        panel.set_ylim(0, 1)
+        panel.set_aspect("equal")
+        panel.set_title(f"{count} glyph(s)", fontsize=9)
+        panel.set_xlabel("F0.5, random", fontsize=8)
+        panel.set_ylabel("F0.5, pretrained encoder", fontsize=8)
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=80)
+    plt.close(figure)
+    write_bytes_atomic(path, image.getvalue())
+
+
 def main() -> int:
     parser = errors.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cheap", type=pathlib.Path, required=True, help="the cheaper mode's label_efficiency.py output")
     parser.add_argument("--full", type=pathlib.Path, required=True, help="the full fine-tuning output")
     parser.add_argument("--output", type=pathlib.Path, help="a markdown file for the tables (default: print them)")
+    parser.add_argument("--plot", type=pathlib.Path, help="a PNG of every pair, random's F0.5 against the encoder's")
     args = parser.parse_args()
-    text = agreement(read_runs(args.cheap), read_runs(args.full))
+    cheap, full = read_runs(args.cheap), read_runs(args.full)
+    text = agreement(cheap, full)
     if args.output:
         write_bytes_atomic(args.output, text.encode())
+    if args.plot:
+        plot(cheap, full, args.plot)
     print(text, end="")
     return 0
 

@@ -1,8 +1,10 @@
 """benchmarks/mode_agreement.py pairs a cheap curve mode's runs with full fine-tuning's run by run, and refuses to
-pair runs that labelled other glyphs."""
+pair runs that labelled other glyphs; --plot draws a panel per glyph count."""
 import csv
 import subprocess
 import sys
+
+import cv2
 
 from tests.conftest import REPO_ROOT
 
@@ -33,8 +35,9 @@ def test_runs_pair_by_encoder_glyphs_and_seed(tmp_path):
     write_runs(tmp_path / "full", "full", {("random", 0): (0.20, 0.60), ("spark", 0): (0.30, 0.70),
                                            ("random", 1): (0.20, 0.60), ("spark", 1): (0.25, 0.62),
                                            ("random", 3): (0.20, 0.60), ("spark", 3): (0.22, 0.60)})
-    result = agreement(tmp_path, "--output", str(tmp_path / "agreement.md"))
+    result = agreement(tmp_path, "--output", str(tmp_path / "agreement.md"), "--plot", str(tmp_path / "agreement.png"))
     assert result.returncode == 0, result.stderr
+    assert cv2.imread(str(tmp_path / "agreement.png")).shape == (272, 256, 3)  # one panel: one glyph count
     assert "| spark | 1 | 0 | +0.020 | +0.100 | +0.050 | +0.100 | yes |" in result.stdout
     assert "| spark | 1 | 1 | -0.010 | +0.050 | -0.010 | +0.020 | no |" in result.stdout
     assert "| spark | 1 | 3 | +0.000 | +0.020 | +0.000 | +0.000 | tie |" in result.stdout
