@@ -252,19 +252,22 @@ def predicts_scored_only(args) -> bool:
 def earlier_run(folder: pathlib.Path, run_key: dict, reuse_other_code: bool) -> dict | None:
     """What a finished run in `folder` recorded, when it may stand for this one: the same key (a fine-tuning run's
     from evaluate/provenance.py: the code train.py executes, the command with the content of every file it reads,
-    the segment; a frozen run's from `run_frozen`), or with
-    `reuse_other_code` the same inputs from other code. Otherwise the folder is moved to runs/.superseded/ (nothing
-    is deleted) and None says to run it; a killed run of the same key is left to continue."""
+    the segment; a frozen run's from `run_frozen`), or with `reuse_other_code` the same inputs from other code.
+    Otherwise the folder is moved to runs/.superseded/ (nothing is deleted) and None says to run it; a killed run of
+    the same key is left to continue."""
     result_path = folder / "result.json"
     if result_path.is_file():
         earlier = json.loads(result_path.read_text())
         if earlier.get("key") == run_key or (reuse_other_code and earlier.get("key", {}).get("inputs") == run_key["inputs"]):
             return earlier
     aside = provenance.claim(folder, run_key)
-    if aside is not None:
+    if aside is not None and (aside / "result.json").is_file():
         tqdm.tqdm.write(f"{folder.name} ran with other code or inputs: running it again (the earlier run is kept in "
                         f"{aside}" + ("; --reuse_other_code keeps a run whose inputs are the same)"
                                       if not reuse_other_code else ")"))
+    elif aside is not None:  # killed under other settings, or finished by code that recorded no key
+        tqdm.tqdm.write(f"{folder.name} holds unfinished work or work without a key: running it afresh "
+                        f"(kept in {aside})")
     return None
 
 

@@ -162,7 +162,7 @@ def test_runs_predict_only_where_predictions_are_read_and_read_the_same(labelled
     assert part["auc"] == pytest.approx(whole["auc"], abs=1e-6) and part["threshold"] == whole["threshold"]
 
 
-def test_a_run_of_other_code_or_inputs_is_kept_aside_and_run_again(tmp_path):
+def test_a_run_of_other_code_or_inputs_is_kept_aside_and_run_again(tmp_path, capsys):
     folder = tmp_path / "runs" / "random_full_k1_seed0"
     folder.mkdir(parents=True)
     key = {"code": "0ldc0de", "inputs": ["--SEED", "0"]}
@@ -173,6 +173,7 @@ def test_a_run_of_other_code_or_inputs_is_kept_aside_and_run_again(tmp_path):
     assert label_efficiency.earlier_run(folder, other_code, reuse_other_code=True)["f05"] == 0.5
     other_inputs = {**key, "inputs": ["--SEED", "0", "--LR", "1"]}
     assert label_efficiency.earlier_run(folder, other_inputs, reuse_other_code=True) is None  # inputs always count
+    assert "random_full_k1_seed0 ran with other code or inputs: running it again" in capsys.readouterr().out
     assert json.loads((folder / "key.json").read_text()) == other_inputs and not (folder / "result.json").exists()
     aside = tmp_path / "runs" / ".superseded" / "random_full_k1_seed0-1"
     assert (aside / "prediction.png").read_bytes() == b"earlier"
@@ -182,6 +183,10 @@ def test_a_run_of_other_code_or_inputs_is_kept_aside_and_run_again(tmp_path):
     assert (folder / "last.pth").read_bytes() == b"half"
     assert label_efficiency.earlier_run(folder, other_code, reuse_other_code=False) is None
     assert not (folder / "last.pth").exists()
+    # Unfinished work has no result to reuse: no --reuse_other_code hint.
+    assert capsys.readouterr().out.strip().endswith(
+        "holds unfinished work or work without a key: running it afresh (kept in "
+        f"{tmp_path / 'runs' / '.superseded' / 'random_full_k1_seed0-2'})")
     assert (tmp_path / "runs" / ".superseded" / "random_full_k1_seed0-2" / "last.pth").read_bytes() == b"half"
 
 
