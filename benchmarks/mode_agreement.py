@@ -37,6 +37,12 @@ def read_runs(folder: pathlib.Path) -> dict:
     return {(row["encoder"], int(row["glyphs"]), int(row["seed"])): row for row in rows}
 
 
+def against_random(pairs: list[tuple]) -> list[tuple]:
+    """The (encoder, glyphs, seed) of `pairs` that have random's run of the same glyphs and seed to compare with."""
+    return [(encoder, glyphs, seed) for encoder, glyphs, seed in pairs
+            if encoder != "random" and ("random", glyphs, seed) in pairs]
+
+
 def agreement(cheap: dict, full: dict) -> str:
     """The markdown tables: runs in both outputs, then each encoder's paired difference from random per mode."""
     pairs = sorted(set(cheap) & set(full))
@@ -57,10 +63,8 @@ def agreement(cheap: dict, full: dict) -> str:
     # {(encoder, glyphs): [(cheap, full) F0.5 difference per seed]}; a difference of exactly 0 (both arms scored the
     # same, e.g. both calling every pixel ink) has no sign, so it neither agrees nor disagrees.
     by_arm, agreements = {}, []
-    for encoder, glyphs, seed in pairs:
+    for encoder, glyphs, seed in against_random(pairs):
         baseline = ("random", glyphs, seed)
-        if encoder == "random" or baseline not in pairs:
-            continue
         differences = {metric: [float(runs[(encoder, glyphs, seed)][metric]) - float(runs[baseline][metric])
                                 for runs in (cheap, full)] for metric in ("f05", "auc")}
         by_arm.setdefault((encoder, glyphs), []).append(differences["f05"])
@@ -93,8 +97,7 @@ def plot(cheap: dict, full: dict, path: pathlib.Path) -> None:
         panel.plot([0, 1], [0, 1], color="black", linewidth=0.8)
         for runs, marker in ((cheap, "x"), (full, "o")):
             points = [(float(runs[("random", glyphs, seed)]["f05"]), float(runs[(encoder, glyphs, seed)]["f05"]))
-                      for encoder, glyphs, seed in pairs
-                      if glyphs == count and encoder != "random" and ("random", glyphs, seed) in pairs]
+                      for encoder, glyphs, seed in against_random(pairs) if glyphs == count]
             if points:
                 panel.scatter(*zip(*points), marker=marker, s=18, label=next(iter(runs.values()))["mode"])
         panel.set_xlim(0, 1)  # the whole scale, as every F0.5 plot here: a zoomed axis makes noise look like a gap

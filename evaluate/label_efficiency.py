@@ -320,9 +320,14 @@ class FrozenFeatures:
     initialisation, so its features are computed once per seed, as a fine-tuning run from random starts anew per
     seed. Computing them is the frozen curve's main cost: the CPU seconds are charged to the first run that asks."""
 
-    def __init__(self, segment: Segment, settings: InputSettings):
+    def __init__(self, segment: Segment, segment_spec: str, settings: InputSettings):
         self.segment, self.settings, self.device = segment, settings, encoder_input.device()
         self.features, self.digests = {}, {}
+        reading = {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)
+                   if field.compare}  # how tiles are read, not what the checkpoint records of its data
+        # What decides every encoder's features besides the encoder itself, the same for all runs of the command.
+        self.code = provenance.code_digest(provenance.EVALUATE_CODE)
+        self.reading = [json.dumps(reading, sort_keys=True), provenance.segment_key(segment_spec), self.device.type]
 
     def identity(self, checkpoint_path: str, seed: int) -> str:
         """The encoder as content, for a run's key: the random initialisation's seed, or the checkpoint's digest."""
@@ -363,11 +368,8 @@ def run_frozen(run: dict, features: FrozenFeatures, scoring: Regions, all_glyphs
         not_ink_yx = near_yx & segment.mask & scoring.label_yx & (glyphs_yx == 0)
     check_held_out([glyphs_yx, not_ink_yx], scoring, tile_size, run["name"])
     folder = args.output / "runs" / run["name"]
-    reading = {field.name: getattr(features.settings, field.name) for field in dataclasses.fields(features.settings)
-               if field.compare}  # how tiles are read, not what the checkpoint records of its data
-    run_key = {"code": provenance.code_digest(provenance.EVALUATE_CODE), "inputs": [
-        "frozen", features.identity(run["checkpoint"], run["seed"]), json.dumps(reading, sort_keys=True),
-        provenance.segment_key(args.segment), features.device.type, label_digest(glyphs_yx),
+    run_key = {"code": features.code, "inputs": [
+        "frozen", features.identity(run["checkpoint"], run["seed"]), *features.reading, label_digest(glyphs_yx),
         label_digest(not_ink_yx.astype(np.uint8)), label_digest(predicted_region(scoring))]}
     earlier = earlier_run(folder, run_key, args.reuse_other_code)
     if earlier is not None:
@@ -771,7 +773,7 @@ def main() -> int:
     if predicts_scored_only(args):
         write_png_atomic(args.output / PREDICTED_REGION, predicted_region(scoring))
     code = git_commit()
-    frozen_features = FrozenFeatures(segment, settings)
+    frozen_features = FrozenFeatures(segment, args.segment, settings)
 
     def execute(runs: list[dict]) -> list[dict]:
         """Frozen runs first, here, encoder by encoder (each one's features computed once); then fine-tuning runs,
